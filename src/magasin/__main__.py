@@ -1,0 +1,5 @@
+"""`python -m magasin` runs the CLI."""
+
+from magasin.cli import app
+
+app()

@@ -1,0 +1,36 @@
+"""Configuration from the environment (`MAGASIN_*`), with safe defaults for embedded mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob magasin reads; each field is `MAGASIN_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MAGASIN_", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Where embedded mode keeps its files.")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/magasin",
+        description="PostgreSQL of distributed mode.",
+    )
+    database_schema: str = Field("public", description="PostgreSQL schema of the tables.")
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ of distributed mode."
+    )
+    amqp_namespace: str = Field("magasin", description="Prefix of exchange and queue names.")
+    sqlite_synchronous: str = Field(
+        "FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$", description="SQLite durability level."
+    )
+    retry_attempts: int = Field(3, ge=1, description="Handler attempts before dead-letter.")
+    retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay, seconds.")
+    retry_multiplier: float = Field(2.0, ge=1, description="Backoff multiplier.")
+    outbox_batch_size: int = Field(500, ge=1, description="Events per relay publish batch.")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "magasin.db"

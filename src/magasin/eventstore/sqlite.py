@@ -1,0 +1,534 @@
+"""SQLite adapter of the event store (embedded mode): one file, WAL, one writer, group commit.
+
+All writes go through one writer thread. Units of work queued while a commit is running
+are committed together in the next database transaction, each inside its own SAVEPOINT so
+that one failing unit (a version conflict, say) does not fail the others. This gives one
+fsync for many concurrent appends. Readers use their own connections (WAL lets them read
+while the writer writes). Positions are assigned by the single writer in commit order, so
+the global log has no gaps in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from magasin.eventstore.rows import EVENT_COLUMNS, dumps, event_from_row
+from magasin.eventstore.store import (
+    AbstractOutboxBatch,
+    Append,
+    DeleteDocument,
+    EventStore,
+    MarkProcessed,
+    Operation,
+    PutDocument,
+    SetCheckpoint,
+    Snapshot,
+)
+from magasin.shared.clock import from_micros, to_micros, utcnow
+from magasin.shared.errors import (
+    AlreadyProcessed,
+    ConcurrencyError,
+    DuplicateEventError,
+    MagasinError,
+    NotFound,
+    StorageError,
+)
+from magasin.shared.messages import JsonDict, RecordedEvent
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    global_position INTEGER PRIMARY KEY,
+    event_id        TEXT NOT NULL UNIQUE,
+    stream_id       TEXT NOT NULL,
+    stream_version  INTEGER NOT NULL,
+    type            TEXT NOT NULL,
+    schema_version  INTEGER NOT NULL,
+    occurred_at     INTEGER NOT NULL,
+    correlation_id  TEXT,
+    causation_id    TEXT,
+    traceparent     TEXT,
+    metadata        TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    UNIQUE (stream_id, stream_version)
+);
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream_id      TEXT PRIMARY KEY,
+    version        INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL,
+    state          TEXT NOT NULL,
+    taken_at       INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (
+    consumer     TEXT NOT NULL,
+    event_id     TEXT NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name     TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS documents (
+    collection TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    PRIMARY KEY (collection, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    global_position INTEGER PRIMARY KEY
+);
+"""
+
+_SELECT_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events"
+_INSERT_EVENT = (
+    "INSERT INTO events (global_position, event_id, stream_id, stream_version, type, "
+    "schema_version, occurred_at, correlation_id, causation_id, traceparent, metadata, payload) "
+    "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+def _event(row: Any) -> RecordedEvent:
+    return event_from_row(row, from_micros(row[6]))
+
+
+class SqliteEventStore(EventStore):
+    """Event store in one SQLite file. `synchronous="FULL"` fsyncs every commit (durable
+    against power loss); NORMAL survives a process crash but not a power cut."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        outbox: bool = False,
+        synchronous: Synchronous = "FULL",
+        max_batch: int = 256,
+        readers: int = 2,
+    ) -> None:
+        self.path = Path(path)
+        self.outbox = outbox
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._wconn: sqlite3.Connection | None = None
+        self._queue: asyncio.Queue[tuple[Sequence[Operation], asyncio.Future[Any]]] | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._new_events: asyncio.Event | None = None
+        self._outbox_lock: asyncio.Lock | None = None
+        self._last_position = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._committer is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue = asyncio.Queue()
+        self._new_events = asyncio.Event()
+        self._outbox_lock = asyncio.Lock()
+        self._last_position = await self._in_writer(self._open_writer)
+        self._committer = asyncio.create_task(self._commit_loop(), name="sqlite-committer")
+
+    async def close(self) -> None:
+        if self._committer is None:
+            return
+        self._committer.cancel()
+        try:
+            await self._committer
+        except asyncio.CancelledError:
+            pass
+        self._committer = None
+        await self._in_writer(self._close_writer)
+        with self._conns_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        self._queue = None
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    def _open_writer(self) -> int:
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA)
+        self._wconn = conn
+        row = conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def _close_writer(self) -> None:
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _in_writer(self, fn: Any, *args: Any) -> Any:
+        return await self._run(self._writer, fn, *args)
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        def run() -> list[Any]:
+            return self._reader().execute(sql, params).fetchall()
+
+        rows: list[Any] = await self._run(self._readers, run)
+        return rows
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        if self._queue is None:
+            raise StorageError("the SQLite event store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+
+    # -- writes: group commit -----------------------------------------------------------
+
+    async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
+        if self._queue is None:
+            raise StorageError("the SQLite event store is not open")
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        await self._queue.put((operations, future))
+        return await future
+
+    async def _commit_loop(self) -> None:
+        assert self._queue is not None and self._new_events is not None
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < self._max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            try:
+                outcomes, last = await self._in_writer(self._apply_jobs, [ops for ops, _ in jobs])
+            except Exception as exc:
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), outcome in zip(jobs, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            if last > self._last_position:
+                self._last_position = last
+                self._new_events.set()
+                self._new_events = asyncio.Event()
+
+    def _apply_jobs(
+        self, jobs: list[Sequence[Operation]]
+    ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
+        conn = self._wconn
+        assert conn is not None
+        outcomes: list[list[RecordedEvent] | MagasinError] = []
+        # A lone job needs no savepoint: if it fails the whole transaction rolls back.
+        isolate = len(jobs) > 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for ops in jobs:
+                if isolate:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append(self._apply(conn, ops))
+                except MagasinError as exc:
+                    if not isolate:
+                        raise
+                    conn.execute("ROLLBACK TO job")
+                    outcomes.append(exc)
+                if isolate:
+                    conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except MagasinError as exc:
+            conn.execute("ROLLBACK")
+            return [exc], 0
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        last = max(
+            (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
+        )
+        return outcomes, last
+
+    def _apply(self, conn: sqlite3.Connection, ops: Sequence[Operation]) -> list[RecordedEvent]:
+        recorded: list[RecordedEvent] = []
+        now = to_micros(utcnow())
+        for op in ops:
+            if isinstance(op, Append):
+                recorded.extend(self._append(conn, op))
+            elif isinstance(op, MarkProcessed):
+                cur = conn.execute(
+                    "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (op.consumer, op.event_id, now),
+                )
+                if cur.rowcount == 0:
+                    raise AlreadyProcessed(op.consumer, op.event_id)
+            elif isinstance(op, SetCheckpoint):
+                conn.execute(
+                    "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                    (op.name, op.position),
+                )
+            elif isinstance(op, PutDocument):
+                conn.execute(
+                    "INSERT INTO documents (collection, key, body) VALUES (?, ?, ?) "
+                    "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
+                    (op.collection, op.key, dumps(op.body)),
+                )
+            elif isinstance(op, DeleteDocument):
+                conn.execute(
+                    "DELETE FROM documents WHERE collection = ? AND key = ?",
+                    (op.collection, op.key),
+                )
+        return recorded
+
+    def _append(self, conn: sqlite3.Connection, op: Append) -> list[RecordedEvent]:
+        ids = [e.event_id for e in op.events]
+        marks = ",".join("?" * len(ids))
+        if conn.execute(f"SELECT 1 FROM events WHERE event_id IN ({marks})", ids).fetchone():
+            existing = conn.execute(
+                f"{_SELECT_EVENTS} WHERE event_id IN ({marks}) ORDER BY global_position", ids
+            ).fetchall()
+            if len(existing) == len(set(ids)) and all(r[2] == op.stream_id for r in existing):
+                return [_event(r) for r in existing]
+            raise DuplicateEventError(
+                f"append to {op.stream_id!r} mixes stored and new event ids"
+            )
+        row = conn.execute(
+            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
+            (op.stream_id,),
+        ).fetchone()
+        version = int(row[0])
+        if op.expected_version is not None and op.expected_version != version:
+            raise ConcurrencyError(op.stream_id, op.expected_version, version)
+        recorded = []
+        for event in op.events:
+            version += 1
+            metadata, payload = dumps(event.metadata), dumps(event.payload)
+            try:
+                cur = conn.execute(
+                    _INSERT_EVENT,
+                    (
+                        event.event_id, op.stream_id, version, event.type,
+                        event.schema_version, to_micros(event.occurred_at),
+                        event.correlation_id, event.causation_id, event.traceparent,
+                        metadata, payload,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateEventError(f"event id repeated in one batch: {exc}") from exc
+            position = int(cur.lastrowid or 0)
+            if self.outbox:
+                conn.execute("INSERT INTO outbox (global_position) VALUES (?)", (position,))
+            recorded.append(
+                RecordedEvent(
+                    event_id=event.event_id, type=event.type,
+                    schema_version=event.schema_version, stream_id=op.stream_id,
+                    stream_version=version, global_position=position,
+                    occurred_at=event.occurred_at, correlation_id=event.correlation_id,
+                    causation_id=event.causation_id, traceparent=event.traceparent,
+                    metadata=orjson.loads(metadata), payload=orjson.loads(payload),
+                )
+            )
+        return recorded
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        until: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        sql = f"{_SELECT_EVENTS} WHERE stream_id = ? AND stream_version >= ?"
+        params: list[Any] = [stream_id, from_version]
+        if to_version is not None:
+            sql += " AND stream_version <= ?"
+            params.append(to_version)
+        if until is not None:
+            sql += " AND occurred_at <= ?"
+            params.append(to_micros(until))
+        rows = await self._read(sql + " ORDER BY stream_version", params)
+        return [_event(r) for r in rows]
+
+    async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        rows = await self._read(
+            f"{_SELECT_EVENTS} WHERE global_position > ? ORDER BY global_position LIMIT ?",
+            (after, limit),
+        )
+        return [_event(r) for r in rows]
+
+    async def read_event(self, event_id: str) -> RecordedEvent:
+        rows = await self._read(f"{_SELECT_EVENTS} WHERE event_id = ?", (event_id,))
+        if not rows:
+            raise NotFound(f"no event {event_id}")
+        return _event(rows[0])
+
+    async def stream_version(self, stream_id: str) -> int:
+        rows = await self._read(
+            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
+            (stream_id,),
+        )
+        return int(rows[0][0])
+
+    async def last_position(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(global_position), 0) FROM events")
+        return int(rows[0][0])
+
+    async def wait_for_events(self, after: int, timeout: float) -> None:
+        if self._new_events is None or self._last_position > after:
+            return
+        waiter = self._new_events
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def get_checkpoint(self, name: str) -> int:
+        rows = await self._read("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    async def is_processed(self, consumer: str, event_id: str) -> bool:
+        rows = await self._read(
+            "SELECT 1 FROM inbox WHERE consumer = ? AND event_id = ?", (consumer, event_id)
+        )
+        return bool(rows)
+
+    async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        rows = await self._read(
+            "SELECT body FROM documents WHERE collection = ? AND key = ?", (collection, key)
+        )
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def find_documents(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, str | int | bool] | None = None,
+        after_key: str | None = None,
+        limit: int = 100,
+    ) -> list[tuple[str, JsonDict]]:
+        sql = "SELECT key, body FROM documents WHERE collection = ?"
+        params: list[Any] = [collection]
+        for field_name, value in (where or {}).items():
+            sql += " AND json_extract(body, ?) = json_extract(?, '$')"
+            params += [f'$."{field_name}"', orjson.dumps(value).decode()]
+        if after_key is not None:
+            sql += " AND key > ?"
+            params.append(after_key)
+        rows = await self._read(sql + " ORDER BY key LIMIT ?", [*params, limit])
+        return [(r[0], orjson.loads(r[1])) for r in rows]
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        def run() -> None:
+            assert self._wconn is not None
+            self._wconn.execute(
+                "INSERT INTO snapshots (stream_id, version, schema_version, state, taken_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE SET "
+                "version = excluded.version, schema_version = excluded.schema_version, "
+                "state = excluded.state, taken_at = excluded.taken_at "
+                "WHERE excluded.version >= snapshots.version",
+                (
+                    snapshot.stream_id, snapshot.version, snapshot.schema_version,
+                    dumps(snapshot.state), to_micros(snapshot.taken_at),
+                ),
+            )
+
+        await self._in_writer(run)
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        rows = await self._read(
+            "SELECT version, schema_version, state, taken_at FROM snapshots WHERE stream_id = ?",
+            (stream_id,),
+        )
+        if not rows:
+            return None
+        version, schema_version, state, taken_at = rows[0]
+        return Snapshot(stream_id, version, orjson.loads(state), schema_version,
+                        from_micros(taken_at))
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
+        return _SqliteOutboxBatch(self, limit)
+
+
+class _SqliteOutboxBatch(AbstractOutboxBatch):
+    """Claims rows under an in-process lock: the embedded store has one relay process."""
+
+    def __init__(self, store: SqliteEventStore, limit: int) -> None:
+        self._store = store
+        self._limit = limit
+        self._positions: list[int] = []
+
+    async def __aenter__(self) -> list[RecordedEvent]:
+        lock = self._store._outbox_lock
+        if lock is None:
+            raise StorageError("the SQLite event store is not open")
+        await lock.acquire()
+        try:
+            rows = await self._store._read(
+                f"SELECT {', '.join('e.' + c for c in EVENT_COLUMNS.split(', '))} "
+                "FROM outbox o JOIN events e ON e.global_position = o.global_position "
+                "ORDER BY o.global_position LIMIT ?",
+                (self._limit,),
+            )
+        except BaseException:
+            lock.release()
+            raise
+        self._positions = [r[0] for r in rows]
+        return [_event(r) for r in rows]
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        lock = self._store._outbox_lock
+        assert lock is not None
+        try:
+            if exc_type is None and self._positions:
+                positions = self._positions
+
+                def run() -> None:
+                    conn = self._store._wconn
+                    assert conn is not None
+                    conn.executemany(
+                        "DELETE FROM outbox WHERE global_position = ?",
+                        [(p,) for p in positions],
+                    )
+
+                await self._store._in_writer(run)
+        finally:
+            lock.release()

@@ -1,0 +1,263 @@
+"""The event store port: what every adapter (SQLite, PostgreSQL) must do, and nothing more.
+
+Writes go through a `UnitOfWork`: appends to streams, inbox marks, subscription checkpoints
+and documents are buffered, then committed atomically by the adapter in one database
+transaction. No lock is held while a handler awaits something else (a bank call, say), and
+an adapter may commit many units of work in one database transaction (group commit).
+Reads always see committed state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Self
+
+from magasin.shared.clock import utcnow
+from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
+
+ANY: Final = None
+"""Expected version that accepts whatever version the stream is at."""
+NO_STREAM: Final = 0
+"""Expected version of a stream that must not exist yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state of one stream's aggregate as of `version`, as the aggregate serialised it."""
+
+    stream_id: str
+    version: int
+    state: Mapping[str, Any]
+    schema_version: int = 1
+    taken_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    stream_id: str
+    events: tuple[NewEvent, ...]
+    expected_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkProcessed:
+    consumer: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetCheckpoint:
+    name: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutDocument:
+    collection: str
+    key: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteDocument:
+    collection: str
+    key: str
+
+
+Operation = Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
+
+
+class UnitOfWork:
+    """Writes to apply atomically; reads pass through to the store's committed state."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.operations: list[Operation] = []
+        self.recorded: list[RecordedEvent] = []
+
+    def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None = ANY,
+    ) -> None:
+        if not events:
+            raise ValueError("append needs at least one event")
+        if expected_version is not None and expected_version < 0:
+            raise ValueError("expected_version must be >= 0 or ANY")
+        self.operations.append(Append(stream_id, tuple(events), expected_version))
+
+    def mark_processed(self, consumer: str, event_id: str) -> None:
+        """Inbox: the commit fails with AlreadyProcessed if this pair was committed before."""
+        self.operations.append(MarkProcessed(consumer, event_id))
+
+    def set_checkpoint(self, name: str, position: int) -> None:
+        self.operations.append(SetCheckpoint(name, position))
+
+    def put_document(self, collection: str, key: str, body: Mapping[str, Any]) -> None:
+        self.operations.append(PutDocument(collection, key, body))
+
+    def delete_document(self, collection: str, key: str) -> None:
+        self.operations.append(DeleteDocument(collection, key))
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        until: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        return await self.store.read_stream(
+            stream_id, from_version=from_version, to_version=to_version, until=until
+        )
+
+    async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        return await self.store.get_document(collection, key)
+
+
+class EventStore(ABC):
+    """Port of the event store. Adapters: `SqliteEventStore`, `PostgresEventStore`.
+
+    Errors: ConcurrencyError (wrong expected version, nothing written), DuplicateEventError,
+    AlreadyProcessed (inbox), NotFound, Unavailable (server unreachable), StorageError.
+    """
+
+    #: True when appends also enqueue outbox rows for a relay to publish (distributed mode).
+    outbox: bool = False
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if it is missing (idempotent)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # -- writes -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """Collect writes in the block; they commit together when it exits without error."""
+        uow = UnitOfWork(self)
+        yield uow
+        if uow.operations:
+            uow.recorded = await self.commit(uow.operations)
+
+    @abstractmethod
+    async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
+        """Apply all operations in one database transaction, or none of them.
+
+        Returns the recorded events of every Append, in order. An Append whose event ids are
+        all stored already is a no-op that returns the stored events (idempotent retry).
+        """
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None = ANY,
+    ) -> list[RecordedEvent]:
+        async with self.transaction() as uow:
+            uow.append(stream_id, events, expected_version)
+        return uow.recorded
+
+    # -- reads --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+        until: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of one stream in version order, within the inclusive bounds given;
+        `until` keeps events that occurred at or before that moment."""
+
+    @abstractmethod
+    async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to `limit` events with global_position > `after`, in position order.
+
+        Gap-safe: never returns an event while an earlier position may still commit, so a
+        reader that keeps calling with the last position it saw sees every event once.
+        """
+
+    @abstractmethod
+    async def read_event(self, event_id: str) -> RecordedEvent:
+        """One event by id; NotFound if there is none."""
+
+    @abstractmethod
+    async def stream_version(self, stream_id: str) -> int:
+        """Current version of a stream, 0 if it has no event."""
+
+    @abstractmethod
+    async def last_position(self) -> int:
+        """Highest global position committed so far (0 for an empty log)."""
+
+    @abstractmethod
+    async def wait_for_events(self, after: int, timeout: float) -> None:
+        """Return soon after an event past `after` may be readable, or after `timeout` s."""
+
+    # -- subscriptions, inbox, documents ------------------------------------------------
+
+    @abstractmethod
+    async def get_checkpoint(self, name: str) -> int:
+        """Last position stored for a subscription, 0 if none."""
+
+    @abstractmethod
+    async def is_processed(self, consumer: str, event_id: str) -> bool: ...
+
+    @abstractmethod
+    async def get_document(self, collection: str, key: str) -> JsonDict | None: ...
+
+    @abstractmethod
+    async def find_documents(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, str | int | bool] | None = None,
+        after_key: str | None = None,
+        limit: int = 100,
+    ) -> list[tuple[str, JsonDict]]:
+        """(key, body) pairs in key order; `where` matches top-level fields for equality."""
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep this snapshot as the stream's latest unless a newer version is kept already."""
+
+    @abstractmethod
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None: ...
+
+    # -- outbox -------------------------------------------------------------------------
+
+    @abstractmethod
+    def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
+        """Claim up to `limit` unpublished events (oldest first) until the block exits.
+
+        On a clean exit they are marked sent; on an exception they stay pending. Several
+        relays may claim batches at once: a row is claimed by one of them at a time.
+        """
+
+
+class AbstractOutboxBatch(ABC):
+    """Async context manager returned by `EventStore.outbox_batch`."""
+
+    @abstractmethod
+    async def __aenter__(self) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None: ...

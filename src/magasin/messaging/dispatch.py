@@ -1,0 +1,73 @@
+"""One delivery of one event to one consumer: validate, run the handler with the inbox
+mark in the same unit of work, and say what happened. Shared by every bus adapter."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.messaging.bus import Handler
+from magasin.shared.errors import AlreadyProcessed, MalformedMessage
+from magasin.shared.messages import EventSchemas, RecordedEvent
+
+log = logging.getLogger("magasin.messaging.dispatch")
+
+
+class Outcome(enum.Enum):
+    HANDLED = "handled"
+    DUPLICATE = "duplicate"
+    MALFORMED = "malformed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    reason: str = ""
+
+
+async def deliver(
+    store: EventStore,
+    schemas: EventSchemas,
+    consumer: str,
+    handler: Handler,
+    event: RecordedEvent,
+    extra: Callable[[UnitOfWork], None] | None = None,
+    precheck: bool = True,
+) -> Result:
+    """Run `handler` once in effect. `extra` adds the adapter's own bookkeeping (a checkpoint,
+    a cleared retry) to the same unit of work, so it commits with the handler's effects."""
+    try:
+        schemas.validate(event)
+    except MalformedMessage as exc:
+        return Result(Outcome.MALFORMED, str(exc))
+    # The inbox check at commit is what guarantees one effect; this read only spares a
+    # handler's outside calls (a bank, say) for a redelivery that is known already.
+    if precheck and await store.is_processed(consumer, event.event_id):
+        return Result(Outcome.DUPLICATE)
+    try:
+        async with store.transaction() as uow:
+            uow.mark_processed(consumer, event.event_id)
+            await handler(event, uow)
+            if extra is not None:
+                extra(uow)
+    except AlreadyProcessed:
+        return Result(Outcome.DUPLICATE)
+    except Exception as exc:
+        log.warning(
+            "consumer %s failed on %s %s: %r", consumer, event.type, event.event_id, exc
+        )
+        return Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+    return Result(Outcome.HANDLED)
+
+
+def check_handlers(consumer: str, handlers: dict[str, Handler], schemas: EventSchemas) -> None:
+    """Refuse at subscription time a handler for an event type nobody described."""
+    if not handlers:
+        raise ValueError(f"consumer {consumer!r} handles no event type")
+    unknown = sorted(set(handlers) - schemas.types)
+    if unknown:
+        raise ValueError(f"consumer {consumer!r} handles unregistered event types {unknown}")

@@ -1,0 +1,276 @@
+"""In-process event bus for embedded mode, durable because it is built on the event log.
+
+Each consumer is a subscription that tails the store's global log from a checkpoint. The
+checkpoint is committed in the same unit of work as the handler's effects and its inbox
+mark, so after a `kill -9` the consumer resumes exactly after the last event whose effects
+committed: nothing lost, nothing handled twice. A failing event becomes a retry document
+(also committed with the checkpoint) that a separate loop replays with backoff, so the
+events behind it keep flowing; after the last attempt it becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
+from magasin.messaging import deadletters
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
+from magasin.shared.clock import utcnow
+from magasin.shared.errors import MagasinError
+from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
+
+RETRIES = "bus.retries"
+log = logging.getLogger("magasin.messaging.inprocess")
+
+
+@dataclass
+class _Subscription:
+    consumer: str
+    handlers: dict[str, Handler]
+    retry_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def checkpoint(self) -> str:
+        return f"bus:{self.consumer}"
+
+
+class InProcessBus(EventBus):
+    """Event bus over an event store's log; `publish` only appends what the log lacks."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        schemas: EventSchemas,
+        *,
+        retry: RetryPolicy | None = None,
+        poll_interval: float = 0.5,
+        page_size: int = 500,
+        seed: int | None = None,
+    ) -> None:
+        self.store = store
+        self.schemas = schemas
+        self.retry = retry or RetryPolicy()
+        self._poll = poll_interval
+        self._page = page_size
+        self._rng = random.Random(seed)
+        self._subs: dict[str, _Subscription] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
+        if self._tasks:
+            raise RuntimeError("subscribe before start()")
+        if consumer in self._subs:
+            raise ValueError(f"consumer {consumer!r} is already subscribed")
+        table = dict(handlers)
+        check_handlers(consumer, table, self.schemas)
+        self._subs[consumer] = _Subscription(consumer, table)
+
+    async def start(self) -> None:
+        self._stopping = False
+        for sub in self._subs.values():
+            self._tasks.append(asyncio.create_task(self._tail(sub), name=f"tail:{sub.consumer}"))
+            self._tasks.append(
+                asyncio.create_task(self._retries(sub), name=f"retry:{sub.consumer}")
+            )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
+        busy = {t for sub in self._subs.values() for t in sub.busy}
+        for task in self._tasks:
+            if task not in busy:
+                task.cancel()
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for sub in self._subs.values():
+            sub.busy.clear()
+
+    async def publish(self, events: Sequence[RecordedEvent]) -> None:
+        # Events appended through the store are in the log already; the idempotent append
+        # makes those a no-op and adds the others, one stream event at a time.
+        ops = [
+            Append(
+                e.stream_id,
+                (
+                    NewEvent(
+                        type=e.type, payload=e.payload, event_id=e.event_id,
+                        schema_version=e.schema_version, occurred_at=e.occurred_at,
+                        correlation_id=e.correlation_id, causation_id=e.causation_id,
+                        traceparent=e.traceparent, metadata=e.metadata,
+                    ),
+                ),
+                ANY,
+            )
+            for e in events
+        ]
+        if ops:
+            await self.store.commit(ops)
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        return await deadletters.list_letters(self.store, consumer)
+
+    # -- the tailing loop ---------------------------------------------------------------
+
+    async def _tail(self, sub: _Subscription) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        after: int | None = None
+        while after is None:
+            after = await self._guard(self.store.get_checkpoint(sub.checkpoint), None)
+        while not self._stopping:
+            page = await self._guard(self.store.read_all(after=after, limit=self._page), [])
+            if not page:
+                await self.store.wait_for_events(after, self._poll)
+                continue
+            sub.busy.add(me)
+            try:
+                after = await self._handle_page(sub, page, after)
+            finally:
+                sub.busy.discard(me)
+
+    async def _handle_page(
+        self, sub: _Subscription, page: list[RecordedEvent], after: int
+    ) -> int:
+        unsaved = False  # the checkpoint moved past events this consumer ignores
+        for event in page:
+            if self._stopping:
+                break
+            handler = sub.handlers.get(event.type)
+            if handler is None:
+                after, unsaved = event.global_position, True
+                continue
+            position = event.global_position
+
+            def bookkeeping(uow: UnitOfWork, position: int = position) -> None:
+                uow.set_checkpoint(sub.checkpoint, position)
+
+            result = await deliver(
+                self.store, self.schemas, sub.consumer, handler, event,
+                extra=bookkeeping, precheck=False,
+            )
+            if result.outcome is Outcome.HANDLED:
+                unsaved = False
+            elif result.outcome is Outcome.DUPLICATE:
+                unsaved = True
+            else:
+                await self._after_failure(sub, event, result, 1, bookkeeping)
+                unsaved = False
+            after = position
+        if unsaved:
+            await self._guard(self._save_checkpoint(sub, after), None)
+        return after
+
+    async def _save_checkpoint(self, sub: _Subscription, position: int) -> None:
+        async with self.store.transaction() as uow:
+            uow.set_checkpoint(sub.checkpoint, position)
+
+    # -- retries and dead letters -------------------------------------------------------
+
+    async def _after_failure(
+        self,
+        sub: _Subscription,
+        event: RecordedEvent,
+        result: Result,
+        failed_attempts: int,
+        bookkeeping: Any,
+    ) -> None:
+        """Commit, with `bookkeeping`, either the next retry or the dead letter."""
+        give_up = result.outcome is Outcome.MALFORMED or failed_attempts >= self.retry.attempts
+        async with self.store.transaction() as uow:
+            bookkeeping(uow)
+            key = f"{sub.consumer}:{event.event_id}"
+            if give_up:
+                uow.delete_document(RETRIES, key)
+                deadletters.record(
+                    uow,
+                    DeadLetter(
+                        id=key, consumer=sub.consumer, reason=result.reason,
+                        attempts=failed_attempts, routing_key=event.routing_key,
+                        dead_lettered_at=utcnow(), event=event,
+                        body=event.to_json().decode(),
+                    ),
+                )
+            else:
+                due = time.time() + self.retry.delay(failed_attempts, self._rng)
+                uow.put_document(
+                    RETRIES,
+                    key,
+                    {
+                        "consumer": sub.consumer, "event_id": event.event_id,
+                        "attempts": failed_attempts, "due": due, "reason": result.reason,
+                    },
+                )
+        if not give_up:
+            sub.retry_wakeup.set()
+
+    async def _retries(self, sub: _Subscription) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
+            pending = await self._guard(self._pending_retries(sub), [])
+            now = time.time()
+            due = [(key, doc) for key, doc in pending if doc["due"] <= now]
+            sub.busy.add(me)
+            try:
+                for key, doc in due:
+                    if self._stopping:
+                        break
+                    await self._guard(self._retry_one(sub, key, doc), None)
+            finally:
+                sub.busy.discard(me)
+            later = [doc["due"] for _, doc in pending if doc["due"] > now]
+            wait = min([self._poll * 4, *(d - now for d in later)]) if not due else 0.0
+            sub.retry_wakeup.clear()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(sub.retry_wakeup.wait(), wait)
+                except TimeoutError:
+                    pass
+
+    async def _pending_retries(self, sub: _Subscription) -> list[tuple[str, dict[str, Any]]]:
+        found: list[tuple[str, dict[str, Any]]] = []
+        after: str | None = None
+        while page := await self.store.find_documents(
+            RETRIES, where={"consumer": sub.consumer}, after_key=after, limit=500
+        ):
+            found += page
+            after = page[-1][0]
+        return found
+
+    async def _retry_one(self, sub: _Subscription, key: str, doc: dict[str, Any]) -> None:
+        event = await self.store.read_event(doc["event_id"])
+        handler = sub.handlers[event.type]
+
+        def clear(uow: UnitOfWork) -> None:
+            uow.delete_document(RETRIES, key)
+
+        result = await deliver(
+            self.store, self.schemas, sub.consumer, handler, event, extra=clear,
+            precheck=False,
+        )
+        if result.outcome is Outcome.DUPLICATE:
+            async with self.store.transaction() as uow:
+                clear(uow)
+        elif result.outcome in (Outcome.FAILED, Outcome.MALFORMED):
+            await self._after_failure(sub, event, result, int(doc["attempts"]) + 1, lambda _: None)
+
+    async def _guard(self, step: Any, fallback: Any) -> Any:
+        """Run a storage step; a storage failure is logged and retried later, never fatal."""
+        try:
+            return await step
+        except MagasinError as exc:
+            log.error("event bus storage step failed, retrying soon: %r", exc)
+            await asyncio.sleep(min(self._poll, 1.0))
+            return fallback

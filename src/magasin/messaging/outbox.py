@@ -1,0 +1,89 @@
+"""The outbox relay: publishes the events a store appended to a bus, at least once each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from magasin.eventstore.store import EventStore
+from magasin.messaging.bus import EventBus
+from magasin.shared.errors import Unavailable
+
+log = logging.getLogger("magasin.messaging.outbox")
+
+
+class OutboxRelay:
+    """Claims a batch of pending outbox rows, publishes it, and only then marks it sent.
+
+    A crash between the publish and the mark leaves the rows pending, so they are published
+    again: consumers see a duplicate (their inbox absorbs it), never a gap. While the bus is
+    unreachable the rows stay pending and the relay retries with capped exponential backoff.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        bus: EventBus,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.store = store
+        self.bus = bus
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Cancel the loop; a batch being published stays pending and is sent again later."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def relay_once(self) -> int:
+        """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
+        async with self.store.outbox_batch(self.batch_size) as events:
+            if events:
+                await self.bus.publish(events)
+        return len(events)
+
+    async def drain(self) -> int:
+        """Publish until the outbox is empty; returns how many events were published."""
+        total = 0
+        while published := await self.relay_once():
+            total += published
+        return total
+
+    async def _run(self) -> None:
+        backoff = self.initial_backoff
+        while True:
+            try:
+                await self._step()
+            except Unavailable as exc:
+                log.warning("outbox relay cannot publish, retrying in %.2fs: %s", backoff, exc)
+            except Exception:
+                # The relay must outlive any one failure (a store hiccup, say).
+                log.exception("outbox relay step failed, retrying in %.2fs", backoff)
+            else:
+                backoff = self.initial_backoff
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _step(self) -> None:
+        # Read before claiming: an event committed after this read wakes the wait below,
+        # one committed before it is in the batch.
+        seen = await self.store.last_position()
+        if not await self.relay_once():
+            await self.store.wait_for_events(after=seen, timeout=self.poll_interval)

@@ -1,0 +1,481 @@
+"""RabbitMQ adapter of the event bus: topic exchange, per-consumer work/retry/dead-letter queues."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ExchangeType,
+    HeadersType,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from magasin.eventstore.store import EventStore
+from magasin.messaging import deadletters
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
+from magasin.shared.clock import utcnow
+from magasin.shared.errors import MalformedMessage, Unavailable
+from magasin.shared.messages import EventSchemas, RecordedEvent, decode_envelope
+
+log = logging.getLogger("magasin.messaging.rabbitmq")
+
+ATTEMPTS = "x-magasin-attempts"
+REASON = "x-magasin-reason"
+CONSUMER = "x-magasin-consumer"
+ORIGINAL_ROUTING_KEY = "x-magasin-original-routing-key"
+DEAD_LETTERED_AT = "x-magasin-dead-lettered-at"
+
+_BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
+_MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for humans anyway
+_REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
+
+Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass
+class _Consumer:
+    name: str
+    handlers: dict[str, Handler]
+    queue: str
+    channel: AbstractChannel | None = None
+    tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
+
+    def retry_queue(self, level: int) -> str:
+        return f"{self.queue}.retry.{level}"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue}.dlq"
+
+
+class RabbitMQBus(EventBus):
+    """Event bus over RabbitMQ (distributed mode).
+
+    Events go to the durable topic exchange `<ns>.events` with routing key
+    `<aggregate>.<EventType>`. Each consumer has a durable work queue `<ns>.<consumer>`.
+    A failed message is acked only once a copy sits in `<ns>.<consumer>.retry.<n>`, a queue
+    nobody consumes whose messages expire (per-message TTL) back into the work queue, so a
+    retry never holds up the messages behind it. A message given up on goes through the
+    direct exchange `<ns>.dlx` to `<ns>.<consumer>.dlq`, which the bus itself drains into
+    the store's dead letters.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        store: EventStore,
+        schemas: EventSchemas,
+        namespace: str = "magasin",
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
+        prefetch: int = 64,
+        timeout: float = 10.0,
+    ) -> None:
+        if prefetch < 1:
+            raise ValueError("prefetch must be >= 1")
+        self.url = url
+        self.store = store
+        self.schemas = schemas
+        self.namespace = namespace
+        self.retry = retry
+        self.prefetch = prefetch
+        self.timeout = timeout
+        """Seconds to wait for the broker: to connect, and for each batch's confirms."""
+        self._consumers: dict[str, _Consumer] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._default: AbstractExchange | None = None
+        self._events: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def exchange(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
+        if self._connection is not None:
+            raise RuntimeError("subscribe before start()")
+        if consumer in self._consumers:
+            raise ValueError(f"consumer {consumer!r} is already subscribed")
+        table = dict(handlers)
+        check_handlers(consumer, table, self.schemas)
+        self._consumers[consumer] = _Consumer(consumer, table, f"{self.namespace}.{consumer}")
+
+    async def start(self) -> None:
+        if self._connection is not None:
+            return
+        try:
+            connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=self.timeout,
+                client_properties={"connection_name": f"magasin:{self.namespace}"},
+            )
+        except _BROKER_ERRORS as exc:
+            raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+        self._stopping = False
+        self._connection = connection
+        try:
+            await self._declare(connection)
+        except BaseException:
+            await self._close()
+            raise
+        connection.close_callbacks.add(self._connection_lost)
+        connection.reconnect_callbacks.add(self._reconnected)
+        log.info("event bus connected to RabbitMQ, namespace %s", self.namespace)
+
+    async def _declare(self, connection: AbstractRobustConnection) -> None:
+        # Declarations go through robust channels, which declare them again (bindings and
+        # consumers included) after a reconnection.
+        publisher = await connection.channel(publisher_confirms=True)
+        self._default = publisher.default_exchange
+        self._events = await publisher.declare_exchange(
+            self.exchange, ExchangeType.TOPIC, durable=True
+        )
+        self._dlx = await publisher.declare_exchange(
+            self.dead_letter_exchange, ExchangeType.DIRECT, durable=True
+        )
+        for consumer in self._consumers.values():
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self.prefetch)
+            consumer.channel = channel
+            work = await channel.declare_queue(consumer.queue, durable=True)
+            for event_type in consumer.handlers:
+                await work.bind(self._events, routing_key=f"*.{event_type}")
+            for level in range(1, self.retry.attempts):
+                await channel.declare_queue(
+                    consumer.retry_queue(level),
+                    durable=True,
+                    arguments={
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": consumer.queue,
+                    },
+                )
+            dlq = await channel.declare_queue(consumer.dead_letter_queue, durable=True)
+            await dlq.bind(self._dlx, routing_key=consumer.name)
+            consumer.tags = [
+                (work, await work.consume(self._spawner(consumer, self._handle))),
+                (dlq, await dlq.consume(self._spawner(consumer, self._record))),
+            ]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._connection is None:
+            return
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        try:
+            async with asyncio.timeout(grace):
+                for consumer in self._consumers.values():
+                    for queue, tag in consumer.tags:
+                        await queue.cancel(tag)
+        except _BROKER_ERRORS as exc:
+            # Closing the connection below cancels the consumers anyway.
+            log.warning("could not cancel RabbitMQ consumers cleanly: %r", exc)
+        if self._inflight:
+            _, pending = await asyncio.wait(
+                set(self._inflight), timeout=max(0.0, deadline - loop.time())
+            )
+            # Their messages stay unacked, so the broker delivers them again once the
+            # connection is closed; an interrupted unit of work has committed nothing.
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._close()
+        log.info("event bus disconnected from RabbitMQ, namespace %s", self.namespace)
+
+    async def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._default = self._events = self._dlx = None
+        for consumer in self._consumers.values():
+            consumer.channel, consumer.tags = None, []
+        if connection is not None:
+            await connection.close()
+
+    def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        if not self._stopping:
+            log.warning("connection to RabbitMQ lost (%r); reconnecting", exc)
+
+    def _reconnected(self, _: object) -> None:
+        log.warning("reconnected to RabbitMQ, namespace %s", self.namespace)
+
+    async def delete_topology(self) -> None:
+        """Delete every exchange and queue this bus declares (call it after `stop()`)."""
+        try:
+            connection = await aio_pika.connect(self.url, timeout=self.timeout)
+        except _BROKER_ERRORS as exc:
+            raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+        try:
+            channel = await connection.channel()
+            for consumer in self._consumers.values():
+                await channel.queue_delete(consumer.queue)
+                for level in range(1, self.retry.attempts):
+                    await channel.queue_delete(consumer.retry_queue(level))
+                await channel.queue_delete(consumer.dead_letter_queue)
+            await channel.exchange_delete(self.exchange)
+            await channel.exchange_delete(self.dead_letter_exchange)
+        finally:
+            await connection.close()
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[RecordedEvent]) -> None:
+        if not events:
+            return
+        exchange = self._require(self._events)
+        # An event type nobody consumes is normal, hence not mandatory.
+        await self._confirmed(
+            [(exchange, _event_message(e), e.routing_key) for e in events], mandatory=False
+        )
+
+    async def publish_raw(self, routing_key: str, body: bytes) -> None:
+        """Publish arbitrary bytes to the events exchange (tests inject bad messages so)."""
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        exchange = self._require(self._events)
+        await self._confirmed([(exchange, message, routing_key)], mandatory=False)
+
+    def _require(self, exchange: AbstractExchange | None) -> AbstractExchange:
+        if exchange is None:
+            raise Unavailable("the RabbitMQ event bus is not started")
+        return exchange
+
+    async def _confirmed(
+        self,
+        sends: Sequence[tuple[AbstractExchange, aio_pika.Message, str]],
+        *,
+        mandatory: bool,
+    ) -> None:
+        """Publish all at once and wait for every confirm; Unavailable if any is missing."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await asyncio.gather(
+                    *(ex.publish(msg, key, mandatory=mandatory) for ex, msg, key in sends),
+                    return_exceptions=True,
+                )
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"RabbitMQ did not confirm {len(sends)} message(s) in {self.timeout}s"
+            ) from exc
+        for result in results:
+            if isinstance(result, (*_BROKER_ERRORS, asyncio.CancelledError)):
+                raise Unavailable(f"RabbitMQ refused or lost a message: {result!r}") from result
+            if isinstance(result, BaseException):
+                raise result
+            if not isinstance(result, aiormq.spec.Basic.Ack):
+                # Only a mandatory message comes back like this: its queue is missing.
+                raise Unavailable(f"RabbitMQ could not route a message: {result!r}")
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def _spawner(
+        self, consumer: _Consumer, work: Work
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        """The consume callback: one task per message, so handlers of a consumer run
+        concurrently (the broker's prefetch bounds how many)."""
+
+        async def spawn(message: AbstractIncomingMessage) -> None:
+            if self._stopping:
+                return  # left unacked: the broker delivers it again after we disconnect
+            task = asyncio.create_task(self._guarded(work, consumer, message))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return spawn
+
+    async def _guarded(
+        self, work: Work, consumer: _Consumer, message: AbstractIncomingMessage
+    ) -> None:
+        try:
+            await work(consumer, message)
+        except Exception:
+            # Never let one message take the consumer down; the broker redelivers it.
+            log.exception("consumer %s could not process a message", consumer.name)
+            await self._requeue(message)
+
+    async def _handle(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        failed_before = _int_header(message.headers, ATTEMPTS, 0)
+        try:
+            event = decode_envelope(message.body)
+        except MalformedMessage as exc:
+            await self._dead_letter(consumer, message, str(exc), failed_before + 1)
+            return
+        handler = consumer.handlers.get(event.type)
+        if handler is None:
+            reason = f"unknown event type {event.type!r} for consumer {consumer.name!r}"
+            await self._dead_letter(consumer, message, reason, failed_before + 1)
+            return
+        try:
+            result = await deliver(self.store, self.schemas, consumer.name, handler, event)
+        except Exception as exc:  # the inbox pre-check could not read the store
+            result = Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+        if result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE):
+            await self._ack(message)
+        elif result.outcome is Outcome.MALFORMED:
+            await self._dead_letter(consumer, message, result.reason, failed_before + 1)
+        elif failed_before + 1 < self.retry.attempts:
+            await self._retry_later(consumer, message, failed_before + 1, result.reason)
+        else:
+            await self._dead_letter(consumer, message, result.reason, failed_before + 1)
+
+    async def _retry_later(
+        self, consumer: _Consumer, message: AbstractIncomingMessage, failed: int, reason: str
+    ) -> None:
+        delay = self.retry.delay(failed)
+        headers = _forwarded_headers(message)
+        headers[ATTEMPTS] = failed
+        copy = _copy(message, headers, expiration=delay)
+        try:
+            await self._confirmed(
+                [(self._require(self._default), copy, consumer.retry_queue(failed))],
+                mandatory=True,
+            )
+        except Unavailable as exc:
+            log.error("consumer %s could not schedule a retry: %s", consumer.name, exc)
+            await self._requeue(message)
+            return
+        log.info(
+            "consumer %s retries %s in %.3fs after failed attempt %d: %s",
+            consumer.name, message.message_id, delay, failed, reason,
+        )
+        await self._ack(message)
+
+    async def _dead_letter(
+        self, consumer: _Consumer, message: AbstractIncomingMessage, reason: str, attempts: int
+    ) -> None:
+        headers = _forwarded_headers(message)
+        headers.update(
+            {
+                REASON: reason[:_MAX_REASON],
+                CONSUMER: consumer.name,
+                ATTEMPTS: attempts,
+                DEAD_LETTERED_AT: utcnow().isoformat(),
+            }
+        )
+        try:
+            await self._confirmed(
+                [(self._require(self._dlx), _copy(message, headers), consumer.name)],
+                mandatory=True,
+            )
+        except Unavailable as exc:
+            log.error("consumer %s could not dead-letter a message: %s", consumer.name, exc)
+            await self._requeue(message)
+            return
+        await self._ack(message)
+
+    async def _record(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        """Keep one message of the consumer's dead-letter queue as a DeadLetter document."""
+        letter = _letter(consumer.name, message)
+        try:
+            async with self.store.transaction() as uow:
+                deadletters.record(uow, letter)
+        except Exception as exc:
+            log.error("could not record dead letter %s: %r", letter.id, exc)
+            await self._requeue(message)
+            return
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except _BROKER_ERRORS as exc:
+            # The channel is gone: the broker delivers the message again and the inbox
+            # (or the dead letter's fixed id) absorbs the repeat.
+            log.warning("could not ack message %s: %r", message.message_id, exc)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        """Hand a message back to the broker after a pause, so a persistent failure does
+        not spin; if the channel is gone the broker requeues it by itself."""
+        await asyncio.sleep(_REQUEUE_PAUSE)
+        try:
+            await message.nack(requeue=True)
+        except _BROKER_ERRORS as exc:
+            log.warning("could not requeue message %s: %r", message.message_id, exc)
+
+    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
+        return await deadletters.list_letters(self.store, consumer)
+
+
+def _event_message(event: RecordedEvent) -> aio_pika.Message:
+    return aio_pika.Message(
+        event.to_json(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=event.event_id,
+        type=event.type,
+        correlation_id=event.correlation_id,
+        headers={"traceparent": event.traceparent} if event.traceparent else None,
+    )
+
+
+def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The application headers (traceparent, ...) without the broker's and our bookkeeping,
+    plus the routing key the event was first published with."""
+    headers: dict[str, Any] = {
+        k: v for k, v in message.headers.items() if not k.startswith("x-")
+    }
+    original = message.headers.get(ORIGINAL_ROUTING_KEY)
+    headers[ORIGINAL_ROUTING_KEY] = (
+        original if isinstance(original, str) else message.routing_key or ""
+    )
+    return headers
+
+
+def _copy(
+    message: AbstractIncomingMessage, headers: HeadersType, expiration: float | None = None
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.type,
+        correlation_id=message.correlation_id,
+        expiration=expiration,
+    )
+
+
+def _letter(consumer: str, message: AbstractIncomingMessage) -> DeadLetter:
+    headers = message.headers
+    try:
+        event: RecordedEvent | None = decode_envelope(message.body)
+    except MalformedMessage:
+        event = None
+    # A fixed id per message: a dead letter delivered twice overwrites itself.
+    ident = message.message_id or "sha256-" + hashlib.sha256(message.body).hexdigest()[:32]
+    at = headers.get(DEAD_LETTERED_AT)
+    return DeadLetter(
+        id=f"{consumer}:{ident}",
+        consumer=consumer,
+        reason=str(headers.get(REASON, "no reason given")),
+        attempts=_int_header(headers, ATTEMPTS, 1),
+        routing_key=str(headers.get(ORIGINAL_ROUTING_KEY, message.routing_key or "")),
+        dead_lettered_at=datetime.fromisoformat(at) if isinstance(at, str) else utcnow(),
+        event=event,
+        body=message.body.decode("utf-8", errors="replace"),
+    )
+
+
+def _int_header(headers: HeadersType, name: str, default: int) -> int:
+    value = headers.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -1,0 +1,1 @@
+"""Kernel shared by every bounded context: messages, ids, errors, clock."""

@@ -1,0 +1,163 @@
+"""The event envelope (DESIGN.md §3), its JSON wire form and the registry of payload schemas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from magasin.shared.clock import utcnow
+from magasin.shared.errors import MalformedMessage
+from magasin.shared.ids import aggregate_of, new_id
+
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be appended: the store assigns its stream version and position."""
+
+    type: str
+    payload: Mapping[str, Any]
+    event_id: str = field(default_factory=new_id)
+    schema_version: int = 1
+    occurred_at: datetime = field(default_factory=utcnow)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RecordedEvent:
+    """A stored event: the envelope every consumer receives, in the store and on the wire.
+
+    Treat it as immutable. It is not declared frozen because a frozen dataclass costs
+    1.6 µs per instance against 0.2 µs, and reading the log builds hundreds of thousands.
+    """
+
+    event_id: str
+    type: str
+    schema_version: int
+    stream_id: str
+    stream_version: int
+    global_position: int
+    occurred_at: datetime
+    correlation_id: str | None
+    causation_id: str | None
+    traceparent: str | None
+    metadata: Mapping[str, Any]
+    payload: Mapping[str, Any]
+
+    @property
+    def aggregate(self) -> str:
+        return aggregate_of(self.stream_id)
+
+    @property
+    def routing_key(self) -> str:
+        """`<aggregate>.<EventType>`, the key the broker routes on."""
+        return f"{self.aggregate}.{self.type}"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "event_id": self.event_id,
+                "type": self.type,
+                "schema_version": self.schema_version,
+                "stream_id": self.stream_id,
+                "stream_version": self.stream_version,
+                "global_position": self.global_position,
+                "occurred_at": self.occurred_at.isoformat(),
+                "correlation_id": self.correlation_id,
+                "causation_id": self.causation_id,
+                "traceparent": self.traceparent,
+                "metadata": self.metadata,
+                "payload": self.payload,
+            }
+        )
+
+
+class _WireEnvelope(BaseModel):
+    """Validation of an envelope read off the wire; kept private, consumers get RecordedEvent."""
+
+    event_id: str
+    type: str
+    schema_version: int = 1
+    stream_id: str
+    stream_version: int
+    global_position: int
+    occurred_at: datetime
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    metadata: JsonDict = {}
+    payload: JsonDict
+
+
+def decode_envelope(body: bytes) -> RecordedEvent:
+    """Parse a wire message; raises MalformedMessage for bad JSON or a bad envelope."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"bad JSON: {exc}") from exc
+    try:
+        env = _WireEnvelope.model_validate(raw)
+    except ValidationError as exc:
+        raise MalformedMessage(f"invalid envelope: {_first_error(exc)}") from exc
+    if env.occurred_at.tzinfo is None:
+        raise MalformedMessage("invalid envelope: occurred_at has no time zone")
+    return RecordedEvent(
+        event_id=env.event_id,
+        type=env.type,
+        schema_version=env.schema_version,
+        stream_id=env.stream_id,
+        stream_version=env.stream_version,
+        global_position=env.global_position,
+        occurred_at=env.occurred_at,
+        correlation_id=env.correlation_id,
+        causation_id=env.causation_id,
+        traceparent=env.traceparent,
+        metadata=env.metadata,
+        payload=env.payload,
+    )
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    return f"{where}: {err['msg']}"
+
+
+class EventSchemas:
+    """Registry of event types and their payload models: what a consumer can understand."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, type[BaseModel]] = {}
+
+    def register(self, type_name: str, model: type[BaseModel]) -> None:
+        if type_name in self._models and self._models[type_name] is not model:
+            raise ValueError(f"event type {type_name!r} is already registered")
+        self._models[type_name] = model
+
+    def __contains__(self, type_name: object) -> bool:
+        return type_name in self._models
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self._models)
+
+    def validate(self, event: RecordedEvent) -> BaseModel:
+        """Check the payload against its model; raises MalformedMessage if it does not fit."""
+        model = self._models.get(event.type)
+        if model is None:
+            raise MalformedMessage(f"unknown event type {event.type!r}")
+        try:
+            return model.model_validate(event.payload)
+        except ValidationError as exc:
+            raise MalformedMessage(
+                f"invalid payload for {event.type}: {_first_error(exc)}"
+            ) from exc

@@ -1,0 +1,306 @@
+"""Contract of the event bus port, run against every adapter (in-process and RabbitMQ)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.messaging.bus import EventBus, Handler, RetryPolicy
+from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
+
+FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.05, multiplier=2.0, jitter=0.0)
+WAIT = 20.0
+
+
+class ItemAdded(BaseModel):
+    sku: str
+    qty: int
+
+
+class CartClosed(BaseModel):
+    reason: str
+
+
+SCHEMAS = EventSchemas()
+SCHEMAS.register("ItemAdded", ItemAdded)
+SCHEMAS.register("CartClosed", CartClosed)
+
+MakeBus = Callable[..., Awaitable[EventBus]]
+
+
+@pytest.fixture(params=["inprocess", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def bus_env(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[EventStore, MakeBus]]:
+    """The consumer's store, and a factory of buses over it (started; stopped afterwards)."""
+    store = SqliteEventStore(tmp_path / "bus.db")
+    await store.open()
+    made: list[EventBus] = []
+    kind = request.param
+    if kind == "rabbitmq":
+        url = request.getfixturevalue("amqp_url")
+        namespace = request.getfixturevalue("amqp_namespace")
+
+    async def make(
+        subscriptions: dict[str, dict[str, Handler]], retry: RetryPolicy = FAST_RETRY
+    ) -> EventBus:
+        bus: EventBus
+        if kind == "inprocess":
+            from magasin.messaging.inprocess import InProcessBus
+
+            bus = InProcessBus(store, SCHEMAS, retry=retry, poll_interval=0.05)
+        else:
+            from magasin.messaging.rabbitmq import RabbitMQBus
+
+            bus = RabbitMQBus(url, store=store, schemas=SCHEMAS, namespace=namespace, retry=retry)
+        for consumer, handlers in subscriptions.items():
+            bus.subscribe(consumer, handlers)
+        await bus.start()
+        made.append(bus)
+        return bus
+
+    yield store, make
+    for bus in made:
+        await bus.stop(grace=0.5)
+    if kind == "rabbitmq" and made:
+        await made[-1].delete_topology()  # type: ignore[attr-defined]
+    await store.close()
+
+
+async def produce(store: EventStore, stream: str, *events: NewEvent) -> list[RecordedEvent]:
+    """What a producing service does: append to its store; the result is what gets published."""
+    return await store.append(stream, list(events))
+
+
+def added(sku: str = "A", qty: int = 1) -> NewEvent:
+    return NewEvent(type="ItemAdded", payload={"sku": sku, "qty": qty})
+
+
+class Recorder:
+    """A handler that records what it got and writes one document per event as its effect."""
+
+    def __init__(self, fail_times: int = 0) -> None:
+        self.calls: list[RecordedEvent] = []
+        self.fail_times = fail_times
+        self.changed = asyncio.Event()
+
+    async def __call__(self, event: RecordedEvent, uow: UnitOfWork) -> None:
+        self.calls.append(event)
+        self.changed.set()
+        if len([c for c in self.calls if c.event_id == event.event_id]) <= self.fail_times:
+            raise RuntimeError(f"boom on {event.payload}")
+        uow.put_document("effects", event.event_id, {"n": 1})
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> Any:
+    async with asyncio.timeout(timeout):
+        while not (result := await check()):
+            await asyncio.sleep(0.02)
+        return result
+
+
+async def effects(store: EventStore) -> list[str]:
+    return [k for k, _ in await store.find_documents("effects", limit=10_000)]
+
+
+async def test_a_subscriber_receives_published_events_of_its_types_only(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    items, closes = Recorder(), Recorder()
+    bus = await make({"carts": {"ItemAdded": items}, "closer": {"CartClosed": closes}})
+
+    batch = await produce(store, "cart-1", added("A"), added("B"))
+    batch += await produce(store, "cart-1", NewEvent("CartClosed", {"reason": "paid"}))
+    await bus.publish(batch)
+
+    await items.wait_for(lambda: len(items.calls) == 2)
+    await closes.wait_for(lambda: len(closes.calls) == 1)
+    assert sorted(e.payload["sku"] for e in items.calls) == ["A", "B"]
+    assert closes.calls[0].payload == {"reason": "paid"}
+    assert closes.calls[0].routing_key == "cart.CartClosed"
+    await asyncio.sleep(0.2)
+    assert len(items.calls) == 2
+
+
+async def test_the_envelope_arrives_intact(bus_env: tuple[EventStore, MakeBus]) -> None:
+    store, make = bus_env
+    got = Recorder()
+    bus = await make({"carts": {"ItemAdded": got}})
+    sent = NewEvent(
+        type="ItemAdded", payload={"sku": "Z", "qty": 3}, correlation_id="tx-9",
+        causation_id="c-1", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        metadata={"service": "cart"},
+    )
+    (recorded,) = await produce(store, "cart-9", sent)
+    await bus.publish([recorded])
+
+    await got.wait_for(lambda: len(got.calls) == 1)
+    assert got.calls[0] == recorded
+
+
+async def test_every_consumer_gets_its_own_copy(bus_env: tuple[EventStore, MakeBus]) -> None:
+    store, make = bus_env
+    first, second = Recorder(), Recorder()
+    bus = await make({"first": {"ItemAdded": first}, "second": {"ItemAdded": second}})
+    await bus.publish(await produce(store, "cart-1", added()))
+
+    await first.wait_for(lambda: len(first.calls) == 1)
+    await second.wait_for(lambda: len(second.calls) == 1)
+
+
+async def test_a_redelivered_event_has_one_effect(bus_env: tuple[EventStore, MakeBus]) -> None:
+    store, make = bus_env
+    got = Recorder()
+    bus = await make({"carts": {"ItemAdded": got}})
+    recorded = await produce(store, "cart-1", added())
+
+    for _ in range(3):
+        await bus.publish(recorded)
+    await bus.publish(await produce(store, "cart-2", added("marker")))
+
+    await eventually(lambda: _count(store, 2))
+    await asyncio.sleep(0.2)
+    assert len(await effects(store)) == 2
+    assert await store.is_processed("carts", recorded[0].event_id)
+
+
+async def _count(store: EventStore, n: int) -> bool:
+    return len(await effects(store)) >= n
+
+
+async def test_an_event_in_flight_when_the_consumer_dies_is_delivered_again_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    entered = asyncio.Event()
+
+    async def hangs(event: RecordedEvent, uow: UnitOfWork) -> None:
+        uow.put_document("effects", event.event_id, {"by": "first"})
+        entered.set()
+        await asyncio.Event().wait()  # the process "dies" before committing
+
+    first = await make({"carts": {"ItemAdded": hangs}})
+    recorded = await produce(store, "cart-1", added())
+    await first.publish(recorded)
+    await asyncio.wait_for(entered.wait(), WAIT)
+    await first.stop(grace=0.05)
+    assert await effects(store) == []
+
+    got = Recorder()
+    await make({"carts": {"ItemAdded": got}})
+    await got.wait_for(lambda: len(got.calls) == 1)
+    await eventually(lambda: _count(store, 1))
+    assert await store.get_document("effects", recorded[0].event_id) == {"n": 1}
+
+
+async def test_a_restarted_consumer_does_not_replay_what_it_handled(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    got = Recorder()
+    first = await make({"carts": {"ItemAdded": got}})
+    await first.publish(await produce(store, "cart-1", added("A"), added("B")))
+    await got.wait_for(lambda: len(got.calls) == 2)
+    await eventually(lambda: _count(store, 2))
+    await first.stop()
+
+    again = Recorder()
+    second = await make({"carts": {"ItemAdded": again}})
+    await second.publish(await produce(store, "cart-2", added("C")))
+    await again.wait_for(lambda: len(again.calls) == 1)
+    await asyncio.sleep(0.2)
+    assert [e.payload["sku"] for e in again.calls] == ["C"]
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered_with_the_reason(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    flaky, broken = Recorder(fail_times=2), Recorder(fail_times=99)
+    bus = await make({"flaky": {"ItemAdded": flaky}, "broken": {"ItemAdded": broken}})
+    (event,) = await produce(store, "cart-1", added("X"))
+    await bus.publish([event])
+
+    await flaky.wait_for(lambda: len(flaky.calls) == 3)
+    letters = await eventually(lambda: bus.dead_letters("broken"))
+    assert len(broken.calls) == 3
+    (letter,) = letters
+    assert letter.consumer == "broken"
+    assert letter.attempts == 3
+    assert "boom" in letter.reason and "RuntimeError" in letter.reason
+    assert letter.event is not None and letter.event.event_id == event.event_id
+    assert letter.routing_key == "cart.ItemAdded"
+    assert await bus.dead_letters("flaky") == []
+    assert await store.get_document("effects", event.event_id) == {"n": 1}  # flaky's effect
+
+
+async def test_retries_wait_with_backoff_and_do_not_block_later_events(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    slow_retry = RetryPolicy(attempts=2, initial_delay=0.6, jitter=0.0)
+    first_try: dict[str, float] = {}
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def fails_once_on_a(event: RecordedEvent, uow: UnitOfWork) -> None:
+        sku = event.payload["sku"]
+        order.append(sku)
+        if sku == "A" and "A" not in first_try:
+            first_try["A"] = loop.time()
+            raise RuntimeError("transient")
+        uow.put_document("effects", event.event_id, {"at": loop.time()})
+
+    bus = await make({"carts": {"ItemAdded": fails_once_on_a}}, retry=slow_retry)
+    await bus.publish(await produce(store, "cart-1", added("A")))
+    await eventually(lambda: _has(order, "A"))
+    await bus.publish(await produce(store, "cart-2", added("B")))
+
+    await eventually(lambda: _count(store, 2))
+    assert order == ["A", "B", "A"], "B was held up behind A's retry"
+    retried_after = loop.time() - first_try["A"]
+    assert retried_after >= 0.5
+
+
+async def _has(items: list[str], item: str) -> bool:
+    return item in items
+
+
+async def test_an_invalid_payload_is_dead_lettered_at_once_and_the_consumer_goes_on(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    got = Recorder()
+    bus = await make({"carts": {"ItemAdded": got}})
+    bad = await produce(store, "cart-1", NewEvent("ItemAdded", {"sku": "A", "qty": "many"}))
+    await bus.publish(bad)
+    await bus.publish(await produce(store, "cart-2", added("good")))
+
+    await got.wait_for(lambda: len(got.calls) == 1)
+    assert got.calls[0].payload["sku"] == "good"
+    (letter,) = await eventually(lambda: bus.dead_letters("carts"))
+    assert letter.attempts == 1
+    assert "invalid payload" in letter.reason and "qty" in letter.reason
+    assert letter.event is not None and letter.event.event_id == bad[0].event_id
+
+
+def test_subscribing_to_an_unregistered_type_is_refused(tmp_path: Path) -> None:
+    from magasin.messaging.inprocess import InProcessBus
+
+    bus = InProcessBus(SqliteEventStore(tmp_path / "x.db"), SCHEMAS)
+    with pytest.raises(ValueError, match="unregistered"):
+        bus.subscribe("carts", {"Nonsense": Recorder()})

@@ -1,0 +1,345 @@
+"""Contract of the event store port, run against every adapter (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from magasin.eventstore.store import ANY, NO_STREAM, EventStore, Snapshot
+from magasin.shared.errors import (
+    AlreadyProcessed,
+    ConcurrencyError,
+    DuplicateEventError,
+    NotFound,
+)
+from magasin.shared.messages import NewEvent
+
+MakeStore = Callable[..., Awaitable[EventStore]]
+
+
+def ev(kind: str = "ItemAdded", **payload: object) -> NewEvent:
+    return NewEvent(type=kind, payload=payload or {"n": 1})
+
+
+async def test_append_to_a_new_stream_numbers_versions_from_one(store: EventStore) -> None:
+    recorded = await store.append("cart-1", [ev(n=1), ev(n=2)], NO_STREAM)
+
+    assert [e.stream_version for e in recorded] == [1, 2]
+    assert recorded[0].global_position < recorded[1].global_position
+    assert await store.stream_version("cart-1") == 2
+    assert [e.payload["n"] for e in await store.read_stream("cart-1")] == [1, 2]
+
+
+async def test_envelope_fields_survive_the_round_trip(store: EventStore) -> None:
+    at = datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=UTC)
+    sent = NewEvent(
+        type="PaymentProcessed",
+        payload={"amount": 1999, "currency": "CAD", "nested": {"ok": True}},
+        schema_version=2,
+        occurred_at=at,
+        correlation_id="tx-1",
+        causation_id="cause-1",
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        metadata={"service": "payment", "actor": "system"},
+    )
+    await store.append("payment-1", [sent])
+
+    (got,) = await store.read_stream("payment-1")
+    assert (got.event_id, got.type, got.schema_version) == (sent.event_id, sent.type, 2)
+    assert got.occurred_at == at
+    assert got.payload == sent.payload
+    assert got.metadata == sent.metadata
+    assert (got.correlation_id, got.causation_id) == ("tx-1", "cause-1")
+    assert got.traceparent == sent.traceparent
+    assert got.routing_key == "payment.PaymentProcessed"
+    assert await store.read_event(sent.event_id) == got
+
+
+async def test_wrong_expected_version_raises_and_writes_nothing(store: EventStore) -> None:
+    await store.append("cart-1", [ev()], NO_STREAM)
+    before = await store.last_position()
+
+    with pytest.raises(ConcurrencyError) as caught:
+        await store.append("cart-1", [ev(), ev()], expected_version=0)
+    assert caught.value.actual == 1
+    with pytest.raises(ConcurrencyError):
+        await store.append("cart-1", [ev()], expected_version=5)
+
+    assert await store.stream_version("cart-1") == 1
+    assert await store.last_position() == before
+
+
+async def test_any_version_appends_after_whatever_is_there(store: EventStore) -> None:
+    await store.append("cart-1", [ev()], ANY)
+    recorded = await store.append("cart-1", [ev()], ANY)
+    assert recorded[0].stream_version == 2
+
+
+async def test_appending_the_same_event_id_twice_is_a_no_op(store: EventStore) -> None:
+    event = ev(n=7)
+    first = await store.append("cart-1", [event], NO_STREAM)
+    again = await store.append("cart-1", [event], NO_STREAM)
+
+    assert again == first
+    assert len(await store.read_stream("cart-1")) == 1
+    assert len(await store.read_all()) == 1
+
+
+async def test_a_batch_mixing_stored_and_new_ids_is_refused_whole(store: EventStore) -> None:
+    stored = ev()
+    await store.append("cart-1", [stored])
+    with pytest.raises(DuplicateEventError):
+        await store.append("cart-1", [stored, ev()])
+    assert len(await store.read_all()) == 1
+
+
+async def test_concurrent_appends_at_the_same_version_let_exactly_one_win(
+    store: EventStore,
+) -> None:
+    await store.append("cart-1", [ev()], NO_STREAM)
+    outcomes = await asyncio.gather(
+        *(store.append("cart-1", [ev(n=i)], 1) for i in range(8)), return_exceptions=True
+    )
+    winners = [o for o in outcomes if not isinstance(o, BaseException)]
+    losers = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(o, ConcurrencyError) for o in losers)
+    assert await store.stream_version("cart-1") == 2
+
+
+async def test_read_stream_honours_version_and_time_bounds(store: EventStore) -> None:
+    t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+    events = [
+        NewEvent(type="Tick", payload={"n": i}, occurred_at=t0 + timedelta(minutes=i))
+        for i in range(1, 6)
+    ]
+    await store.append("clock-1", events)
+
+    def ns(evs: list) -> list[int]:  # type: ignore[type-arg]
+        return [e.payload["n"] for e in evs]
+
+    assert ns(await store.read_stream("clock-1", from_version=3)) == [3, 4, 5]
+    assert ns(await store.read_stream("clock-1", to_version=2)) == [1, 2]
+    assert ns(await store.read_stream("clock-1", from_version=2, to_version=4)) == [2, 3, 4]
+    until = t0 + timedelta(minutes=3)
+    assert ns(await store.read_stream("clock-1", until=until)) == [1, 2, 3]
+    assert await store.read_stream("nobody-1") == []
+
+
+async def test_read_all_pages_through_the_log_in_position_order(store: EventStore) -> None:
+    for i in range(25):
+        await store.append(f"s-{i % 3}", [ev(n=i)])
+
+    seen: list[int] = []
+    after = 0
+    while page := await store.read_all(after=after, limit=7):
+        assert len(page) <= 7
+        seen += [e.payload["n"] for e in page]
+        after = page[-1].global_position
+    assert seen == list(range(25))
+    assert after == await store.last_position()
+
+
+async def test_read_event_of_an_unknown_id_is_not_found(store: EventStore) -> None:
+    with pytest.raises(NotFound):
+        await store.read_event("00000000-0000-0000-0000-000000000000")
+
+
+async def test_snapshots_keep_the_latest_version(store: EventStore) -> None:
+    assert await store.load_snapshot("cart-1") is None
+    await store.save_snapshot(Snapshot("cart-1", 10, {"items": 10}, schema_version=3))
+    await store.save_snapshot(Snapshot("cart-1", 4, {"items": 4}))
+
+    snap = await store.load_snapshot("cart-1")
+    assert snap is not None
+    assert (snap.version, snap.state, snap.schema_version) == (10, {"items": 10}, 3)
+
+    await store.save_snapshot(Snapshot("cart-1", 20, {"items": 20}))
+    snap = await store.load_snapshot("cart-1")
+    assert snap is not None and snap.version == 20
+
+
+async def test_a_unit_of_work_commits_everything_together(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.append("a-1", [ev()], NO_STREAM)
+        uow.append("b-1", [ev(), ev()], NO_STREAM)
+        uow.mark_processed("billing", "evt-1")
+        uow.set_checkpoint("billing", 42)
+        uow.put_document("carts", "a-1", {"status": "open", "lines": 1})
+
+    assert [e.stream_id for e in uow.recorded] == ["a-1", "b-1", "b-1"]
+    assert await store.is_processed("billing", "evt-1")
+    assert await store.get_checkpoint("billing") == 42
+    assert await store.get_document("carts", "a-1") == {"status": "open", "lines": 1}
+
+
+async def test_a_unit_of_work_with_one_failing_step_writes_nothing(store: EventStore) -> None:
+    await store.append("b-1", [ev()], NO_STREAM)
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            uow.append("a-1", [ev()], NO_STREAM)
+            uow.put_document("carts", "a-1", {"status": "open"})
+            uow.set_checkpoint("billing", 9)
+            uow.append("b-1", [ev()], NO_STREAM)  # b-1 exists: conflict
+
+    assert await store.stream_version("a-1") == 0
+    assert await store.get_document("carts", "a-1") is None
+    assert await store.get_checkpoint("billing") == 0
+
+
+async def test_an_exception_inside_the_block_discards_the_unit_of_work(
+    store: EventStore,
+) -> None:
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as uow:
+            uow.append("a-1", [ev()])
+            raise RuntimeError("handler failed")
+    assert await store.read_all() == []
+
+
+async def test_inbox_refuses_the_second_processing_of_an_event(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.mark_processed("inventory", "evt-9")
+        uow.append("stock-1", [ev()])
+
+    with pytest.raises(AlreadyProcessed):
+        async with store.transaction() as uow:
+            uow.mark_processed("inventory", "evt-9")
+            uow.append("stock-1", [ev()])
+
+    assert await store.stream_version("stock-1") == 1
+    assert not await store.is_processed("payment", "evt-9")
+
+
+async def test_concurrent_units_of_work_fail_independently(store: EventStore) -> None:
+    await store.append("hot-1", [ev()], NO_STREAM)
+
+    async def work(i: int) -> None:
+        async with store.transaction() as uow:
+            uow.append(f"cold-{i}", [ev()], NO_STREAM)
+            if i % 2:
+                uow.append("hot-1", [ev()], NO_STREAM)  # conflicts
+
+    outcomes = await asyncio.gather(*(work(i) for i in range(10)), return_exceptions=True)
+    assert [isinstance(o, ConcurrencyError) for o in outcomes] == [bool(i % 2) for i in range(10)]
+    for i in range(10):
+        assert await store.stream_version(f"cold-{i}") == (0 if i % 2 else 1)
+
+
+async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.put_document("letters", "k1", {"consumer": "a", "attempts": 3, "open": True})
+        uow.put_document("letters", "k2", {"consumer": "b", "attempts": 3, "open": True})
+        uow.put_document("letters", "k3", {"consumer": "a", "attempts": 1, "open": False})
+        uow.put_document("other", "k1", {"consumer": "a"})
+
+    found = await store.find_documents("letters", where={"consumer": "a"})
+    assert [k for k, _ in found] == ["k1", "k3"]
+    found = await store.find_documents("letters", where={"consumer": "a", "attempts": 3})
+    assert [k for k, _ in found] == ["k1"]
+    assert [k for k, _ in await store.find_documents("letters", where={"open": False})] == [
+        "k3"
+    ]
+    assert [k for k, _ in await store.find_documents("letters", after_key="k1", limit=1)] == [
+        "k2"
+    ]
+
+    async with store.transaction() as uow:
+        uow.delete_document("letters", "k1")
+    assert await store.get_document("letters", "k1") is None
+    assert await store.get_document("other", "k1") == {"consumer": "a"}
+
+
+async def test_outbox_hands_out_unsent_events_until_marked_sent(
+    store_factory: MakeStore,
+) -> None:
+    store = await store_factory(outbox=True)
+    sent = await store.append("order-1", [ev(n=1), ev(n=2)])
+    await store.append("order-2", [ev(n=3)])
+
+    with pytest.raises(RuntimeError):
+        async with store.outbox_batch(10) as batch:
+            assert [e.payload["n"] for e in batch] == [1, 2, 3]
+            raise RuntimeError("broker down: nothing is marked sent")
+
+    async with store.outbox_batch(2) as batch:
+        assert [e.event_id for e in batch] == [e.event_id for e in sent]
+    async with store.outbox_batch(10) as batch:
+        assert [e.payload["n"] for e in batch] == [3]
+    async with store.outbox_batch(10) as batch:
+        assert batch == []
+
+
+async def test_without_outbox_appends_leave_nothing_to_relay(store: EventStore) -> None:
+    await store.append("order-1", [ev()])
+    async with store.outbox_batch(10) as batch:
+        assert batch == []
+
+
+async def test_events_survive_closing_and_reopening_the_store(
+    store_factory: MakeStore,
+) -> None:
+    first = await store_factory()
+    await first.append("cart-1", [ev(n=1)])
+    await first.close()
+
+    second = await store_factory()
+    assert [e.payload["n"] for e in await second.read_stream("cart-1")] == [1]
+    recorded = await second.append("cart-1", [ev(n=2)], 1)
+    assert recorded[0].global_position == 2
+
+
+async def test_wait_for_events_wakes_up_when_an_event_is_committed(store: EventStore) -> None:
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await store.append("cart-1", [ev()])
+
+    writer = asyncio.create_task(later())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await store.wait_for_events(after=0, timeout=5)
+    assert loop.time() - started < 4
+    await writer
+    assert len(await store.read_all()) == 1
+
+
+async def test_a_tailing_reader_sees_every_event_once_in_order_under_8_writers(
+    store: EventStore,
+) -> None:
+    writers, per_writer = 8, 60
+    expected: set[str] = set()
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        rng = random.Random(w)
+        for i in range(per_writer):
+            batch = [ev(w=w, i=i) for _ in range(rng.choice([1, 1, 2, 3]))]
+            expected.update(e.event_id for e in batch)
+            await store.append(f"w{w}-{i % 5}", batch)
+
+    async def tail() -> list[tuple[int, str]]:
+        seen: list[tuple[int, str]] = []
+        after = 0
+        while True:
+            page = await store.read_all(after=after, limit=50)
+            seen += [(e.global_position, e.event_id) for e in page]
+            if page:
+                after = page[-1].global_position
+            elif done.is_set() and after >= await store.last_position():
+                return seen
+            else:
+                await store.wait_for_events(after, timeout=0.05)
+
+    reader = asyncio.create_task(tail())
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    done.set()
+    seen = await asyncio.wait_for(reader, 60)
+
+    positions = [p for p, _ in seen]
+    assert positions == sorted(positions)
+    assert len(seen) == len({i for _, i in seen}), "an event was delivered twice"
+    assert {i for _, i in seen} == expected, "an event was skipped"
