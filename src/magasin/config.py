@@ -30,6 +30,21 @@ class Settings(BaseSettings):
     retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay, seconds.")
     retry_multiplier: float = Field(2.0, ge=1, description="Backoff multiplier.")
     outbox_batch_size: int = Field(500, ge=1, description="Events per relay publish batch.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API.")
+    api_keys: str = Field(
+        "", description="Comma-separated API keys; empty in embedded mode = one generated key."
+    )
+    currency: str = Field("CAD", pattern="^[A-Z]{3}$", description="Currency of the catalog.")
+    bank_latency_ms: float = Field(100.0, ge=0, description="Simulated bank call latency.")
+    bank_decline_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of charges the simulated bank declines at random."
+    )
+    bank_seed: int | None = Field(None, description="Seed of the bank's random declines.")
+    reservation_ttl_s: float = Field(1800.0, gt=0, description="Reservation lifetime, seconds.")
+    reservation_sweep_s: float = Field(
+        5.0, gt=0, description="How often expired reservations are looked for, seconds."
+    )
 
     @property
     def sqlite_path(self) -> Path:

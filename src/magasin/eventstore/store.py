@@ -71,13 +71,39 @@ class DeleteDocument:
 Operation = Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
 
 
+@dataclass(frozen=True, slots=True)
+class Causation:
+    """Where the events of a unit of work come from: stamped on each of them."""
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, event: RecordedEvent, **metadata: Any) -> Causation:
+        """Events caused by handling `event` keep its correlation and trace."""
+        return cls(event.correlation_id, event.event_id, event.traceparent, metadata)
+
+
 class UnitOfWork:
     """Writes to apply atomically; reads pass through to the store's committed state."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, causation: Causation | None = None) -> None:
         self.store = store
+        self.causation = causation or Causation()
         self.operations: list[Operation] = []
         self.recorded: list[RecordedEvent] = []
+        self.identity: dict[str, object] = {}
+        """Aggregates loaded in this unit of work, by stream id (see Repository)."""
+
+    def new_event(self, type_name: str, payload: Mapping[str, Any]) -> NewEvent:
+        """An event stamped with this unit of work's correlation, causation and trace."""
+        c = self.causation
+        return NewEvent(
+            type=type_name, payload=payload, correlation_id=c.correlation_id,
+            causation_id=c.causation_id, traceparent=c.traceparent, metadata=c.metadata,
+        )
 
     def append(
         self,
@@ -147,9 +173,9 @@ class EventStore(ABC):
     # -- writes -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+    async def transaction(self, causation: Causation | None = None) -> AsyncIterator[UnitOfWork]:
         """Collect writes in the block; they commit together when it exits without error."""
-        uow = UnitOfWork(self)
+        uow = UnitOfWork(self, causation)
         yield uow
         if uow.operations:
             uow.recorded = await self.commit(uow.operations)

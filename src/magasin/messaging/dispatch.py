@@ -8,12 +8,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
-from magasin.shared.errors import AlreadyProcessed, MalformedMessage
+from magasin.shared.errors import AlreadyProcessed, ConcurrencyError, MalformedMessage
 from magasin.shared.messages import EventSchemas, RecordedEvent
 
 log = logging.getLogger("magasin.messaging.dispatch")
+CONFLICT_RETRIES = 5
 
 
 class Outcome(enum.Enum):
@@ -49,11 +50,19 @@ async def deliver(
     if precheck and await store.is_processed(consumer, event.event_id):
         return Result(Outcome.DUPLICATE)
     try:
-        async with store.transaction() as uow:
-            uow.mark_processed(consumer, event.event_id)
-            await handler(event, uow)
-            if extra is not None:
-                extra(uow)
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                async with store.transaction(Causation.of(event, consumer=consumer)) as uow:
+                    uow.mark_processed(consumer, event.event_id)
+                    await handler(event, uow)
+                    if extra is not None:
+                        extra(uow)
+                break
+            except ConcurrencyError:
+                # Another writer moved an aggregate this handler loaded: reload and redo now,
+                # a backoff retry would only add latency to an ordinary race.
+                if attempt == CONFLICT_RETRIES:
+                    raise
     except AlreadyProcessed:
         return Result(Outcome.DUPLICATE)
     except Exception as exc:

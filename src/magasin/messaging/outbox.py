@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from magasin.eventstore.store import EventStore
 from magasin.messaging.bus import EventBus
@@ -39,17 +41,24 @@ class OutboxRelay:
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         if self._task is None or self._task.done():
+            self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
-    async def stop(self) -> None:
-        """Cancel the loop; a batch being published stays pending and is sent again later."""
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let the batch in flight finish for up to `grace` seconds, then cancel it; a batch
+        cut short stays pending and is published again later."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._stopping.set()
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
 
     async def relay_once(self) -> int:
         """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
@@ -67,7 +76,7 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         backoff = self.initial_backoff
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._step()
             except Unavailable as exc:
@@ -78,7 +87,7 @@ class OutboxRelay:
             else:
                 backoff = self.initial_backoff
                 continue
-            await asyncio.sleep(backoff)
+            await self._unless_stopped(asyncio.sleep(backoff))
             backoff = min(backoff * 2, self.max_backoff)
 
     async def _step(self) -> None:
@@ -86,4 +95,19 @@ class OutboxRelay:
         # one committed before it is in the batch.
         seen = await self.store.last_position()
         if not await self.relay_once():
-            await self.store.wait_for_events(after=seen, timeout=self.poll_interval)
+            await self._unless_stopped(
+                self.store.wait_for_events(after=seen, timeout=self.poll_interval)
+            )
+
+    async def _unless_stopped(self, waiting: Coroutine[Any, Any, None]) -> None:
+        """Await `waiting`, or give up on it as soon as `stop()` is called."""
+        wait = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({wait, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wait.cancel()
+            stopped.cancel()
+            await asyncio.gather(wait, stopped, return_exceptions=True)
+        if wait.done() and not wait.cancelled() and (exc := wait.exception()) is not None:
+            raise exc

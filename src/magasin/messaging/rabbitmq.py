@@ -51,7 +51,6 @@ class _Consumer:
     name: str
     handlers: dict[str, Handler]
     queue: str
-    channel: AbstractChannel | None = None
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
 
     def retry_queue(self, level: int) -> str:
@@ -97,6 +96,9 @@ class RabbitMQBus(EventBus):
         """Seconds to wait for the broker: to connect, and for each batch's confirms."""
         self._consumers: dict[str, _Consumer] = {}
         self._connection: AbstractRobustConnection | None = None
+        # The robust connection only holds its channels weakly (to restore them after a
+        # reconnection); these references keep them alive as long as the bus runs.
+        self._channels: list[AbstractChannel] = []
         self._default: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
@@ -148,6 +150,7 @@ class RabbitMQBus(EventBus):
         # Declarations go through robust channels, which declare them again (bindings and
         # consumers included) after a reconnection.
         publisher = await connection.channel(publisher_confirms=True)
+        self._channels.append(publisher)
         self._default = publisher.default_exchange
         self._events = await publisher.declare_exchange(
             self.exchange, ExchangeType.TOPIC, durable=True
@@ -157,8 +160,8 @@ class RabbitMQBus(EventBus):
         )
         for consumer in self._consumers.values():
             channel = await connection.channel(publisher_confirms=False)
+            self._channels.append(channel)
             await channel.set_qos(prefetch_count=self.prefetch)
-            consumer.channel = channel
             work = await channel.declare_queue(consumer.queue, durable=True)
             for event_type in consumer.handlers:
                 await work.bind(self._events, routing_key=f"*.{event_type}")
@@ -207,8 +210,9 @@ class RabbitMQBus(EventBus):
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
         self._default = self._events = self._dlx = None
+        self._channels.clear()
         for consumer in self._consumers.values():
-            consumer.channel, consumer.tags = None, []
+            consumer.tags = []
         if connection is not None:
             await connection.close()
 

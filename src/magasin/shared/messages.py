@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MalformedMessage
@@ -133,15 +133,20 @@ def _first_error(exc: ValidationError) -> str:
 
 
 class EventSchemas:
-    """Registry of event types and their payload models: what a consumer can understand."""
+    """Registry of event types and their payload models (dataclasses or pydantic models):
+    what a consumer can understand. Validation goes through pydantic's TypeAdapter."""
 
     def __init__(self) -> None:
-        self._models: dict[str, type[BaseModel]] = {}
+        self._adapters: dict[str, TypeAdapter[Any]] = {}
+        self._models: dict[str, type[Any]] = {}
+        self._names: dict[type[Any], str] = {}
 
-    def register(self, type_name: str, model: type[BaseModel]) -> None:
+    def register(self, type_name: str, model: type[Any]) -> None:
         if type_name in self._models and self._models[type_name] is not model:
             raise ValueError(f"event type {type_name!r} is already registered")
         self._models[type_name] = model
+        self._names[model] = type_name
+        self._adapters[type_name] = TypeAdapter(model)
 
     def __contains__(self, type_name: object) -> bool:
         return type_name in self._models
@@ -150,14 +155,24 @@ class EventSchemas:
     def types(self) -> frozenset[str]:
         return frozenset(self._models)
 
-    def validate(self, event: RecordedEvent) -> BaseModel:
-        """Check the payload against its model; raises MalformedMessage if it does not fit."""
-        model = self._models.get(event.type)
-        if model is None:
+    def name_of(self, model: type[Any]) -> str:
+        return self._names[model]
+
+    def validate(self, event: RecordedEvent) -> Any:
+        """The payload as its model; raises MalformedMessage if it does not fit."""
+        adapter = self._adapters.get(event.type)
+        if adapter is None:
             raise MalformedMessage(f"unknown event type {event.type!r}")
         try:
-            return model.model_validate(event.payload)
+            return adapter.validate_python(event.payload)
         except ValidationError as exc:
             raise MalformedMessage(
                 f"invalid payload for {event.type}: {_first_error(exc)}"
             ) from exc
+
+    def dump(self, payload: Any) -> JsonDict:
+        """A registered payload object as JSON-ready data."""
+        data: JsonDict = self._adapters[self._names[type(payload)]].dump_python(
+            payload, mode="json"
+        )
+        return data

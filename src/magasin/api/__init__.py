@@ -1,0 +1,1 @@
+"""HTTP layer shared by every service: app factory, API-key auth, error mapping, paging."""

@@ -1,0 +1,37 @@
+"""What a bounded context hands the composition root: its consumers, routes and loops."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from magasin.config import Settings
+from magasin.eventstore.store import EventStore
+from magasin.messaging.bus import Handler
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What a context needs to build itself: its store and the settings."""
+
+    store: EventStore
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class Service:
+    """One bounded context, ready to run in either mode.
+
+    `consumers` maps a consumer name (unique across services, e.g. `payment`) to its
+    explicit registry `{event type: handler}`; `loops` are background coroutines (an expiry
+    sweeper, say) started with the service and cancelled when it stops.
+    """
+
+    name: str
+    consumers: Mapping[str, Mapping[str, Handler]]
+    router: APIRouter | None = None
+    loops: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)

@@ -1,0 +1,310 @@
+"""The published language: every event services exchange, as plain dataclasses.
+
+Money is an integer number of cents plus an ISO currency code, never a float. Events carry
+the state their consumers need, so no consumer calls a producer back (DESIGN.md §3).
+`SCHEMAS` is the registry the buses validate payloads against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from magasin.shared.messages import EventSchemas
+
+# -- value objects ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SaleLine:
+    """A line of a sale, priced from the catalog when the transaction was created."""
+
+    product_id: str
+    quantity: int
+    unit_price: int
+
+
+@dataclass(frozen=True, slots=True)
+class StockLine:
+    product_id: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class MissingLine:
+    product_id: str
+    requested: int
+    available: int
+
+
+# -- stores and catalog (store service) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRegistered:
+    store_id: str
+    name: str
+    district: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClosed:
+    """The store stops preparing orders; sales reaching fulfilment there are compensated."""
+
+    store_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReopened:
+    store_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProductAdded:
+    product_id: str
+    sku: str
+    name: str
+    unit_price: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProductPriceChanged:
+    product_id: str
+    unit_price: int
+    currency: str
+
+
+# -- transaction service ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionCreated:
+    transaction_id: str
+    store_id: str
+    customer_id: str
+    lines: tuple[SaleLine, ...]
+    total: int
+    currency: str
+    payment_method: str
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionCompleted:
+    transaction_id: str
+    store_id: str
+    customer_id: str
+    total: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionCancelled:
+    transaction_id: str
+    store_id: str
+    customer_id: str
+    reason: str
+
+
+# -- payment service ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentProcessed:
+    payment_id: str
+    transaction_id: str
+    amount: int
+    currency: str
+    bank_reference: str
+    store_id: str
+    lines: tuple[StockLine, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentFailed:
+    payment_id: str
+    transaction_id: str
+    amount: int
+    currency: str
+    reason: str
+    """`declined`, `limit_exceeded`, `bank_unavailable`, ..."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRefunded:
+    payment_id: str
+    transaction_id: str
+    amount: int
+    currency: str
+    reason: str
+    bank_reference: str
+
+
+# -- inventory service --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StockAdded:
+    store_id: str
+    product_id: str
+    quantity: int
+    reason: str = "restock"
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryReserved:
+    transaction_id: str
+    reservation_id: str
+    store_id: str
+    lines: tuple[StockLine, ...]
+    expires_at: str
+    """ISO-8601 UTC instant after which the reservation is released."""
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryUnavailable:
+    transaction_id: str
+    store_id: str
+    missing: tuple[MissingLine, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryReleased:
+    transaction_id: str
+    reservation_id: str
+    store_id: str
+    lines: tuple[StockLine, ...]
+    reason: str
+    """`transaction_cancelled`, `fulfillment_failed`, `expired`."""
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryCommitted:
+    """The reserved stock left the shelves for good: the transaction completed."""
+
+    transaction_id: str
+    reservation_id: str
+    store_id: str
+    lines: tuple[StockLine, ...]
+
+
+# -- order preparation (store service) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFulfilled:
+    order_id: str
+    transaction_id: str
+    store_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFulfillmentFailed:
+    transaction_id: str
+    store_id: str
+    reason: str
+    order_id: str = field(default="")
+
+
+# -- internal events: facts an aggregate keeps in its own stream ---------------------------
+# Published like every stored event (the event store and audit services see them), but no
+# other business service subscribes to them.
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecorded:
+    """The transaction learnt its payment was captured."""
+
+    transaction_id: str
+    payment_id: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecorded:
+    transaction_id: str
+    reservation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FulfilmentRecorded:
+    transaction_id: str
+    order_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationStarted:
+    """The saga failed at a step: compensation (refund, release) must finish before cancel."""
+
+    transaction_id: str
+    reason: str
+    needs_refund: bool
+    needs_release: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRecorded:
+    transaction_id: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRecorded:
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StockReserved:
+    store_id: str
+    product_id: str
+    quantity: int
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StockReleased:
+    store_id: str
+    product_id: str
+    quantity: int
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StockCommitted:
+    store_id: str
+    product_id: str
+    quantity: int
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationFulfilled:
+    """The order was prepared: the reservation no longer expires, it awaits commit."""
+
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationVoided:
+    """The transaction was cancelled before any reservation: a late payment reserves nothing."""
+
+    transaction_id: str
+    reason: str
+
+
+ALL_EVENTS: tuple[type, ...] = (
+    StoreRegistered, StoreClosed, StoreReopened, ProductAdded, ProductPriceChanged,
+    TransactionCreated, TransactionCompleted, TransactionCancelled,
+    PaymentProcessed, PaymentFailed, PaymentRefunded,
+    StockAdded, InventoryReserved, InventoryUnavailable, InventoryReleased, InventoryCommitted,
+    OrderFulfilled, OrderFulfillmentFailed,
+    PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
+    RefundRecorded, ReleaseRecorded,
+    StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,
+)
+
+SCHEMAS = EventSchemas()
+for _event_type in ALL_EVENTS:
+    SCHEMAS.register(_event_type.__name__, _event_type)

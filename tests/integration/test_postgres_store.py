@@ -1,0 +1,268 @@
+"""PostgreSQL-specific behaviour of the event store: gap-safe reading while transactions
+commit out of order, races on event ids, outbox claims by several relays, notifications
+between processes and error translation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from magasin.eventstore.postgres import PostgresEventStore
+from magasin.eventstore.store import ANY, Append
+from magasin.shared.errors import DuplicateEventError, Unavailable
+from magasin.shared.messages import NewEvent, RecordedEvent
+
+pytestmark = pytest.mark.postgres
+
+MakeStore = Callable[..., Awaitable[PostgresEventStore]]
+
+
+def ev(**payload: object) -> NewEvent:
+    return NewEvent(type="ItemAdded", payload=payload or {"n": 1})
+
+
+def ids(events: list[RecordedEvent]) -> list[str]:
+    return [e.event_id for e in events]
+
+
+@pytest.fixture
+async def make_store(pg_database: str, pg_schema: str) -> AsyncIterator[MakeStore]:
+    """Opens stores on one schema, as separate processes would; drops the schema after."""
+    made: list[PostgresEventStore] = []
+
+    async def make(outbox: bool = False, pool_max: int = 10) -> PostgresEventStore:
+        store = PostgresEventStore(
+            pg_database, schema=pg_schema, outbox=outbox, pool_max=pool_max
+        )
+        await store.open()
+        made.append(store)
+        return store
+
+    yield make
+    for store in reversed(made):
+        await store.close()
+    conn = await asyncpg.connect(pg_database)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store(make_store: MakeStore) -> PostgresEventStore:
+    return await make_store()
+
+
+@pytest.fixture
+async def connect(
+    pg_database: str, pg_schema: str
+) -> AsyncIterator[Callable[[], Awaitable[asyncpg.Connection]]]:
+    """Raw connections on the store's schema, to hold transactions open by hand."""
+    conns: list[asyncpg.Connection] = []
+
+    async def open_one() -> asyncpg.Connection:
+        conn = await asyncpg.connect(pg_database, server_settings={"search_path": pg_schema})
+        conns.append(conn)
+        return conn
+
+    yield open_one
+    for conn in conns:
+        await conn.close()
+
+
+async def read_until(store: PostgresEventStore, count: int) -> list[str]:
+    """Tail the log from the start until `count` events are read (fails after 5 s)."""
+    seen: list[RecordedEvent] = []
+    async with asyncio.timeout(5):
+        while len(seen) < count:
+            seen += await store.read_all(after=seen[-1].global_position if seen else 0)
+            await store.wait_for_events(seen[-1].global_position if seen else 0, 0.02)
+    return ids(seen)
+
+
+async def test_reader_never_skips_an_event_whose_transaction_commits_late(
+    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+) -> None:
+    slow = await connect()
+    tx = slow.transaction()
+    await tx.start()
+    late = await store._append(slow, Append("slow-1", (ev(),), ANY))
+    fast = [e for i in range(3) for e in await store.append(f"fast-{i}", [ev()])]
+    assert late[0].global_position < fast[0].global_position
+
+    for _ in range(5):  # enough reads to go through every stage of judging a hole
+        assert await store.read_all() == []
+        await asyncio.sleep(0.01)
+    await tx.commit()
+
+    assert ids(await store.read_all()) == ids(late) + ids(fast)
+
+
+async def test_reader_waits_for_a_writer_whose_id_is_newer_than_every_finished_one(
+    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+) -> None:
+    # The fast writer takes its transaction id first, the slow one after it: when the fast
+    # one commits, the slow one's id is newer than every finished transaction, so the
+    # snapshot's xmax says nothing about it.
+    fast_conn, slow_conn = await connect(), await connect()
+    fast_tx, slow_tx = fast_conn.transaction(), slow_conn.transaction()
+    await fast_tx.start()
+    await fast_conn.fetchval("SELECT pg_current_xact_id()")
+    await slow_tx.start()
+    late = await store._append(slow_conn, Append("slow-1", (ev(),), ANY))
+    fast = await store._append(fast_conn, Append("fast-1", (ev(),), ANY))
+    await fast_tx.commit()
+
+    for _ in range(5):
+        assert await store.read_all() == []
+        await asyncio.sleep(0.01)
+    await slow_tx.commit()
+
+    assert ids(await store.read_all()) == ids(late) + ids(fast)
+
+
+async def test_a_rolled_back_transaction_leaves_a_hole_the_reader_passes(
+    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+) -> None:
+    gone = await connect()
+    tx = gone.transaction()
+    await tx.start()
+    await store._append(gone, Append("gone-1", (ev(),), ANY))
+    await tx.rollback()
+    fast = [e for i in range(3) for e in await store.append(f"fast-{i}", [ev()])]
+
+    assert await store.read_all() == []  # the first sight of a hole never passes it
+    # Three reads suffice when nothing else runs on the server; allow for other sessions.
+    assert await read_until(store, len(fast)) == ids(fast)
+
+
+async def test_a_retry_racing_its_original_returns_the_stored_events(
+    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+) -> None:
+    event = ev()
+    original = await connect()
+    tx = original.transaction()
+    await tx.start()
+    first = await store._append(original, Append("cart-1", (event,), ANY))
+    retry = asyncio.create_task(store.append("cart-1", [event]))
+    await asyncio.sleep(0.2)
+    assert not retry.done()  # waits on the stream row the original holds
+    await tx.commit()
+
+    assert await retry == first
+    assert len(await store.read_stream("cart-1")) == 1
+
+
+async def test_an_event_id_committed_meanwhile_to_another_stream_is_a_duplicate(
+    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+) -> None:
+    event = ev()
+    other = await connect()
+    tx = other.transaction()
+    await tx.start()
+    await store._append(other, Append("cart-1", (event,), ANY))
+    clash = asyncio.create_task(store.append("cart-2", [event]))
+    await asyncio.sleep(0.2)
+    assert not clash.done()  # waits on the event id index entry
+    await tx.commit()
+
+    with pytest.raises(DuplicateEventError):
+        await clash
+    assert await store.stream_version("cart-2") == 0
+
+
+async def test_an_unreachable_server_raises_unavailable() -> None:
+    with pytest.raises(Unavailable):
+        await PostgresEventStore("postgresql://postgres@127.0.0.1:1/x").open()
+
+
+async def test_stores_opened_at_once_on_a_new_schema_all_work(make_store: MakeStore) -> None:
+    stores = await asyncio.gather(*(make_store() for _ in range(4)))
+    for i, store in enumerate(stores):
+        await store.append(f"cart-{i}", [ev()])
+    assert len(await stores[0].read_all()) == 4
+
+
+async def test_two_relays_claim_disjoint_outbox_batches(make_store: MakeStore) -> None:
+    relay_a = await make_store(outbox=True)
+    relay_b = await make_store(outbox=True)
+    sent = [e for i in range(10) for e in await relay_a.append(f"order-{i}", [ev(n=i)])]
+
+    async with relay_a.outbox_batch(4) as first, relay_b.outbox_batch(4) as second:
+        assert ids(first) == ids(sent[:4])
+        assert ids(second) == ids(sent[4:8])
+    async with relay_b.outbox_batch(10) as rest:
+        assert ids(rest) == ids(sent[8:])
+
+    more = [e for i in range(30) for e in await relay_a.append(f"order-{i}", [ev(n=i)])]
+    relayed: list[RecordedEvent] = []
+
+    async def relay(store: PostgresEventStore) -> None:
+        while True:
+            async with store.outbox_batch(3) as batch:
+                if not batch:
+                    return
+                relayed.extend(batch)
+                await asyncio.sleep(0.005)  # publishing while the claim is held
+
+    await asyncio.gather(relay(relay_a), relay(relay_b))
+    assert sorted(ids(relayed)) == sorted(ids(more)), "an event was relayed twice or never"
+
+
+async def test_wait_for_events_wakes_up_on_a_commit_in_another_process(
+    make_store: MakeStore,
+) -> None:
+    writer, reader = await make_store(), await make_store()
+    loop = asyncio.get_running_loop()
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await writer.append("cart-1", [ev()])
+
+    task = asyncio.create_task(later())
+    started = loop.time()
+    await reader.wait_for_events(after=0, timeout=10)
+    assert loop.time() - started < 5
+    await task
+
+
+async def test_a_reader_in_another_process_sees_8_writers_events_once_in_order(
+    make_store: MakeStore,
+) -> None:
+    writer_store = await make_store(pool_max=8)
+    reader_store = await make_store()
+    writers, total = 8, 300
+    expected: list[str] = []
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        for i in range(w, total, writers):
+            event = ev(w=w, i=i)
+            expected.append(event.event_id)
+            await writer_store.append(f"w{w}-{i % 5}", [event])
+
+    async def tail() -> list[RecordedEvent]:
+        seen: list[RecordedEvent] = []
+        after = 0
+        while True:
+            page = await reader_store.read_all(after=after, limit=20)
+            seen += page
+            if page:
+                after = page[-1].global_position
+            elif done.is_set() and after >= await reader_store.last_position():
+                return seen
+            else:
+                await reader_store.wait_for_events(after, timeout=1)
+
+    reader = asyncio.create_task(tail())
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    done.set()
+    seen = await asyncio.wait_for(reader, 60)
+
+    positions = [e.global_position for e in seen]
+    assert positions == sorted(positions)
+    assert len(set(positions)) == len(positions) == total, "an event was delivered twice"
+    assert set(ids(seen)) == set(expected), "an event was skipped"

@@ -1,0 +1,461 @@
+"""RabbitMQ-specific behaviour of RabbitMQBus that the shared bus contract cannot express."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Self
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from pydantic import BaseModel
+from yarl import URL
+
+from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.eventstore.store import UnitOfWork
+from magasin.messaging.bus import Handler, RetryPolicy
+from magasin.messaging.rabbitmq import RabbitMQBus
+from magasin.shared.clock import utcnow
+from magasin.shared.errors import Unavailable
+from magasin.shared.ids import new_id
+from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
+
+pytestmark = pytest.mark.rabbitmq
+
+FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.05, jitter=0.0)
+WAIT = 20.0
+
+
+class ItemAdded(BaseModel):
+    sku: str
+    qty: int
+
+
+class CartClosed(BaseModel):
+    reason: str
+
+
+SCHEMAS = EventSchemas()
+SCHEMAS.register("ItemAdded", ItemAdded)
+SCHEMAS.register("CartClosed", CartClosed)
+
+_positions = itertools.count(1)
+
+
+def item_added(sku: str = "A", *, traceparent: str | None = None) -> RecordedEvent:
+    """An event as a producer's store recorded it (the consumer side never reads it back)."""
+    position = next(_positions)
+    return RecordedEvent(
+        event_id=new_id(), type="ItemAdded", schema_version=1, stream_id=f"cart-{position}",
+        stream_version=1, global_position=position, occurred_at=utcnow(),
+        correlation_id="tx-1", causation_id=None, traceparent=traceparent,
+        metadata={}, payload={"sku": sku, "qty": 1},
+    )
+
+
+class Recorder:
+    """A handler that records what it got, fails its first `fail_times` tries of each
+    event, and otherwise writes one document per event as its effect."""
+
+    def __init__(self, fail_times: int = 0) -> None:
+        self.calls: list[RecordedEvent] = []
+        self.fail_times = fail_times
+        self.changed = asyncio.Event()
+
+    async def __call__(self, event: RecordedEvent, uow: UnitOfWork) -> None:
+        self.calls.append(event)
+        self.changed.set()
+        if sum(c.event_id == event.event_id for c in self.calls) <= self.fail_times:
+            raise RuntimeError(f"boom on {event.payload['sku']}")
+        uow.put_document("effects", event.event_id, {"sku": event.payload["sku"]})
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]]) -> Any:
+    """Poll a condition that nothing signals (a store read), within a bound."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if result := await check():
+                return result
+            await asyncio.sleep(0.02)
+
+
+class Tap:
+    """A throwaway queue bound to an exchange, to see exactly what the broker routes there."""
+
+    def __init__(self, url: str, exchange: str, routing_key: str) -> None:
+        self.url, self.exchange, self.routing_key = url, exchange, routing_key
+        self.messages: list[AbstractIncomingMessage] = []
+        self._changed = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+
+    async def __aenter__(self) -> Self:
+        self._connection = await aio_pika.connect_robust(self.url)
+        channel = await self._connection.channel()
+        queue = await channel.declare_queue(exclusive=True)  # gone with the connection
+        await queue.bind(self.exchange, self.routing_key)
+        await queue.consume(self._got, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _got(self, message: AbstractIncomingMessage) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    async def take(self, n: int) -> list[AbstractIncomingMessage]:
+        async with asyncio.timeout(WAIT):
+            while len(self.messages) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.messages[:n]
+
+
+class TcpProxy:
+    """A TCP relay to the broker that a test can cut, to play a network failure."""
+
+    def __init__(self, target: URL) -> None:
+        self.target_host = target.host or "127.0.0.1"
+        self.target_port = target.port or 5672
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def url(self, amqp_url: str) -> str:
+        # A short reconnect interval so the bus comes back quickly once the relay is up.
+        return str(URL(amqp_url).with_port(self.port).update_query(reconnect_interval="0.1"))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Refuse new connections and drop the open ones: the broker is 'down'."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self.cut()
+
+    def cut(self) -> None:
+        """Drop the open connections only: a network blip."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _pipe(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            broker_r, broker_w = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self._writers |= {client_w, broker_w}
+        await asyncio.gather(_forward(client_r, broker_w), _forward(broker_r, client_w))
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass  # the other side was cut: that is the point
+    finally:
+        writer.transport.abort()
+
+
+MakeBus = Callable[..., Awaitable[RabbitMQBus]]
+
+
+@pytest.fixture
+async def consumer_store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    store = SqliteEventStore(tmp_path / "consumer.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def make_bus(
+    amqp_url: str, amqp_namespace: str, consumer_store: SqliteEventStore
+) -> AsyncIterator[MakeBus]:
+    """Started buses over the consumer store, stopped and their topology deleted afterwards."""
+    made: list[RabbitMQBus] = []
+
+    async def make(
+        subscriptions: dict[str, dict[str, Handler]],
+        *,
+        retry: RetryPolicy = FAST_RETRY,
+        url: str = amqp_url,
+        **options: Any,
+    ) -> RabbitMQBus:
+        bus = RabbitMQBus(
+            url, store=consumer_store, schemas=SCHEMAS, namespace=amqp_namespace,
+            retry=retry, **options,
+        )
+        for consumer, handlers in subscriptions.items():
+            bus.subscribe(consumer, handlers)
+        made.append(bus)
+        await bus.start()
+        return bus
+
+    yield make
+    for bus in made:
+        await bus.stop(grace=0.5)
+    for bus in made:
+        # Through the real broker: a test may have left a proxy down.
+        bus.url = amqp_url
+        await bus.delete_topology()
+
+
+async def test_bad_json_is_dead_lettered_at_once_and_the_consumer_goes_on(
+    make_bus: MakeBus,
+) -> None:
+    got = Recorder()
+    bus = await make_bus({"carts": {"ItemAdded": got}})
+    good = item_added("good")
+
+    await bus.publish_raw("cart.ItemAdded", b'{"event_id": oops')
+    await bus.publish([good])
+
+    (letter,) = await eventually(lambda: bus.dead_letters("carts"))
+    await got.wait_for(lambda: len(got.calls) == 1)
+    assert got.calls == [good]
+    assert "JSON" in letter.reason
+    assert letter.attempts == 1
+    assert letter.event is None
+    assert letter.body == '{"event_id": oops'
+    assert letter.routing_key == "cart.ItemAdded"
+
+
+async def test_an_event_type_the_consumer_does_not_handle_is_dead_lettered_at_once(
+    make_bus: MakeBus,
+) -> None:
+    got = Recorder()
+    bus = await make_bus({"carts": {"ItemAdded": got}})
+    # Routed as ItemAdded, but the envelopes say otherwise: one type is known to the schema
+    # registry but not handled here, the other is known to nobody.
+    for kind in ("CartClosed", "Mystery"):
+        envelope = item_added()
+        body = envelope.to_json().replace(b'"type":"ItemAdded"', f'"type":"{kind}"'.encode())
+        await bus.publish_raw("cart.ItemAdded", body)
+    await bus.publish([item_added("marker")])
+
+    letters = await eventually(lambda: _at_least(bus.dead_letters("carts"), 2))
+    await got.wait_for(lambda: len(got.calls) == 1)
+    assert [c.payload["sku"] for c in got.calls] == ["marker"]
+    assert sorted(letter.event.type for letter in letters if letter.event) == [
+        "CartClosed", "Mystery",
+    ]
+    for letter in letters:
+        assert "unknown event type" in letter.reason
+        assert letter.attempts == 1
+
+
+async def _at_least(letters: Awaitable[list[Any]], n: int) -> list[Any] | None:
+    found = await letters
+    return found if len(found) >= n else None
+
+
+async def test_a_retry_waits_in_its_own_queue_while_later_messages_go_first(
+    make_bus: MakeBus,
+) -> None:
+    loop = asyncio.get_running_loop()
+    tries: dict[str, list[float]] = {}
+    changed = asyncio.Event()
+
+    async def fails_twice_on_a(event: RecordedEvent, uow: UnitOfWork) -> None:
+        sku = event.payload["sku"]
+        tries.setdefault(sku, []).append(loop.time())
+        changed.set()
+        if sku == "A" and len(tries["A"]) < 3:
+            raise RuntimeError("transient")
+        uow.put_document("effects", event.event_id, {})
+
+    order: list[str] = []
+
+    async def handler(event: RecordedEvent, uow: UnitOfWork) -> None:
+        order.append(event.payload["sku"])
+        await fails_twice_on_a(event, uow)
+
+    # One message at a time: a retry that sat in the work queue would hold up B..E.
+    retry = RetryPolicy(attempts=3, initial_delay=0.5, multiplier=1.0, jitter=0.0)
+    bus = await make_bus({"carts": {"ItemAdded": handler}}, retry=retry, prefetch=1)
+    await bus.publish([item_added("A")])
+    await bus.publish([item_added(sku) for sku in "BCDE"])
+
+    async with asyncio.timeout(WAIT):
+        while len(tries.get("A", [])) < 3:
+            changed.clear()
+            await changed.wait()
+    assert order[0] == "A"
+    assert sorted(order[1:5]) == ["B", "C", "D", "E"], f"B..E waited behind A: {order}"
+    assert order[5:] == ["A", "A"]
+    first, second, third = tries["A"]
+    assert second - first >= 0.45
+    assert third - second >= 0.45
+    assert (await bus.dead_letters("carts")) == []
+
+
+async def test_a_dead_lettered_message_carries_why_who_how_often_and_where_from(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    broken = Recorder(fail_times=99)
+    bus = await make_bus({"broken": {"ItemAdded": broken}})
+    event = item_added("X", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+
+    async with Tap(amqp_url, f"{amqp_namespace}.dlx", "broken") as dlx:
+        await bus.publish([event])
+        (message,) = await dlx.take(1)
+
+    assert message.headers["x-magasin-consumer"] == "broken"
+    assert message.headers["x-magasin-attempts"] == 3
+    assert message.headers["x-magasin-original-routing-key"] == "cart.ItemAdded"
+    reason = message.headers["x-magasin-reason"]
+    assert isinstance(reason, str)
+    assert "RuntimeError: boom on X" in reason
+    assert message.headers["traceparent"] == event.traceparent
+    assert message.body == event.to_json()
+    assert message.message_id == event.event_id
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert len(broken.calls) == 3
+
+    (letter,) = await eventually(lambda: bus.dead_letters("broken"))
+    assert letter.id == f"broken:{event.event_id}"
+    assert (letter.consumer, letter.attempts, letter.routing_key) == (
+        "broken", 3, "cart.ItemAdded",
+    )
+    assert letter.reason == reason
+    assert letter.event == event
+
+
+async def test_competing_consumers_share_the_queue_with_one_effect_per_event(
+    make_bus: MakeBus, consumer_store: SqliteEventStore, amqp_url: str, amqp_namespace: str
+) -> None:
+    seen: list[list[str]] = [[], []]
+
+    def counting(who: int) -> Handler:
+        async def count(event: RecordedEvent, uow: UnitOfWork) -> None:
+            seen[who].append(event.event_id)
+            # Appending (not upserting) makes a second effect visible as a second event.
+            uow.append("tally-all", [NewEvent("Counted", {"event_id": event.event_id})])
+
+        return count
+
+    first = await make_bus({"carts": {"ItemAdded": counting(0)}}, prefetch=8)
+    second = await make_bus({"carts": {"ItemAdded": counting(1)}}, prefetch=8)
+    events = [item_added(f"sku-{i}") for i in range(200)]
+    # Every event goes on the wire twice, as after a relay crash.
+    await first.publish(events)
+    await second.publish(events)
+
+    await eventually(lambda: _stream_has(consumer_store, "tally-all", 200))
+    await eventually(lambda: _ready(amqp_url, f"{amqp_namespace}.carts", 0))
+    await first.stop(grace=5.0)
+    await second.stop(grace=5.0)
+
+    assert await _ready(amqp_url, f"{amqp_namespace}.carts", 0), "messages were left over"
+    tally = await consumer_store.read_stream("tally-all")
+    assert sorted(e.payload["event_id"] for e in tally) == sorted(e.event_id for e in events)
+    assert seen[0], "the first consumer got nothing"
+    assert seen[1], "the second consumer got nothing"
+
+
+async def _stream_has(store: SqliteEventStore, stream: str, n: int) -> bool:
+    return await store.stream_version(stream) >= n
+
+
+async def _ready(url: str, queue: str, n: int) -> bool:
+    """Whether `queue` holds exactly `n` messages ready for delivery."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count == n
+
+
+async def test_delete_topology_removes_every_exchange_and_queue(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    bus = await make_bus({"carts": {"ItemAdded": Recorder()}})
+    ns = amqp_namespace
+    queues = [f"{ns}.carts", f"{ns}.carts.retry.1", f"{ns}.carts.retry.2", f"{ns}.carts.dlq"]
+    exchanges = [f"{ns}.events", f"{ns}.dlx"]
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        for name in queues:
+            await channel.declare_queue(name, passive=True)
+        for name in exchanges:
+            await channel.declare_exchange(name, passive=True)
+        # Expired retries go back to the work queue: re-declaring with other arguments fails.
+        retry_args: dict[str, Any] = {
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{ns}.carts",
+        }
+        await channel.declare_queue(f"{ns}.carts.retry.1", durable=True, arguments=retry_args)
+        with pytest.raises(ChannelPreconditionFailed):
+            await channel.declare_queue(f"{ns}.carts.retry.1", durable=True)
+
+    await bus.stop()
+    await bus.delete_topology()
+
+    async with await aio_pika.connect(amqp_url) as connection:
+        for name in queues:
+            with pytest.raises(ChannelNotFoundEntity):
+                await (await connection.channel()).declare_queue(name, passive=True)
+        for name in exchanges:
+            with pytest.raises(ChannelNotFoundEntity):
+                await (await connection.channel()).declare_exchange(name, passive=True)
+
+
+async def test_start_raises_unavailable_when_the_broker_cannot_be_reached(
+    consumer_store: SqliteEventStore,
+) -> None:
+    bus = RabbitMQBus(
+        "amqp://guest:guest@127.0.0.1:1/", store=consumer_store, schemas=SCHEMAS, timeout=2.0
+    )
+    bus.subscribe("carts", {"ItemAdded": Recorder()})
+    with pytest.raises(Unavailable):
+        await bus.start()
+    with pytest.raises(Unavailable):
+        await bus.publish([item_added()])
+
+
+async def test_the_bus_reconnects_by_itself_after_losing_the_broker(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    proxy = TcpProxy(URL(amqp_url))
+    await proxy.start()
+    got = Recorder()
+    try:
+        bus = await make_bus({"carts": {"ItemAdded": got}}, url=proxy.url(amqp_url), timeout=1.0)
+        await bus.publish([item_added("before")])
+        await got.wait_for(lambda: len(got.calls) == 1)
+
+        await proxy.stop()
+        with pytest.raises(Unavailable):
+            await bus.publish([item_added("while down")])
+        await proxy.start()
+
+        after = item_added("after")
+        await eventually(lambda: _published(bus, after))
+        await got.wait_for(lambda: any(c.event_id == after.event_id for c in got.calls))
+    finally:
+        await proxy.stop()
+
+
+async def _published(bus: RabbitMQBus, event: RecordedEvent) -> bool:
+    try:
+        await bus.publish([event])
+    except Unavailable:
+        return False
+    return True
