@@ -30,9 +30,9 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from magasin.eventstore.sqlite import SqliteEventStore  # noqa: E402
-from magasin.eventstore.store import EventStore  # noqa: E402
-from magasin.shared.messages import NewEvent  # noqa: E402
+from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.eventstore.store import EventStore
+from magasin.shared.messages import NewEvent
 
 PAYLOAD = {"transaction_id": "3f1c0a52-1e0b-4c1e-9a53-0f1b1d6a9a11", "amount": 12999,
            "currency": "CAD", "lines": [{"product_id": "p-42", "quantity": 2}]}
@@ -123,9 +123,11 @@ def raw_sqlite(path: Path, seconds: float, writers: int) -> float:
         while time.perf_counter() < deadline:
             i = counts[w]
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(RAW_INSERT, (str(uuid.uuid4()), f"raw-{tag}-{w}", i + 1, "PaymentProcessed",
-                                      1, time.time_ns() // 1000, "bench",
-                                      orjson.dumps(META).decode(), orjson.dumps(PAYLOAD).decode()))
+            conn.execute(RAW_INSERT, (
+                str(uuid.uuid4()), f"raw-{tag}-{w}", i + 1, "PaymentProcessed", 1,
+                time.time_ns() // 1000, "bench",
+                orjson.dumps(META).decode(), orjson.dumps(PAYLOAD).decode(),
+            ))
             conn.execute("COMMIT")
             counts[w] += 1
         conn.close()

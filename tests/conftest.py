@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,6 +20,14 @@ PG_ADMIN_URL = os.environ.get(
 AMQP_URL = os.environ.get("MAGASIN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RUN_ID = uuid.uuid4().hex[:10]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even when an event loop is running in
+    this thread (async fixtures request the session fixtures below lazily)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def server_missing(what: str, exc: BaseException) -> None:
@@ -42,12 +52,12 @@ def pg_database() -> Iterator[str]:
     """A PostgreSQL database for this test run; yields its URL."""
     name = f"magasin_test_{RUN_ID}"
     try:
-        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncio.TimeoutError) as exc:
+        run_sync(_pg_admin(f'CREATE DATABASE "{name}"'))
+    except (TimeoutError, OSError) as exc:
         server_missing("PostgreSQL", exc)
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_sync(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
@@ -71,7 +81,7 @@ def amqp_url() -> str:
         await conn.close()
 
     try:
-        asyncio.run(probe())
+        run_sync(probe())
     except Exception as exc:
         server_missing("RabbitMQ", exc)
     return AMQP_URL

@@ -1,11 +1,28 @@
-"""Composition root: the only place that picks adapters for a runtime mode."""
+"""Composition root: the only place that picks adapters for a runtime mode and wires them."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magasin.config import Settings
 from magasin.eventstore.sqlite import SqliteEventStore, Synchronous
 from magasin.eventstore.store import EventStore
-from magasin.messaging.bus import RetryPolicy
+from magasin.messaging.bus import EventBus, RetryPolicy
+from magasin.messaging.inprocess import InProcessBus
+from magasin.service import Service, ServiceContext
+from magasin.shared.events import SCHEMAS
+
+if TYPE_CHECKING:
+    from magasin.messaging.outbox import OutboxRelay
+
+log = logging.getLogger("magasin.bootstrap")
+
+SERVICES = ("transaction", "payment", "inventory", "store")
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -22,10 +39,117 @@ def embedded_store(settings: Settings) -> EventStore:
     return SqliteEventStore(settings.sqlite_path, synchronous=sync)
 
 
-def distributed_store(settings: Settings) -> EventStore:
-    """Distributed mode: PostgreSQL with an outbox that a relay publishes to RabbitMQ."""
+def distributed_store(settings: Settings, service: str | None = None) -> EventStore:
+    """Distributed mode: PostgreSQL, one schema per service (each owns its tables), with an
+    outbox that the service's relay publishes to RabbitMQ."""
     from magasin.eventstore.postgres import PostgresEventStore
 
-    return PostgresEventStore(
-        settings.database_url, schema=settings.database_schema, outbox=True
-    )
+    schema = settings.database_schema or (f"magasin_{service}" if service else "public")
+    return PostgresEventStore(settings.database_url, schema=schema, outbox=True)
+
+
+def build_service(name: str, ctx: ServiceContext) -> Service:
+    builders: dict[str, Callable[[ServiceContext], Service]] = {}
+    if name == "transaction":
+        from magasin.transactions.service import build as build_transaction
+
+        builders[name] = build_transaction
+    elif name == "payment":
+        from magasin.payments.service import build as build_payment
+
+        builders[name] = build_payment
+    elif name == "inventory":
+        from magasin.inventory.service import build as build_inventory
+
+        builders[name] = build_inventory
+    elif name == "store":
+        from magasin.stores.service import build as build_store
+
+        builders[name] = build_store
+    else:
+        raise ValueError(f"unknown service {name!r}; choose among {', '.join(SERVICES)}")
+    return builders[name](ctx)
+
+
+class Runtime:
+    """The store, bus, relay and services of one process, started and stopped together."""
+
+    def __init__(
+        self,
+        mode: str,
+        settings: Settings,
+        store: EventStore,
+        bus: EventBus,
+        services: list[Service],
+        relay: OutboxRelay | None = None,
+    ) -> None:
+        self.mode = mode
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.services = services
+        self.relay = relay
+        self._loops: list[asyncio.Task[None]] = []
+        for service in services:
+            for consumer, handlers in service.consumers.items():
+                bus.subscribe(consumer, handlers)
+
+    @classmethod
+    def embedded(cls, settings: Settings, services: tuple[str, ...] = SERVICES) -> Runtime:
+        store = embedded_store(settings)
+        bus = InProcessBus(store, SCHEMAS, retry=retry_policy(settings), poll_interval=0.5)
+        ctx = ServiceContext(store, settings)
+        return cls("embedded", settings, store, bus, [build_service(n, ctx) for n in services])
+
+    @classmethod
+    def distributed(cls, settings: Settings, service: str) -> Runtime:
+        from magasin.messaging.outbox import OutboxRelay
+        from magasin.messaging.rabbitmq import RabbitMQBus
+
+        store = distributed_store(settings, service)
+        bus = RabbitMQBus(
+            settings.amqp_url, store=store, schemas=SCHEMAS,
+            namespace=settings.amqp_namespace, retry=retry_policy(settings),
+        )
+        relay = OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+        ctx = ServiceContext(store, settings)
+        return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.bus.start()
+        if self.relay is not None:
+            await self.relay.start()
+        for service in self.services:
+            for loop in service.loops:
+                self._loops.append(asyncio.create_task(loop(), name=f"{service.name}-loop"))
+        log.info("magasin %s runtime started: %s", self.mode,
+                 ", ".join(s.name for s in self.services))
+
+    async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.bus.stop()
+        for service in self.services:
+            for close in service.on_stop:
+                await close()
+        await self.store.close()
+
+
+def api_keys(settings: Settings, mode: str) -> frozenset[str]:
+    """Configured keys; in embedded mode without any, one generated and kept in data_dir."""
+    keys = frozenset(k.strip() for k in settings.api_keys.split(",") if k.strip())
+    if keys:
+        return keys
+    if mode != "embedded":
+        raise SystemExit("MAGASIN_API_KEYS must name at least one API key in distributed mode")
+    path = Path(settings.data_dir) / "api-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o600)
+    return frozenset({path.read_text().strip()})

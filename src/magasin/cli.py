@@ -1,9 +1,13 @@
-"""The `magasin` command line: run the embedded runtime, inspect and write the event log."""
+"""The `magasin` command line: run embedded or one distributed service, drive a demo,
+inspect and write the event log."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import typer
@@ -11,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from magasin import __version__
-from magasin.bootstrap import distributed_store, embedded_store
+from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, embedded_store
 from magasin.config import Settings
+from magasin.demo import drive, seed_if_empty
 from magasin.eventstore.store import ANY, EventStore
 from magasin.shared.errors import MagasinError
 from magasin.shared.messages import NewEvent, RecordedEvent
@@ -61,19 +66,100 @@ def version() -> None:
 
 @app.command()
 def up(
-    follow: Annotated[bool, typer.Option(help="Keep printing new events.")] = True,
+    host: Annotated[str | None, typer.Option(help="Listen address (MAGASIN_HTTP_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (MAGASIN_HTTP_PORT).")] = None,
+    demo_data: Annotated[
+        bool, typer.Option(help="Seed demo stores, catalog and stock on first start.")
+    ] = True,
 ) -> None:
-    """Run embedded mode: open the SQLite event store and show its log as it grows."""
+    """Run embedded mode: every service in one process, SQLite and the in-process bus."""
+    settings = _with_http(Settings(), host, port)
+    runtime = Runtime.embedded(settings)
+    keys = api_keys(settings, runtime.mode)
+
+    async def ready() -> None:
+        if demo_data and await seed_if_empty(runtime.store, settings.currency):
+            console.print("seeded demo stores, catalog and stock")
+        console.print(
+            f"[bold]magasin {__version__}[/bold] embedded: "
+            f"[cyan]http://{settings.http_host}:{settings.http_port}[/cyan] "
+            f"(API docs at /docs), data in {settings.sqlite_path.resolve()}\n"
+            f"API key: [bold]{sorted(keys)[0]}[/bold]  (header X-API-Key)"
+        )
+
+    _serve(runtime, keys, settings, ready)
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    host: Annotated[str | None, typer.Option(help="Listen address (MAGASIN_HTTP_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (MAGASIN_HTTP_PORT).")] = None,
+) -> None:
+    """Run one service in distributed mode (PostgreSQL + RabbitMQ)."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}; choose among {SERVICES}")
+    settings = _with_http(Settings(), host, port)
+    runtime = Runtime.distributed(settings, service)
+    keys = api_keys(settings, runtime.mode)
+
+    async def ready() -> None:
+        console.print(f"magasin {service} service on http://{settings.http_host}:"
+                      f"{settings.http_port}")
+
+    _serve(runtime, keys, settings, ready)
+
+
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(help="Base URL of a running magasin.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None, typer.Option(help="API key; default: the embedded one in MAGASIN_DATA_DIR.")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="How many sales to send.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, help="Sales in flight at once.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the random sales.")] = 1,
+) -> None:
+    """Drive realistic sales against a running magasin and show sagas end live."""
+    key = api_key or sorted(api_keys(Settings(), "embedded"))[0]
+    started = time.perf_counter()
+    stats = asyncio.run(drive(url, key, count, concurrency, seed, console))
+    elapsed = time.perf_counter() - started
+    console.print(f"{sum(stats.outcomes.values())} sagas ended in {elapsed:.1f} s "
+                  f"({sum(stats.outcomes.values()) / elapsed:.0f}/s)")
+
+
+def _with_http(settings: Settings, host: str | None, port: int | None) -> Settings:
+    update: dict[str, object] = {}
+    if host is not None:
+        update["http_host"] = host
+    if port is not None:
+        update["http_port"] = port
+    return settings.model_copy(update=update)
+
+
+def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
+           ready: Callable[[], Awaitable[None]]) -> None:
+    import uvicorn
+
+    from magasin.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(runtime, keys)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.http_host, port=settings.http_port, log_level="warning",
+        access_log=False,
+    ))
 
     async def main() -> None:
-        settings = Settings()
-        async with embedded_store(settings) as store:
-            console.print(
-                f"[bold]magasin {__version__}[/bold] embedded mode, event store "
-                f"[cyan]{settings.sqlite_path.resolve()}[/cyan] "
-                f"({await store.last_position()} events). Ctrl-C stops."
-            )
-            await _tail(store, after=0, follow=follow)
+        serving = asyncio.create_task(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            await ready()
+        await serving
 
     _run(main())
 

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
         "postgresql://postgres@127.0.0.1:5432/magasin",
         description="PostgreSQL of distributed mode.",
     )
-    database_schema: str = Field("public", description="PostgreSQL schema of the tables.")
+    database_schema: str = Field(
+        "", description="PostgreSQL schema of the tables; empty = `magasin_<service>`."
+    )
     amqp_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ of distributed mode."
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from magasin.config import Settings
 from magasin.eventstore.store import EventStore
@@ -28,10 +28,12 @@ class Service:
 
     `consumers` maps a consumer name (unique across services, e.g. `payment`) to its
     explicit registry `{event type: handler}`; `loops` are background coroutines (an expiry
-    sweeper, say) started with the service and cancelled when it stops.
+    sweeper, say) started with the service and cancelled when it stops; `on_stop` closes
+    what the service opened (an HTTP client, say).
     """
 
     name: str
     consumers: Mapping[str, Mapping[str, Handler]]
     router: APIRouter | None = None
-    loops: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    loops: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from importlib.resources import files
+from itertools import accumulate
 from typing import Any, Final
 
 import asyncpg
@@ -45,6 +46,7 @@ from magasin.eventstore.store import (
 from magasin.shared.errors import (
     AlreadyProcessed,
     ConcurrencyError,
+    Conflict,
     DuplicateEventError,
     NotFound,
     StorageError,
@@ -71,12 +73,17 @@ _READ_ALL: Final = (
     "WHERE global_position > $1 ORDER BY global_position LIMIT $2"
 )
 _APPEND: Final = (
-    "SELECT o_outcome, o_version, o_positions "
-    "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    "SELECT o_outcomes, o_versions, o_positions "
+    "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _APPENDED, _IDS_STORED, _VERSION_MISMATCH = 0, 1, 2
 _EVENT_ID_KEY: Final = "events_event_id_key"
-_APPEND_ATTEMPTS: Final = 3
+_ATTEMPTS: Final = 3
+# Group commit: single-append units queued while a group is being committed go together in
+# the next statement. Two committers let the database work on one group while the next
+# one forms; more would only split the groups.
+_COMMITTERS: Final = 2
+_GROUP_MAX: Final = 256
 _CLAIM_OUTBOX: Final = (
     f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
     "FROM outbox o JOIN events e ON e.global_position = o.global_position "
@@ -111,8 +118,30 @@ def _translated() -> Iterator[None]:
         raise StorageError(f"postgres: {exc}") from exc
 
 
-class _EventIdRace(Exception):
-    """Another transaction committed one of the event ids while this one was inserting it."""
+class _Retry(Exception):
+    """The database aborted a transaction over a race that running it again resolves."""
+
+
+@contextmanager
+def _races_retried() -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        # Another transaction committed one of the event ids while this one inserted it:
+        # run again, the append then finds the id stored.
+        if exc.constraint_name != _EVENT_ID_KEY:
+            raise
+        raise _Retry from exc
+    except asyncpg.exceptions.DeadlockDetectedError as exc:
+        raise _Retry from exc
+
+
+Outcome = list[RecordedEvent] | Conflict
+"""What committing one unit came to: its recorded events, or why it was refused."""
+
+
+def _repeats_an_id(op: Append) -> bool:
+    return len({e.event_id for e in op.events}) < len(op.events)
 
 
 def _encode_json(value: Any) -> str:
@@ -123,6 +152,37 @@ async def _init_connection(conn: Any) -> None:
     await conn.set_type_codec(
         "jsonb", encoder=_encode_json, decoder=orjson.loads, schema="pg_catalog"
     )
+
+
+async def _keep_session(conn: Any) -> None:
+    """Pool reset hook: the store never changes session state (no SET, LISTEN, session
+    locks or cursors), so skip the reset query, a round trip on every release."""
+
+
+def _recorded(
+    op: Append, version: int, positions: Sequence[int], metadata: list[str], payloads: list[str]
+) -> list[RecordedEvent]:
+    """The envelopes of a unit just appended; the stream is at `version` after it."""
+    first = version - len(op.events)
+    return [
+        RecordedEvent(
+            event_id=event.event_id,
+            type=event.type,
+            schema_version=event.schema_version,
+            stream_id=op.stream_id,
+            stream_version=first + i,
+            global_position=position,
+            occurred_at=event.occurred_at,
+            correlation_id=event.correlation_id,
+            causation_id=event.causation_id,
+            traceparent=event.traceparent,
+            metadata=orjson.loads(meta),
+            payload=orjson.loads(payload),
+        )
+        for i, (event, position, meta, payload) in enumerate(
+            zip(op.events, positions, metadata, payloads, strict=True), start=1
+        )
+    ]
 
 
 def _quote_ident(name: str) -> str:
@@ -152,6 +212,9 @@ class PostgresEventStore(EventStore):
         self._listener: Any = None
         self._notifier: asyncio.Task[None] | None = None
         self._notify_pending = asyncio.Event()
+        self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
+        self._queued = asyncio.Event()
+        self._committers: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._head = 0
         # First missing position of a hole -> None when seen once, then the transaction id
@@ -170,6 +233,7 @@ class PostgresEventStore(EventStore):
                 max_size=self._pool_max,
                 server_settings={"search_path": _quote_ident(self.schema)},
                 init=_init_connection,
+                reset=_keep_session,
                 timeout=_CONNECT_TIMEOUT,
             )
         try:
@@ -201,6 +265,10 @@ class PostgresEventStore(EventStore):
             raise
         self._pool, self._listener, self._head = pool, listener, int(head)
         self._notifier = asyncio.create_task(self._notify_loop(), name="postgres-notifier")
+        self._committers = [
+            asyncio.create_task(self._commit_groups(), name=f"postgres-committer-{i}")
+            for i in range(_COMMITTERS)
+        ]
 
     async def close(self) -> None:
         if self._pool is None:
@@ -208,10 +276,15 @@ class PostgresEventStore(EventStore):
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
         self._advance(self._head)
-        if notifier is not None:
-            notifier.cancel()
-            with suppress(asyncio.CancelledError):
-                await notifier
+        tasks = [*self._committers, *([notifier] if notifier else [])]
+        self._committers = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(StorageError("the PostgreSQL event store was closed"))
+        self._queue.clear()
         try:
             with suppress(*_DRIVER_ERRORS):
                 await listener.close(timeout=_CONNECT_TIMEOUT)
@@ -245,23 +318,80 @@ class PostgresEventStore(EventStore):
     # -- writes -------------------------------------------------------------------------
 
     async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
-        for _ in range(_APPEND_ATTEMPTS):
+        op = operations[0] if len(operations) == 1 else None
+        if isinstance(op, Append) and not _repeats_an_id(op):
+            recorded = await self._grouped(op)
+        else:
+            recorded = await self._commit_alone(operations)
+        if recorded:
+            self._committed(max(e.global_position for e in recorded))
+        return recorded
+
+    async def _grouped(self, op: Append) -> list[RecordedEvent]:
+        self._live_pool()  # refuse now rather than queue for a closed store
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        self._queued.set()
+        return await future
+
+    async def _commit_groups(self) -> None:
+        while True:
+            while not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+            group = self._queue[:_GROUP_MAX]
+            del self._queue[:_GROUP_MAX]
+            # Groups lock streams in one order, so that two of them cannot deadlock.
+            group.sort(key=lambda unit: unit[0].stream_id)
+            outcomes: Sequence[Outcome | Exception]
             try:
-                async with self._connection() as conn:
-                    if len(operations) == 1 and isinstance(operations[0], Append):
-                        # One statement is its own transaction: a single round trip.
-                        recorded = await self._append(conn, operations[0])
-                    else:
-                        async with conn.transaction():
-                            recorded = await self._apply(conn, operations)
-            except _EventIdRace:
-                # Everything was rolled back and the other transaction has committed: run
-                # the unit again, and its append now finds the ids stored.
-                continue
-            if recorded:
-                self._committed(max(e.global_position for e in recorded))
-            return recorded
-        raise DuplicateEventError("event ids kept colliding with concurrent appends")
+                outcomes = await self._commit_group([op for op, _ in group])
+            except Exception as exc:
+                outcomes = [exc] * len(group)
+            except BaseException:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(StorageError("the PostgreSQL event store was closed"))
+                raise
+            for (_, future), outcome in zip(group, outcomes, strict=True):
+                if future.done():
+                    continue  # its writer was cancelled
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _commit_group(self, ops: list[Append]) -> list[Outcome]:
+        try:
+            async with self._connection() as conn:
+                with _races_retried():
+                    # One statement is its own transaction: a single round trip.
+                    return await self._append_units(conn, ops)
+        except _Retry:
+            pass
+        # The whole group was rolled back: commit its units one by one.
+        outcomes: list[Outcome] = []
+        for op in ops:
+            try:
+                outcomes.append(await self._commit_alone([op]))
+            except Conflict as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _commit_alone(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
+        """Commit one unit of work in a transaction of its own, again after a race."""
+        for _ in range(_ATTEMPTS):
+            try:
+                return await self._commit_once(operations)
+            except _Retry as exc:
+                race = exc
+        raise StorageError("the unit of work kept racing concurrent transactions") from race
+
+    async def _commit_once(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
+        async with self._connection() as conn:
+            with _races_retried():
+                async with conn.transaction():
+                    return await self._apply(conn, operations)
 
     async def _apply(self, conn: Any, operations: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
@@ -301,60 +431,63 @@ class PostgresEventStore(EventStore):
         return recorded
 
     async def _append(self, conn: Any, op: Append) -> list[RecordedEvent]:
-        """Append on `conn`, in whatever transaction it is in (see magasin_append)."""
-        events = op.events
-        ids = [e.event_id for e in events]
-        if len(set(ids)) < len(ids):
-            return await self._stored(conn, op, ids)
+        """Append one unit on `conn`, in whatever transaction it is in."""
+        if _repeats_an_id(op):
+            return await self._stored(conn, op)
+        (outcome,) = await self._append_units(conn, [op])
+        if isinstance(outcome, Conflict):
+            raise outcome
+        return outcome
+
+    async def _append_units(self, conn: Any, ops: Sequence[Append]) -> list[Outcome]:
+        """Append units, none repeating an id, in one statement (see magasin_append)."""
+        events = [e for op in ops for e in op.events]
         metadata = [dumps(e.metadata) for e in events]
         payloads = [dumps(e.payload) for e in events]
-        try:
-            outcome, version, positions = await conn.fetchrow(
-                _APPEND,
-                op.stream_id,
-                op.expected_version,
-                ids,
-                [e.type for e in events],
-                [e.schema_version for e in events],
-                [e.occurred_at for e in events],
-                [e.correlation_id for e in events],
-                [e.causation_id for e in events],
-                [e.traceparent for e in events],
-                metadata,
-                payloads,
-                self.outbox,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == _EVENT_ID_KEY:
-                raise _EventIdRace from exc
-            raise
-        if outcome == _VERSION_MISMATCH:
-            raise ConcurrencyError(op.stream_id, op.expected_version, version)
-        if outcome == _IDS_STORED:
-            return await self._stored(conn, op, ids)
-        first = version - len(events)
-        return [
-            RecordedEvent(
-                event_id=event.event_id,
-                type=event.type,
-                schema_version=event.schema_version,
-                stream_id=op.stream_id,
-                stream_version=first + i,
-                global_position=position,
-                occurred_at=event.occurred_at,
-                correlation_id=event.correlation_id,
-                causation_id=event.causation_id,
-                traceparent=event.traceparent,
-                metadata=orjson.loads(meta),
-                payload=orjson.loads(payload),
-            )
-            for i, (event, position, meta, payload) in enumerate(
-                zip(events, positions, metadata, payloads, strict=True), start=1
-            )
-        ]
+        outcomes, versions, positions = await conn.fetchrow(
+            _APPEND,
+            list(accumulate(len(op.events) for op in ops)),
+            [op.stream_id for op in ops],
+            [op.expected_version for op in ops],
+            [e.event_id for e in events],
+            [e.type for e in events],
+            [e.schema_version for e in events],
+            [e.occurred_at for e in events],
+            [e.correlation_id for e in events],
+            [e.causation_id for e in events],
+            [e.traceparent for e in events],
+            metadata,
+            payloads,
+            self.outbox,
+        )
+        results: list[Outcome] = []
+        first = placed = 0  # the unit's first event; positions handed out so far
+        for op, outcome, version in zip(ops, outcomes, versions, strict=True):
+            n = len(op.events)
+            if outcome == _APPENDED:
+                results.append(
+                    _recorded(
+                        op,
+                        version,
+                        positions[placed : placed + n],
+                        metadata[first : first + n],
+                        payloads[first : first + n],
+                    )
+                )
+                placed += n
+            elif outcome == _VERSION_MISMATCH:
+                results.append(ConcurrencyError(op.stream_id, op.expected_version, version))
+            else:
+                try:
+                    results.append(await self._stored(conn, op))
+                except DuplicateEventError as exc:
+                    results.append(exc)
+            first += n
+        return results
 
-    async def _stored(self, conn: Any, op: Append, ids: list[str]) -> list[RecordedEvent]:
+    async def _stored(self, conn: Any, op: Append) -> list[RecordedEvent]:
         """The stored events of a retried append, or DuplicateEventError if it is not one."""
+        ids = [e.event_id for e in op.events]
         rows = await conn.fetch(
             f"{_SELECT_EVENTS} WHERE event_id = ANY($1::text[]) ORDER BY global_position", ids
         )
@@ -393,7 +526,7 @@ class PostgresEventStore(EventStore):
                     "SELECT pg_notify($1, $2)", self._channel, str(self._head)
                 )
 
-    async def wait_for_events(self, after: int, timeout: float) -> None:  # noqa: ASYNC109 - the port's signature
+    async def wait_for_events(self, after: int, timeout: float) -> None:
         # Past a hole, "committed" is not "readable": wait for the next commit instead.
         if self._head > after and after + 1 not in self._holes:
             return
@@ -551,13 +684,13 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
         pool = self._store._live_pool()
         with _translated():
             conn = await pool.acquire()
+        tx = conn.transaction()
         try:
             with _translated():
-                tx = conn.transaction()
                 await tx.start()
                 rows = await conn.fetch(_CLAIM_OUTBOX, self._limit)
         except BaseException:
-            await _release(pool, conn)
+            await _finish(pool, conn, tx)
             raise
         self._pool, self._conn, self._tx = pool, conn, tx
         self._positions = [r[_POSITION] for r in rows]
@@ -574,11 +707,17 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
                         )
                     await self._tx.commit()
         finally:
-            await _release(self._pool, self._conn)
+            await _finish(self._pool, self._conn, self._tx)
 
 
-async def _release(pool: Any, conn: Any) -> None:
-    """Give a connection back; the pool rolls back a transaction left open (releasing the
-    claimed rows), and closes a connection it cannot reset, which releases them too."""
+async def _finish(pool: Any, conn: Any, tx: Any) -> None:
+    """Roll back the claim unless it was committed, and give the connection back.
+
+    Errors here are swallowed: they must not hide an exception already propagating, and the
+    pool terminates a connection it finds broken, which ends its transaction anyway.
+    """
+    with suppress(*_DRIVER_ERRORS):
+        if conn.is_in_transaction():
+            await tx.rollback()
     with suppress(*_DRIVER_ERRORS):
         await pool.release(conn)

@@ -11,6 +11,7 @@ the global log has no gaps in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
@@ -150,10 +151,8 @@ class SqliteEventStore(EventStore):
         if self._committer is None:
             return
         self._committer.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._committer
-        except asyncio.CancelledError:
-            pass
         self._committer = None
         await self._in_writer(self._close_writer)
         with self._conns_lock:
@@ -412,10 +411,8 @@ class SqliteEventStore(EventStore):
         if self._new_events is None or self._last_position > after:
             return
         waiter = self._new_events
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def get_checkpoint(self, name: str) -> int:
         rows = await self._read("SELECT position FROM checkpoints WHERE name = ?", (name,))

@@ -3,8 +3,10 @@ mark in the same unit of work, and say what happened. Shared by every bus adapte
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ from magasin.shared.errors import AlreadyProcessed, ConcurrencyError, MalformedM
 from magasin.shared.messages import EventSchemas, RecordedEvent
 
 log = logging.getLogger("magasin.messaging.dispatch")
-CONFLICT_RETRIES = 5
+CONFLICT_RETRIES = 10
 
 
 class Outcome(enum.Enum):
@@ -59,10 +61,12 @@ async def deliver(
                         extra(uow)
                 break
             except ConcurrencyError:
-                # Another writer moved an aggregate this handler loaded: reload and redo now,
-                # a backoff retry would only add latency to an ordinary race.
+                # Another writer moved an aggregate this handler loaded: reload and redo at
+                # once (a backoff retry would only add latency to an ordinary race), with a
+                # little jitter so that competing consumers stop colliding in lockstep.
                 if attempt == CONFLICT_RETRIES:
                     raise
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
     except AlreadyProcessed:
         return Result(Outcome.DUPLICATE)
     except Exception as exc:

@@ -11,6 +11,7 @@ events behind it keep flowing; after the last attempt it becomes a dead letter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -234,10 +235,8 @@ class InProcessBus(EventBus):
             wait = min([self._poll * 4, *(d - now for d in later)]) if not due else 0.0
             sub.retry_wakeup.clear()
             if wait > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(sub.retry_wakeup.wait(), wait)
-                except TimeoutError:
-                    pass
 
     async def _pending_retries(self, sub: _Subscription) -> list[tuple[str, dict[str, Any]]]:
         found: list[tuple[str, dict[str, Any]]] = []

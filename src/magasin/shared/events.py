@@ -70,6 +70,15 @@ class ProductAdded:
 
 
 @dataclass(frozen=True, slots=True)
+class SkuClaimed:
+    """A SKU is taken by a product: first event of the SKU's own stream, so two products
+    can never claim it (the second append finds the stream and fails)."""
+
+    sku: str
+    product_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProductPriceChanged:
     product_id: str
     unit_price: int
@@ -295,7 +304,7 @@ class ReservationVoided:
 
 
 ALL_EVENTS: tuple[type, ...] = (
-    StoreRegistered, StoreClosed, StoreReopened, ProductAdded, ProductPriceChanged,
+    StoreRegistered, StoreClosed, StoreReopened, ProductAdded, SkuClaimed, ProductPriceChanged,
     TransactionCreated, TransactionCompleted, TransactionCancelled,
     PaymentProcessed, PaymentFailed, PaymentRefunded,
     StockAdded, InventoryReserved, InventoryUnavailable, InventoryReleased, InventoryCommitted,

@@ -58,13 +58,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     global_position bigint PRIMARY KEY
 );
 
--- One append in one round trip. Outcome 0: appended, o_version is the stream's new version
--- and o_positions the events' positions in order. Outcome 1: some of the ids are stored
--- already (the caller tells an idempotent retry from a duplicate). Outcome 2: the expected
--- version does not match, o_version is the actual one; nothing was written.
+-- Appends several units in one call (and so, in autocommit, one transaction), each on its
+-- own terms: unit k owns events p_unit_ends[k-1]+1 .. p_unit_ends[k]. Per unit, outcome 0:
+-- appended, o_versions holds the stream's new version and o_positions gets the events'
+-- positions in order; 1: some of its ids are stored already (the caller tells an idempotent
+-- retry from a duplicate); 2: the expected version does not match, o_versions holds the
+-- actual one. Units with outcome 1 or 2 write nothing and leave the others unaffected.
 CREATE OR REPLACE FUNCTION magasin_append(
-    p_stream_id       text,
-    p_expected        integer,
+    p_unit_ends       integer[],
+    p_stream_ids      text[],
+    p_expected        integer[],
     p_event_ids       text[],
     p_types           text[],
     p_schema_versions integer[],
@@ -75,62 +78,79 @@ CREATE OR REPLACE FUNCTION magasin_append(
     p_metadata        text[],
     p_payloads        text[],
     p_outbox          boolean,
-    OUT o_outcome     integer,
-    OUT o_version     integer,
+    OUT o_outcomes    integer[],
+    OUT o_versions    integer[],
     OUT o_positions   bigint[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    n integer := cardinality(p_event_ids);
+    lo          integer;
+    n           integer;
+    v_ids       text[];
+    v_version   integer;
+    v_positions bigint[];
 BEGIN
-    IF EXISTS (SELECT 1 FROM events WHERE event_id = ANY (p_event_ids)) THEN
-        o_outcome := 1;
-        RETURN;
-    END IF;
-
-    -- Invariant the gap-safe reader depends on: this write gives the transaction its id
-    -- before nextval() below allocates positions. Keep it the first write of an append.
-    IF p_expected IS NULL THEN
-        INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_id, n)
-        ON CONFLICT (stream_id) DO UPDATE SET version = s.version + n
-        RETURNING s.version INTO o_version;
-    ELSIF p_expected = 0 THEN
-        INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_id, n)
-        ON CONFLICT (stream_id) DO NOTHING
-        RETURNING s.version INTO o_version;
-    ELSE
-        UPDATE streams AS s SET version = s.version + n
-        WHERE s.stream_id = p_stream_id AND s.version = p_expected
-        RETURNING s.version INTO o_version;
-    END IF;
-
-    IF NOT FOUND THEN
-        -- Each statement sees a fresh snapshot: if the append that beat us carried these
-        -- very events, this is a retry racing its original, not a conflict.
-        IF EXISTS (SELECT 1 FROM events WHERE event_id = ANY (p_event_ids)) THEN
-            o_outcome := 1;
-            RETURN;
+    o_outcomes := '{}';
+    o_versions := '{}';
+    o_positions := '{}';
+    FOR k IN 1 .. cardinality(p_unit_ends) LOOP
+        lo := coalesce(p_unit_ends[k - 1], 0) + 1;
+        n := p_unit_ends[k] - lo + 1;
+        v_ids := p_event_ids[lo:p_unit_ends[k]];
+        IF EXISTS (SELECT 1 FROM events WHERE event_id = ANY (v_ids)) THEN
+            o_outcomes := o_outcomes || 1;
+            o_versions := o_versions || NULL::integer;
+            CONTINUE;
         END IF;
-        o_outcome := 2;
-        o_version := coalesce((SELECT s.version FROM streams AS s
-                               WHERE s.stream_id = p_stream_id), 0);
-        RETURN;
-    END IF;
 
-    -- Allocated one by one in array order, so positions grow with stream versions.
-    o_positions := ARRAY(SELECT nextval('events_global_position_seq')
-                         FROM generate_series(1, n));
-    INSERT INTO events (global_position, event_id, stream_id, stream_version, type,
-                        schema_version, occurred_at, correlation_id, causation_id,
-                        traceparent, metadata, payload)
-    SELECT o_positions[i], p_event_ids[i], p_stream_id, o_version - n + i, p_types[i],
-           p_schema_versions[i], p_occurred_at[i], p_correlation_ids[i],
-           p_causation_ids[i], p_traceparents[i], p_metadata[i]::jsonb,
-           p_payloads[i]::jsonb
-    FROM generate_series(1, n) AS i;
+        -- Invariant the gap-safe reader depends on: this write gives the transaction its
+        -- id before nextval() below allocates positions. Keep it before the first nextval.
+        v_version := NULL;
+        IF p_expected[k] IS NULL THEN
+            INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_ids[k], n)
+            ON CONFLICT (stream_id) DO UPDATE SET version = s.version + n
+            RETURNING s.version INTO v_version;
+        ELSIF p_expected[k] = 0 THEN
+            INSERT INTO streams AS s (stream_id, version) VALUES (p_stream_ids[k], n)
+            ON CONFLICT (stream_id) DO NOTHING
+            RETURNING s.version INTO v_version;
+        ELSE
+            UPDATE streams AS s SET version = s.version + n
+            WHERE s.stream_id = p_stream_ids[k] AND s.version = p_expected[k]
+            RETURNING s.version INTO v_version;
+        END IF;
 
-    IF p_outbox THEN
-        INSERT INTO outbox (global_position) SELECT unnest(o_positions);
-    END IF;
-    o_outcome := 0;
+        IF v_version IS NULL THEN
+            -- Each statement sees a fresh snapshot: if the append that beat us carried
+            -- these very events, this is a retry racing its original, not a conflict.
+            IF EXISTS (SELECT 1 FROM events WHERE event_id = ANY (v_ids)) THEN
+                o_outcomes := o_outcomes || 1;
+                o_versions := o_versions || NULL::integer;
+            ELSE
+                o_outcomes := o_outcomes || 2;
+                o_versions := o_versions || coalesce(
+                    (SELECT s.version FROM streams AS s WHERE s.stream_id = p_stream_ids[k]), 0);
+            END IF;
+            CONTINUE;
+        END IF;
+
+        -- Allocated one by one in array order, so positions grow with stream versions.
+        v_positions := ARRAY(SELECT nextval('events_global_position_seq')
+                             FROM generate_series(1, n));
+        INSERT INTO events (global_position, event_id, stream_id, stream_version, type,
+                            schema_version, occurred_at, correlation_id, causation_id,
+                            traceparent, metadata, payload)
+        SELECT v_positions[i], v_ids[i], p_stream_ids[k], v_version - n + i,
+               p_types[lo + i - 1], p_schema_versions[lo + i - 1], p_occurred_at[lo + i - 1],
+               p_correlation_ids[lo + i - 1], p_causation_ids[lo + i - 1],
+               p_traceparents[lo + i - 1], p_metadata[lo + i - 1]::jsonb,
+               p_payloads[lo + i - 1]::jsonb
+        FROM generate_series(1, n) AS i;
+        IF p_outbox THEN
+            INSERT INTO outbox (global_position) SELECT unnest(v_positions);
+        END IF;
+        o_outcomes := o_outcomes || 0;
+        o_versions := o_versions || v_version;
+        o_positions := o_positions || v_positions;
+    END LOOP;
 END
 $$;

@@ -1,0 +1,1 @@
+"""Inventory: stock per (store, product) and all-or-nothing reservations with expiry."""

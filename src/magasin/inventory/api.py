@@ -1,0 +1,104 @@
+"""HTTP routes of the inventory: stock per store, restocking, and reservations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from magasin.api.paging import Cursor, Limit, Page, page_of
+from magasin.inventory import readmodel
+from magasin.inventory.commands import restock
+from magasin.service import ServiceContext
+from magasin.shared.errors import NotFound
+
+Id = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+class StockLineOut(BaseModel):
+    store_id: str
+    product_id: str
+    on_hand: int
+    reserved: int
+    available: int
+
+
+class RestockIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quantity: StrictInt = Field(gt=0, le=1_000_000_000, description="Units to add.")
+    reason: str = Field("restock", min_length=1, max_length=200)
+
+
+class LineOut(BaseModel):
+    product_id: str
+    quantity: int
+
+
+class MissingOut(BaseModel):
+    product_id: str
+    requested: int
+    available: int
+
+
+class ReservationOut(BaseModel):
+    reservation_id: str | None
+    transaction_id: str
+    store_id: str | None
+    lines: list[LineOut]
+    status: str
+    """RESERVED, UNAVAILABLE, RELEASED, COMMITTED or VOIDED."""
+    expires_at: str | None
+    fulfilled: bool
+    missing: list[MissingOut] = []
+    reason: str | None = None
+
+
+def router(ctx: ServiceContext) -> APIRouter:
+    api = APIRouter(tags=["inventory"])
+    store = ctx.store
+
+    async def known_store(store_id: str) -> None:
+        if await store.get_document(readmodel.STORES, store_id) is None:
+            raise NotFound(f"no store {store_id}")
+
+    @api.get("/api/stock/{store_id}", response_model=Page[StockLineOut])
+    async def list_stock(
+        store_id: Id, cursor: Cursor = None, limit: Limit = 50
+    ) -> Page[StockLineOut]:
+        """The stock lines of one store, by product id."""
+        await known_store(store_id)
+        docs, next_cursor = await page_of(
+            store, readmodel.STOCK, {"store_id": store_id}, cursor, limit
+        )
+        return Page[StockLineOut](
+            items=[StockLineOut.model_validate(d) for d in docs], next_cursor=next_cursor
+        )
+
+    @api.get("/api/stock/{store_id}/{product_id}", response_model=StockLineOut)
+    async def get_stock(store_id: Id, product_id: Id) -> StockLineOut:
+        """One product's stock in one store (zero if it was never stocked there)."""
+        doc = await store.get_document(readmodel.STOCK, f"{store_id}:{product_id}")
+        if doc is None:
+            await known_store(store_id)
+            if await store.get_document(readmodel.PRODUCTS, product_id) is None:
+                raise NotFound(f"no product {product_id}")
+            doc = readmodel.empty_stock_document(store_id, product_id)
+        return StockLineOut.model_validate(doc)
+
+    @api.post("/api/stock/{store_id}/{product_id}/restock", response_model=StockLineOut)
+    async def restock_product(store_id: Id, product_id: Id, body: RestockIn) -> StockLineOut:
+        """Add units to a product's stock in a store; returns the updated line."""
+        line = await restock(store, store_id, product_id, body.quantity, body.reason)
+        return StockLineOut.model_validate(line)
+
+    @api.get("/api/reservations/{transaction_id}", response_model=ReservationOut)
+    async def get_reservation(transaction_id: Id) -> ReservationOut:
+        """What the inventory holds for a transaction."""
+        doc = await store.get_document(readmodel.RESERVATIONS, transaction_id)
+        if doc is None:
+            raise NotFound(f"no reservation for transaction {transaction_id}")
+        return ReservationOut.model_validate(doc)
+
+    return api

@@ -1,0 +1,308 @@
+"""Stock items and reservations: the inventory's aggregates and its all-or-nothing rule.
+
+A `StockItem` is one product on the shelves of one store: `on_hand` units, of which
+`reserved` are promised to paid transactions, so `available = on_hand - reserved` can be
+promised again. A `Reservation` is what one transaction holds; it moves the stock of its
+lines between those counters, always in the same unit of work as the stock items.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from magasin.shared.aggregate import Aggregate
+from magasin.shared.errors import BusinessRuleViolation, InvalidInput
+from magasin.shared.events import (
+    InventoryCommitted,
+    InventoryReleased,
+    InventoryReserved,
+    InventoryUnavailable,
+    MissingLine,
+    ReservationFulfilled,
+    ReservationVoided,
+    StockAdded,
+    StockCommitted,
+    StockLine,
+    StockReleased,
+    StockReserved,
+)
+
+RELEASE_REASONS = frozenset({"transaction_cancelled", "fulfillment_failed", "expired"})
+
+
+def stock_key(store_id: str, product_id: str) -> str:
+    """Id of a stock item, and key of its read-model document."""
+    return f"{store_id}:{product_id}"
+
+
+def _positive(quantity: int, what: str) -> None:
+    if quantity <= 0:
+        raise InvalidInput(f"{what} quantity must be > 0, got {quantity}")
+
+
+class StockItem(Aggregate):
+    """One product in one store. Invariant: 0 <= reserved <= on_hand."""
+
+    stream_type = "stock"
+
+    def __init__(self, ident: str) -> None:
+        super().__init__(ident)
+        self.store_id, _, self.product_id = ident.partition(":")
+        self.on_hand = 0
+        self.reserved = 0
+
+    @classmethod
+    def create(cls, store_id: str, product_id: str) -> StockItem:
+        """An item with no stock yet (nothing is recorded until stock moves)."""
+        item = cls(stock_key(store_id, product_id))
+        item.store_id, item.product_id = store_id, product_id
+        return item
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved
+
+    def add(self, quantity: int, reason: str = "restock") -> None:
+        _positive(quantity, "restock")
+        self._record(StockAdded(self.store_id, self.product_id, quantity, reason))
+
+    def reserve(self, quantity: int, transaction_id: str) -> None:
+        _positive(quantity, "reserved")
+        if quantity > self.available:
+            raise BusinessRuleViolation(
+                f"cannot reserve {quantity} of {self.product_id} in store {self.store_id}: "
+                f"only {self.available} available"
+            )
+        self._record(StockReserved(self.store_id, self.product_id, quantity, transaction_id))
+
+    def release(self, quantity: int, transaction_id: str) -> None:
+        _positive(quantity, "released")
+        if quantity > self.reserved:
+            raise BusinessRuleViolation(
+                f"cannot release {quantity} of {self.product_id} in store {self.store_id}: "
+                f"only {self.reserved} reserved"
+            )
+        self._record(StockReleased(self.store_id, self.product_id, quantity, transaction_id))
+
+    def commit(self, quantity: int, transaction_id: str) -> None:
+        """Reserved units leave the shelves for good: on_hand and reserved both drop."""
+        _positive(quantity, "committed")
+        if quantity > self.reserved:
+            raise BusinessRuleViolation(
+                f"cannot commit {quantity} of {self.product_id} in store {self.store_id}: "
+                f"only {self.reserved} reserved"
+            )
+        self._record(StockCommitted(self.store_id, self.product_id, quantity, transaction_id))
+
+    def apply(self, event: object) -> None:
+        match event:
+            case StockAdded(store_id=store, product_id=product, quantity=q):
+                self.store_id, self.product_id = store, product
+                self.on_hand += q
+            case StockReserved(quantity=q):
+                self.reserved += q
+            case StockReleased(quantity=q):
+                self.reserved -= q
+            case StockCommitted(quantity=q):
+                self.on_hand -= q
+                self.reserved -= q
+
+
+class ReservationStatus(enum.StrEnum):
+    RESERVED = "RESERVED"
+    UNAVAILABLE = "UNAVAILABLE"
+    RELEASED = "RELEASED"
+    COMMITTED = "COMMITTED"
+    VOIDED = "VOIDED"
+
+
+class Reservation(Aggregate):
+    """What one transaction (the id) holds. `status` is None until something is recorded."""
+
+    stream_type = "reservation"
+
+    def __init__(self, ident: str) -> None:
+        super().__init__(ident)
+        self.status: ReservationStatus | None = None
+        self.reservation_id: str | None = None
+        self.store_id: str | None = None
+        self.lines: tuple[StockLine, ...] = ()
+        self.missing: tuple[MissingLine, ...] = ()
+        self.expires_at: datetime | None = None
+        self.fulfilled = False
+        self.reason: str | None = None
+        """Why it was released or voided."""
+
+    @property
+    def transaction_id(self) -> str:
+        return self.id
+
+    def _require_new(self, action: str) -> None:
+        if self.status is not None:
+            raise BusinessRuleViolation(
+                f"cannot {action} for transaction {self.id}: its reservation is {self.status}"
+            )
+
+    def _require_reserved(self, action: str) -> None:
+        if self.status is not ReservationStatus.RESERVED:
+            raise BusinessRuleViolation(
+                f"cannot {action} the reservation of transaction {self.id}: it is "
+                f"{self.status or 'not made'}"
+            )
+
+    def reserve(
+        self, reservation_id: str, store_id: str, lines: Iterable[StockLine], expires_at: datetime
+    ) -> None:
+        self._require_new("reserve stock")
+        merged = merge_lines(lines)
+        if expires_at.tzinfo is None:
+            raise InvalidInput("a reservation's expiry must be a UTC-aware time")
+        self._record(
+            InventoryReserved(self.id, reservation_id, store_id, merged, expires_at.isoformat())
+        )
+
+    def refuse(self, store_id: str, missing: Iterable[MissingLine]) -> None:
+        """Record that the stock could not be reserved: nothing is held."""
+        self._require_new("refuse stock")
+        missing = tuple(missing)
+        if not missing:
+            raise InvalidInput("a refused reservation must name its missing lines")
+        self._record(InventoryUnavailable(self.id, store_id, missing))
+
+    def void(self, reason: str) -> None:
+        """The transaction ended before any reservation: a late payment reserves nothing."""
+        self._require_new("void the reservation")
+        self._record(ReservationVoided(self.id, reason))
+
+    def fulfil(self) -> None:
+        self._require_reserved("fulfil")
+        if self.fulfilled:
+            raise BusinessRuleViolation(f"the reservation of transaction {self.id} is fulfilled")
+        self._record(ReservationFulfilled(self.id))
+
+    def release(self, reason: str) -> None:
+        """Give the stock back; the caller releases each line on its stock item."""
+        if reason not in RELEASE_REASONS:
+            raise InvalidInput(f"unknown release reason {reason!r}")
+        self._require_reserved("release")
+        assert self.reservation_id is not None
+        assert self.store_id is not None
+        self._record(
+            InventoryReleased(self.id, self.reservation_id, self.store_id, self.lines, reason)
+        )
+
+    def commit(self) -> None:
+        """The stock leaves for good; the caller commits each line on its stock item."""
+        self._require_reserved("commit")
+        assert self.reservation_id is not None
+        assert self.store_id is not None
+        self._record(InventoryCommitted(self.id, self.reservation_id, self.store_id, self.lines))
+
+    def is_expired(self, now: datetime) -> bool:
+        return (
+            self.status is ReservationStatus.RESERVED
+            and not self.fulfilled
+            and self.expires_at is not None
+            and now >= self.expires_at
+        )
+
+    def expire(self, now: datetime) -> None:
+        self._require_reserved("expire")
+        if self.fulfilled:
+            raise BusinessRuleViolation(
+                f"the reservation of transaction {self.id} is fulfilled: it no longer expires"
+            )
+        if not self.is_expired(now):
+            raise BusinessRuleViolation(
+                f"the reservation of transaction {self.id} expires at {self.expires_at}"
+            )
+        self.release("expired")
+
+    def apply(self, event: object) -> None:
+        match event:
+            case InventoryReserved():
+                self.status = ReservationStatus.RESERVED
+                self.reservation_id = event.reservation_id
+                self.store_id = event.store_id
+                self.lines = event.lines
+                self.expires_at = datetime.fromisoformat(event.expires_at)
+            case InventoryUnavailable():
+                self.status = ReservationStatus.UNAVAILABLE
+                self.store_id = event.store_id
+                self.missing = event.missing
+            case InventoryReleased(reason=reason):
+                self.status = ReservationStatus.RELEASED
+                self.reason = reason
+            case InventoryCommitted():
+                self.status = ReservationStatus.COMMITTED
+            case ReservationFulfilled():
+                self.fulfilled = True
+            case ReservationVoided(reason=reason):
+                self.status = ReservationStatus.VOIDED
+                self.reason = reason
+
+
+# -- domain services: rules spanning a reservation and its stock items ---------------------
+
+
+def merge_lines(lines: Iterable[StockLine]) -> tuple[StockLine, ...]:
+    """One line per product (quantities summed), in order of first appearance."""
+    totals: dict[str, int] = {}
+    for line in lines:
+        _positive(line.quantity, f"line {line.product_id}")
+        totals[line.product_id] = totals.get(line.product_id, 0) + line.quantity
+    if not totals:
+        raise InvalidInput("a reservation needs at least one line")
+    return tuple(StockLine(product, quantity) for product, quantity in totals.items())
+
+
+def reserve_all(
+    items: Mapping[str, StockItem], lines: Iterable[StockLine], transaction_id: str
+) -> tuple[MissingLine, ...]:
+    """Reserve every line on its item (keyed by product id), or none of them.
+
+    Returns the lines that cannot be served (a product without an item has 0 available);
+    when there are any, no item changed.
+    """
+    merged = merge_lines(lines)
+    missing = tuple(
+        MissingLine(line.product_id, line.quantity, available)
+        for line in merged
+        if line.quantity > (available := _available(items, line.product_id))
+    )
+    if missing:
+        return missing
+    for line in merged:
+        items[line.product_id].reserve(line.quantity, transaction_id)
+    return ()
+
+
+def _available(items: Mapping[str, StockItem], product_id: str) -> int:
+    item = items.get(product_id)
+    return item.available if item is not None else 0
+
+
+def release_reservation(
+    reservation: Reservation, items: Mapping[str, StockItem], reason: str
+) -> None:
+    """Give back every line of a held reservation to its stock item."""
+    reservation.release(reason)
+    for line in reservation.lines:
+        items[line.product_id].release(line.quantity, reservation.id)
+
+
+def expire_reservation(
+    reservation: Reservation, items: Mapping[str, StockItem], now: datetime
+) -> None:
+    reservation.expire(now)
+    for line in reservation.lines:
+        items[line.product_id].release(line.quantity, reservation.id)
+
+
+def commit_reservation(reservation: Reservation, items: Mapping[str, StockItem]) -> None:
+    """The transaction completed: the held stock leaves on_hand for good."""
+    reservation.commit()
+    for line in reservation.lines:
+        items[line.product_id].commit(line.quantity, reservation.id)

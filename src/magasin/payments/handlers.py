@@ -1,0 +1,121 @@
+"""Payment's consumer: charge on TransactionCreated, refund on the saga's compensations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from magasin.eventstore.repository import Repository
+from magasin.eventstore.store import UnitOfWork
+from magasin.messaging.bus import Handler
+from magasin.payments.domain import Payment
+from magasin.payments.gateway import BankGateway
+from magasin.shared.clock import utcnow
+from magasin.shared.errors import NotFound
+from magasin.shared.events import (
+    SCHEMAS,
+    InventoryReleased,
+    InventoryUnavailable,
+    OrderFulfillmentFailed,
+    StockLine,
+    TransactionCreated,
+)
+from magasin.shared.ids import time_ordered_id
+from magasin.shared.messages import RecordedEvent
+
+PAYMENTS = "payment.payments"
+"""Read model: one document per transaction id."""
+
+payments = Repository(Payment)
+
+
+def document(payment: Payment, store_id: str) -> dict[str, Any]:
+    """The read-model view of a payment (PaymentFailed does not carry the store, so the
+    caller passes it)."""
+    return {
+        "payment_id": payment.payment_id,
+        "transaction_id": payment.transaction_id,
+        "store_id": store_id,
+        "status": str(payment.status),
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "bank_reference": payment.bank_reference,
+        "refund_reference": payment.refund_reference,
+        "reason": payment.reason,
+        "updated_at": utcnow().isoformat(),
+    }
+
+
+def refund_key(transaction_id: str) -> str:
+    """Idempotency key of the one refund a transaction can get."""
+    return f"{transaction_id}:refund"
+
+
+async def charge(gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork) -> None:
+    created: TransactionCreated = SCHEMAS.validate(event)
+    tid = created.transaction_id
+    if await payments.find(uow, tid) is not None:
+        return  # already charged: a duplicate of TransactionCreated takes nothing twice
+    # The transaction id as idempotency key: a retry after a crash between the bank's
+    # answer and our commit gets the same answer instead of a second charge.
+    answer = await gateway.charge(tid, created.total, created.currency, created.payment_method)
+    payment = Payment(tid)
+    if answer.approved:
+        payment.capture(
+            payment_id=time_ordered_id(), amount=created.total, currency=created.currency,
+            bank_reference=answer.reference, store_id=created.store_id,
+            lines=[StockLine(line.product_id, line.quantity) for line in created.lines],
+        )
+    else:
+        payment.fail(
+            payment_id=time_ordered_id(), amount=created.total, currency=created.currency,
+            reason=answer.decline_reason or "declined",
+        )
+    payments.save(uow, payment)
+    uow.put_document(PAYMENTS, tid, document(payment, created.store_id))
+
+
+async def refund(
+    gateway: BankGateway, uow: UnitOfWork, transaction_id: str, reason: str
+) -> None:
+    """Give the captured money back, once; nothing to do if nothing was taken."""
+    payment = await payments.find(uow, transaction_id)
+    if payment is None:
+        # The compensation overtook the charge: fail so the bus delivers it again later.
+        raise NotFound(f"no payment recorded yet for transaction {transaction_id}")
+    if not payment.refundable:
+        return  # failed (nothing was taken) or refunded already
+    assert payment.bank_reference is not None
+    reference = await gateway.refund(
+        refund_key(transaction_id), payment.bank_reference, payment.amount
+    )
+    payment.refund(payment.amount, reason, reference)
+    payments.save(uow, payment)
+    uow.put_document(PAYMENTS, transaction_id, document(payment, payment.store_id))
+
+
+def handlers(gateway: BankGateway) -> dict[str, Handler]:
+    """The payment consumer's registry: every event type it handles, and by what."""
+
+    async def on_transaction_created(event: RecordedEvent, uow: UnitOfWork) -> None:
+        await charge(gateway, event, uow)
+
+    async def on_inventory_unavailable(event: RecordedEvent, uow: UnitOfWork) -> None:
+        unavailable: InventoryUnavailable = SCHEMAS.validate(event)
+        await refund(gateway, uow, unavailable.transaction_id, "inventory_unavailable")
+
+    async def on_order_fulfillment_failed(event: RecordedEvent, uow: UnitOfWork) -> None:
+        failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
+        await refund(gateway, uow, failed.transaction_id, "fulfillment_failed")
+
+    async def on_inventory_released(event: RecordedEvent, uow: UnitOfWork) -> None:
+        released: InventoryReleased = SCHEMAS.validate(event)
+        # Other releases follow a compensation payment handles from its own cause.
+        if released.reason == "expired":
+            await refund(gateway, uow, released.transaction_id, "reservation_expired")
+
+    return {
+        "TransactionCreated": on_transaction_created,
+        "InventoryUnavailable": on_inventory_unavailable,
+        "OrderFulfillmentFailed": on_order_fulfillment_failed,
+        "InventoryReleased": on_inventory_released,
+    }

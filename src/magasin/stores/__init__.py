@@ -1,0 +1,1 @@
+"""Store service: the stores, the product catalog and the preparation of orders."""

@@ -1,0 +1,1 @@
+"""Transaction service: the sale aggregate, its choreographed saga and its read model."""

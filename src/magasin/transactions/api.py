@@ -1,0 +1,206 @@
+"""HTTP API of the transaction service: create a sale, read it, follow it live (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import AnyHttpUrl, BaseModel, Field
+
+from magasin.api.paging import Cursor, Limit, Page, page_of
+from magasin.eventstore.repository import Repository
+from magasin.eventstore.store import Causation, EventStore
+from magasin.service import ServiceContext
+from magasin.shared.errors import BusinessRuleViolation, ConcurrencyError, NotFound
+from magasin.shared.events import SaleLine
+from magasin.shared.ids import time_ordered_id
+from magasin.transactions import readmodel
+from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
+
+sales = Repository(Transaction)
+_IDEMPOTENCY_NS = uuid.UUID("5f0c8a52-4c6e-4d43-9a55-6d1d2b0c7e11")
+SSE_HEARTBEAT_S = 15.0
+
+
+class Item(BaseModel):
+    product_id: str = Field(min_length=1, max_length=100)
+    quantity: int = Field(ge=1, le=MAX_QUANTITY)
+
+
+class NewTransaction(BaseModel):
+    store_id: str = Field(min_length=1, max_length=100)
+    customer_id: str = Field(min_length=1, max_length=100)
+    items: list[Item] = Field(min_length=1, max_length=MAX_LINES)
+    payment_method: str = Field(min_length=1, max_length=40, examples=["VISA", "FAIL_CARD"])
+    callback_url: AnyHttpUrl | None = Field(
+        None, description="Receives a POST with the final state (COMPLETED or CANCELLED)."
+    )
+
+
+class Line(BaseModel):
+    product_id: str
+    quantity: int
+    unit_price: int
+
+
+class StatusChange(BaseModel):
+    status: Status
+    at: str
+    version: int
+
+
+class TransactionView(BaseModel):
+    transaction_id: str
+    store_id: str
+    customer_id: str
+    lines: list[Line]
+    total: int = Field(description="Integer cents.")
+    currency: str
+    payment_method: str
+    status: Status
+    reason: str | None
+    payment_id: str | None
+    reservation_id: str | None
+    order_id: str | None
+    created_at: str
+    updated_at: str
+    version: int
+    history: list[StatusChange]
+
+
+async def create(
+    store: EventStore, body: NewTransaction, key: str | None
+) -> tuple[dict[str, Any], bool]:
+    """Price the sale from the catalog replica and record it. Returns (view, created)."""
+    ident = str(uuid.uuid5(_IDEMPOTENCY_NS, key)) if key else time_ordered_id()
+    if await store.get_document(readmodel.STORES, body.store_id) is None:
+        raise BusinessRuleViolation(f"unknown store {body.store_id!r}")
+    lines, currencies = [], set()
+    for item in body.items:
+        product = await store.get_document(readmodel.PRODUCTS, item.product_id)
+        if product is None:
+            raise BusinessRuleViolation(f"unknown product {item.product_id!r}")
+        currencies.add(product["currency"])
+        lines.append(SaleLine(item.product_id, item.quantity, product["unit_price"]))
+    if len(currencies) > 1:
+        raise BusinessRuleViolation(f"products are priced in several currencies: {currencies}")
+    sale = Transaction.create(
+        ident, store_id=body.store_id, customer_id=body.customer_id, lines=lines,
+        currency=currencies.pop(), payment_method=body.payment_method,
+        callback_url=str(body.callback_url) if body.callback_url else None,
+    )
+    try:
+        async with store.transaction(Causation(correlation_id=ident,
+                                               metadata={"service": "transaction"})) as uow:
+            sales.save(uow, sale)  # a new aggregate is at version 0: the stream must not exist
+            view = await readmodel.project(uow, sale)
+    except ConcurrencyError:
+        # The same Idempotency-Key again: answer with the sale it created.
+        existing = await store.get_document(readmodel.TRANSACTIONS, ident)
+        if existing is None:
+            raise
+        return existing, False
+    return view, True
+
+
+def router(ctx: ServiceContext) -> APIRouter:
+    store = ctx.store
+    api = APIRouter(prefix="/api/transactions", tags=["transactions"])
+
+    @api.post("", status_code=201, response_model=TransactionView,
+              responses={200: {"description": "Replay of an Idempotency-Key."}})
+    async def create_transaction(
+        body: NewTransaction,
+        request: Request,
+        response: Response,
+        idempotency_key: Annotated[
+            str | None, Header(max_length=200, description="Retry-safe key.")
+        ] = None,
+    ) -> dict[str, Any]:
+        """Record a sale; the saga then runs asynchronously (follow it at `.../events`)."""
+        view, created = await create(store, body, idempotency_key)
+        response.status_code = 201 if created else 200
+        response.headers["Location"] = str(
+            request.url_for("get_transaction", transaction_id=view["transaction_id"])
+        )
+        return view
+
+    @api.get("", response_model=Page[TransactionView])
+    async def list_transactions(
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        store_id: str | None = None,
+        status: Status | None = None,
+        customer_id: str | None = None,
+    ) -> dict[str, Any]:
+        where: dict[str, str | int | bool] = {}
+        if store_id:
+            where["store_id"] = store_id
+        if status:
+            where["status"] = status.value
+        if customer_id:
+            where["customer_id"] = customer_id
+        items, next_cursor = await page_of(store, readmodel.TRANSACTIONS, where, cursor, limit)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @api.get("/{transaction_id}", response_model=TransactionView)
+    async def get_transaction(transaction_id: str) -> dict[str, Any]:
+        return await _view(store, transaction_id)
+
+    @api.get(
+        "/{transaction_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": "One `status` event per change, until terminal."}},
+    )
+    async def follow_transaction(
+        transaction_id: str,
+        max_wait: Annotated[
+            float, Query(alias="timeout", gt=0, le=3600, description="Seconds.")
+        ] = 300,
+    ) -> StreamingResponse:
+        """Server-Sent Events: every status change of the sale until it is terminal."""
+        await _view(store, transaction_id)
+        return StreamingResponse(
+            _status_stream(store, transaction_id, max_wait),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return api
+
+
+async def _view(store: EventStore, transaction_id: str) -> dict[str, Any]:
+    doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id)
+    if doc is None:
+        raise NotFound(f"no transaction {transaction_id}")
+    return doc
+
+
+async def _status_stream(
+    store: EventStore, transaction_id: str, max_wait: float
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    sent = 0
+    last_beat = loop.time()
+    position = await store.last_position()
+    while loop.time() < deadline:
+        doc = await _view(store, transaction_id)
+        for change in doc["history"][sent:]:
+            data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
+            yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"
+        sent = len(doc["history"])
+        if Status(doc["status"]).terminal:
+            return
+        if loop.time() - last_beat > SSE_HEARTBEAT_S:
+            yield b": keep-alive\n\n"
+            last_beat = loop.time()
+        await store.wait_for_events(position, timeout=0.5)
+        position = await store.last_position()
+    yield b"event: timeout\ndata: {}\n\n"

@@ -1,0 +1,224 @@
+"""The Transaction aggregate: a sale and the saga state it reaches from other services' events.
+
+The saga is choreographed: this aggregate does not command anyone, it records what the
+other services report and decides when the sale is COMPLETED, or CANCELLED once every
+compensation it needs (refund, stock release) is confirmed. It records facts rather than
+walking a strict sequence, so events arriving out of order or twice change nothing wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import StrEnum
+
+from magasin.shared.aggregate import Aggregate
+from magasin.shared.errors import BusinessRuleViolation, InvalidInput
+from magasin.shared.events import (
+    CompensationStarted,
+    FulfilmentRecorded,
+    PaymentRecorded,
+    RefundRecorded,
+    ReleaseRecorded,
+    ReservationRecorded,
+    SaleLine,
+    TransactionCancelled,
+    TransactionCompleted,
+    TransactionCreated,
+)
+
+MAX_LINES = 100
+MAX_QUANTITY = 1000
+
+
+class Status(StrEnum):
+    PENDING = "PENDING"
+    PAYMENT_PROCESSED = "PAYMENT_PROCESSED"
+    INVENTORY_RESERVED = "INVENTORY_RESERVED"
+    FULFILLED = "FULFILLED"
+    COMPLETED = "COMPLETED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.COMPLETED, Status.CANCELLED)
+
+
+class Transaction(Aggregate):
+    stream_type = "transaction"
+
+    def __init__(self, ident: str) -> None:
+        super().__init__(ident)
+        self.store_id = ""
+        self.customer_id = ""
+        self.lines: tuple[SaleLine, ...] = ()
+        self.total = 0
+        self.currency = ""
+        self.payment_method = ""
+        self.callback_url: str | None = None
+        self.payment_id: str | None = None
+        self.reservation_id: str | None = None
+        self.order_id: str | None = None
+        self.refunded = False
+        self.released = False
+        self.failure: str | None = None
+        self.needs_refund = False
+        self.needs_release = False
+        self.completed = False
+        self.cancelled = False
+        self.passed: list[Status] = []
+        """Statuses entered by events recorded since load, in order (FULFILLED and then
+        COMPLETED can come from one step; a client following the sale sees both)."""
+
+    def _record(self, event: object) -> None:
+        before = self.status
+        super()._record(event)
+        if self.status != before:
+            self.passed.append(self.status)
+
+    # -- commands -----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        ident: str,
+        *,
+        store_id: str,
+        customer_id: str,
+        lines: Sequence[SaleLine],
+        currency: str,
+        payment_method: str,
+        callback_url: str | None = None,
+    ) -> Transaction:
+        if not lines:
+            raise InvalidInput("a transaction needs at least one line")
+        if len(lines) > MAX_LINES:
+            raise InvalidInput(f"a transaction has at most {MAX_LINES} lines")
+        for line in lines:
+            if not 1 <= line.quantity <= MAX_QUANTITY:
+                raise InvalidInput(
+                    f"quantity of {line.product_id} must be between 1 and {MAX_QUANTITY}"
+                )
+            if line.unit_price <= 0:
+                raise BusinessRuleViolation(f"product {line.product_id} has no valid price")
+        if not customer_id.strip():
+            raise InvalidInput("customer_id must not be empty")
+        if not payment_method.strip():
+            raise InvalidInput("payment_method must not be empty")
+        sale = cls(ident)
+        sale._record(
+            TransactionCreated(
+                transaction_id=ident, store_id=store_id, customer_id=customer_id.strip(),
+                lines=tuple(lines), total=sum(li.quantity * li.unit_price for li in lines),
+                currency=currency, payment_method=payment_method.strip(),
+                callback_url=callback_url,
+            )
+        )
+        sale.passed.append(Status.PENDING)
+        return sale
+
+    def payment_captured(self, payment_id: str, amount: int) -> None:
+        if self.payment_id is None and not self.status.terminal:
+            self._record(PaymentRecorded(self.id, payment_id, amount))
+        self._settle()
+
+    def payment_failed(self, reason: str) -> None:
+        self._fail(reason, needs_refund=False, needs_release=False)
+
+    def inventory_reserved(self, reservation_id: str) -> None:
+        if self.reservation_id is None and not self.status.terminal:
+            self._record(ReservationRecorded(self.id, reservation_id))
+        self._settle()
+
+    def inventory_unavailable(self) -> None:
+        self._fail("inventory_unavailable", needs_refund=True, needs_release=False)
+
+    def order_fulfilled(self, order_id: str) -> None:
+        if self.order_id is None and self.failure is None and not self.status.terminal:
+            self._record(FulfilmentRecorded(self.id, order_id))
+        self._settle()
+
+    def fulfillment_failed(self, reason: str) -> None:
+        self._fail(f"fulfillment_failed:{reason}", needs_refund=True, needs_release=True)
+
+    def reservation_expired(self) -> None:
+        if self.order_id is None:
+            self._fail("reservation_expired", needs_refund=True, needs_release=True)
+        self._settle()
+
+    def payment_refunded(self, amount: int) -> None:
+        if not self.refunded and not self.status.terminal:
+            self._record(RefundRecorded(self.id, amount))
+        self._settle()
+
+    def inventory_released(self) -> None:
+        if not self.released and not self.status.terminal:
+            self._record(ReleaseRecorded(self.id))
+        self._settle()
+
+    def _fail(self, reason: str, *, needs_refund: bool, needs_release: bool) -> None:
+        if self.failure is None and not self.status.terminal:
+            self._record(CompensationStarted(self.id, reason, needs_refund, needs_release))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Finish the saga as soon as the facts allow it."""
+        if self.status.terminal:
+            return
+        if self.failure is not None:
+            if (self.refunded or not self.needs_refund) and (
+                self.released or not self.needs_release
+            ):
+                self._record(
+                    TransactionCancelled(self.id, self.store_id, self.customer_id, self.failure)
+                )
+        elif self.order_id is not None:
+            self._record(
+                TransactionCompleted(
+                    self.id, self.store_id, self.customer_id, self.total, self.currency
+                )
+            )
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        if self.cancelled:
+            return Status.CANCELLED
+        if self.completed:
+            return Status.COMPLETED
+        if self.failure is not None:
+            return Status.CANCELLING
+        if self.order_id is not None:
+            return Status.FULFILLED
+        if self.reservation_id is not None:
+            return Status.INVENTORY_RESERVED
+        if self.payment_id is not None:
+            return Status.PAYMENT_PROCESSED
+        return Status.PENDING
+
+    def apply(self, event: object) -> None:
+        match event:
+            case TransactionCreated():
+                self.store_id, self.customer_id = event.store_id, event.customer_id
+                self.lines, self.total, self.currency = event.lines, event.total, event.currency
+                self.payment_method, self.callback_url = event.payment_method, event.callback_url
+            case PaymentRecorded():
+                self.payment_id = event.payment_id
+            case ReservationRecorded():
+                self.reservation_id = event.reservation_id
+            case FulfilmentRecorded():
+                self.order_id = event.order_id
+            case CompensationStarted():
+                self.failure = event.reason
+                self.needs_refund, self.needs_release = event.needs_refund, event.needs_release
+            case RefundRecorded():
+                self.refunded = True
+            case ReleaseRecorded():
+                self.released = True
+            case TransactionCompleted():
+                self.completed = True
+            case TransactionCancelled():
+                self.cancelled = True
+            case _:
+                raise TypeError(f"a transaction does not record {type(event).__name__}")

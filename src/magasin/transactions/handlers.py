@@ -1,0 +1,135 @@
+"""Handlers of the transaction service: the saga, the catalog replica and the webhooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from magasin.eventstore.repository import Repository
+from magasin.eventstore.store import UnitOfWork
+from magasin.messaging.bus import Handler
+from magasin.shared.errors import NotFound
+from magasin.shared.events import (
+    SCHEMAS,
+    InventoryReleased,
+    ProductAdded,
+    ProductPriceChanged,
+    StoreRegistered,
+)
+from magasin.shared.messages import RecordedEvent
+from magasin.transactions import readmodel
+from magasin.transactions.domain import Transaction
+
+sales = Repository(Transaction)
+
+
+def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
+    """A handler that loads the sale the event is about, applies `step` and saves."""
+
+    async def handle(event: RecordedEvent, uow: UnitOfWork) -> None:
+        payload = SCHEMAS.validate(event)
+        sale = await sales.find(uow, payload.transaction_id)
+        if sale is None:
+            # Our own TransactionCreated commits before anyone can react to it, so this is
+            # a message for a sale this service never had: retry, then dead-letter.
+            raise NotFound(f"no transaction {payload.transaction_id}")
+        step(sale, payload)
+        sales.save(uow, sale)
+        await readmodel.project(uow, sale)
+
+    return handle
+
+
+def _released(sale: Transaction, e: InventoryReleased) -> None:
+    sale.inventory_released()
+    if e.reason == "expired":
+        sale.reservation_expired()
+
+
+def saga_handlers() -> dict[str, Handler]:
+    """Consumer `transaction`: every saga step reported by the other services."""
+    return {
+        "PaymentProcessed": _saga_step(
+            lambda s, e: s.payment_captured(e.payment_id, e.amount)
+        ),
+        "PaymentFailed": _saga_step(lambda s, e: s.payment_failed(e.reason)),
+        "InventoryReserved": _saga_step(lambda s, e: s.inventory_reserved(e.reservation_id)),
+        "InventoryUnavailable": _saga_step(lambda s, e: s.inventory_unavailable()),
+        "InventoryReleased": _saga_step(_released),
+        "OrderFulfilled": _saga_step(lambda s, e: s.order_fulfilled(e.order_id)),
+        "OrderFulfillmentFailed": _saga_step(lambda s, e: s.fulfillment_failed(e.reason)),
+        "PaymentRefunded": _saga_step(lambda s, e: s.payment_refunded(e.amount)),
+    }
+
+
+# -- catalog replica: prices come from the catalog, which the store service owns ---------
+
+
+async def _newer(uow: UnitOfWork, collection: str, key: str, event: RecordedEvent) -> bool:
+    """Replica documents keep the stream version they reflect: older news is ignored."""
+    doc = await uow.get_document(collection, key)
+    return doc is None or doc["version"] < event.stream_version
+
+
+async def on_product_added(event: RecordedEvent, uow: UnitOfWork) -> None:
+    p: ProductAdded = SCHEMAS.validate(event)
+    if await _newer(uow, readmodel.PRODUCTS, p.product_id, event):
+        uow.put_document(readmodel.PRODUCTS, p.product_id, {
+            "product_id": p.product_id, "name": p.name, "unit_price": p.unit_price,
+            "currency": p.currency, "version": event.stream_version,
+        })
+
+
+async def on_price_changed(event: RecordedEvent, uow: UnitOfWork) -> None:
+    p: ProductPriceChanged = SCHEMAS.validate(event)
+    doc = await uow.get_document(readmodel.PRODUCTS, p.product_id)
+    if doc is None:
+        raise NotFound(f"price change for product {p.product_id} before it was added")
+    if doc["version"] < event.stream_version:
+        doc.update(unit_price=p.unit_price, currency=p.currency, version=event.stream_version)
+        uow.put_document(readmodel.PRODUCTS, p.product_id, doc)
+
+
+async def on_store_registered(event: RecordedEvent, uow: UnitOfWork) -> None:
+    s: StoreRegistered = SCHEMAS.validate(event)
+    if await _newer(uow, readmodel.STORES, s.store_id, event):
+        uow.put_document(readmodel.STORES, s.store_id, {
+            "store_id": s.store_id, "name": s.name, "version": event.stream_version,
+        })
+
+
+def catalog_handlers() -> dict[str, Handler]:
+    """Consumer `transaction.catalog`: the local copy of stores and prices."""
+    return {
+        "ProductAdded": on_product_added,
+        "ProductPriceChanged": on_price_changed,
+        "StoreRegistered": on_store_registered,
+    }
+
+
+# -- client notification: a webhook on the terminal state, retried by the bus ------------
+
+
+def notifier_handlers(client: httpx.AsyncClient) -> dict[str, Handler]:
+    """Consumer `transaction.notifier`: POSTs the final state to the sale's callback_url.
+    A failing endpoint raises, so the bus retries with backoff and finally dead-letters;
+    the saga never waits for it."""
+
+    async def notify(event: RecordedEvent, uow: UnitOfWork) -> None:
+        doc = await uow.get_document(readmodel.TRANSACTIONS, event.payload["transaction_id"])
+        if doc is None or not doc.get("callback_url"):
+            return
+        body = {key: doc[key] for key in (
+            "transaction_id", "store_id", "customer_id", "total", "currency", "reason"
+        )}
+        body["status"] = "COMPLETED" if event.type == "TransactionCompleted" else "CANCELLED"
+        response = await client.post(
+            doc["callback_url"], json=body,
+            headers={"Idempotency-Key": event.event_id, "X-Magasin-Event": event.type},
+        )
+        response.raise_for_status()
+
+    return {"TransactionCompleted": notify, "TransactionCancelled": notify}
+

@@ -1,0 +1,120 @@
+"""Every seed flow (06_runtime_view §6.1, §6.3) end to end over HTTP in embedded mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Shop, eventually
+
+
+@pytest.fixture
+async def shelf(shop: Shop) -> dict[str, str]:
+    store = await shop.open_store()
+    coffee = await shop.add_product("CAF-1", 1899)
+    milk = await shop.add_product("LAI-2", 649)
+    tv = await shop.add_product("TV-9", 1_099_999)
+    for product in (coffee, milk, tv):
+        await shop.restock(store, product, 10)
+    return {"store": store, "coffee": coffee, "milk": milk, "tv": tv}
+
+
+async def event_types(shop: Shop, transaction_id: str) -> list[str]:
+    types = []
+    after = 0
+    while page := await shop.runtime.store.read_all(after=after, limit=1000):
+        types += [e.type for e in page if e.correlation_id == transaction_id]
+        after = page[-1].global_position
+    return types
+
+
+async def test_a_paid_sale_with_stock_completes_and_consumes_the_stock(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    sale = await shop.sell(shelf["store"], [(shelf["coffee"], 2), (shelf["milk"], 1)])
+    assert sale["status"] == "PENDING"
+    assert sale["total"] == 2 * 1899 + 649  # priced from the catalog
+
+    final = await shop.final(sale["transaction_id"])
+
+    assert final["status"] == "COMPLETED"
+    assert [h["status"] for h in final["history"]] == [
+        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
+    ]
+    payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
+    assert (payment["status"], payment["amount"]) == ("CAPTURED", sale["total"])
+    order = await shop.ok("GET", f"/api/orders/{sale['transaction_id']}")
+    assert order["status"] == "FULFILLED"
+
+    async def committed() -> bool:
+        line = await shop.stock(shelf["store"], shelf["coffee"])
+        return bool(line["on_hand"] == 8 and line["reserved"] == 0)
+
+    await eventually(committed)
+    types = await event_types(shop, sale["transaction_id"])
+    for step in ("TransactionCreated", "PaymentProcessed", "InventoryReserved",
+                 "OrderFulfilled", "TransactionCompleted", "InventoryCommitted"):
+        assert step in types
+    assert types.index("PaymentProcessed") < types.index("InventoryReserved")
+    assert types.index("OrderFulfilled") < types.index("TransactionCompleted")
+
+
+async def test_a_declined_card_cancels_the_sale_without_touching_stock(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    sale = await shop.sell(shelf["store"], [(shelf["coffee"], 1)], payment_method="FAIL_CARD")
+
+    final = await shop.final(sale["transaction_id"])
+
+    assert (final["status"], final["reason"]) == ("CANCELLED", "declined")
+    payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
+    assert payment["status"] == "FAILED"
+    line = await shop.stock(shelf["store"], shelf["coffee"])
+    assert (line["on_hand"], line["reserved"]) == (10, 0)
+    types = await event_types(shop, sale["transaction_id"])
+    assert "PaymentFailed" in types and "TransactionCancelled" in types
+    assert "InventoryReserved" not in types
+
+
+async def test_an_amount_over_the_bank_limit_is_declined(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    sale = await shop.sell(shelf["store"], [(shelf["tv"], 1)])
+    final = await shop.final(sale["transaction_id"])
+    assert (final["status"], final["reason"]) == ("CANCELLED", "limit_exceeded")
+
+
+async def test_inventory_unavailable_refunds_then_cancels(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    sale = await shop.sell(shelf["store"], [(shelf["milk"], 1), (shelf["coffee"], 11)])
+
+    final = await shop.final(sale["transaction_id"])
+
+    assert (final["status"], final["reason"]) == ("CANCELLED", "inventory_unavailable")
+    payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
+    assert payment["status"] == "REFUNDED"
+    types = await event_types(shop, sale["transaction_id"])
+    assert types.index("InventoryUnavailable") < types.index("PaymentRefunded")
+    assert types.index("PaymentRefunded") < types.index("TransactionCancelled")
+    milk = await shop.stock(shelf["store"], shelf["milk"])
+    assert (milk["on_hand"], milk["reserved"]) == (10, 0), "all lines or none are reserved"
+
+
+async def test_a_store_that_cannot_fulfil_releases_refunds_and_cancels(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    await shop.ok("POST", f"/api/stores/{shelf['store']}/close", json={"reason": "flood"})
+    sale = await shop.sell(shelf["store"], [(shelf["coffee"], 3)])
+
+    final = await shop.final(sale["transaction_id"])
+
+    assert final["status"] == "CANCELLED"
+    assert final["reason"] == "fulfillment_failed:store_closed"
+    payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
+    assert payment["status"] == "REFUNDED"
+    line = await shop.stock(shelf["store"], shelf["coffee"])
+    assert (line["on_hand"], line["reserved"], line["available"]) == (10, 0, 10)
+    types = await event_types(shop, sale["transaction_id"])
+    assert types.index("OrderFulfillmentFailed") < types.index("TransactionCancelled")
+    assert types.index("InventoryReleased") < types.index("TransactionCancelled")
+    assert types.index("PaymentRefunded") < types.index("TransactionCancelled")

@@ -1,0 +1,219 @@
+"""The inventory's aggregates and its all-or-nothing rule, without any storage."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from magasin.inventory.domain import (
+    Reservation,
+    ReservationStatus,
+    StockItem,
+    commit_reservation,
+    expire_reservation,
+    merge_lines,
+    release_reservation,
+    reserve_all,
+)
+from magasin.shared.errors import BusinessRuleViolation, InvalidInput
+from magasin.shared.events import (
+    InventoryReleased,
+    InventoryReserved,
+    MissingLine,
+    StockAdded,
+    StockCommitted,
+    StockLine,
+    StockReserved,
+)
+
+NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def stocked(product_id: str, on_hand: int, store_id: str = "S1") -> StockItem:
+    item = StockItem.create(store_id, product_id)
+    if on_hand:
+        item.add(on_hand)
+    item.pending.clear()
+    return item
+
+
+def held(transaction_id: str, *lines: StockLine, expires_at: datetime = NOW) -> Reservation:
+    reservation = Reservation(transaction_id)
+    reservation.reserve("R-" + transaction_id, "S1", lines, expires_at)
+    return reservation
+
+
+def test_stock_item_counts_on_hand_reserved_and_available() -> None:
+    item = stocked("P1", 10)
+    item.reserve(3, "T1")
+    assert (item.on_hand, item.reserved, item.available) == (10, 3, 7)
+    item.commit(2, "T1")
+    assert (item.on_hand, item.reserved, item.available) == (8, 1, 7)
+    item.release(1, "T1")
+    assert (item.on_hand, item.reserved, item.available) == (8, 0, 8)
+
+
+def test_stock_item_is_rebuilt_from_its_events() -> None:
+    events = [
+        StockAdded("S1", "P1", 5),
+        StockReserved("S1", "P1", 2, "T1"),
+        StockCommitted("S1", "P1", 2, "T1"),
+    ]
+    item = StockItem.replay("S1:P1", events, 3)
+    assert (item.store_id, item.product_id, item.on_hand, item.reserved) == ("S1", "P1", 3, 0)
+
+
+@pytest.mark.parametrize("quantity", [0, -1])
+def test_stock_quantities_must_be_positive(quantity: int) -> None:
+    item = stocked("P1", 5)
+    for command in (item.add, item.reserve, item.release, item.commit):
+        with pytest.raises(InvalidInput, match="must be > 0"):
+            command(quantity, "T1")
+    assert item.pending == []
+
+
+def test_never_reserves_more_than_available() -> None:
+    item = stocked("P1", 5)
+    item.reserve(4, "T1")
+    with pytest.raises(BusinessRuleViolation, match="only 1 available"):
+        item.reserve(2, "T2")
+    assert item.available == 1
+
+
+def test_stock_never_goes_negative_by_release_or_commit() -> None:
+    item = stocked("P1", 5)
+    item.reserve(2, "T1")
+    with pytest.raises(BusinessRuleViolation, match="only 2 reserved"):
+        item.release(3, "T1")
+    with pytest.raises(BusinessRuleViolation, match="only 2 reserved"):
+        item.commit(3, "T1")
+    assert (item.on_hand, item.reserved) == (5, 2)
+
+
+def test_duplicate_product_lines_are_merged_in_first_seen_order() -> None:
+    lines = [StockLine("P2", 1), StockLine("P1", 2), StockLine("P2", 3)]
+    assert merge_lines(lines) == (StockLine("P2", 4), StockLine("P1", 2))
+
+
+def test_a_request_without_lines_or_with_a_zero_line_is_refused() -> None:
+    with pytest.raises(InvalidInput, match="at least one line"):
+        merge_lines([])
+    with pytest.raises(InvalidInput, match="must be > 0"):
+        merge_lines([StockLine("P1", 0)])
+
+
+def test_reserve_all_reserves_every_line_when_all_are_available() -> None:
+    items = {"P1": stocked("P1", 5), "P2": stocked("P2", 1)}
+    missing = reserve_all(items, [StockLine("P1", 5), StockLine("P2", 1)], "T1")
+    assert missing == ()
+    assert (items["P1"].available, items["P2"].available) == (0, 0)
+
+
+def test_reserve_all_changes_nothing_when_one_line_is_short() -> None:
+    items = {"P1": stocked("P1", 5), "P2": stocked("P2", 1)}
+    missing = reserve_all(items, [StockLine("P1", 2), StockLine("P2", 3)], "T1")
+    assert missing == (MissingLine("P2", 3, 1),)
+    assert all(not item.pending for item in items.values())
+    assert (items["P1"].available, items["P2"].available) == (5, 1)
+
+
+def test_reserve_all_checks_merged_quantities_not_each_line() -> None:
+    items = {"P1": stocked("P1", 3)}
+    missing = reserve_all(items, [StockLine("P1", 2), StockLine("P1", 2)], "T1")
+    assert missing == (MissingLine("P1", 4, 3),)
+    assert items["P1"].available == 3
+
+
+def test_reserve_all_counts_a_never_stocked_product_as_zero_available() -> None:
+    assert reserve_all({}, [StockLine("P9", 1)], "T1") == (MissingLine("P9", 1, 0),)
+
+
+def test_reservation_records_merged_lines_and_expiry() -> None:
+    reservation = held("T1", StockLine("P1", 1), StockLine("P1", 2), expires_at=NOW)
+    [event] = reservation.pending
+    assert isinstance(event, InventoryReserved)
+    assert event.lines == (StockLine("P1", 3),)
+    assert datetime.fromisoformat(event.expires_at) == NOW
+    assert reservation.status is ReservationStatus.RESERVED
+
+
+def test_a_reservation_is_made_or_refused_or_voided_only_once() -> None:
+    reservation = held("T1", StockLine("P1", 1))
+    with pytest.raises(BusinessRuleViolation, match="is RESERVED"):
+        reservation.reserve("R2", "S1", [StockLine("P1", 1)], NOW)
+    with pytest.raises(BusinessRuleViolation, match="is RESERVED"):
+        reservation.void("transaction_cancelled")
+    voided = Reservation("T2")
+    voided.void("transaction_cancelled")
+    with pytest.raises(BusinessRuleViolation, match="is VOIDED"):
+        voided.refuse("S1", [MissingLine("P1", 1, 0)])
+
+
+def test_release_gives_every_line_back_to_its_stock_item() -> None:
+    items = {"P1": stocked("P1", 5), "P2": stocked("P2", 5)}
+    reserve_all(items, [StockLine("P1", 2), StockLine("P2", 1)], "T1")
+    reservation = held("T1", StockLine("P1", 2), StockLine("P2", 1))
+    release_reservation(reservation, items, "fulfillment_failed")
+    assert reservation.status is ReservationStatus.RELEASED
+    assert isinstance(reservation.pending[-1], InventoryReleased)
+    assert (items["P1"].available, items["P2"].available) == (5, 5)
+
+
+def test_only_a_held_reservation_can_be_released_or_committed() -> None:
+    items = {"P1": stocked("P1", 5)}
+    reserve_all(items, [StockLine("P1", 2)], "T1")
+    reservation = held("T1", StockLine("P1", 2))
+    release_reservation(reservation, items, "transaction_cancelled")
+    with pytest.raises(BusinessRuleViolation, match="it is RELEASED"):
+        release_reservation(reservation, items, "transaction_cancelled")
+    with pytest.raises(BusinessRuleViolation, match="it is RELEASED"):
+        commit_reservation(reservation, items)
+    assert (items["P1"].on_hand, items["P1"].reserved) == (5, 0)
+
+
+def test_a_fulfilled_reservation_can_still_be_released() -> None:
+    items = {"P1": stocked("P1", 5)}
+    reserve_all(items, [StockLine("P1", 2)], "T1")
+    reservation = held("T1", StockLine("P1", 2))
+    reservation.fulfil()
+    release_reservation(reservation, items, "transaction_cancelled")
+    assert items["P1"].available == 5
+
+
+def test_commit_consumes_the_held_stock() -> None:
+    items = {"P1": stocked("P1", 5)}
+    reserve_all(items, [StockLine("P1", 2)], "T1")
+    reservation = held("T1", StockLine("P1", 2))
+    reservation.fulfil()
+    commit_reservation(reservation, items)
+    assert reservation.status is ReservationStatus.COMMITTED
+    assert (items["P1"].on_hand, items["P1"].reserved, items["P1"].available) == (3, 0, 3)
+
+
+def test_expiry_releases_only_an_unfulfilled_reservation_past_due() -> None:
+    items = {"P1": stocked("P1", 5)}
+    reserve_all(items, [StockLine("P1", 2)], "T1")
+    reservation = held("T1", StockLine("P1", 2), expires_at=NOW)
+    with pytest.raises(BusinessRuleViolation, match="expires at"):
+        expire_reservation(reservation, items, NOW - timedelta(seconds=1))
+    expire_reservation(reservation, items, NOW)
+    released = reservation.pending[-1]
+    assert isinstance(released, InventoryReleased)
+    assert released.reason == "expired"
+    assert items["P1"].available == 5
+
+
+def test_a_fulfilled_reservation_never_expires() -> None:
+    reservation = held("T1", StockLine("P1", 2), expires_at=NOW)
+    reservation.fulfil()
+    assert not reservation.is_expired(NOW + timedelta(days=1))
+    with pytest.raises(BusinessRuleViolation, match="no longer expires"):
+        reservation.expire(NOW + timedelta(days=1))
+
+
+def test_a_reservation_is_fulfilled_once() -> None:
+    reservation = held("T1", StockLine("P1", 2))
+    reservation.fulfil()
+    with pytest.raises(BusinessRuleViolation, match="is fulfilled"):
+        reservation.fulfil()

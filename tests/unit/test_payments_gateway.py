@@ -1,0 +1,117 @@
+"""The bank simulator: its decline rules, idempotency and refunds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from magasin.payments.gateway import BankSimulator
+from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
+
+
+def bank(decline_rate: float = 0.0, seed: int | None = None) -> BankSimulator:
+    return BankSimulator(latency_s=0, decline_rate=decline_rate, seed=seed)
+
+
+async def test_an_ordinary_charge_is_approved_with_a_reference() -> None:
+    charge = await bank().charge("k", 2500, "CAD", "VISA")
+    assert charge.approved
+    assert charge.reference
+    assert charge.decline_reason is None
+
+
+@pytest.mark.parametrize(
+    ("amount", "method", "reason"),
+    [
+        (2500, "FAIL_CARD", "declined"),
+        (1_000_001, "VISA", "limit_exceeded"),
+        (0, "VISA", "invalid_amount"),
+    ],
+)
+async def test_the_bank_declines_by_its_rules(amount: int, method: str, reason: str) -> None:
+    simulator = bank()
+    charge = await simulator.charge("k", amount, "CAD", method)
+    assert not charge.approved
+    assert charge.decline_reason == reason
+    assert simulator.captured_total == 0
+
+
+async def test_exactly_ten_thousand_is_within_the_limit() -> None:
+    assert (await bank().charge("k", 1_000_000, "CAD", "VISA")).approved
+
+
+async def test_the_same_key_gets_the_same_answer_and_charges_once() -> None:
+    simulator = bank()
+    first = await simulator.charge("k", 2500, "CAD", "VISA")
+    again = await simulator.charge("k", 2500, "CAD", "VISA")
+    assert again == first
+    assert len(simulator.charges) == 1
+    assert simulator.captured_total == 2500
+
+
+async def test_concurrent_calls_with_one_key_charge_once() -> None:
+    simulator = BankSimulator(latency_s=0.01)
+    answers = await asyncio.gather(
+        *(simulator.charge("k", 2500, "CAD", "VISA") for _ in range(5))
+    )
+    assert len(set(answers)) == 1
+    assert simulator.captured_total == 2500
+
+
+async def test_a_key_reused_for_another_charge_is_a_conflict() -> None:
+    simulator = bank()
+    await simulator.charge("k", 2500, "CAD", "VISA")
+    with pytest.raises(Conflict):
+        await simulator.charge("k", 9900, "CAD", "VISA")
+
+
+async def test_random_declines_follow_the_rate_and_the_seed() -> None:
+    async def outcomes(seed: int) -> list[bool]:
+        simulator = bank(decline_rate=0.5, seed=seed)
+        return [(await simulator.charge(str(i), 100, "CAD", "VISA")).approved
+                for i in range(200)]
+
+    first = await outcomes(7)
+    assert first == await outcomes(7)
+    assert 60 < first.count(False) < 140
+
+
+async def test_a_decline_rate_of_one_declines_everything() -> None:
+    charge = await bank(decline_rate=1.0).charge("k", 100, "CAD", "VISA")
+    assert charge.decline_reason == "declined"
+
+
+async def test_a_captured_charge_is_refunded_once() -> None:
+    simulator = bank()
+    charge = await simulator.charge("k", 2500, "CAD", "VISA")
+    reference = await simulator.refund("r", charge.reference, 2500)
+    assert await simulator.refund("r", charge.reference, 2500) == reference
+    assert simulator.refunds == [reference]
+    assert simulator.captured_total == 0
+    with pytest.raises(BusinessRuleViolation, match="already refunded"):
+        await simulator.refund("other key", charge.reference, 2500)
+
+
+async def test_refunding_an_unknown_or_declined_charge_is_refused() -> None:
+    simulator = bank()
+    declined = await simulator.charge("k", 2500, "CAD", "FAIL_CARD")
+    with pytest.raises(BusinessRuleViolation, match="no captured charge"):
+        await simulator.refund("r", "CH-UNKNOWN", 2500)
+    with pytest.raises(BusinessRuleViolation, match="no captured charge"):
+        await simulator.refund("r", declined.reference, 2500)
+
+
+async def test_a_refund_over_the_charge_is_refused() -> None:
+    simulator = bank()
+    charge = await simulator.charge("k", 2500, "CAD", "VISA")
+    with pytest.raises(BusinessRuleViolation, match="not within"):
+        await simulator.refund("r", charge.reference, 2501)
+
+
+async def test_an_unreachable_bank_raises_unavailable_and_takes_nothing() -> None:
+    simulator = bank()
+    simulator.reachable = False
+    with pytest.raises(Unavailable):
+        await simulator.charge("k", 2500, "CAD", "VISA")
+    assert simulator.charges == []
