@@ -12,12 +12,13 @@ import pytest
 
 from magasin.eventstore.postgres import PostgresEventStore
 from magasin.eventstore.store import ANY, Append
-from magasin.shared.errors import DuplicateEventError, Unavailable
+from magasin.shared.errors import DuplicateEventError, StorageError, Unavailable
 from magasin.shared.messages import NewEvent, RecordedEvent
 
 pytestmark = pytest.mark.postgres
 
 MakeStore = Callable[..., Awaitable[PostgresEventStore]]
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
 def ev(**payload: object) -> NewEvent:
@@ -34,9 +35,7 @@ async def make_store(pg_database: str, pg_schema: str) -> AsyncIterator[MakeStor
     made: list[PostgresEventStore] = []
 
     async def make(outbox: bool = False, pool_max: int = 10) -> PostgresEventStore:
-        store = PostgresEventStore(
-            pg_database, schema=pg_schema, outbox=outbox, pool_max=pool_max
-        )
+        store = PostgresEventStore(pg_database, schema=pg_schema, outbox=outbox, pool_max=pool_max)
         await store.open()
         made.append(store)
         return store
@@ -57,9 +56,7 @@ async def store(make_store: MakeStore) -> PostgresEventStore:
 
 
 @pytest.fixture
-async def connect(
-    pg_database: str, pg_schema: str
-) -> AsyncIterator[Callable[[], Awaitable[asyncpg.Connection]]]:
+async def connect(pg_database: str, pg_schema: str) -> AsyncIterator[Connect]:
     """Raw connections on the store's schema, to hold transactions open by hand."""
     conns: list[asyncpg.Connection] = []
 
@@ -84,7 +81,7 @@ async def read_until(store: PostgresEventStore, count: int) -> list[str]:
 
 
 async def test_reader_never_skips_an_event_whose_transaction_commits_late(
-    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    store: PostgresEventStore, connect: Connect
 ) -> None:
     slow = await connect()
     tx = slow.transaction()
@@ -102,7 +99,7 @@ async def test_reader_never_skips_an_event_whose_transaction_commits_late(
 
 
 async def test_reader_waits_for_a_writer_whose_id_is_newer_than_every_finished_one(
-    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    store: PostgresEventStore, connect: Connect
 ) -> None:
     # The fast writer takes its transaction id first, the slow one after it: when the fast
     # one commits, the slow one's id is newer than every finished transaction, so the
@@ -125,7 +122,7 @@ async def test_reader_waits_for_a_writer_whose_id_is_newer_than_every_finished_o
 
 
 async def test_a_rolled_back_transaction_leaves_a_hole_the_reader_passes(
-    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    store: PostgresEventStore, connect: Connect
 ) -> None:
     gone = await connect()
     tx = gone.transaction()
@@ -140,7 +137,7 @@ async def test_a_rolled_back_transaction_leaves_a_hole_the_reader_passes(
 
 
 async def test_a_retry_racing_its_original_returns_the_stored_events(
-    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    store: PostgresEventStore, connect: Connect
 ) -> None:
     event = ev()
     original = await connect()
@@ -157,7 +154,7 @@ async def test_a_retry_racing_its_original_returns_the_stored_events(
 
 
 async def test_an_event_id_committed_meanwhile_to_another_stream_is_a_duplicate(
-    store: PostgresEventStore, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    store: PostgresEventStore, connect: Connect
 ) -> None:
     event = ev()
     other = await connect()
@@ -172,6 +169,38 @@ async def test_an_event_id_committed_meanwhile_to_another_stream_is_a_duplicate(
     with pytest.raises(DuplicateEventError):
         await clash
     assert await store.stream_version("cart-2") == 0
+
+
+async def test_concurrent_retries_in_one_process_store_the_events_once(
+    store: PostgresEventStore,
+) -> None:
+    event, repeated = ev(), ev()
+    outcomes = await asyncio.gather(
+        *(store.append("cart-1", [event]) for _ in range(4)),
+        store.append("cart-2", [event]),
+        store.append("cart-3", [repeated, repeated]),
+        return_exceptions=True,
+    )
+
+    *retries, elsewhere, repeats = outcomes
+    assert isinstance(retries[0], list)
+    assert all(r == retries[0] for r in retries)
+    assert isinstance(elsewhere, DuplicateEventError)
+    assert isinstance(repeats, DuplicateEventError)
+    assert ids(await store.read_all()) == [event.event_id]
+
+
+async def test_a_unit_the_database_refuses_fails_alone(store: PostgresEventStore) -> None:
+    # PostgreSQL's jsonb has no room for a NUL character; the unit committed with it fails.
+    refused, accepted = await asyncio.gather(
+        store.append("cart-1", [ev(note="\x00")]),
+        store.append("cart-2", [ev()]),
+        return_exceptions=True,
+    )
+
+    assert isinstance(refused, StorageError)
+    assert isinstance(accepted, list)
+    assert await read_until(store, 1) == ids(accepted)  # past the positions it burned
 
 
 async def test_an_unreachable_server_raises_unavailable() -> None:

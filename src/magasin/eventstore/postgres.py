@@ -48,6 +48,7 @@ from magasin.shared.errors import (
     ConcurrencyError,
     Conflict,
     DuplicateEventError,
+    MagasinError,
     NotFound,
     StorageError,
     Unavailable,
@@ -79,9 +80,8 @@ _APPEND: Final = (
 _APPENDED, _IDS_STORED, _VERSION_MISMATCH = 0, 1, 2
 _EVENT_ID_KEY: Final = "events_event_id_key"
 _ATTEMPTS: Final = 3
-# Group commit: single-append units queued while a group is being committed go together in
-# the next statement. Two committers let the database work on one group while the next
-# one forms; more would only split the groups.
+# Two committers let a group form and start while the previous one commits; more would
+# split the groups, and bigger groups are what makes group commit pay.
 _COMMITTERS: Final = 2
 _GROUP_MAX: Final = 256
 _CLAIM_OUTBOX: Final = (
@@ -90,6 +90,7 @@ _CLAIM_OUTBOX: Final = (
     "ORDER BY o.global_position LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
 )
 _CONNECT_TIMEOUT: Final = 10.0
+_NOTIFY_INTERVAL: Final = 0.005
 
 _UNREACHABLE: Final = (
     OSError,  # refused, reset, DNS, and TimeoutError
@@ -136,7 +137,7 @@ def _races_retried() -> Iterator[None]:
         raise _Retry from exc
 
 
-Outcome = list[RecordedEvent] | Conflict
+Outcome = list[RecordedEvent] | MagasinError
 """What committing one unit came to: its recorded events, or why it was refused."""
 
 
@@ -190,7 +191,12 @@ def _quote_ident(name: str) -> str:
 
 
 class PostgresEventStore(EventStore):
-    """Event store in one PostgreSQL schema; any number of processes may open the same one."""
+    """Event store in one PostgreSQL schema; any number of processes may open the same one.
+
+    Units of work that are a single append are group-committed: those queued while a group
+    is being committed go together, in one statement and one transaction, in the next
+    group. Other units of work commit in a transaction of their own.
+    """
 
     def __init__(
         self,
@@ -236,6 +242,7 @@ class PostgresEventStore(EventStore):
                 reset=_keep_session,
                 timeout=_CONNECT_TIMEOUT,
             )
+        listener = None
         try:
             with _translated():
                 async with pool.acquire() as conn:
@@ -261,6 +268,8 @@ class PostgresEventStore(EventStore):
                 )
                 await listener.add_listener(self._channel, self._on_notification)
         except BaseException:
+            if listener is not None:
+                listener.terminate()
             pool.terminate()
             raise
         self._pool, self._listener, self._head = pool, listener, int(head)
@@ -275,7 +284,7 @@ class PostgresEventStore(EventStore):
             return
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
-        self._advance(self._head)
+        self._advance(self._head)  # waiters return now rather than at their timeout
         tasks = [*self._committers, *([notifier] if notifier else [])]
         self._committers = []
         for task in tasks:
@@ -369,12 +378,16 @@ class PostgresEventStore(EventStore):
                     return await self._append_units(conn, ops)
         except _Retry:
             pass
-        # The whole group was rolled back: commit its units one by one.
+        except StorageError:
+            if len(ops) == 1:
+                raise
+        # The group was rolled back whole: commit its units one by one, so that a race or a
+        # unit the database refuses (an invalid payload, say) affects none of the others.
         outcomes: list[Outcome] = []
         for op in ops:
             try:
                 outcomes.append(await self._commit_alone([op]))
-            except Conflict as exc:
+            except (Conflict, StorageError) as exc:
                 outcomes.append(exc)
         return outcomes
 
@@ -435,7 +448,7 @@ class PostgresEventStore(EventStore):
         if _repeats_an_id(op):
             return await self._stored(conn, op)
         (outcome,) = await self._append_units(conn, [op])
-        if isinstance(outcome, Conflict):
+        if isinstance(outcome, MagasinError):
             raise outcome
         return outcome
 
@@ -512,10 +525,11 @@ class PostgresEventStore(EventStore):
         self._advance(int(payload) if payload.isdigit() else 0)
 
     async def _notify_loop(self) -> None:
-        """Tell other processes about commits, one NOTIFY at a time whatever the commit rate.
+        """Tell other processes about commits, at most one NOTIFY per interval.
 
         Writers do not NOTIFY in their own transactions: PostgreSQL serialises the commits
-        of notifying transactions, which would defeat group commit.
+        of notifying transactions, which would defeat group commit. And each NOTIFY is a
+        transaction that signals every listening process, hence the interval.
         """
         while True:
             await self._notify_pending.wait()
@@ -525,6 +539,7 @@ class PostgresEventStore(EventStore):
                 await self._listener.execute(
                     "SELECT pg_notify($1, $2)", self._channel, str(self._head)
                 )
+            await asyncio.sleep(_NOTIFY_INTERVAL)
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         # Past a hole, "committed" is not "readable": wait for the next commit instead.
@@ -653,8 +668,7 @@ class PostgresEventStore(EventStore):
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         rows = await self._fetch(
-            "SELECT version, state, schema_version, taken_at FROM snapshots "
-            "WHERE stream_id = $1",
+            "SELECT version, state, schema_version, taken_at FROM snapshots WHERE stream_id = $1",
             stream_id,
         )
         if not rows:

@@ -4,13 +4,13 @@ Writes go through a `UnitOfWork`: appends to streams, inbox marks, subscription 
 and documents are buffered, then committed atomically by the adapter in one database
 transaction. No lock is held while a handler awaits something else (a bank call, say), and
 an adapter may commit many units of work in one database transaction (group commit).
-Reads always see committed state.
+Reads see committed state (plus, within a unit of work, its own documents).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -87,7 +87,8 @@ class Causation:
 
 
 class UnitOfWork:
-    """Writes to apply atomically; reads pass through to the store's committed state."""
+    """Writes to apply atomically. Reads see committed state, except that `get_document`
+    sees this unit's own document writes and a Repository its own aggregates."""
 
     def __init__(self, store: EventStore, causation: Causation | None = None) -> None:
         self.store = store
@@ -96,6 +97,12 @@ class UnitOfWork:
         self.recorded: list[RecordedEvent] = []
         self.identity: dict[str, object] = {}
         """Aggregates loaded in this unit of work, by stream id (see Repository)."""
+        self._documents: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+        self.committed_hooks: list[Callable[[], None]] = []
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Call `hook` once this unit of work has committed (never if it does not)."""
+        self.committed_hooks.append(hook)
 
     def new_event(self, type_name: str, payload: Mapping[str, Any]) -> NewEvent:
         """An event stamped with this unit of work's correlation, causation and trace."""
@@ -126,9 +133,11 @@ class UnitOfWork:
 
     def put_document(self, collection: str, key: str, body: Mapping[str, Any]) -> None:
         self.operations.append(PutDocument(collection, key, body))
+        self._documents[collection, key] = body
 
     def delete_document(self, collection: str, key: str) -> None:
         self.operations.append(DeleteDocument(collection, key))
+        self._documents[collection, key] = None
 
     async def read_stream(
         self,
@@ -143,6 +152,10 @@ class UnitOfWork:
         )
 
     async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        """The document as this unit of work left it (its own puts and deletes first)."""
+        if (collection, key) in self._documents:
+            staged = self._documents[collection, key]
+            return None if staged is None else dict(staged)
         return await self.store.get_document(collection, key)
 
 
@@ -179,6 +192,8 @@ class EventStore(ABC):
         yield uow
         if uow.operations:
             uow.recorded = await self.commit(uow.operations)
+        for hook in uow.committed_hooks:
+            hook()
 
     @abstractmethod
     async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:

@@ -7,7 +7,7 @@ import asyncio
 import enum
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
@@ -75,6 +75,31 @@ async def deliver(
         )
         return Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
     return Result(Outcome.HANDLED)
+
+
+async def deliver_batch(
+    store: EventStore,
+    schemas: EventSchemas,
+    consumer: str,
+    handlers: Mapping[str, Handler],
+    events: Sequence[RecordedEvent],
+    extra: Callable[[UnitOfWork], None],
+) -> bool:
+    """Handle several events in one unit of work (one commit). False when any of them is
+    malformed, fails, conflicts or was processed already: nothing was written then, and the
+    caller delivers them one by one to learn which, with the usual outcome for each."""
+    try:
+        for event in events:
+            schemas.validate(event)
+        async with store.transaction() as uow:
+            for event in events:
+                uow.causation = Causation.of(event, consumer=consumer)
+                uow.mark_processed(consumer, event.event_id)
+                await handlers[event.type](event, uow)
+            extra(uow)
+    except Exception:
+        return False
+    return True
 
 
 def check_handlers(consumer: str, handlers: dict[str, Handler], schemas: EventSchemas) -> None:

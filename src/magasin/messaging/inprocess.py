@@ -11,6 +11,7 @@ events behind it keep flowing; after the last attempt it becomes a dead letter.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -22,13 +23,55 @@ from typing import Any
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
-from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
+from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MagasinError
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 RETRIES = "bus.retries"
 log = logging.getLogger("magasin.messaging.inprocess")
+
+
+class _LogWindow:
+    """The tail of the log as last read, shared by every subscription: they all follow the
+    head, so each event is read and decoded once rather than once per consumer.
+
+    It holds every event with a position in (`start`, last position held] — what read_all
+    returned, which is gap-safe — so any read starting inside it can be answered from it.
+    """
+
+    def __init__(self, store: EventStore, size: int) -> None:
+        self.store = store
+        self.size = size
+        self.start = 0
+        self.events: list[RecordedEvent] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def end(self) -> int:
+        return self.events[-1].global_position if self.events else self.start
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        if not self.start <= after < self.end:
+            async with self._lock:  # one subscription reads for all of them
+                if not self.start <= after < self.end:
+                    page = await self.store.read_all(after=after, limit=limit)
+                    self._keep(after, page)
+                    return page
+        index = bisect.bisect_right(self.events, after, key=lambda e: e.global_position)
+        return self.events[index:index + limit]
+
+    def _keep(self, after: int, page: list[RecordedEvent]) -> None:
+        if not page:
+            return
+        if after == self.end:
+            self.events.extend(page)
+        else:
+            self.start, self.events = after, list(page)
+        if len(self.events) > self.size:
+            drop = len(self.events) - self.size
+            self.start = self.events[drop - 1].global_position
+            del self.events[:drop]
 
 
 @dataclass
@@ -54,6 +97,7 @@ class InProcessBus(EventBus):
         retry: RetryPolicy | None = None,
         poll_interval: float = 0.5,
         page_size: int = 500,
+        batch_size: int = 64,
         seed: int | None = None,
     ) -> None:
         self.store = store
@@ -61,6 +105,8 @@ class InProcessBus(EventBus):
         self.retry = retry or RetryPolicy()
         self._poll = poll_interval
         self._page = page_size
+        self._window = _LogWindow(store, size=max(4 * page_size, 2000))
+        self._batch = batch_size
         self._rng = random.Random(seed)
         self._subs: dict[str, _Subscription] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,7 +177,7 @@ class InProcessBus(EventBus):
         while after is None:
             after = await self._guard(self.store.get_checkpoint(sub.checkpoint), None)
         while not self._stopping:
-            page = await self._guard(self.store.read_all(after=after, limit=self._page), [])
+            page = await self._guard(self._window.read(after, self._page), [])
             if not page:
                 await self.store.wait_for_events(after, self._poll)
                 continue
@@ -144,34 +190,46 @@ class InProcessBus(EventBus):
     async def _handle_page(
         self, sub: _Subscription, page: list[RecordedEvent], after: int
     ) -> int:
-        unsaved = False  # the checkpoint moved past events this consumer ignores
-        for event in page:
+        mine = [e for e in page if e.type in sub.handlers]
+        for start in range(0, len(mine), self._batch):
             if self._stopping:
-                break
-            handler = sub.handlers.get(event.type)
-            if handler is None:
-                after, unsaved = event.global_position, True
-                continue
-            position = event.global_position
+                return after
+            chunk = mine[start:start + self._batch]
+            last = chunk[-1].global_position
 
-            def bookkeeping(uow: UnitOfWork, position: int = position) -> None:
+            def bookkeeping(uow: UnitOfWork, position: int = last) -> None:
                 uow.set_checkpoint(sub.checkpoint, position)
 
-            result = await deliver(
-                self.store, self.schemas, sub.consumer, handler, event,
-                extra=bookkeeping, precheck=False,
-            )
-            if result.outcome is Outcome.HANDLED:
-                unsaved = False
-            elif result.outcome is Outcome.DUPLICATE:
-                unsaved = True
-            else:
-                await self._after_failure(sub, event, result, 1, bookkeeping)
-                unsaved = False
-            after = position
-        if unsaved:
+            # One commit for the whole run of events; if anything in it goes wrong, nothing
+            # was written and each event is delivered on its own to get its own outcome.
+            if len(chunk) == 1 or not await deliver_batch(
+                self.store, self.schemas, sub.consumer, sub.handlers, chunk, bookkeeping
+            ):
+                for event in chunk:
+                    if self._stopping:
+                        return after
+                    await self._deliver_one(sub, event)
+                    after = event.global_position
+            after = last
+        if page[-1].global_position > after:  # a tail of events this consumer ignores
+            after = page[-1].global_position
             await self._guard(self._save_checkpoint(sub, after), None)
         return after
+
+    async def _deliver_one(self, sub: _Subscription, event: RecordedEvent) -> None:
+        position = event.global_position
+
+        def bookkeeping(uow: UnitOfWork) -> None:
+            uow.set_checkpoint(sub.checkpoint, position)
+
+        result = await deliver(
+            self.store, self.schemas, sub.consumer, sub.handlers[event.type], event,
+            extra=bookkeeping, precheck=False,
+        )
+        if result.outcome is Outcome.DUPLICATE:
+            await self._guard(self._save_checkpoint(sub, position), None)
+        elif result.outcome is not Outcome.HANDLED:
+            await self._after_failure(sub, event, result, 1, bookkeeping)
 
     async def _save_checkpoint(self, sub: _Subscription, position: int) -> None:
         async with self.store.transaction() as uow:

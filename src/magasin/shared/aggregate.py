@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import ClassVar, Self
@@ -29,6 +30,21 @@ class Aggregate(ABC):
     def _record(self, event: object) -> None:
         self.apply(event)
         self.pending.append(event)
+
+    def clone(self) -> Self:
+        """A copy that can change without changing this one. Aggregate state holds immutable
+        values (scalars, tuples of frozen dataclasses) and lists, which are copied."""
+        twin = copy.copy(self)
+        for name, value in vars(twin).items():
+            if isinstance(value, list):
+                setattr(twin, name, list(value))
+        return twin
+
+    def replay_more(self, events: Iterable[object], version: int) -> None:
+        """Bring a loaded aggregate up to `version` with the events stored after it."""
+        for event in events:
+            self.apply(event)
+        self.version = version
 
     @classmethod
     def replay(cls, ident: str, events: Iterable[object], version: int) -> Self:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, Field
 
@@ -21,6 +21,7 @@ from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
 from magasin.transactions import readmodel
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
+from magasin.transactions.feed import StatusFeed
 
 sales = Repository(Transaction)
 _IDEMPOTENCY_NS = uuid.UUID("5f0c8a52-4c6e-4d43-9a55-6d1d2b0c7e11")
@@ -108,7 +109,7 @@ async def create(
     return view, True
 
 
-def router(ctx: ServiceContext) -> APIRouter:
+def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     store = ctx.store
     api = APIRouter(prefix="/api/transactions", tags=["transactions"])
 
@@ -116,7 +117,6 @@ def router(ctx: ServiceContext) -> APIRouter:
               responses={200: {"description": "Replay of an Idempotency-Key."}})
     async def create_transaction(
         body: NewTransaction,
-        request: Request,
         response: Response,
         idempotency_key: Annotated[
             str | None, Header(max_length=200, description="Retry-safe key.")
@@ -125,9 +125,7 @@ def router(ctx: ServiceContext) -> APIRouter:
         """Record a sale; the saga then runs asynchronously (follow it at `.../events`)."""
         view, created = await create(store, body, idempotency_key)
         response.status_code = 201 if created else 200
-        response.headers["Location"] = str(
-            request.url_for("get_transaction", transaction_id=view["transaction_id"])
-        )
+        response.headers["Location"] = f"{api.prefix}/{view['transaction_id']}"
         return view
 
     @api.get("", response_model=Page[TransactionView])
@@ -167,7 +165,7 @@ def router(ctx: ServiceContext) -> APIRouter:
         """Server-Sent Events: every status change of the sale until it is terminal."""
         await _view(store, transaction_id)
         return StreamingResponse(
-            _status_stream(store, transaction_id, max_wait),
+            _status_stream(store, feed, transaction_id, max_wait),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -183,24 +181,24 @@ async def _view(store: EventStore, transaction_id: str) -> dict[str, Any]:
 
 
 async def _status_stream(
-    store: EventStore, transaction_id: str, max_wait: float
+    store: EventStore, feed: StatusFeed, transaction_id: str, max_wait: float
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait
     sent = 0
-    last_beat = loop.time()
-    position = await store.last_position()
-    while loop.time() < deadline:
-        doc = await _view(store, transaction_id)
-        for change in doc["history"][sent:]:
-            data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
-            yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"
-        sent = len(doc["history"])
-        if Status(doc["status"]).terminal:
-            return
-        if loop.time() - last_beat > SSE_HEARTBEAT_S:
-            yield b": keep-alive\n\n"
-            last_beat = loop.time()
-        await store.wait_for_events(position, timeout=0.5)
-        position = await store.last_position()
+    with feed.follow(transaction_id) as changed:
+        while loop.time() < deadline:
+            changed.clear()
+            doc = await _view(store, transaction_id)
+            for change in doc["history"][sent:]:
+                data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
+                yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"
+            sent = len(doc["history"])
+            if Status(doc["status"]).terminal:
+                return
+            try:
+                async with asyncio.timeout(min(SSE_HEARTBEAT_S, deadline - loop.time())):
+                    await changed.wait()
+            except TimeoutError:
+                yield b": keep-alive\n\n"
     yield b"event: timeout\ndata: {}\n\n"

@@ -21,11 +21,12 @@ from magasin.shared.events import (
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions import readmodel
 from magasin.transactions.domain import Transaction
+from magasin.transactions.feed import StatusFeed
 
 sales = Repository(Transaction)
 
 
-def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
+def _saga_step(step: Callable[[Transaction, Any], None], feed: StatusFeed) -> Handler:
     """A handler that loads the sale the event is about, applies `step` and saves."""
 
     async def handle(event: RecordedEvent, uow: UnitOfWork) -> None:
@@ -37,7 +38,7 @@ def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
             raise NotFound(f"no transaction {payload.transaction_id}")
         step(sale, payload)
         sales.save(uow, sale)
-        await readmodel.project(uow, sale)
+        await readmodel.project(uow, sale, feed)
 
     return handle
 
@@ -48,20 +49,19 @@ def _released(sale: Transaction, e: InventoryReleased) -> None:
         sale.reservation_expired()
 
 
-def saga_handlers() -> dict[str, Handler]:
+def saga_handlers(feed: StatusFeed) -> dict[str, Handler]:
     """Consumer `transaction`: every saga step reported by the other services."""
-    return {
-        "PaymentProcessed": _saga_step(
-            lambda s, e: s.payment_captured(e.payment_id, e.amount)
-        ),
-        "PaymentFailed": _saga_step(lambda s, e: s.payment_failed(e.reason)),
-        "InventoryReserved": _saga_step(lambda s, e: s.inventory_reserved(e.reservation_id)),
-        "InventoryUnavailable": _saga_step(lambda s, e: s.inventory_unavailable()),
-        "InventoryReleased": _saga_step(_released),
-        "OrderFulfilled": _saga_step(lambda s, e: s.order_fulfilled(e.order_id)),
-        "OrderFulfillmentFailed": _saga_step(lambda s, e: s.fulfillment_failed(e.reason)),
-        "PaymentRefunded": _saga_step(lambda s, e: s.payment_refunded(e.amount)),
+    steps: dict[str, Callable[[Transaction, Any], None]] = {
+        "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
+        "PaymentFailed": lambda s, e: s.payment_failed(e.reason),
+        "InventoryReserved": lambda s, e: s.inventory_reserved(e.reservation_id),
+        "InventoryUnavailable": lambda s, e: s.inventory_unavailable(),
+        "InventoryReleased": _released,
+        "OrderFulfilled": lambda s, e: s.order_fulfilled(e.order_id),
+        "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
+        "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),
     }
+    return {name: _saga_step(step, feed) for name, step in steps.items()}
 
 
 # -- catalog replica: prices come from the catalog, which the store service owns ---------

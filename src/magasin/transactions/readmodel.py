@@ -7,14 +7,18 @@ from typing import Any
 from magasin.eventstore.store import UnitOfWork
 from magasin.shared.clock import utcnow
 from magasin.transactions.domain import Transaction
+from magasin.transactions.feed import StatusFeed
 
 TRANSACTIONS = "transaction.transactions"
 PRODUCTS = "transaction.products"
 STORES = "transaction.stores"
 
 
-async def project(uow: UnitOfWork, sale: Transaction) -> dict[str, Any]:
-    """Stage the read-model document of `sale`, appending to its status history on change."""
+async def project(
+    uow: UnitOfWork, sale: Transaction, feed: StatusFeed | None = None
+) -> dict[str, Any]:
+    """Stage the read-model document of `sale`, appending to its status history on change;
+    once committed, `feed` wakes whoever follows the sale."""
     now = utcnow().isoformat()
     doc = await uow.get_document(TRANSACTIONS, sale.id) or {"created_at": now, "history": []}
     status = sale.status.value
@@ -45,4 +49,6 @@ async def project(uow: UnitOfWork, sale: Transaction) -> dict[str, Any]:
         history=history,
     )
     uow.put_document(TRANSACTIONS, sale.id, doc)
+    if feed is not None:
+        uow.after_commit(lambda: feed.changed(sale.id))
     return doc

@@ -1,0 +1,281 @@
+"""Saga throughput and latency, embedded and distributed, against the raw broker round trip.
+
+Prints one JSON object:
+  {"embedded": {"sagas_per_s", "p50_ms", "p95_ms", "p99_ms"},
+   "distributed": {same keys},
+   "raw_broker_roundtrip_per_s": n}
+`sagas_per_s` is the most completed sagas per second over HTTP (POST /api/transactions,
+then the SSE stream of the sale until its terminal state) with many sales in flight;
+the latencies are POST-to-terminal, measured in a second run at half that rate. Each mode
+runs as real processes (`magasin up`; one `magasin serve` per service) on this machine.
+
+    python bench/saga.py [--seconds 10] [--concurrency 64] [--only embedded|distributed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import httpx
+
+KEY = "bench-key"
+PG_URL = os.environ.get("MAGASIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("MAGASIN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+SERVICES = ("store", "inventory", "payment", "transaction")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def process(args: list[str], env: dict[str, str], log: Path) -> AsyncIterator[None]:
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "magasin", *args, env=env, stdout=out, stderr=out
+        )
+        try:
+            yield
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def healthy(url: str, timeout: float = 60) -> None:
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{url}/health")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+
+
+async def seed(store_url: str, stock_url: str, sale_url: str) -> tuple[str, list[str]]:
+    """One store, five products with plenty of stock, known to the transaction service."""
+    headers = {"X-API-Key": KEY}
+    async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+        store = (await c.post(f"{store_url}/api/stores", json={
+            "name": "Bench", "district": "Ville-Marie", "address": "1 rue du Banc"})).json()
+        products = []
+        for i in range(5):
+            sku = f"B-{uuid.uuid4().hex[:8]}-{i}"
+            body = {"sku": sku, "name": sku, "unit_price": 250 + i, "currency": "CAD"}
+            products.append((await c.post(f"{store_url}/api/products", json=body)).json())
+        async with asyncio.timeout(60):
+            for p in products:
+                url = f"{stock_url}/api/stock/{store['store_id']}/{p['product_id']}/restock"
+                while (await c.post(url, json={"quantity": 10_000_000})).status_code != 200:
+                    await asyncio.sleep(0.05)
+            probe = {"store_id": store["store_id"], "customer_id": "warm-up",
+                     "payment_method": "VISA",
+                     "items": [{"product_id": p["product_id"], "quantity": 1} for p in products]}
+            while (await c.post(f"{sale_url}/api/transactions", json=probe)).status_code != 201:
+                await asyncio.sleep(0.05)
+    return store["store_id"], [p["product_id"] for p in products]
+
+
+def session(url: str, connections: int) -> aiohttp.ClientSession:
+    """aiohttp drives the load: the client shares this machine's two cores with the
+    server, and it costs several times less CPU per request than httpx."""
+    return aiohttp.ClientSession(
+        base_url=url, headers={"X-API-Key": KEY},
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=60),
+    )
+
+
+async def one_saga(client: aiohttp.ClientSession, store_id: str, product: str, n: int) -> float:
+    body = {"store_id": store_id, "customer_id": f"c-{n % 500}", "payment_method": "VISA",
+            "items": [{"product_id": product, "quantity": 1}]}
+    started = time.perf_counter()
+    async with client.post("/api/transactions", json=body) as created:
+        created.raise_for_status()
+        tid = (await created.json())["transaction_id"]
+    async with client.get(f"/api/transactions/{tid}/events") as stream:
+        async for line in stream.content:
+            if line.startswith(b"data:") and (b'"COMPLETED"' in line or b'"CANCELLED"' in line):
+                return time.perf_counter() - started
+    raise RuntimeError(f"stream of {tid} ended before a terminal state")
+
+
+async def max_rate(url: str, store_id: str, products: list[str], seconds: float,
+                   concurrency: int) -> float:
+    async with session(url, concurrency * 2) as client:
+        deadline = time.perf_counter() + seconds
+        done = 0
+
+        async def worker(w: int) -> None:
+            nonlocal done
+            n = w
+            while time.perf_counter() < deadline:
+                await one_saga(client, store_id, products[n % len(products)], n)
+                done += 1
+                n += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return done / (time.perf_counter() - started)
+
+
+async def latencies_at(url: str, store_id: str, products: list[str], rate: float,
+                       seconds: float) -> dict[str, float]:
+    """Open loop: start a saga every 1/rate s, whatever the others do; POST-to-terminal."""
+    async with session(url, 2000) as client:
+        tasks = []
+        started = time.perf_counter()
+        n = 0
+        while time.perf_counter() - started < seconds:
+            tasks.append(asyncio.create_task(
+                one_saga(client, store_id, products[n % len(products)], n)))
+            n += 1
+            await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+        values = sorted(await asyncio.gather(*tasks))
+
+    def pct(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+    return {"p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+
+
+async def measure(url: str, store_id: str, products: list[str], seconds: float,
+                  concurrency: int) -> dict[str, float]:
+    rate = await max_rate(url, store_id, products, seconds, concurrency)
+    result = {"sagas_per_s": round(rate, 1)}
+    result.update(await latencies_at(url, store_id, products, max(rate / 2, 1), seconds))
+    result["latency_rate_per_s"] = round(max(rate / 2, 1), 1)
+    return result
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
+    env.update(MAGASIN_API_KEYS=KEY, MAGASIN_BANK_LATENCY_MS="0", **extra)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    return env
+
+
+async def embedded(tmp: Path, seconds: float, concurrency: int) -> dict[str, float]:
+    port = free_port()
+    env = base_env(MAGASIN_DATA_DIR=str(tmp / "embedded"), MAGASIN_HTTP_PORT=str(port))
+    url = f"http://127.0.0.1:{port}"
+    async with process(["up", "--no-demo-data"], env, tmp / "embedded.log"):
+        await healthy(url)
+        store_id, products = await seed(url, url, url)
+        return await measure(url, store_id, products, seconds, concurrency)
+
+
+async def distributed(tmp: Path, seconds: float, concurrency: int) -> dict[str, float]:
+    database = f"magasin_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    ports = {s: free_port() for s in SERVICES}
+    urls = {s: f"http://127.0.0.1:{p}" for s, p in ports.items()}
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for service in SERVICES:
+                env = base_env(
+                    MAGASIN_DATABASE_URL=PG_URL.rsplit("/", 1)[0] + f"/{database}",
+                    MAGASIN_AMQP_URL=AMQP_URL, MAGASIN_AMQP_NAMESPACE=namespace,
+                    MAGASIN_HTTP_PORT=str(ports[service]),
+                )
+                await stack.enter_async_context(
+                    process(["serve", service], env, tmp / f"{service}.log"))
+            for url in urls.values():
+                await healthy(url)
+            store_id, products = await seed(urls["store"], urls["inventory"], urls["transaction"])
+            return await measure(urls["transaction"], store_id, products, seconds, concurrency)
+    finally:
+        await delete_namespace(namespace)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+async def delete_namespace(namespace: str) -> None:
+    consumers = ("store", "inventory", "payment", "transaction", "transaction.catalog",
+                 "transaction.notifier")
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for consumer in consumers:
+            for suffix in ("", ".dlq", ".retry.1", ".retry.2", ".retry.3"):
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(f"{namespace}.{consumer}{suffix}")
+        for exchange in ("events", "dlx"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(f"{namespace}.{exchange}")
+
+
+async def raw_broker_roundtrip(seconds: float, window: int = 64) -> float:
+    """aio-pika alone: persistent messages published with confirms to a durable queue and
+    consumed with acks, `window` in flight: completed round trips per second."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=window)
+        queue = await channel.declare_queue(f"bench-raw-{uuid.uuid4().hex[:8]}", durable=True)
+        slots = asyncio.Semaphore(window)
+        received = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            slots.release()
+
+        await queue.consume(on_message)
+        body = json.dumps({"event": "x" * 300}).encode()
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            await slots.acquire()
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue.name,
+            )
+        elapsed = time.perf_counter() - started
+        await queue.delete(if_unused=False, if_empty=False)
+        return received / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight")
+    parser.add_argument("--only", choices=["embedded", "distributed"])
+    args = parser.parse_args()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "embedded"):
+            out["embedded"] = await embedded(Path(tmp), args.seconds, args.concurrency)
+        if args.only in (None, "distributed"):
+            out["distributed"] = await distributed(Path(tmp), args.seconds, args.concurrency)
+    out["raw_broker_roundtrip_per_s"] = round(await raw_broker_roundtrip(args.seconds / 2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,237 @@
+"""Distributed magasin for end-to-end tests: each service as its own OS process
+(`python -m magasin serve <service>`) on a dedicated PostgreSQL database and RabbitMQ
+namespace, which can be killed, restarted and torn down again."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+SERVICES = ("store", "inventory", "payment", "transaction")
+CONSUMERS = (
+    "store", "inventory", "payment", "transaction", "transaction.catalog",
+    "transaction.notifier",
+)
+"""Every consumer the four services subscribe (one RabbitMQ work queue each)."""
+HEALTH_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """One `magasin serve <service>` process; its output goes to `log_path` (appended to
+    across restarts, so a crash and the recovery read as one story)."""
+
+    def __init__(self, service: str, port: int, env: Mapping[str, str], log_path: Path,
+                 cwd: Path) -> None:
+        self.service = service
+        self.port = port
+        self.env = dict(env)
+        self.log_path = log_path
+        self.cwd = cwd
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return self.log_path.stem
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> None:
+        if self.alive:
+            raise RuntimeError(f"{self.name} is running already")
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start #{self.starts} of {self.name} "
+                      f"on port {self.port} =====\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "magasin", "serve", self.service,
+                 "--port", str(self.port)],
+                env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def _health_failure(self) -> str | None:
+        if not self.alive:
+            code = self.popen.returncode if self.popen else None
+            return f"{self.name} exited with {code} before it was healthy:\n{self.tail()}"
+        return None
+
+    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> None:
+        """Block until GET /health answers 200 (for sync fixtures)."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if (failure := self._health_failure()) is not None:
+                    raise RuntimeError(failure)
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not healthy in {timeout}s:\n{self.tail()}")
+                time.sleep(0.1)
+
+    async def healthy(self, timeout: float = HEALTH_TIMEOUT) -> None:
+        """Wait until GET /health answers 200, without blocking the event loop."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                if (failure := self._health_failure()) is not None:
+                    raise RuntimeError(failure)
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not healthy in {timeout}s:\n{self.tail()}")
+                await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, as in a crash."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== {self.name} killed (SIGKILL) =====\n".encode())
+
+    def terminate(self, grace: float = 15.0) -> None:
+        """SIGTERM (a graceful shutdown), then SIGKILL if it takes longer than `grace`."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no output)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Cluster:
+    """The processes of one distributed magasin, all sharing `env`."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
+        self.env = dict(env)
+        self.workdir = workdir
+        self.processes: list[ServiceProcess] = []
+
+    def spawn(self, service: str) -> ServiceProcess:
+        """Start one more process of `service` on a free port (wait with `healthy()`)."""
+        if service not in SERVICES:
+            raise ValueError(f"unknown service {service!r}")
+        count = sum(p.service == service for p in self.processes)
+        log_path = self.workdir / f"{service}-{count + 1}.log"
+        process = ServiceProcess(service, free_port(), self.env, log_path, self.workdir)
+        self.processes.append(process)
+        process.start()
+        return process
+
+    def first(self, service: str) -> ServiceProcess:
+        return next(p for p in self.processes if p.service == service)
+
+    def url(self, service: str) -> str:
+        """Base URL of the first process of `service`."""
+        return self.first(service).url
+
+    def retire(self, process: ServiceProcess) -> None:
+        """Stop one process gracefully and forget it."""
+        process.terminate()
+        self.processes.remove(process)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.alive and process.popen is not None:
+                process.popen.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.terminate()
+
+    def logs(self, lines: int = 60) -> str:
+        return "\n".join(
+            f"----- {p.name} ({p.log_path}) -----\n{p.tail(lines)}" for p in self.processes
+        )
+
+
+async def create_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the server of `server_url`; returns its URL."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{server_url.rsplit('/', 1)[0]}/{name}"
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def consumer_count(amqp_url: str, queue: str) -> int:
+    """How many consumers are attached to `queue` right now."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+    finally:
+        await connection.close()
+
+
+async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) -> None:
+    """Delete the exchanges and queues the services declared under `namespace`."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        for consumer in CONSUMERS:
+            queue = f"{namespace}.{consumer}"
+            names = [queue, f"{queue}.dlq"]
+            names += [f"{queue}.retry.{level}" for level in range(1, retry_attempts)]
+            for name in names:
+                await channel.queue_delete(name)
+        await channel.exchange_delete(f"{namespace}.events")
+        await channel.exchange_delete(f"{namespace}.dlx")
+    finally:
+        await connection.close()

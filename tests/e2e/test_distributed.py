@@ -1,0 +1,588 @@
+"""The seed flows, competing consumers and crashes end to end in distributed mode: each
+service its own OS process on PostgreSQL and RabbitMQ, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import RUN_ID, run_sync
+from tests.e2e.conftest import eventually
+from tests.e2e.processes import (
+    SERVICES,
+    Cluster,
+    consumer_count,
+    create_database,
+    delete_topology,
+    drop_database,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
+
+API_KEY = "e2e-distributed-key"
+RETRY_ATTEMPTS = 3
+TERMINAL = {"COMPLETED", "CANCELLED"}
+SAGA_TIMEOUT = 60.0
+SAGA_STEPS = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
+HISTORY_BUG = (
+    "known bug: when the transaction service handles a saga step after the next one "
+    "(InventoryReserved before PaymentProcessed, or OrderFulfilled before InventoryReserved: "
+    "they come from different services, so RabbitMQ may deliver them in either order), "
+    "Transaction records the late fact but its status does not change, so the step is "
+    "missing from the sale's history"
+)
+BANK_BUG = (
+    "known bug: each payment process has its own in-memory BankSimulator, so a refund "
+    "handled by another payment process than the one that charged (competing consumers), "
+    "or after the payment process restarted, is refused ('no captured charge ... to "
+    "refund'), dead-lettered, and the sale stays CANCELLING"
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pg_database: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """The four services, one process each, on a database and a RabbitMQ namespace of
+    their own (every service in its schema `magasin_<service>`), removed afterwards."""
+    suffix = uuid.uuid4().hex[:8]
+    database = f"magasin_e2e_{RUN_ID}_{suffix}"
+    namespace = f"magasin-e2e-{RUN_ID}-{suffix}"
+    database_url = run_sync(create_database(pg_database, database))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
+    env.update(
+        MAGASIN_DATABASE_URL=database_url,
+        MAGASIN_DATABASE_SCHEMA="",
+        MAGASIN_AMQP_URL=amqp_url,
+        MAGASIN_AMQP_NAMESPACE=namespace,
+        MAGASIN_API_KEYS=API_KEY,
+        MAGASIN_BANK_LATENCY_MS="0",
+        MAGASIN_BANK_DECLINE_RATE="0",
+        MAGASIN_RETRY_ATTEMPTS=str(RETRY_ATTEMPTS),
+        MAGASIN_RETRY_INITIAL_DELAY="0.05",
+        PYTHONUNBUFFERED="1",
+    )
+    running = Cluster(env, tmp_path_factory.mktemp("distributed"))
+    try:
+        for service in SERVICES:
+            running.spawn(service)
+        for process in running.processes:
+            process.wait_healthy()
+        yield running
+    finally:
+        running.stop()
+        try:
+            run_sync(delete_topology(amqp_url, namespace, RETRY_ATTEMPTS))
+        finally:
+            run_sync(drop_database(pg_database, database))
+
+
+class Magasin:
+    """An HTTP client of the distributed services with the steps a test needs."""
+
+    def __init__(self, cluster: Cluster, client: httpx.AsyncClient) -> None:
+        self.cluster = cluster
+        self.client = client
+
+    async def ok(self, method: str, service: str, path: str, **kw: Any) -> Any:
+        response = await self.client.request(method, self.cluster.url(service) + path, **kw)
+        assert response.status_code < 300, (service, path, response.status_code, response.text)
+        return response.json()
+
+    async def open_store(self, name: str) -> str:
+        body = {"name": name, "district": "Ville-Marie", "address": "1 rue X"}
+        store: str = (await self.ok("POST", "store", "/api/stores", json=body))["store_id"]
+        return store
+
+    async def add_product(self, sku: str, unit_price: int) -> str:
+        body = {"sku": f"{sku}-{uuid.uuid4().hex[:6]}", "name": sku, "unit_price": unit_price,
+                "currency": "CAD"}
+        product: str = (await self.ok("POST", "store", "/api/products", json=body))["product_id"]
+        return product
+
+    async def restock(self, store_id: str, product_id: str, quantity: int) -> None:
+        url = f"{self.cluster.url('inventory')}/api/stock/{store_id}/{product_id}/restock"
+
+        async def attempt() -> bool:  # 404 until inventory's replica knows store and product
+            r = await self.client.post(url, json={"quantity": quantity})
+            assert r.status_code in (200, 404), r.text
+            return r.status_code == 200
+
+        await eventually(attempt)
+
+    async def sell(self, store_id: str, items: list[tuple[str, int]],
+                   payment_method: str = "VISA") -> dict[str, Any]:
+        body = {"store_id": store_id, "customer_id": "alice", "payment_method": payment_method,
+                "items": [{"product_id": p, "quantity": q} for p, q in items]}
+        url = f"{self.cluster.url('transaction')}/api/transactions"
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+
+        async def attempt() -> httpx.Response | None:
+            try:
+                r = await self.client.post(url, json=body, headers=key)
+            except httpx.TransportError:
+                return None  # the service is down or restarting: retry, same key
+            # The catalog replica may lag a bit behind the store service.
+            return None if r.status_code == 422 and "unknown" in r.text else r
+
+        response: httpx.Response = await eventually(attempt)
+        # 200: a retry whose first attempt was recorded though its answer was lost.
+        assert response.status_code in (200, 201), response.text
+        sale: dict[str, Any] = response.json()
+        return sale
+
+    async def final(self, transaction_id: str) -> dict[str, Any]:
+        async def done() -> dict[str, Any] | None:
+            doc = await self.ok("GET", "transaction", f"/api/transactions/{transaction_id}")
+            return doc if doc["status"] in TERMINAL else None
+
+        result: dict[str, Any] = await eventually(done, timeout=SAGA_TIMEOUT)
+        return result
+
+    async def stock(self, store_id: str, product_id: str) -> dict[str, Any]:
+        line: dict[str, Any] = await self.ok(
+            "GET", "inventory", f"/api/stock/{store_id}/{product_id}"
+        )
+        return line
+
+    async def payment(self, transaction_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.ok("GET", "payment", f"/api/payments/{transaction_id}")
+        return doc
+
+    async def every(self, service: str, path: str, **params: str) -> list[dict[str, Any]]:
+        """Every item of a paged list endpoint."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            query: dict[str, str] = {**params, "limit": "200"}
+            if cursor is not None:
+                query["cursor"] = cursor
+            page = await self.ok("GET", service, path, params=query)
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return items
+
+
+@pytest.fixture
+async def magasin(cluster: Cluster, request: pytest.FixtureRequest) -> AsyncIterator[Magasin]:
+    failed_before = request.session.testsfailed
+    async with httpx.AsyncClient(
+        headers={"X-API-Key": API_KEY}, timeout=30.0,
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    ) as client:
+        yield Magasin(cluster, client)
+    if request.session.testsfailed > failed_before:
+        # Shown under "Captured stdout teardown" in the failure's report.
+        print(cluster.logs())
+
+
+async def query(cluster: Cluster, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Read the services' own tables (schemas `magasin_<service>`) directly."""
+    conn = await asyncpg.connect(cluster.env["MAGASIN_DATABASE_URL"])
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+    finally:
+        await conn.close()
+
+
+async def dead_letters(cluster: Cluster) -> list[dict[str, Any]]:
+    """Every dead letter of every service: consumer, event type, sale and reason."""
+    letters: list[dict[str, Any]] = []
+    for service in SERVICES:
+        rows = await query(
+            cluster,
+            f'SELECT body FROM "magasin_{service}".documents WHERE collection = $1',
+            "bus.dead_letters",
+        )
+        for row in rows:
+            doc = json.loads(row["body"])
+            envelope = json.loads(doc["body"]) if doc.get("type") else {}
+            letters.append({
+                "consumer": doc["consumer"], "type": doc.get("type"),
+                "sale": envelope.get("correlation_id"), "reason": doc["reason"],
+            })
+    return letters
+
+
+async def event_types(cluster: Cluster, transaction_id: str) -> dict[str, list[str]]:
+    """The events each service recorded for one sale, per service, in log order."""
+    found: dict[str, list[str]] = {}
+    for service in SERVICES:
+        rows = await query(
+            cluster,
+            f'SELECT type FROM "magasin_{service}".events WHERE correlation_id = $1 '
+            "ORDER BY global_position",
+            transaction_id,
+        )
+        found[service] = [row["type"] for row in rows]
+    return found
+
+
+def assert_every_step_reported(sales: list[dict[str, Any]]) -> None:
+    """Each completed sale's history lists every step of the saga, in order."""
+    histories = [[h["status"] for h in s["history"]] for s in sales]
+    wrong = [h for h in histories if h != SAGA_STEPS]
+    if wrong and all(h[0] == "PENDING" and h[-1] == "COMPLETED"
+                     and h == [step for step in SAGA_STEPS if step in h] for h in wrong):
+        pytest.xfail(f"{HISTORY_BUG}; {len(wrong)}/{len(sales)} histories like {wrong[:3]}")
+    assert not wrong, wrong
+
+
+# -- 1. the seed flows --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def shelf(magasin: Magasin) -> dict[str, str]:
+    store = await magasin.open_store("Centre")
+    coffee = await magasin.add_product("CAF", 1899)
+    milk = await magasin.add_product("LAI", 649)
+    await asyncio.gather(*(magasin.restock(store, p, 10) for p in (coffee, milk)))
+    return {"store": store, "coffee": coffee, "milk": milk}
+
+
+async def test_a_paid_sale_with_stock_completes_and_consumes_the_stock(
+    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+) -> None:
+    sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 2), (shelf["milk"], 1)])
+    assert sale["status"] == "PENDING"
+    assert sale["total"] == 2 * 1899 + 649
+
+    final = await magasin.final(sale["transaction_id"])
+
+    assert final["status"] == "COMPLETED"
+    payment = await magasin.payment(sale["transaction_id"])
+    assert (payment["status"], payment["amount"]) == ("CAPTURED", sale["total"])
+    order = await magasin.ok("GET", "store", f"/api/orders/{sale['transaction_id']}")
+    assert order["status"] == "FULFILLED"
+
+    async def committed() -> bool:
+        coffee = await magasin.stock(shelf["store"], shelf["coffee"])
+        milk = await magasin.stock(shelf["store"], shelf["milk"])
+        return (coffee["on_hand"], coffee["reserved"], milk["on_hand"], milk["reserved"]) == (
+            8, 0, 9, 0)
+
+    await eventually(committed)
+    types = await event_types(cluster, sale["transaction_id"])
+    assert types["transaction"][0] == "TransactionCreated"
+    assert "TransactionCompleted" in types["transaction"]
+    assert "PaymentProcessed" in types["payment"]
+    assert "InventoryReserved" in types["inventory"] and "InventoryCommitted" in types["inventory"]
+    assert "OrderFulfilled" in types["store"]
+    assert_every_step_reported([final])
+
+
+async def test_a_declined_card_cancels_the_sale_without_touching_stock(
+    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+) -> None:
+    sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 1)], payment_method="FAIL_CARD")
+
+    final = await magasin.final(sale["transaction_id"])
+
+    assert (final["status"], final["reason"]) == ("CANCELLED", "declined")
+    payment = await magasin.payment(sale["transaction_id"])
+    assert payment["status"] == "FAILED"
+    line = await magasin.stock(shelf["store"], shelf["coffee"])
+    assert (line["on_hand"], line["reserved"]) == (10, 0)
+    types = await event_types(cluster, sale["transaction_id"])
+    assert "PaymentFailed" in types["payment"]
+    assert "TransactionCancelled" in types["transaction"]
+    assert "InventoryReserved" not in types["inventory"]
+
+
+async def test_inventory_unavailable_refunds_then_cancels(
+    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+) -> None:
+    sale = await magasin.sell(shelf["store"], [(shelf["milk"], 1), (shelf["coffee"], 11)])
+
+    final = await magasin.final(sale["transaction_id"])
+
+    assert (final["status"], final["reason"]) == ("CANCELLED", "inventory_unavailable")
+    payment = await magasin.payment(sale["transaction_id"])
+    assert (payment["status"], payment["amount"]) == ("REFUNDED", sale["total"])
+    milk = await magasin.stock(shelf["store"], shelf["milk"])
+    assert (milk["on_hand"], milk["reserved"]) == (10, 0), "all lines or none are reserved"
+    types = await event_types(cluster, sale["transaction_id"])
+    assert "InventoryUnavailable" in types["inventory"]
+    assert "PaymentRefunded" in types["payment"]
+    assert types["transaction"][-1] == "TransactionCancelled"
+
+
+async def test_a_closed_store_releases_the_stock_refunds_and_cancels(
+    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+) -> None:
+    await magasin.ok("POST", "store", f"/api/stores/{shelf['store']}/close",
+                     json={"reason": "flood"})
+    sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 3)])
+
+    final = await magasin.final(sale["transaction_id"])
+
+    assert final["status"] == "CANCELLED"
+    assert final["reason"] == "fulfillment_failed:store_closed"
+    payment = await magasin.payment(sale["transaction_id"])
+    assert payment["status"] == "REFUNDED"
+
+    async def released() -> dict[str, Any] | None:
+        line = await magasin.stock(shelf["store"], shelf["coffee"])
+        return line if line["reserved"] == 0 else None
+
+    line = await eventually(released)
+    assert (line["on_hand"], line["reserved"], line["available"]) == (10, 0, 10)
+    types = await event_types(cluster, sale["transaction_id"])
+    assert "OrderFulfillmentFailed" in types["store"]
+    assert "InventoryReleased" in types["inventory"]
+    assert "PaymentRefunded" in types["payment"]
+    assert types["transaction"][-1] == "TransactionCancelled"
+
+
+# -- 2. and 3. many sales, more processes, crashes: the books must balance ----------------
+
+
+async def stock_up(
+    magasin: Magasin, name: str, stock: dict[str, int]
+) -> tuple[str, dict[str, int], dict[str, Any]]:
+    """A store with one product per (sku, quantity) of `stock`, once the transaction
+    service's catalog replica knows them all. Returns the store id, the stock by product
+    id, and the sale that proved the replica up to date (declined: it moves nothing)."""
+    store = await magasin.open_store(name)
+    products = [await magasin.add_product(sku, 500 + 100 * i)
+                for i, sku in enumerate(stock)]
+    await asyncio.gather(*(magasin.restock(store, p, q)
+                           for p, q in zip(products, stock.values(), strict=True)))
+    probe = await magasin.sell(store, [(p, 1) for p in products], payment_method="FAIL_CARD")
+    return store, dict(zip(products, stock.values(), strict=True)), probe
+
+
+def random_sales(
+    products: list[str], count: int, seed: int
+) -> list[tuple[list[tuple[str, int]], str]]:
+    """`count` sales of 1-2 products, 1-3 units each; about one in ten is declined."""
+    rng = random.Random(seed)
+    sales = []
+    for _ in range(count):
+        chosen = rng.sample(products, rng.choice((1, 1, 2)))
+        method = "FAIL_CARD" if rng.random() < 0.1 else "VISA"
+        sales.append(([(p, rng.randint(1, 3)) for p in chosen], method))
+    return sales
+
+
+async def wait_until_all_terminal(
+    magasin: Magasin, store: str, products: list[str], expected: int
+) -> list[dict[str, Any]]:
+    """Every sale of `store` once all `expected` are terminal; checks meanwhile that no
+    stock line ever goes negative."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SAGA_TIMEOUT
+    while True:
+        for product in products:
+            line = await magasin.stock(store, product)
+            assert min(line["on_hand"], line["reserved"], line["available"]) >= 0, line
+        sales = await magasin.every("transaction", "/api/transactions", store_id=store)
+        if len(sales) == expected and all(s["status"] in TERMINAL for s in sales):
+            return sales
+        # A dead-lettered saga step never runs again by itself: no use waiting for it.
+        ids = {s["transaction_id"] for s in sales}
+        if letters := [x for x in await dead_letters(magasin.cluster) if x["sale"] in ids]:
+            if all(x["consumer"] == "payment" and "no captured charge" in x["reason"]
+                   for x in letters):
+                pytest.xfail(f"{BANK_BUG}; dead letters: {letters[:5]}")
+            raise AssertionError(f"saga steps were dead-lettered: {letters[:10]}")
+        if loop.time() > deadline:
+            stuck = {s["transaction_id"]: [h["status"] for h in s["history"]]
+                     for s in sales if s["status"] not in TERMINAL}
+            letters = [x for x in await dead_letters(magasin.cluster) if x["sale"] in stuck]
+            raise AssertionError(
+                f"after {SAGA_TIMEOUT}s, {len(sales)}/{expected} sales recorded, "
+                f"statuses {Counter(s['status'] for s in sales)}; "
+                f"not terminal (with their history): {list(stuck.items())[:10]}; "
+                f"their dead letters: {letters[:10]}"
+            )
+        await asyncio.sleep(0.25)
+
+
+async def assert_books_balance(
+    magasin: Magasin, store: str, stock: dict[str, int], posted: list[dict[str, Any]]
+) -> Counter[str]:
+    """Every saga of `store` ends; stock moves and money match the completed sales exactly,
+    and no sale was reserved or charged twice. Returns the sales' outcomes."""
+    products = list(stock)
+    sales = await wait_until_all_terminal(magasin, store, products, len(posted))
+    assert {s["transaction_id"] for s in sales} == {s["transaction_id"] for s in posted}
+    completed = [s for s in sales if s["status"] == "COMPLETED"]
+    sold: Counter[str] = Counter()
+    for sale in completed:
+        for line in sale["lines"]:
+            sold[line["product_id"]] += line["quantity"]
+
+    # Stock: what left the shelves is exactly what completed sales took, nothing is held.
+    async def settled() -> dict[str, dict[str, Any]] | None:
+        lines = {p: await magasin.stock(store, p) for p in products}
+        ok = all(
+            (line["on_hand"], line["reserved"], line["available"])
+            == (stock[p] - sold[p], 0, stock[p] - sold[p])
+            for p, line in lines.items()
+        )
+        return lines if ok else None
+
+    try:
+        await eventually(settled, timeout=SAGA_TIMEOUT)
+    except TimeoutError:
+        lines = {p: await magasin.stock(store, p) for p in products}
+        raise AssertionError(f"stock {lines} does not match {stock} minus sold {sold}") from None
+
+    # Money: one payment per sale; captured - refunded = total of the completed sales.
+    payments = await magasin.every("payment", "/api/payments", store_id=store)
+    by_sale = {p["transaction_id"]: p for p in payments}
+    assert len(by_sale) == len(payments) == len(sales)
+    for sale in sales:
+        payment = by_sale[sale["transaction_id"]]
+        if sale["status"] == "COMPLETED":
+            assert (payment["status"], payment["amount"]) == ("CAPTURED", sale["total"]), sale
+        elif sale["reason"] == "declined":
+            assert payment["status"] == "FAILED", (sale, payment)
+        else:
+            assert payment["status"] == "REFUNDED", (sale, payment)
+    captured = sum(p["amount"] for p in payments if p["status"] in ("CAPTURED", "REFUNDED"))
+    refunded = sum(p["amount"] for p in payments if p["status"] == "REFUNDED")
+    assert captured - refunded == sum(s["total"] for s in completed)
+
+    # The services' own logs: one charge, one reservation, one commit per sale at most.
+    ids = [s["transaction_id"] for s in sales]
+    charged = await query(
+        magasin.cluster,
+        'SELECT correlation_id, count(*) AS n FROM "magasin_payment".events '
+        "WHERE type = 'PaymentProcessed' AND correlation_id = ANY($1) GROUP BY 1",
+        ids,
+    )
+    assert all(row["n"] == 1 for row in charged), [dict(r) for r in charged if r["n"] > 1]
+    assert {row["correlation_id"] for row in charged} == {
+        s["transaction_id"] for s in sales if s["reason"] != "declined"
+    }
+    moves = await query(
+        magasin.cluster,
+        "SELECT type, stream_id, payload->>'transaction_id' AS sale, count(*) AS n "
+        'FROM "magasin_inventory".events '
+        "WHERE type IN ('StockReserved', 'StockCommitted', 'StockReleased') "
+        "AND payload->>'transaction_id' = ANY($1) GROUP BY 1, 2, 3",
+        ids,
+    )
+    assert all(row["n"] == 1 for row in moves), [dict(r) for r in moves if r["n"] > 1]
+    reserved = await query(
+        magasin.cluster,
+        'SELECT correlation_id, count(*) AS n FROM "magasin_inventory".events '
+        "WHERE type = 'InventoryReserved' AND correlation_id = ANY($1) GROUP BY 1",
+        ids,
+    )
+    assert all(row["n"] == 1 for row in reserved), [dict(r) for r in reserved if r["n"] > 1]
+    letters = [x for x in await dead_letters(magasin.cluster) if x["sale"] in set(ids)]
+    assert not letters, letters
+    return Counter(s["reason"] or s["status"] for s in sales)
+
+
+@pytest.mark.parametrize(
+    "more", [("inventory",), ("inventory", "payment")], ids=lambda more: "+".join(more)
+)
+async def test_competing_consumers_never_promise_stock_or_charge_twice(
+    magasin: Magasin, cluster: Cluster, more: tuple[str, ...]
+) -> None:
+    extra = [cluster.spawn(service) for service in more]  # a second process of each
+    try:
+        await asyncio.gather(*(process.healthy() for process in extra))
+        namespace = cluster.env["MAGASIN_AMQP_NAMESPACE"]
+        for service in more:
+            queue = f"{namespace}.{service}"
+            assert await consumer_count(cluster.env["MAGASIN_AMQP_URL"], queue) == 2
+        store, stock, probe = await stock_up(magasin, "Concurrence", {"A": 20, "B": 15, "C": 10})
+
+        posted = await asyncio.gather(*(
+            magasin.sell(store, items, payment_method=method)
+            for items, method in random_sales(list(stock), 60, seed=2)
+        ))
+        outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
+    finally:
+        for process in extra:
+            cluster.retire(process)
+    # The demand exceeds the stock: the run must have exercised both outcomes.
+    assert outcomes["COMPLETED"] > 0 and outcomes["inventory_unavailable"] > 0, outcomes
+
+
+@pytest.mark.parametrize("victim", ["inventory", "payment", "store", "transaction"])
+async def test_a_service_killed_mid_flight_recovers_and_every_saga_ends(
+    magasin: Magasin, cluster: Cluster, victim: str
+) -> None:
+    store, stock, probe = await stock_up(magasin, f"Crash {victim}", {"A": 25, "B": 25})
+    sales_to_post = random_sales(list(stock), 100, seed=3)
+    posting = asyncio.gather(*(
+        magasin.sell(store, items, payment_method=method) for items, method in sales_to_post
+    ))
+
+    # Kill once the sagas are well under way: some have moved on, many have not ended.
+    async def in_flight() -> Counter[str] | None:
+        sales = await magasin.every("transaction", "/api/transactions", store_id=store)
+        statuses = Counter(s["status"] for s in sales)
+        moved = len(sales) - statuses["PENDING"]
+        ended = statuses["COMPLETED"] + statuses["CANCELLED"]
+        return statuses if moved >= 15 and 1 + len(sales_to_post) - ended >= 30 else None
+
+    await eventually(in_flight, timeout=SAGA_TIMEOUT)
+    process = cluster.first(victim)
+    process.kill()
+    await asyncio.sleep(1.0)
+    process.start()  # same environment, same port
+    await process.healthy()
+    posted = await posting
+
+    outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
+    assert outcomes["COMPLETED"] > 0 and outcomes["inventory_unavailable"] > 0, outcomes
+
+
+async def test_a_refund_after_the_payment_service_restarted_finds_the_charge(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    store, stock, probe = await stock_up(magasin, "Refund after restart", {"A": 1})
+    (product,) = stock
+    inventory, payment = cluster.first("inventory"), cluster.first("payment")
+    inventory.kill()  # holds the sale between its charge and its refund
+    try:
+        sale = await magasin.sell(store, [(product, 2)])  # more than the stock
+
+        async def charged() -> bool:
+            doc = await magasin.ok(
+                "GET", "transaction", f"/api/transactions/{sale['transaction_id']}"
+            )
+            return bool(doc["status"] == "PAYMENT_PROCESSED")
+
+        await eventually(charged)
+        payment.kill()
+        payment.start()
+        await payment.healthy()
+    finally:
+        inventory.start()
+        await inventory.healthy()
+
+    outcomes = await assert_books_balance(magasin, store, stock, [probe, sale])
+    assert outcomes == Counter({"declined": 1, "inventory_unavailable": 1})
+
+
+async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magasin) -> None:
+    store, stock, probe = await stock_up(magasin, "Histoires", {"A": 100, "B": 100})
+    posted = await asyncio.gather(*(
+        magasin.sell(store, [(product, 1)]) for product in list(stock) * 20
+    ))
+
+    await assert_books_balance(magasin, store, stock, [probe, *posted])
+
+    finals = [await magasin.final(sale["transaction_id"]) for sale in posted]
+    assert {sale["status"] for sale in finals} == {"COMPLETED"}
+    assert_every_step_reported(finals)
