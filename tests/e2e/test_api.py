@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import uvicorn
 
@@ -21,6 +20,7 @@ from magasin.bootstrap import Runtime, build_service
 from magasin.payments.gateway import BankGateway, BankSimulator, Charge
 from magasin.payments.service import build as build_payment
 from magasin.service import ServiceContext
+from magasin.shared.messages import RecordedEvent
 from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually
 from tests.e2e.conftest import test_settings as settings_in
 
@@ -38,8 +38,8 @@ async def shelf(shop: Shop) -> dict[str, str]:
     return {"store": store, "coffee": coffee, "milk": milk}
 
 
-async def log_events(shop: Shop) -> list[Any]:
-    events: list[Any] = []
+async def log_events(shop: Shop) -> list[RecordedEvent]:
+    events: list[RecordedEvent] = []
     after = 0
     while page := await shop.runtime.store.read_all(after=after, limit=1000):
         events += page
@@ -149,8 +149,12 @@ async def served(app: Any) -> AsyncIterator[str]:
     """`app` on a real HTTP server on a free local port (lifespan included); yields its URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
     try:
-        await eventually(lambda: asyncio.sleep(0, server.started), timeout=10)
+        await eventually(started, timeout=10)
         port = server.servers[0].sockets[0].getsockname()[1]
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -158,9 +162,10 @@ async def served(app: Any) -> AsyncIterator[str]:
         await task
 
 
-async def test_events_are_pushed_over_real_http_as_they_happen(tmp_path: Path) -> None:
-    """Through a real server, PENDING reaches the client while the bank still holds the
-    charge: the stream is live, not a body sent once the saga is over."""
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[Shop, GatedBank]]:
+    """A whole embedded magasin behind a real HTTP server, whose bank answers only once the
+    test opens its gate: sales stay PENDING until then."""
     settings = settings_in(tmp_path)
     bare = Runtime.embedded(settings, services=())  # its store and bus, no service yet
     ctx = ServiceContext(bare.store, settings)
@@ -168,28 +173,54 @@ async def test_events_are_pushed_over_real_http_as_they_happen(tmp_path: Path) -
     services = [build_service(name, ctx) for name in ("transaction", "inventory", "store")]
     services.append(build_payment(ctx, gateway=bank))
     runtime = Runtime("embedded", settings, bare.store, bare.bus, services)
-
     async with served(create_app(runtime, frozenset({API_KEY}))) as url, httpx.AsyncClient(
         base_url=url, headers={"X-API-Key": API_KEY}, timeout=10, trust_env=False
     ) as client:
-        shop = Shop(client, runtime)
-        store = await shop.open_store()
-        tea = await shop.add_product("THE-3", 500)
-        await shop.restock(store, tea, 5)
-        sale = await shop.sell(store, [(tea, 1)])
+        yield Shop(client, runtime), bank
 
-        statuses = []
-        async with client.stream("GET", f"/api/transactions/{sale['transaction_id']}/events",
-                                 timeout=10) as response:
-            lines = response.aiter_lines()
-            async with asyncio.timeout(10):
-                async for line in lines:
-                    if line.startswith("data: "):
-                        statuses.append(json.loads(line.removeprefix("data: "))["status"])
-                        if statuses == ["PENDING"]:
-                            assert not bank.gate.is_set()
-                            bank.gate.set()  # only now can the saga move on
-        assert statuses == NOMINAL
+
+async def pending_sale(shop: Shop) -> str:
+    store = await shop.open_store()
+    tea = await shop.add_product("THE-3", 500)
+    await shop.restock(store, tea, 5)
+    sale: str = (await shop.sell(store, [(tea, 1)]))["transaction_id"]
+    return sale
+
+
+async def test_events_are_pushed_over_real_http_as_they_happen(
+    gated: tuple[Shop, GatedBank]
+) -> None:
+    """Through a real server, PENDING reaches the client while the bank still holds the
+    charge: the stream is live, not a body sent once the saga is over."""
+    shop, bank = gated
+    sale = await pending_sale(shop)
+
+    statuses = []
+    async with shop.client.stream("GET", f"/api/transactions/{sale}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async with asyncio.timeout(10):
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    statuses.append(json.loads(line.removeprefix("data: "))["status"])
+                    if statuses == ["PENDING"]:
+                        assert not bank.gate.is_set()
+                        bank.gate.set()  # only now can the saga move on
+    assert statuses == NOMINAL
+
+
+async def test_events_stop_with_a_timeout_event_when_the_sale_takes_too_long(
+    gated: tuple[Shop, GatedBank]
+) -> None:
+    shop, bank = gated
+    sale = await pending_sale(shop)
+
+    async with asyncio.timeout(5):
+        response = await shop.client.get(f"/api/transactions/{sale}/events?timeout=0.3")
+
+    assert [name for name, _ in parse_sse(response.text)] == ["status", "timeout"]
+    assert parse_sse(response.text)[0][1]["status"] == "PENDING"
+    bank.gate.set()
+    assert (await shop.final(sale))["status"] == "COMPLETED"
 
 
 # -- webhooks --------------------------------------------------------------------------
@@ -223,7 +254,7 @@ class Hook:
             }
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             status = self.script.pop(0) if self.script else 200
-            self.requests.append(Received(method, path, headers, orjson.loads(body), status))
+            self.requests.append(Received(method, path, headers, json.loads(body), status))
             writer.write(
                 f"HTTP/1.1 {status} Scripted\r\nContent-Length: 0\r\n"
                 "Connection: close\r\n\r\n".encode()
@@ -307,6 +338,23 @@ async def test_a_failing_callback_is_retried_without_holding_the_sale(
     assert await shop.runtime.bus.dead_letters("transaction.notifier") == []
 
 
+async def test_an_unreachable_callback_is_dead_lettered_and_the_sale_stays_completed(
+    shop: Shop, shelf: dict[str, str], unused_tcp_port: int
+) -> None:
+    url = f"http://127.0.0.1:{unused_tcp_port}/nobody-listens"
+    sale = await shop.sell(shelf["store"], [(shelf["milk"], 1)], callback_url=url)
+
+    async def dead_lettered() -> list[Any]:
+        return await shop.runtime.bus.dead_letters("transaction.notifier")
+
+    [letter] = await eventually(dead_lettered, timeout=10)
+    assert letter.event.type == "TransactionCompleted"
+    assert letter.event.payload["transaction_id"] == sale["transaction_id"]
+    assert letter.attempts == shop.runtime.settings.retry_attempts
+    assert "ConnectError" in letter.reason
+    assert (await shop.final(sale["transaction_id"]))["status"] == "COMPLETED"
+
+
 # -- authentication --------------------------------------------------------------------
 
 
@@ -333,11 +381,11 @@ async def test_every_api_route_needs_a_valid_api_key(shop: Shop) -> None:
     for method, path in api:
         missing = await send_as(shop, method, path, None)
         assert missing.status_code == 401, (method, path, missing.text)
-        assert missing.json() == {"detail": "missing X-API-Key header"}
+        assert missing.json() == {"error": "unauthorized", "detail": "missing X-API-Key header"}
         assert missing.headers["www-authenticate"] == "API-Key"
         wrong = await send_as(shop, method, path, "not-" + API_KEY)
         assert wrong.status_code == 401, (method, path, wrong.text)
-        assert wrong.json() == {"detail": "invalid API key"}
+        assert wrong.json() == {"error": "unauthorized", "detail": "invalid API key"}
 
     assert await shop.runtime.store.last_position() == before
 
@@ -425,6 +473,8 @@ async def test_invalid_input_is_refused_precisely_and_writes_nothing(
          422, field_error(["body", "callback_url"], "url_parsing")),
         ("body not JSON", "POST", sales, b"{not json",
          422, lambda r: None),
+        ("misspelt field on a sale", "POST", sales, sale(callbak_url="http://x.test/"),
+         422, field_error(["body", "callbak_url"], "extra_forbidden")),
         ("unknown field on a store", "POST", "/api/stores",
          {"name": "N", "district": "D", "address": "A", "owner": "x"},
          422, field_error(["body", "owner"], "extra_forbidden")),
@@ -491,7 +541,7 @@ async def test_a_long_idempotency_key_is_refused(shop: Shop, shelf: dict[str, st
 # -- Idempotency-Key -------------------------------------------------------------------
 
 
-def created_events(events: list[Any], transaction_id: str) -> list[Any]:
+def created_events(events: list[RecordedEvent], transaction_id: str) -> list[RecordedEvent]:
     return [e for e in events if e.type == "TransactionCreated"
             and e.payload["transaction_id"] == transaction_id]
 
@@ -520,6 +570,11 @@ async def test_the_same_idempotency_key_records_one_sale(
     assert len(created_events(await log_events(shop), tid)) == 1
     payments = await shop.ok("GET", f"/api/payments?transaction_id={tid}")
     assert [p["amount"] for p in payments["items"]] == [2 * 1899], "charged once"
+
+    other = await shop.client.post("/api/transactions", headers=key,
+                                   json={**body, "customer_id": "mallory"})
+    assert other.status_code == 409, "a key reused for another request is refused"
+    assert "different request" in other.json()["detail"]
 
 
 async def test_concurrent_posts_with_one_idempotency_key_record_one_sale(
@@ -589,10 +644,6 @@ async def test_listing_filters_and_pages_in_creation_order(shop: Shop) -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a sale created with an Idempotency-Key gets id uuid5(key), not a "
-    "time-ordered id, so the listing (key order) puts it out of creation order"
-))
 async def test_sales_created_with_an_idempotency_key_list_in_creation_order(
     shop: Shop, shelf: dict[str, str]
 ) -> None:

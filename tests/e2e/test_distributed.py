@@ -34,19 +34,6 @@ RETRY_ATTEMPTS = 3
 TERMINAL = {"COMPLETED", "CANCELLED"}
 SAGA_TIMEOUT = 60.0
 SAGA_STEPS = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
-HISTORY_BUG = (
-    "known bug: when the transaction service handles a saga step after the next one "
-    "(InventoryReserved before PaymentProcessed, or OrderFulfilled before InventoryReserved: "
-    "they come from different services, so RabbitMQ may deliver them in either order), "
-    "Transaction records the late fact but its status does not change, so the step is "
-    "missing from the sale's history"
-)
-BANK_BUG = (
-    "known bug: each payment process has its own in-memory BankSimulator, so a refund "
-    "handled by another payment process than the one that charged (competing consumers), "
-    "or after the payment process restarted, is refused ('no captured charge ... to "
-    "refund'), dead-lettered, and the sale stays CANCELLING"
-)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +221,6 @@ def assert_every_step_reported(sales: list[dict[str, Any]]) -> None:
     """Each completed sale's history lists every step of the saga, in order."""
     histories = [[h["status"] for h in s["history"]] for s in sales]
     wrong = [h for h in histories if h != SAGA_STEPS]
-    if wrong and all(h[0] == "PENDING" and h[-1] == "COMPLETED"
-                     and h == [step for step in SAGA_STEPS if step in h] for h in wrong):
-        pytest.xfail(f"{HISTORY_BUG}; {len(wrong)}/{len(sales)} histories like {wrong[:3]}")
     assert not wrong, wrong
 
 
@@ -394,9 +378,6 @@ async def wait_until_all_terminal(
         # A dead-lettered saga step never runs again by itself: no use waiting for it.
         ids = {s["transaction_id"] for s in sales}
         if letters := [x for x in await dead_letters(magasin.cluster) if x["sale"] in ids]:
-            if all(x["consumer"] == "payment" and "no captured charge" in x["reason"]
-                   for x in letters):
-                pytest.xfail(f"{BANK_BUG}; dead letters: {letters[:5]}")
             raise AssertionError(f"saga steps were dead-lettered: {letters[:10]}")
         if loop.time() > deadline:
             stuck = {s["transaction_id"]: [h["status"] for h in s["history"]]

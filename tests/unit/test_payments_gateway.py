@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.payments.gateway import BankSimulator
 from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
 
@@ -115,3 +117,20 @@ async def test_an_unreachable_bank_raises_unavailable_and_takes_nothing() -> Non
     with pytest.raises(Unavailable):
         await simulator.charge("k", 2500, "CAD", "VISA")
     assert simulator.charges == []
+
+
+async def test_a_bank_with_a_ledger_is_one_bank_for_every_process_and_restart(
+    tmp_path: Path,
+) -> None:
+    async with SqliteEventStore(tmp_path / "bank.db") as ledger:
+        first = BankSimulator(latency_s=0, ledger=ledger)
+        charge = await first.charge("tx-1", 5000, "CAD", "VISA")
+
+        restarted = BankSimulator(latency_s=0, ledger=ledger)
+        assert await restarted.charge("tx-1", 5000, "CAD", "VISA") == charge
+        refund = await restarted.refund("tx-1:refund", charge.reference, 5000)
+
+        third = BankSimulator(latency_s=0, ledger=ledger)
+        assert await third.refund("tx-1:refund", charge.reference, 5000) == refund
+        with pytest.raises(BusinessRuleViolation, match="already refunded"):
+            await third.refund("tx-1:again", charge.reference, 5000)

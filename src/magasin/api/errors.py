@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from magasin.shared.errors import (
     BusinessRuleViolation,
@@ -45,5 +48,24 @@ async def _magasin_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": code, "detail": str(exc)}, status_code=status, headers=headers)
 
 
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
+    return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        {"error": "invalid_input", "detail": jsonable_encoder(exc.errors())}, status_code=422
+    )
+
+
 def install(app: FastAPI) -> None:
+    """Every error answers `{"error": <code>, "detail": <message or list of problems>}`."""
     app.add_exception_handler(MagasinError, _magasin_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

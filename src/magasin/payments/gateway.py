@@ -1,4 +1,4 @@
-"""The bank behind a port, and the in-memory simulator that stands for it.
+"""The bank behind a port, and the simulator that stands for it.
 
     BankGateway.charge / refund
         └── raises Unavailable when the bank cannot be reached (the caller retries with the
@@ -12,12 +12,15 @@ import random
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
+from magasin.eventstore.store import EventStore
 from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
 
 FAILING_METHOD = "FAIL_CARD"
 LIMIT_CENTS = 1_000_000
 """The bank declines any charge over 10000.00 (amounts are in cents)."""
+CHARGES, REFUNDS, CAPTURED = "bank.charges", "bank.refunds", "bank.captured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +65,26 @@ class _Refund:
 
 
 class BankSimulator(BankGateway):
-    """An in-memory bank with the original system's rules.
+    """A bank with the original system's rules.
 
     Declines payment method FAIL_CARD (`declined`), amounts over 10000.00
     (`limit_exceeded`), non-positive amounts (`invalid_amount`) and a seeded random share
     `decline_rate` of the rest (`declined`). Each call waits `latency_s`. Set `reachable`
     to False to simulate an outage: every call then raises Unavailable.
+
+    A real bank remembers its charges whatever happens to its clients. With a `ledger`
+    store, so does this one: every charge and refund is written there before the answer,
+    so all payment processes sharing that store see one bank, across restarts too (a
+    refund handled by another process, a charge retried after a crash). Without one it
+    remembers only in memory, for tests.
     """
 
     def __init__(
-        self, latency_s: float = 0.1, decline_rate: float = 0.0, seed: int | None = None
+        self,
+        latency_s: float = 0.1,
+        decline_rate: float = 0.0,
+        seed: int | None = None,
+        ledger: EventStore | None = None,
     ) -> None:
         if latency_s < 0:
             raise ValueError("latency_s must be >= 0")
@@ -86,6 +99,8 @@ class BankSimulator(BankGateway):
         """Approved charges still holding money: bank reference -> amount."""
         self._refunds: dict[str, _Refund] = {}
         self._refunded: set[str] = set()
+        self._ledger = ledger
+        self._lock = asyncio.Lock()
 
     @property
     def charges(self) -> list[Charge]:
@@ -107,9 +122,12 @@ class BankSimulator(BankGateway):
         self, idempotency_key: str, amount: int, currency: str, method: str
     ) -> Charge:
         await self._call()
-        # No await from here on: check-and-record is atomic for concurrent callers.
-        request = _ChargeRequest(amount, currency, method)
-        known = self._charges.get(idempotency_key)
+        async with self._lock:  # check-and-record is atomic for this process's callers
+            return await self._charge(idempotency_key, _ChargeRequest(amount, currency, method))
+
+    async def _charge(self, idempotency_key: str, request: _ChargeRequest) -> Charge:
+        amount, method = request.amount, request.method
+        known = self._charges.get(idempotency_key) or await self._recall_charge(idempotency_key)
         if known is not None:
             if known[0] != request:
                 raise Conflict(
@@ -119,6 +137,10 @@ class BankSimulator(BankGateway):
         reference = f"CH-{uuid.uuid4().hex[:16].upper()}"
         reason = self._decline_reason(amount, method)
         charge = Charge(approved=reason is None, reference=reference, decline_reason=reason)
+        await self._write(CHARGES, idempotency_key, {
+            "amount": amount, "currency": request.currency, "method": method,
+            "approved": charge.approved, "reference": reference, "decline_reason": reason,
+        })
         self._charges[idempotency_key] = (request, charge)
         if charge.approved:
             self._captured[reference] = amount
@@ -126,7 +148,11 @@ class BankSimulator(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         await self._call()
-        known = self._refunds.get(idempotency_key)
+        async with self._lock:
+            return await self._refund(idempotency_key, reference, amount)
+
+    async def _refund(self, idempotency_key: str, reference: str, amount: int) -> str:
+        known = self._refunds.get(idempotency_key) or await self._recall_refund(idempotency_key)
         if known is not None:
             if (known.charge_reference, known.amount) != (reference, amount):
                 raise Conflict(
@@ -134,6 +160,12 @@ class BankSimulator(BankGateway):
                 )
             return known.reference
         captured = self._captured.get(reference)
+        if captured is None and self._ledger is not None:
+            doc = await self._ledger.get_document(CAPTURED, reference)
+            if doc is not None:
+                captured = self._captured[reference] = int(doc["amount"])
+                if doc.get("refunded"):
+                    self._refunded.add(reference)
         if captured is None:
             raise BusinessRuleViolation(f"no captured charge {reference!r} to refund")
         if reference in self._refunded:
@@ -143,9 +175,46 @@ class BankSimulator(BankGateway):
                 f"refund of {amount} cents is not within the {captured} cents charged"
             )
         refund = _Refund(f"RF-{uuid.uuid4().hex[:16].upper()}", reference, amount)
+        await self._write(REFUNDS, idempotency_key, {
+            "reference": refund.reference, "charge_reference": reference, "amount": amount,
+        })
         self._refunds[idempotency_key] = refund
         self._refunded.add(reference)
         return refund.reference
+
+    async def _write(self, collection: str, key: str, body: dict[str, Any]) -> None:
+        if self._ledger is None:
+            return
+        async with self._ledger.transaction() as uow:
+            uow.put_document(collection, key, body)
+            if collection == CHARGES and body["approved"]:
+                uow.put_document(CAPTURED, body["reference"], {"amount": body["amount"]})
+            elif collection == REFUNDS:
+                uow.put_document(CAPTURED, body["charge_reference"], {
+                    "amount": self._captured[body["charge_reference"]], "refunded": True,
+                })
+
+    async def _recall_charge(self, key: str) -> tuple[_ChargeRequest, Charge] | None:
+        doc = await self._ledger.get_document(CHARGES, key) if self._ledger else None
+        if doc is None:
+            return None
+        known = (
+            _ChargeRequest(doc["amount"], doc["currency"], doc["method"]),
+            Charge(doc["approved"], doc["reference"], doc["decline_reason"]),
+        )
+        self._charges[key] = known
+        if doc["approved"]:
+            self._captured[doc["reference"]] = doc["amount"]
+        return known
+
+    async def _recall_refund(self, key: str) -> _Refund | None:
+        doc = await self._ledger.get_document(REFUNDS, key) if self._ledger else None
+        if doc is None:
+            return None
+        refund = self._refunds[key] = _Refund(
+            doc["reference"], doc["charge_reference"], doc["amount"]
+        )
+        return refund
 
     async def _call(self) -> None:
         if self.latency_s > 0:

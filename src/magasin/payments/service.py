@@ -15,7 +15,8 @@ def default_gateway(ctx: ServiceContext) -> BankGateway:
     """The simulated bank from the settings, behind a circuit breaker (DESIGN.md §2, 6.6.2)."""
     s = ctx.settings
     bank = BankSimulator(
-        latency_s=s.bank_latency_ms / 1000, decline_rate=s.bank_decline_rate, seed=s.bank_seed
+        latency_s=s.bank_latency_ms / 1000, decline_rate=s.bank_decline_rate, seed=s.bank_seed,
+        ledger=ctx.store,
     )
     return CircuitBreaker(bank)
 

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from magasin.api.paging import Cursor, Limit, Page, page_of
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
 from magasin.service import ServiceContext
-from magasin.shared.errors import BusinessRuleViolation, ConcurrencyError, NotFound
+from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
 from magasin.transactions import readmodel
@@ -24,16 +24,20 @@ from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transac
 from magasin.transactions.feed import StatusFeed
 
 sales = Repository(Transaction)
-_IDEMPOTENCY_NS = uuid.UUID("5f0c8a52-4c6e-4d43-9a55-6d1d2b0c7e11")
+IDEMPOTENCY = "transaction.idempotency_keys"
 SSE_HEARTBEAT_S = 15.0
 
 
 class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     product_id: str = Field(min_length=1, max_length=100)
     quantity: int = Field(ge=1, le=MAX_QUANTITY)
 
 
 class NewTransaction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     store_id: str = Field(min_length=1, max_length=100)
     customer_id: str = Field(min_length=1, max_length=100)
     items: list[Item] = Field(min_length=1, max_length=MAX_LINES)
@@ -77,8 +81,16 @@ class TransactionView(BaseModel):
 async def create(
     store: EventStore, body: NewTransaction, key: str | None
 ) -> tuple[dict[str, Any], bool]:
-    """Price the sale from the catalog replica and record it. Returns (view, created)."""
-    ident = str(uuid.uuid5(_IDEMPOTENCY_NS, key)) if key else time_ordered_id()
+    """Price the sale from the catalog replica and record it. Returns (view, created).
+
+    With an Idempotency-Key, the key is claimed in the same unit of work as the sale
+    (through the inbox table, whose (consumer, id) pairs are unique), so two requests
+    with one key create one sale; the second gets it back, unless its body differs.
+    """
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    if key and (replay := await _replay(store, key, fingerprint)) is not None:
+        return replay, False
+    ident = time_ordered_id()
     if await store.get_document(readmodel.STORES, body.store_id) is None:
         raise BusinessRuleViolation(f"unknown store {body.store_id!r}")
     lines, currencies = [], set()
@@ -98,15 +110,27 @@ async def create(
     try:
         async with store.transaction(Causation(correlation_id=ident,
                                                metadata={"service": "transaction"})) as uow:
+            if key:
+                uow.mark_processed(IDEMPOTENCY, key)
+                uow.put_document(IDEMPOTENCY, key, {"transaction_id": ident,
+                                                    "fingerprint": fingerprint})
             sales.save(uow, sale)  # a new aggregate is at version 0: the stream must not exist
             view = await readmodel.project(uow, sale)
-    except ConcurrencyError:
-        # The same Idempotency-Key again: answer with the sale it created.
-        existing = await store.get_document(readmodel.TRANSACTIONS, ident)
-        if existing is None:
+    except AlreadyProcessed:  # the same key, a moment earlier
+        replay = await _replay(store, key or "", fingerprint)
+        if replay is None:
             raise
-        return existing, False
+        return replay, False
     return view, True
+
+
+async def _replay(store: EventStore, key: str, fingerprint: str) -> dict[str, Any] | None:
+    claim = await store.get_document(IDEMPOTENCY, key)
+    if claim is None:
+        return None
+    if claim["fingerprint"] != fingerprint:
+        raise Conflict(f"Idempotency-Key {key!r} was used for a different request")
+    return await _view(store, claim["transaction_id"])
 
 
 def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
@@ -114,7 +138,8 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     api = APIRouter(prefix="/api/transactions", tags=["transactions"])
 
     @api.post("", status_code=201, response_model=TransactionView,
-              responses={200: {"description": "Replay of an Idempotency-Key."}})
+              responses={200: {"description": "Replay of an Idempotency-Key."},
+                         409: {"description": "Idempotency-Key reused for another request."}})
     async def create_transaction(
         body: NewTransaction,
         response: Response,

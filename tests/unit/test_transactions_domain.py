@@ -1,0 +1,159 @@
+"""The Transaction aggregate: the saga's state and when it may complete or cancel."""
+
+from __future__ import annotations
+
+import pytest
+
+from magasin.shared.errors import BusinessRuleViolation, InvalidInput
+from magasin.shared.events import (
+    CompensationStarted,
+    SaleLine,
+    TransactionCancelled,
+    TransactionCompleted,
+    TransactionCreated,
+)
+from magasin.transactions.domain import Status, Transaction
+
+
+def new_sale(*lines: SaleLine, method: str = "VISA") -> Transaction:
+    sale = Transaction.create(
+        "tx-1", store_id="s-1", customer_id=" alice ", currency="CAD", payment_method=method,
+        lines=lines or (SaleLine("p-1", 2, 1899), SaleLine("p-2", 1, 649)),
+    )
+    return sale
+
+
+def types(sale: Transaction) -> list[str]:
+    return [type(e).__name__ for e in sale.pending]
+
+
+def test_a_new_sale_is_pending_and_totals_its_lines_in_cents() -> None:
+    sale = new_sale()
+    (created,) = sale.pending
+    assert isinstance(created, TransactionCreated)
+    assert created.total == 2 * 1899 + 649
+    assert created.customer_id == "alice"
+    assert sale.status is Status.PENDING
+    assert sale.passed == [Status.PENDING]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ((), "at least one line"),
+        ((SaleLine("p", 0, 100),), "between 1 and 1000"),
+        ((SaleLine("p", 1001, 100),), "between 1 and 1000"),
+    ],
+)
+def test_a_sale_with_bad_lines_is_refused(lines: tuple[SaleLine, ...], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        Transaction.create("t", store_id="s", customer_id="c", currency="CAD",
+                           payment_method="VISA", lines=lines)
+
+
+def test_a_product_without_a_price_cannot_be_sold() -> None:
+    with pytest.raises(BusinessRuleViolation, match="no valid price"):
+        new_sale(SaleLine("p", 1, 0))
+
+
+def test_the_happy_path_completes_once_the_order_is_fulfilled() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    assert sale.status is Status.INVENTORY_RESERVED
+    sale.order_fulfilled("ord-1")
+
+    assert sale.status is Status.COMPLETED
+    assert isinstance(sale.pending[-1], TransactionCompleted)
+    assert sale.passed == [
+        Status.PENDING, Status.PAYMENT_PROCESSED, Status.INVENTORY_RESERVED,
+        Status.FULFILLED, Status.COMPLETED,
+    ]
+
+
+def test_steps_reported_out_of_order_still_show_every_status_once() -> None:
+    sale = new_sale()
+    sale.passed.clear()
+    sale.inventory_reserved("res-1")  # arrived before PaymentProcessed
+    sale.payment_captured("pay-1", 4447)
+    sale.order_fulfilled("ord-1")
+    assert sale.passed == [
+        Status.PAYMENT_PROCESSED, Status.INVENTORY_RESERVED, Status.FULFILLED, Status.COMPLETED,
+    ]
+
+
+def test_a_declined_payment_cancels_at_once_as_nothing_was_taken() -> None:
+    sale = new_sale(method="FAIL_CARD")
+    sale.payment_failed("declined")
+    assert sale.status is Status.CANCELLED
+    assert types(sale)[-2:] == ["CompensationStarted", "TransactionCancelled"]
+    cancelled = sale.pending[-1]
+    assert isinstance(cancelled, TransactionCancelled) and cancelled.reason == "declined"
+
+
+def test_inventory_unavailable_waits_for_the_refund_before_cancelling() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_unavailable()
+    assert sale.status is Status.CANCELLING
+
+    sale.payment_refunded(4447)
+    assert sale.status is Status.CANCELLED
+    assert sale.failure == "inventory_unavailable"
+
+
+def test_a_refund_reported_before_the_shortage_cancels_as_soon_as_the_shortage_arrives() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.payment_refunded(4447)
+    assert sale.status is Status.PAYMENT_PROCESSED
+    sale.inventory_unavailable()
+    assert sale.status is Status.CANCELLED
+
+
+def test_a_fulfilment_failure_needs_both_the_refund_and_the_release() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.fulfillment_failed("store_closed")
+    sale.payment_refunded(4447)
+    assert sale.status is Status.CANCELLING, "stock not released yet"
+    sale.inventory_released()
+    assert sale.status is Status.CANCELLED
+    assert sale.failure == "fulfillment_failed:store_closed"
+
+
+def test_an_expired_reservation_compensates_an_unfulfilled_sale() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.inventory_released()
+    sale.reservation_expired()
+    assert sale.status is Status.CANCELLING
+    started = [e for e in sale.pending if isinstance(e, CompensationStarted)]
+    assert started[0].needs_refund
+    sale.payment_refunded(4447)
+    assert sale.status is Status.CANCELLED
+
+
+def test_events_after_the_end_change_nothing() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.order_fulfilled("ord-1")
+    recorded = len(sale.pending)
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_unavailable()
+    sale.fulfillment_failed("late")
+    sale.payment_refunded(4447)
+    assert len(sale.pending) == recorded
+    assert sale.status is Status.COMPLETED
+
+
+def test_a_replayed_sale_has_the_state_it_had() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_unavailable()
+    replayed = Transaction.replay("tx-1", sale.pending, len(sale.pending))
+    assert replayed.status is Status.CANCELLING
+    assert (replayed.payment_id, replayed.total) == ("pay-1", 4447)

@@ -1,0 +1,167 @@
+"""The transaction service's handlers, delivered as the bus would deliver them."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from magasin.messaging.dispatch import Outcome
+from magasin.shared.events import (
+    InventoryReserved,
+    InventoryUnavailable,
+    OrderFulfilled,
+    PaymentProcessed,
+    PaymentRefunded,
+    ProductAdded,
+    ProductPriceChanged,
+    SaleLine,
+    StockLine,
+    StoreRegistered,
+    TransactionCompleted,
+)
+from magasin.transactions import readmodel
+from magasin.transactions.domain import Transaction
+from magasin.transactions.feed import StatusFeed
+from magasin.transactions.handlers import (
+    catalog_handlers,
+    notifier_handlers,
+    saga_handlers,
+    sales,
+)
+from tests.unit.conftest import Harness
+
+SAGA = saga_handlers(StatusFeed())
+
+
+async def open_sale(harness: Harness, callback: str | None = None) -> str:
+    sale = Transaction.create("tx-1", store_id="s-1", customer_id="c", currency="CAD",
+                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)],
+                              callback_url=callback)
+    async with harness.store.transaction() as uow:
+        sales.save(uow, sale)
+        await readmodel.project(uow, sale)
+    return sale.id
+
+
+def paid(tx: str) -> PaymentProcessed:
+    return PaymentProcessed("pay-1", tx, 1000, "CAD", "CH-1", "s-1", (StockLine("p-1", 2),))
+
+
+async def status(harness: Harness, tx: str) -> str:
+    doc = await harness.store.get_document(readmodel.TRANSACTIONS, tx)
+    assert doc is not None
+    return str(doc["status"])
+
+
+async def test_each_reported_step_moves_the_read_model_and_the_sale_completes(
+    harness: Harness,
+) -> None:
+    tx = await open_sale(harness)
+    for aggregate, payload in (
+        ("payment", paid(tx)),
+        ("reservation", InventoryReserved(tx, "res-1", "s-1", (StockLine("p-1", 2),), "2030")),
+        ("order", OrderFulfilled("ord-1", tx, "s-1")),
+    ):
+        (event,) = await harness.given(aggregate, tx, payload, correlation_id=tx)
+        assert (await harness.deliver("transaction", SAGA, event)).outcome is Outcome.HANDLED
+
+    assert await status(harness, tx) == "COMPLETED"
+    (completed,) = await harness.emitted(TransactionCompleted)
+    assert completed.total == 1000
+    doc = await harness.store.get_document(readmodel.TRANSACTIONS, tx)
+    assert doc is not None
+    assert [h["status"] for h in doc["history"]] == [
+        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
+    ]
+
+
+async def test_the_events_a_step_causes_carry_its_correlation_and_causation(
+    harness: Harness,
+) -> None:
+    tx = await open_sale(harness)
+    (event,) = await harness.given("payment", tx, paid(tx), correlation_id=tx)
+    await harness.deliver("transaction", SAGA, event)
+    recorded = await harness.store.read_stream(sales.stream(tx))
+    assert recorded[-1].type == "PaymentRecorded"
+    assert (recorded[-1].correlation_id, recorded[-1].causation_id) == (tx, event.event_id)
+
+
+async def test_a_duplicate_report_has_no_second_effect(harness: Harness) -> None:
+    tx = await open_sale(harness)
+    (event,) = await harness.given("payment", tx, paid(tx), correlation_id=tx)
+    await harness.deliver("transaction", SAGA, event)
+    again = await harness.deliver("transaction", SAGA, event)
+    assert again.outcome is Outcome.DUPLICATE
+    assert len(await harness.store.read_stream(sales.stream(tx))) == 2
+
+
+async def test_a_shortage_cancels_only_after_the_refund(harness: Harness) -> None:
+    tx = await open_sale(harness)
+    for aggregate, payload in (("payment", paid(tx)),
+                               ("reservation", InventoryUnavailable(tx, "s-1", ()))):
+        (event,) = await harness.given(aggregate, tx, payload)
+        await harness.deliver("transaction", SAGA, event)
+    assert await status(harness, tx) == "CANCELLING"
+    (refund,) = await harness.given(
+        "payment", tx, PaymentRefunded("pay-1", tx, 1000, "CAD", "inventory_unavailable", "RF")
+    )
+    await harness.deliver("transaction", SAGA, refund)
+    assert await status(harness, tx) == "CANCELLED"
+
+
+async def test_a_report_about_an_unknown_sale_fails_so_the_bus_retries(
+    harness: Harness,
+) -> None:
+    (event,) = await harness.given("payment", "nobody", paid("nobody"))
+    result = await harness.deliver("transaction", SAGA, event)
+    assert result.outcome is Outcome.FAILED
+    assert "no transaction nobody" in result.reason
+
+
+async def test_the_catalog_replica_keeps_the_newest_price(harness: Harness) -> None:
+    catalog = catalog_handlers()
+    added, changed = await harness.given(
+        "product", "p-1", ProductAdded("p-1", "SKU", "Café", 1899, "CAD"),
+        ProductPriceChanged("p-1", 1999, "CAD"),
+    )
+    await harness.deliver("transaction.catalog", catalog, added)
+    await harness.deliver("transaction.catalog", catalog, changed)
+    # The same product added again later (a replay from another consumer name) is older
+    # news than the price change: the replica keeps the newer price.
+    await harness.deliver("transaction.catalog.replay", catalog, added)
+    doc = await harness.store.get_document(readmodel.PRODUCTS, "p-1")
+    assert doc is not None and doc["unit_price"] == 1999
+    (store,) = await harness.given("store", "s-1", StoreRegistered("s-1", "A", "B", "C"))
+    await harness.deliver("transaction.catalog", catalog, store)
+    assert await harness.store.get_document(readmodel.STORES, "s-1") is not None
+
+
+async def test_a_price_change_before_the_product_is_known_is_retried(
+    harness: Harness,
+) -> None:
+    (changed,) = await harness.given("product", "p-9", ProductPriceChanged("p-9", 5, "CAD"))
+    result = await harness.deliver("transaction.catalog", catalog_handlers(), changed)
+    assert result.outcome is Outcome.FAILED
+
+
+@pytest.mark.parametrize("answer", [200, 500])
+async def test_the_webhook_posts_the_final_state_and_a_failure_is_retried(
+    harness: Harness, answer: int
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(answer)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(endpoint)) as client:
+        tx = await open_sale(harness, callback="http://shop.example/hook")
+        (done,) = await harness.given("transaction", "x", TransactionCompleted(
+            tx, "s-1", "c", 1000, "CAD"))
+        result = await harness.deliver("transaction.notifier", notifier_handlers(client), done)
+
+    assert len(seen) == 1
+    assert seen[0].headers["Idempotency-Key"] == done.event_id
+    assert b'"status":"COMPLETED"' in seen[0].content
+    expected = Outcome.HANDLED if answer == 200 else Outcome.FAILED
+    assert result.outcome is expected
