@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magasin.config import Settings
+from magasin.eventstore.repository import configure_snapshots
 from magasin.eventstore.sqlite import SqliteEventStore, Synchronous
 from magasin.eventstore.store import EventStore
 from magasin.messaging.bus import EventBus, RetryPolicy
 from magasin.messaging.inprocess import InProcessBus
+from magasin.observability.sampler import sample_forever
 from magasin.service import Service, ServiceContext
 from magasin.shared.events import SCHEMAS
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("magasin.bootstrap")
 
-SERVICES = ("transaction", "payment", "inventory", "store")
+SERVICES = ("transaction", "payment", "inventory", "store", "audit", "eventstore")
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -45,7 +47,9 @@ def distributed_store(settings: Settings, service: str | None = None) -> EventSt
     from magasin.eventstore.postgres import PostgresEventStore
 
     schema = settings.database_schema or (f"magasin_{service}" if service else "public")
-    return PostgresEventStore(settings.database_url, schema=schema, outbox=True)
+    # The event store service archives the events of the others: it publishes none.
+    return PostgresEventStore(settings.database_url, schema=schema,
+                              outbox=service != "eventstore")
 
 
 def build_service(name: str, ctx: ServiceContext) -> Service:
@@ -66,6 +70,14 @@ def build_service(name: str, ctx: ServiceContext) -> Service:
         from magasin.stores.service import build as build_store
 
         builders[name] = build_store
+    elif name == "audit":
+        from magasin.audit.service import build as build_audit
+
+        builders[name] = build_audit
+    elif name == "eventstore":
+        from magasin.eventstore_service.service import build as build_eventstore
+
+        builders[name] = build_eventstore
     else:
         raise ValueError(f"unknown service {name!r}; choose among {', '.join(SERVICES)}")
     return builders[name](ctx)
@@ -90,9 +102,19 @@ class Runtime:
         self.services = services
         self.relay = relay
         self._loops: list[asyncio.Task[None]] = []
+        configure_snapshots(store, settings.snapshot_every)
         for service in services:
             for consumer, handlers in service.consumers.items():
-                bus.subscribe(consumer, handlers)
+                bus.subscribe(consumer, handlers, service.retry.get(consumer))
+        from magasin.projections import ProjectionRunner
+
+        # Projections tail this process's own log in both modes (in distributed mode each
+        # service's PostgreSQL schema holds its own events); embedded, through the bus's
+        # shared window of the log, so each event is read once.
+        read = bus.read_log if isinstance(bus, InProcessBus) else None
+        self.projections = ProjectionRunner(
+            store, [p for s in services for p in s.projections], read=read
+        )
 
     @classmethod
     def embedded(cls, settings: Settings, services: tuple[str, ...] = SERVICES) -> Runtime:
@@ -112,17 +134,21 @@ class Runtime:
             namespace=settings.amqp_namespace, retry=retry_policy(settings),
         )
         relay = OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
-        ctx = ServiceContext(store, settings)
+        ctx = ServiceContext(store, settings, mode="distributed")
         return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)
 
     async def start(self) -> None:
         await self.store.open()
+        await self.projections.start()
         await self.bus.start()
         if self.relay is not None:
             await self.relay.start()
         for service in self.services:
             for loop in service.loops:
                 self._loops.append(asyncio.create_task(loop(), name=f"{service.name}-loop"))
+        self._loops.append(asyncio.create_task(
+            sample_forever(self, self.settings.metrics_sample_s), name="metrics-sampler"
+        ))
         log.info("magasin %s runtime started: %s", self.mode,
                  ", ".join(s.name for s in self.services))
 
@@ -134,6 +160,7 @@ class Runtime:
         if self.relay is not None:
             await self.relay.stop()
         await self.bus.stop()
+        await self.projections.stop()
         for service in self.services:
             for close in service.on_stop:
                 await close()

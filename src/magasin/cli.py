@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
@@ -16,9 +15,13 @@ from rich.table import Table
 
 from magasin import __version__
 from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, embedded_store
+from magasin.cli_deadletters import app as dead_letters_app
 from magasin.config import Settings
 from magasin.demo import drive, seed_if_empty
 from magasin.eventstore.store import ANY, EventStore
+from magasin.observability import logging as logs
+from magasin.observability import tracing
+from magasin.projections.cli import app as projections_app
 from magasin.shared.errors import MagasinError
 from magasin.shared.messages import NewEvent, RecordedEvent
 
@@ -26,6 +29,8 @@ app = typer.Typer(help="magasin: event-driven backend for a chain of retail stor
                   no_args_is_help=True)
 events_app = typer.Typer(help="Read and write the event log.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+app.add_typer(projections_app, name="projections")
+app.add_typer(dead_letters_app, name="dead-letters")
 console = Console()
 
 Distributed = Annotated[
@@ -155,11 +160,17 @@ def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
 
     from magasin.api.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Embedded: one process named magasin, logs for a person; distributed: one service per
+    # process, JSON lines for a log collector (MAGASIN_LOG_FORMAT overrides). OTEL_* turn
+    # tracing on.
+    embedded = runtime.mode == "embedded"
+    service = "magasin" if embedded else runtime.services[0].name
+    logs.configure(service, "console" if embedded else "json")
+    tracing.configure(service)
     app = create_app(runtime, keys)
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port, log_level="warning",
-        access_log=False,
+        access_log=False, log_config=None,
     ))
 
     async def main() -> None:
@@ -170,7 +181,10 @@ def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
             await ready()
         await serving
 
-    _run(main())
+    try:
+        _run(main())
+    finally:
+        tracing.shutdown()  # flush the spans still buffered
 
 
 async def _tail(store: EventStore, after: int, follow: bool) -> None:

@@ -39,13 +39,45 @@ class Settings(BaseSettings):
     )
     currency: str = Field("CAD", pattern="^[A-Z]{3}$", description="Currency of the catalog.")
     bank_latency_ms: float = Field(100.0, ge=0, description="Simulated bank call latency.")
+    metrics_sample_s: float = Field(
+        5.0, gt=0, description="How often the sampled gauges (backlogs, lags, active sagas) "
+        "are refreshed for /metrics, seconds."
+    )
     bank_decline_rate: float = Field(
         0.0, ge=0, le=1, description="Share of charges the simulated bank declines at random."
     )
     bank_seed: int | None = Field(None, description="Seed of the bank's random declines.")
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Bank breaker opens at this failure rate of the window."
+    )
+    breaker_window: int = Field(10, ge=1, description="Bank breaker: last calls it judges by.")
+    breaker_min_calls: int = Field(5, ge=1, description="Bank breaker: calls before judging.")
+    breaker_open_s: float = Field(30.0, ge=0, description="Bank breaker: seconds kept open.")
+    breaker_half_open_calls: int = Field(
+        3, ge=1, description="Bank breaker: trial calls that must succeed to close it."
+    )
     reservation_ttl_s: float = Field(1800.0, gt=0, description="Reservation lifetime, seconds.")
     reservation_sweep_s: float = Field(
         5.0, gt=0, description="How often expired reservations are looked for, seconds."
+    )
+    deadline_payment_s: float = Field(
+        60.0, gt=0, description="A saga waiting this long for its payment is compensated."
+    )
+    deadline_reservation_s: float = Field(
+        30.0, gt=0, description="A paid saga waiting this long for its stock is compensated."
+    )
+    deadline_fulfilment_s: float = Field(
+        30.0, gt=0, description="A reserved saga waiting this long for its order is compensated."
+    )
+    deadline_sweep_s: float = Field(
+        1.0, gt=0, description="How often sagas past their step's deadline are looked for."
+    )
+    admin_api_keys: str = Field(
+        "", description="Comma-separated API keys that may also run admin operations."
+    )
+
+    snapshot_every: int = Field(
+        100, ge=0, description="Snapshot an aggregate every N events; 0 = no snapshots."
     )
 
     @property

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from magasin.config import Settings
 from magasin.eventstore.store import EventStore
-from magasin.messaging.bus import Handler
+from magasin.messaging.bus import Handler, RetryPolicy
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+
+    from magasin.projections import Projection
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class ServiceContext:
 
     store: EventStore
     settings: Settings
+    mode: str = "embedded"
+    """`embedded` (every service shares one log) or `distributed` (each has its own)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class Service:
     `consumers` maps a consumer name (unique across services, e.g. `payment`) to its
     explicit registry `{event type: handler}`; `loops` are background coroutines (an expiry
     sweeper, say) started with the service and cancelled when it stops; `on_stop` closes
-    what the service opened (an HTTP client, say).
+    what the service opened (an HTTP client, say); `projections` are its read models, kept
+    up to date from its own event log in both modes.
     """
 
     name: str
@@ -37,3 +42,8 @@ class Service:
     router: APIRouter | None = None
     loops: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    projections: Sequence[Projection] = field(default_factory=tuple)
+    retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    """Retry policies of consumers that need another than the runtime's (by consumer)."""
+    health: Callable[[], Mapping[str, Any]] | None = None
+    """Details `/health` shows under `checks.<service>` (a circuit breaker's state, say)."""

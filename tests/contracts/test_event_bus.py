@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from pydantic import BaseModel
 
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import EventStore, UnitOfWork
-from magasin.messaging.bus import EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
+from magasin.observability.metrics import REGISTRY
+from magasin.shared.errors import Conflict, NotFound
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.05, multiplier=2.0, jitter=0.0)
@@ -49,7 +52,10 @@ async def bus_env(
         namespace = request.getfixturevalue("amqp_namespace")
 
     async def make(
-        subscriptions: dict[str, dict[str, Handler]], retry: RetryPolicy = FAST_RETRY
+        subscriptions: dict[str, dict[str, Handler]],
+        retry: RetryPolicy = FAST_RETRY,
+        start: bool = True,
+        retries: dict[str, RetryPolicy] | None = None,
     ) -> EventBus:
         bus: EventBus
         if kind == "inprocess":
@@ -61,7 +67,9 @@ async def bus_env(
 
             bus = RabbitMQBus(url, store=store, schemas=SCHEMAS, namespace=namespace, retry=retry)
         for consumer, handlers in subscriptions.items():
-            bus.subscribe(consumer, handlers)
+            bus.subscribe(consumer, handlers, (retries or {}).get(consumer))
+        if not start:  # what a CLI holds: a bus to operate dead letters, not to consume
+            return bus
         await bus.start()
         made.append(bus)
         return bus
@@ -304,3 +312,237 @@ def test_subscribing_to_an_unregistered_type_is_refused(tmp_path: Path) -> None:
     bus = InProcessBus(SqliteEventStore(tmp_path / "x.db"), SCHEMAS)
     with pytest.raises(ValueError, match="unregistered"):
         bus.subscribe("carts", {"Nonsense": Recorder()})
+
+
+# -- operating dead letters ----------------------------------------------------------------
+
+
+class Fixable:
+    """A handler that fails while `broken` (a bug, a missing reference) and counts calls."""
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.broken = True
+        self.calls: list[RecordedEvent] = []
+
+    async def __call__(self, event: RecordedEvent, uow: UnitOfWork) -> None:
+        self.calls.append(event)
+        if self.broken:
+            raise RuntimeError(f"cannot handle {event.payload['sku']}")
+        uow.put_document("effects", f"{self.consumer}:{event.event_id}", {"n": 1})
+
+    def handled(self, event_id: str) -> int:
+        return sum(1 for e in self.calls if e.event_id == event_id)
+
+
+async def dead_lettered(bus: EventBus, consumer: str, n: int = 1) -> list[DeadLetter]:
+    async def enough() -> list[DeadLetter] | None:
+        letters = await bus.dead_letters(consumer)
+        return letters if len(letters) >= n else None
+
+    letters: list[DeadLetter] = await eventually(enough)
+    return letters
+
+
+async def effect_of(store: EventStore, consumer: str, event_id: str) -> bool:
+    return await store.get_document("effects", f"{consumer}:{event_id}") is not None
+
+
+async def test_a_requeued_dead_letter_goes_to_its_consumer_only_and_takes_effect_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken, healthy = Fixable("broken"), Fixable("healthy")
+    healthy.broken = False
+    bus = await make({"broken": {"ItemAdded": broken}, "healthy": {"ItemAdded": healthy}})
+    (event,) = await produce(store, "cart-1", added("X"))
+    await bus.publish([event])
+    (letter,) = await dead_lettered(bus, "broken")
+    assert broken.handled(event.event_id) == FAST_RETRY.attempts
+
+    broken.broken = False  # the fix
+    requeued = await bus.requeue_dead_letter(letter.id)
+    assert requeued.status is DeadLetterStatus.REQUEUED
+    with pytest.raises(Conflict, match="requeued already"):
+        await bus.requeue_dead_letter(letter.id)
+
+    await eventually(lambda: effect_of(store, "broken", event.event_id))
+    await asyncio.sleep(0.3)
+    assert broken.handled(event.event_id) == FAST_RETRY.attempts + 1
+    assert healthy.handled(event.event_id) == 1, "the other consumer got it again"
+    assert await bus.dead_letters("broken") == []
+    assert (await bus.dead_letter(letter.id)).status is DeadLetterStatus.REQUEUED
+
+
+async def test_two_requeues_at_once_deliver_the_message_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken = Fixable("broken")
+    bus = await make({"broken": {"ItemAdded": broken}})
+    (event,) = await produce(store, "cart-1", added("X"))
+    await bus.publish([event])
+    (letter,) = await dead_lettered(bus, "broken")
+    broken.broken = False
+
+    outcomes = await asyncio.gather(
+        bus.requeue_dead_letter(letter.id), bus.requeue_dead_letter(letter.id),
+        return_exceptions=True,
+    )
+    assert sorted(type(o).__name__ for o in outcomes) == ["Conflict", "DeadLetter"]
+    await eventually(lambda: effect_of(store, "broken", event.event_id))
+    await asyncio.sleep(0.3)
+    assert broken.handled(event.event_id) == FAST_RETRY.attempts + 1
+
+
+async def test_a_requeued_letter_that_fails_again_is_dead_lettered_again(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken = Fixable("broken")
+    bus = await make({"broken": {"ItemAdded": broken}})
+    (event,) = await produce(store, "cart-1", added("X"))
+    await bus.publish([event])
+    (letter,) = await dead_lettered(bus, "broken")
+
+    await bus.requeue_dead_letter(letter.id)  # without a fix
+    (again,) = await dead_lettered(bus, "broken")
+    assert again.id == letter.id and again.status is DeadLetterStatus.PENDING
+    assert again.attempts == FAST_RETRY.attempts, "a requeue gets a fresh retry budget"
+    assert broken.handled(event.event_id) == 2 * FAST_RETRY.attempts
+
+    broken.broken = False
+    await bus.requeue_dead_letter(again.id)
+    await eventually(lambda: effect_of(store, "broken", event.event_id))
+
+
+async def test_a_bus_that_is_not_started_requeues_for_the_running_one(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken = Fixable("broken")
+    running = await make({"broken": {"ItemAdded": broken}})
+    (event,) = await produce(store, "cart-1", added("X"))
+    await running.publish([event])
+    (letter,) = await dead_lettered(running, "broken")
+    broken.broken = False
+
+    operator = await make({"broken": {"ItemAdded": Fixable("unused")}}, start=False)
+    await operator.requeue_dead_letter(letter.id)
+    await eventually(lambda: effect_of(store, "broken", event.event_id))
+    assert broken.handled(event.event_id) == FAST_RETRY.attempts + 1
+
+
+async def test_bulk_requeue_takes_every_pending_letter_of_one_consumer(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken, other = Fixable("broken"), Fixable("other")
+    bus = await make({"broken": {"ItemAdded": broken}, "other": {"ItemAdded": other}})
+    events = await produce(store, "cart-1", added("A"), added("B"))
+    await bus.publish(events)
+    await dead_lettered(bus, "broken", 2)
+    await dead_lettered(bus, "other", 2)
+    broken.broken = False
+
+    requeued = await bus.requeue_dead_letters("broken")
+    assert len(requeued) == 2
+    for event in events:
+        await eventually(lambda e=event: effect_of(store, "broken", e.event_id))
+    assert await bus.dead_letters("broken") == []
+    assert len(await bus.dead_letters("other")) == 2
+    assert await bus.requeue_dead_letters("broken") == []
+
+
+async def test_an_archived_letter_is_kept_but_no_longer_listed_by_default(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    bus = await make({"broken": {"ItemAdded": Fixable("broken")}})
+    await bus.publish(await produce(store, "cart-1", added("X")))
+    (letter,) = await dead_lettered(bus, "broken")
+
+    archived = await bus.archive_dead_letter(letter.id)
+    assert archived.status is DeadLetterStatus.ARCHIVED
+    assert await bus.dead_letters() == []
+    assert [x.id for x in await bus.dead_letters(status=DeadLetterStatus.ARCHIVED)] == [letter.id]
+    kept = await bus.dead_letter(letter.id)
+    assert (kept.status, kept.reason, kept.body) == (
+        DeadLetterStatus.ARCHIVED, letter.reason, letter.body
+    )
+
+
+async def test_dead_letters_are_listed_by_consumer_type_and_part_of_the_reason(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+
+    async def refuses_closing(event: RecordedEvent, uow: UnitOfWork) -> None:
+        raise PermissionError("store closed for inventory")
+
+    bus = await make({
+        "broken": {"ItemAdded": Fixable("broken"), "CartClosed": refuses_closing},
+        "other": {"ItemAdded": Fixable("other")},
+    })
+    await bus.publish(await produce(
+        store, "cart-1", added("X"), NewEvent("CartClosed", {"reason": "paid"})
+    ))
+    await dead_lettered(bus, "broken", 2)
+    await dead_lettered(bus, "other", 1)
+
+    assert len(await bus.dead_letters()) == 3
+    assert {x.type for x in await bus.dead_letters("broken")} == {"ItemAdded", "CartClosed"}
+    assert {x.consumer for x in await bus.dead_letters(type="ItemAdded")} == {"broken", "other"}
+    (closed,) = await bus.dead_letters(reason="STORE CLOSED")
+    assert (closed.consumer, closed.type) == ("broken", "CartClosed")
+    assert await bus.dead_letters("other", type="CartClosed") == []
+
+
+async def test_an_unknown_dead_letter_is_not_found(bus_env: tuple[EventStore, MakeBus]) -> None:
+    _, make = bus_env
+    bus = await make({"broken": {"ItemAdded": Fixable("broken")}})
+    for operation in (bus.dead_letter, bus.requeue_dead_letter, bus.archive_dead_letter):
+        with pytest.raises(NotFound):
+            await operation("broken:nothing-like-this")
+
+
+async def test_a_consumer_can_have_a_retry_policy_of_its_own(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    patient, hasty = Fixable("patient"), Fixable("hasty")
+    longer = RetryPolicy(attempts=5, initial_delay=0.02, multiplier=1.5, jitter=0.0)
+    bus = await make(
+        {"patient": {"ItemAdded": patient}, "hasty": {"ItemAdded": hasty}},
+        retries={"patient": longer},
+    )
+    await bus.publish(await produce(store, "cart-1", added("X")))
+    (slow,) = await dead_lettered(bus, "patient")
+    (fast,) = await dead_lettered(bus, "hasty")
+    assert (slow.attempts, fast.attempts) == (5, FAST_RETRY.attempts)
+    assert (len(patient.calls), len(hasty.calls)) == (5, FAST_RETRY.attempts)
+
+
+async def test_dead_lettering_counts_in_the_alert_metric_and_logs_one_error_line(
+    bus_env: tuple[EventStore, MakeBus], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, make = bus_env
+    labels = {"consumer": "alerting", "reason_kind": "RuntimeError"}
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("magasin_dead_letters_total", labels) or 0.0
+
+    before = counted()
+    bus = await make({"alerting": {"ItemAdded": Fixable("alerting")}})
+    with caplog.at_level(logging.ERROR, logger="magasin.messaging.deadletters"):
+        await bus.publish(await produce(store, "cart-1", added("X")))
+        await dead_lettered(bus, "alerting")
+
+        async def alerted() -> bool:
+            return counted() == before + 1
+
+        await eventually(alerted)
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "magasin.messaging.deadletters" and r.levelno == logging.ERROR]
+    assert len(lines) == 1
+    assert "alerting" in lines[0] and "RuntimeError: cannot handle X" in lines[0]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from magasin.eventstore.store import ANY, NO_STREAM, EventStore, Snapshot
+from magasin.eventstore.store import ANY, NO_STREAM, EventFilter, EventStore, Snapshot
 from magasin.shared.errors import (
     AlreadyProcessed,
     ConcurrencyError,
@@ -163,6 +163,46 @@ async def test_snapshots_keep_the_latest_version(store: EventStore) -> None:
     assert snap is not None and snap.version == 20
 
 
+async def test_past_snapshots_are_found_by_version_and_by_moment(store: EventStore) -> None:
+    t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+    for version in (100, 200, 300):
+        at = t0 + timedelta(minutes=version)
+        await store.save_snapshot(Snapshot("cart-1", version, {"v": version}, event_at=at))
+
+    latest = await store.load_snapshot("cart-1")
+    below = await store.load_snapshot("cart-1", max_version=250)
+    earlier = await store.load_snapshot("cart-1", until=t0 + timedelta(minutes=299))
+    assert latest is not None and latest.version == 300
+    assert below is not None and below.state == {"v": 200}
+    assert earlier is not None and earlier.event_at == t0 + timedelta(minutes=200)
+    assert await store.load_snapshot("cart-1", max_version=99) is None
+
+
+async def test_read_events_filters_the_log_and_pages_by_position(store: EventStore) -> None:
+    t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+
+    def at(minutes: int, kind: str, correlation: str | None = None) -> NewEvent:
+        return NewEvent(type=kind, payload={"m": minutes}, correlation_id=correlation,
+                        occurred_at=t0 + timedelta(minutes=minutes))
+
+    await store.append("cart-1", [at(1, "ItemAdded", "tx-1"), at(2, "ItemRemoved", "tx-1")])
+    await store.append("cartx-1", [at(3, "ItemAdded")])
+    await store.append("order-1", [at(4, "OrderPlaced", "tx-1"), at(5, "ItemAdded", "tx-2")])
+
+    async def minutes(where: EventFilter, after: int = 0, limit: int = 100) -> list[object]:
+        return [e.payload["m"] for e in await store.read_events(where, after=after, limit=limit)]
+
+    assert await minutes(EventFilter(stream_id="cart-1")) == [1, 2]
+    assert await minutes(EventFilter(aggregates=("cart",))) == [1, 2]
+    assert await minutes(EventFilter(aggregates=("cart", "order"))) == [1, 2, 4, 5]
+    assert await minutes(EventFilter(types=("ItemAdded",))) == [1, 3, 5]
+    assert await minutes(EventFilter(correlation_id="tx-1")) == [1, 2, 4]
+    assert await minutes(EventFilter(since=t0 + timedelta(minutes=2),
+                                     until=t0 + timedelta(minutes=4))) == [2, 3, 4]
+    first = await store.read_events(EventFilter(), limit=2)
+    assert await minutes(EventFilter(), after=first[-1].global_position) == [3, 4, 5]
+
+
 async def test_a_unit_of_work_commits_everything_together(store: EventStore) -> None:
     async with store.transaction() as uow:
         uow.append("a-1", [ev()], NO_STREAM)
@@ -254,6 +294,84 @@ async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) ->
     assert await store.get_document("other", "k1") == {"consumer": "a"}
 
 
+async def test_a_collection_is_replaced_by_another_in_one_commit(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.put_document("stock", "old", {"n": 1})
+        uow.put_document("stock", "both", {"n": 1})
+        uow.put_document("stock~rebuild", "both", {"n": 2})
+        uow.put_document("stock~rebuild", "new", {"n": 2})
+        uow.put_document("orders", "old", {"n": 9})
+
+    async with store.transaction() as uow:
+        uow.replace_collection("stock", "stock~rebuild")
+
+    assert await store.find_documents("stock") == [("both", {"n": 2}), ("new", {"n": 2})]
+    assert await store.find_documents("stock~rebuild") == []
+    assert await store.get_document("orders", "old") == {"n": 9}
+
+
+async def test_a_failed_unit_of_work_replaces_no_collection(store: EventStore) -> None:
+    await store.append("s-1", [ev()])
+    async with store.transaction() as uow:
+        uow.put_document("live", "a", {"n": 1})
+        uow.put_document("shadow", "b", {"n": 2})
+
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            uow.replace_collection("live", "shadow")
+            uow.append("s-1", [ev()], NO_STREAM)  # conflicts: nothing may be swapped
+
+    assert [k for k, _ in await store.find_documents("live")] == ["a"]
+    assert [k for k, _ in await store.find_documents("shadow")] == ["b"]
+
+
+async def test_clearing_a_collection_leaves_the_others(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.put_document("shadow", "a", {"n": 1})
+        uow.put_document("live", "a", {"n": 1})
+    async with store.transaction() as uow:
+        uow.clear_collection("shadow")
+
+    assert await store.find_documents("shadow") == []
+    assert await store.get_document("live", "a") == {"n": 1}
+
+
+async def test_a_conditional_checkpoint_moves_only_from_the_expected_position(
+    store: EventStore,
+) -> None:
+    async with store.transaction() as uow:
+        uow.set_checkpoint("projection:x", 5, expected=0)  # none stored counts as 0
+    async with store.transaction() as uow:
+        uow.set_checkpoint("projection:x", 9, expected=5)
+    assert await store.get_checkpoint("projection:x") == 9
+
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            uow.put_document("live", "k", {"stale": True})
+            uow.set_checkpoint("projection:x", 12, expected=5)  # someone moved it to 9
+
+    assert await store.get_checkpoint("projection:x") == 9
+    assert await store.get_document("live", "k") is None
+
+
+async def test_of_two_concurrent_conditional_checkpoint_moves_one_wins(
+    store: EventStore,
+) -> None:
+    async with store.transaction() as uow:
+        uow.set_checkpoint("projection:race", 1)
+
+    async def move(to: int) -> None:
+        async with store.transaction() as uow:
+            uow.put_document("race", str(to), {"to": to})
+            uow.set_checkpoint("projection:race", to, expected=1)
+
+    outcomes = await asyncio.gather(move(2), move(3), return_exceptions=True)
+
+    assert sorted(type(o).__name__ for o in outcomes) == ["ConcurrencyError", "NoneType"]
+    winner = await store.get_checkpoint("projection:race")
+    assert [k for k, _ in await store.find_documents("race")] == [str(winner)]
+
+
 async def test_outbox_hands_out_unsent_events_until_marked_sent(
     store_factory: MakeStore,
 ) -> None:
@@ -278,6 +396,18 @@ async def test_without_outbox_appends_leave_nothing_to_relay(store: EventStore) 
     await store.append("order-1", [ev()])
     async with store.outbox_batch(10) as batch:
         assert batch == []
+    assert await store.outbox_backlog() == 0
+
+
+async def test_outbox_backlog_counts_events_until_they_are_sent(store_factory: MakeStore) -> None:
+    store = await store_factory(outbox=True)
+    await store.append("order-1", [ev(n=1), ev(n=2)])
+    await store.append("order-2", [ev(n=3)])
+    assert await store.outbox_backlog() == 3
+
+    async with store.outbox_batch(2):
+        pass
+    assert await store.outbox_backlog() == 1
 
 
 async def test_events_survive_closing_and_reopening_the_store(

@@ -74,7 +74,11 @@ class Shop:
 
     async def final(self, transaction_id: str) -> dict[str, Any]:
         async def done() -> dict[str, Any] | None:
-            doc = await self.ok("GET", f"/api/transactions/{transaction_id}")
+            r = await self.client.get(f"/api/transactions/{transaction_id}")
+            if r.status_code == 404:  # created, not projected into the read model yet
+                return None
+            assert r.status_code == 200, r.text
+            doc: dict[str, Any] = r.json()
             return doc if doc["status"] in TERMINAL else None
 
         result: dict[str, Any] = await eventually(done)

@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 
 SERVICES = ("store", "inventory", "payment", "transaction")
+OPTIONAL_SERVICES = ("audit", "eventstore")
+"""Services a test may spawn on top of the four of the saga."""
 CONSUMERS = (
     "store", "inventory", "payment", "transaction", "transaction.catalog",
-    "transaction.notifier",
+    "transaction.notifier", "transaction.sagas", "transaction.saga-metrics", "audit",
+    "eventstore",
 )
 """Every consumer the four services subscribe (one RabbitMQ work queue each)."""
 HEALTH_TIMEOUT = 30.0
@@ -45,6 +48,8 @@ class ServiceProcess:
         self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.command = ["serve", service]
+        """Arguments of `python -m magasin` (`["up", "--no-demo-data"]` for embedded)."""
 
     @property
     def url(self) -> str:
@@ -67,8 +72,7 @@ class ServiceProcess:
                       f"on port {self.port} =====\n".encode())
             log.flush()
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "magasin", "serve", self.service,
-                 "--port", str(self.port)],
+                [sys.executable, "-m", "magasin", *self.command, "--port", str(self.port)],
                 env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
@@ -149,7 +153,7 @@ class Cluster:
 
     def spawn(self, service: str) -> ServiceProcess:
         """Start one more process of `service` on a free port (wait with `healthy()`)."""
-        if service not in SERVICES:
+        if service not in SERVICES + OPTIONAL_SERVICES:
             raise ValueError(f"unknown service {service!r}")
         count = sum(p.service == service for p in self.processes)
         log_path = self.workdir / f"{service}-{count + 1}.log"

@@ -373,7 +373,7 @@ async def test_every_api_route_needs_a_valid_api_key(shop: Shop) -> None:
         for path, operations in spec["paths"].items()
         for method in operations
     ]
-    assert {path for _, path in routes if not path.startswith("/api/")} == {"/health"}
+    assert {path for _, path in routes if not path.startswith("/api/")} == {"/health", "/metrics"}
     api = [(method, path) for method, path in routes if path.startswith("/api/")]
     assert len(api) >= 20, api
     before = await shop.runtime.store.last_position()
@@ -660,6 +660,10 @@ async def test_sales_created_with_an_idempotency_key_list_in_creation_order(
         made.append((await eventually(post)).json()["transaction_id"])
         await asyncio.sleep(0.002)  # distinct milliseconds: order is not left to chance
 
+    async def all_listed() -> bool:  # the list is a projection: it shows them shortly
+        return sum(map(len, await ids_of(shop, ""))) == len(made)
+
+    await eventually(all_listed)
     assert await ids_of(shop, "") == [made]
 
 

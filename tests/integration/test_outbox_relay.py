@@ -55,6 +55,15 @@ class SpyBus(EventBus):
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self.inner.dead_letters(consumer)
 
+    async def dead_letter(self, letter_id: str) -> DeadLetter:
+        return await self.inner.dead_letter(letter_id)
+
+    async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
+        return await self.inner.requeue_dead_letter(letter_id)
+
+    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
+        return await self.inner.archive_dead_letter(letter_id)
+
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         async with asyncio.timeout(WAIT):
             while not predicate():

@@ -22,7 +22,7 @@ from magasin.shared.events import (
     StockLine,
     StoreRegistered,
 )
-from tests.unit.conftest import Harness
+from tests.unit.conftest import Harness, ProjectingTransport
 
 INVENTORY = handlers(600.0)
 
@@ -40,7 +40,7 @@ async def client(harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
     for event in events:
         assert (await harness.deliver("inventory", INVENTORY, event)).outcome is Outcome.HANDLED
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t"
+        transport=ProjectingTransport(app, harness.store), base_url="http://t"
     ) as http:
         yield http
 

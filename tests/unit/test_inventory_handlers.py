@@ -33,7 +33,7 @@ from magasin.shared.events import (
     TransactionCancelled,
     TransactionCompleted,
 )
-from tests.unit.conftest import Harness
+from tests.unit.conftest import Harness, project_all
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 TTL = 600.0
@@ -67,6 +67,7 @@ async def send(harness: Harness, transaction_id: str, *payloads: Any) -> list[Re
             correlation_id=transaction_id,
         )
         results.append(await harness.deliver("inventory", INVENTORY, event))
+    await project_all(harness.store)  # the expiry sweep reads the reservations read model
     return results
 
 
@@ -90,13 +91,13 @@ def fulfilled(transaction_id: str) -> OrderFulfilled:
 
 
 async def stock(harness: Harness, product: str) -> tuple[int, int, int]:
-    doc = await harness.store.get_document("inventory.stock", f"S1:{product}")
+    doc = await harness.read_model("inventory.stock", f"S1:{product}")
     assert doc is not None
     return doc["on_hand"], doc["reserved"], doc["available"]
 
 
 async def reservation(harness: Harness, transaction_id: str) -> dict[str, Any]:
-    doc = await harness.store.get_document("inventory.reservations", transaction_id)
+    doc = await harness.read_model("inventory.reservations", transaction_id)
     assert doc is not None
     return doc
 
@@ -287,7 +288,7 @@ async def test_completion_or_failed_fulfilment_before_the_reservation_is_retried
     results = await send(harness, "T1", completed("T1"), failure, fulfilled("T1"))
     assert [r.outcome for r in results] == [Outcome.FAILED] * 3
     assert "before its reservation" in results[0].reason
-    assert await harness.store.get_document("inventory.reservations", "T1") is None
+    assert await harness.read_model("inventory.reservations", "T1") is None
 
 
 # -- expiry ---------------------------------------------------------------------------
@@ -303,6 +304,7 @@ async def test_expiry_releases_only_unfulfilled_reservations_past_due(
     [event] = await harness.given("payment", "pay-T3", paid("T3", ("P1", 3)),
                                   correlation_id="T3")
     await harness.deliver("inventory", later, event)
+    await project_all(harness.store)
     due = NOW + timedelta(seconds=TTL)
 
     assert await expire_reservations(harness.store, due - timedelta(seconds=1)) == 0

@@ -16,7 +16,7 @@ from magasin.payments.gateway import BankSimulator
 from magasin.payments.handlers import handlers
 from magasin.service import ServiceContext
 from magasin.shared.events import InventoryUnavailable, MissingLine, SaleLine, TransactionCreated
-from tests.unit.conftest import Harness
+from tests.unit.conftest import Harness, ProjectingTransport
 
 
 async def sale(harness: Harness, bank: BankSimulator, tx: str, store: str, method: str) -> None:
@@ -44,7 +44,7 @@ async def client(harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     errors.install(app)
     app.include_router(router(ServiceContext(harness.store, Settings())))
-    transport = httpx.ASGITransport(app=app)
+    transport = ProjectingTransport(app, harness.store)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         yield http
 

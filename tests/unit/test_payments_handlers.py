@@ -87,7 +87,7 @@ async def test_transaction_created_charges_and_records_payment_processed(
     assert processed.lines == (StockLine("p-1", 2), StockLine("p-2", 1))
     assert processed.bank_reference == bank.charges[0].reference
     assert bank.captured_total == 2500
-    doc = await harness.store.get_document(PAYMENTS, TX)
+    doc = await harness.read_model(PAYMENTS, TX)
     assert doc is not None
     assert doc["status"] == "CAPTURED"
     assert (doc["payment_id"], doc["bank_reference"]) == (
@@ -109,7 +109,7 @@ async def test_fail_card_is_declined_and_records_payment_failed(harness: Harness
     [failed] = await harness.emitted(PaymentFailed)
     assert (failed.transaction_id, failed.reason, failed.amount) == (TX, "declined", 2500)
     assert await harness.emitted(PaymentProcessed) == []
-    doc = await harness.store.get_document(PAYMENTS, TX)
+    doc = await harness.read_model(PAYMENTS, TX)
     assert doc is not None
     assert (doc["status"], doc["reason"], doc["store_id"]) == ("FAILED", "declined", "store-1")
 
@@ -164,7 +164,7 @@ async def test_inventory_unavailable_refunds_the_payment(harness: Harness) -> No
     assert refunded.payment_id == processed.payment_id
     assert refunded.bank_reference == bank.refunds[0]
     assert bank.captured_total == 0
-    doc = await harness.store.get_document(PAYMENTS, TX)
+    doc = await harness.read_model(PAYMENTS, TX)
     assert doc is not None
     assert (doc["status"], doc["refund_reference"], doc["reason"]) == (
         "REFUNDED", refunded.bank_reference, "inventory_unavailable"
@@ -224,7 +224,7 @@ async def test_a_compensation_of_a_failed_payment_takes_nothing_back(harness: Ha
 
     assert await harness.emitted(PaymentRefunded) == []
     assert bank.refunds == []
-    doc = await harness.store.get_document(PAYMENTS, TX)
+    doc = await harness.read_model(PAYMENTS, TX)
     assert doc is not None
     assert doc["status"] == "FAILED"
 

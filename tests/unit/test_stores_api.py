@@ -20,6 +20,7 @@ from magasin.shared.ids import stream_id
 from magasin.shared.messages import NewEvent
 from magasin.stores.api import router
 from magasin.stores.handlers import handlers
+from tests.unit.conftest import ProjectingTransport
 
 STORE = {"name": "Plateau", "district": "Montréal", "address": "1 rue Saint-Denis"}
 PRODUCT = {"sku": "SKU-1", "name": "Café", "unit_price": 499, "currency": "CAD"}
@@ -36,7 +37,7 @@ async def client(store: SqliteEventStore, tmp_path: Path) -> AsyncIterator[httpx
     app = FastAPI()
     errors.install(app)
     app.include_router(router(ServiceContext(store, Settings(data_dir=tmp_path))))
-    transport = httpx.ASGITransport(app=app)
+    transport = ProjectingTransport(app, store)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         yield c
 

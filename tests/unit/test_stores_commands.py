@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,18 @@ from magasin.shared.errors import (
 )
 from magasin.shared.messages import RecordedEvent
 from magasin.stores import commands, readmodel
+from tests.unit.conftest import project_all
+
+
+async def projected(store: EventStore, collection: str, key: str) -> dict[str, Any] | None:
+    """The read-model document once the projections have caught up with the commands."""
+    await project_all(store)
+    return await store.get_document(collection, key)
+
+
+async def projected_all(store: EventStore, collection: str) -> list[tuple[str, dict[str, Any]]]:
+    await project_all(store)
+    return await store.find_documents(collection)
 
 
 @pytest.fixture
@@ -33,7 +46,7 @@ async def test_registering_a_store_records_it_and_its_document(store: EventStore
         "store_id": doc["store_id"], "name": "Plateau", "district": "Montréal",
         "address": "1 rue A", "open": True, "closed_reason": None,
     }
-    assert await store.get_document(readmodel.STORES, doc["store_id"]) == doc
+    assert await projected(store, readmodel.STORES, doc["store_id"]) == doc
     [event] = await store.read_stream(f"store-{doc['store_id']}")
     assert event.type == "StoreRegistered"
     assert event.metadata == {"service": "store"}
@@ -43,7 +56,7 @@ async def test_a_store_id_chosen_twice_conflicts(store: EventStore) -> None:
     await commands.register_store(store, "Plateau", "Montréal", "1 rue A", store_id="mtl-1")
     with pytest.raises(Conflict, match="store mtl-1 already exists"):
         await commands.register_store(store, "Other", "Laval", "2 rue B", store_id="mtl-1")
-    doc = await store.get_document(readmodel.STORES, "mtl-1")
+    doc = await projected(store, readmodel.STORES, "mtl-1")
     assert doc is not None
     assert doc["name"] == "Plateau"
 
@@ -54,7 +67,7 @@ async def test_closing_and_reopening_updates_the_document(store: EventStore) -> 
     assert (closed["open"], closed["closed_reason"]) == (False, "flood")
     reopened = await commands.reopen_store(store, shop["store_id"])
     assert (reopened["open"], reopened["closed_reason"]) == (True, None)
-    assert await store.get_document(readmodel.STORES, shop["store_id"]) == reopened
+    assert await projected(store, readmodel.STORES, shop["store_id"]) == reopened
 
 
 async def test_closing_an_unknown_store_is_not_found(store: EventStore) -> None:
@@ -79,7 +92,7 @@ async def test_adding_a_product_indexes_its_sku(store: EventStore) -> None:
     doc = await commands.add_product(store, "SKU-1", "Café", 499, "CAD")
     assert doc == {"product_id": doc["product_id"], "sku": "SKU-1", "name": "Café",
                    "unit_price": 499, "currency": "CAD"}
-    assert await store.get_document(readmodel.PRODUCTS, doc["product_id"]) == doc
+    assert await projected(store, readmodel.PRODUCTS, doc["product_id"]) == doc
     assert await store.get_document(readmodel.SKUS, "SKU-1") == {
         "sku": "SKU-1", "product_id": doc["product_id"]
     }
@@ -92,7 +105,7 @@ async def test_a_used_sku_conflicts_and_writes_nothing(store: EventStore) -> Non
     with pytest.raises(Conflict, match=used):
         await commands.add_product(store, " SKU-1 ", "Thé", 399, "CAD")
     assert await store.last_position() == position
-    assert len(await store.find_documents(readmodel.PRODUCTS)) == 1
+    assert len(await projected_all(store, readmodel.PRODUCTS)) == 1
 
 
 async def test_concurrent_adds_of_one_sku_let_exactly_one_win(
@@ -119,7 +132,7 @@ async def test_concurrent_adds_of_one_sku_let_exactly_one_win(
     assert len(won) == 1
     assert len(lost) == 7
     assert all(isinstance(e, Conflict) and "SKU 'SKU-1' is already used" in str(e) for e in lost)
-    products = await store.find_documents(readmodel.PRODUCTS)
+    products = await projected_all(store, readmodel.PRODUCTS)
     assert [body for _, body in products] == won
     index = await store.get_document(readmodel.SKUS, "SKU-1")
     assert index is not None
@@ -154,7 +167,7 @@ async def test_changing_a_price_updates_the_catalog(store: EventStore) -> None:
     product = await commands.add_product(store, "SKU-1", "Café", 499, "CAD")
     changed = await commands.change_price(store, product["product_id"], 549, "CAD")
     assert changed["unit_price"] == 549
-    assert await store.get_document(readmodel.PRODUCTS, product["product_id"]) == changed
+    assert await projected(store, readmodel.PRODUCTS, product["product_id"]) == changed
     types = [e.type for e in await store.read_stream(f"product-{product['product_id']}")]
     assert types == ["ProductAdded", "ProductPriceChanged"]
 

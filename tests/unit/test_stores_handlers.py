@@ -42,7 +42,7 @@ async def test_an_open_store_fulfils_the_order(harness: Harness) -> None:
     assert fulfilled.store_id == shop["store_id"]
     assert fulfilled.order_id
     assert await harness.emitted(OrderFulfillmentFailed) == []
-    doc = await harness.store.get_document(readmodel.ORDERS, "t1")
+    doc = await harness.read_model(readmodel.ORDERS, "t1")
     assert doc is not None
     assert doc["status"] == "FULFILLED"
     assert doc["order_id"] == fulfilled.order_id
@@ -67,7 +67,7 @@ async def test_a_closed_store_fails_the_order(harness: Harness) -> None:
     assert await harness.emitted(OrderFulfilled) == []
     [failed] = await harness.emitted(OrderFulfillmentFailed)
     assert (failed.transaction_id, failed.reason) == ("t1", "store_closed")
-    doc = await harness.store.get_document(readmodel.ORDERS, "t1")
+    doc = await harness.read_model(readmodel.ORDERS, "t1")
     assert doc is not None
     assert (doc["status"], doc["reason"], doc["order_id"]) == ("FAILED", "store_closed", None)
 
@@ -101,14 +101,14 @@ async def test_a_second_reservation_message_for_a_sale_changes_nothing(
 ) -> None:
     shop = await commands.register_store(harness.store, "Plateau", "Montréal", "1 rue A")
     await reserve(harness, "t1", shop["store_id"])
-    before = await harness.store.get_document(readmodel.ORDERS, "t1")
+    before = await harness.read_model(readmodel.ORDERS, "t1")
     # Same sale, another event id (a republished message): already reflected, a no-op.
     await commands.close_store(harness.store, shop["store_id"], "renovation")
     [again] = await harness.given("reservation", "r-t1-bis", reserved("t1", shop["store_id"]))
     assert (await harness.deliver("store", handlers(), again)).outcome is Outcome.HANDLED
 
     assert len(await harness.emitted(OrderFulfilled, OrderFulfillmentFailed)) == 1
-    assert await harness.store.get_document(readmodel.ORDERS, "t1") == before
+    assert await harness.read_model(readmodel.ORDERS, "t1") == before
 
 
 async def test_two_reservation_messages_at_once_prepare_one_order(harness: Harness) -> None:

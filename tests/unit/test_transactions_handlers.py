@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
 from magasin.messaging.dispatch import Outcome
+from magasin.projections import catch_up
 from magasin.shared.events import (
     InventoryReserved,
     InventoryUnavailable,
@@ -21,16 +24,16 @@ from magasin.shared.events import (
 )
 from magasin.transactions import readmodel
 from magasin.transactions.domain import Transaction
-from magasin.transactions.feed import StatusFeed
 from magasin.transactions.handlers import (
     catalog_handlers,
     notifier_handlers,
     saga_handlers,
     sales,
 )
+from magasin.transactions.projection import projection
 from tests.unit.conftest import Harness
 
-SAGA = saga_handlers(StatusFeed())
+SAGA = saga_handlers()
 
 
 async def open_sale(harness: Harness, callback: str | None = None) -> str:
@@ -39,7 +42,6 @@ async def open_sale(harness: Harness, callback: str | None = None) -> str:
                               callback_url=callback)
     async with harness.store.transaction() as uow:
         sales.save(uow, sale)
-        await readmodel.project(uow, sale)
     return sale.id
 
 
@@ -47,10 +49,16 @@ def paid(tx: str) -> PaymentProcessed:
     return PaymentProcessed("pay-1", tx, 1000, "CAD", "CH-1", "s-1", (StockLine("p-1", 2),))
 
 
-async def status(harness: Harness, tx: str) -> str:
+async def read_model(harness: Harness, tx: str) -> dict[str, Any]:
+    """The sale's document once the projection has caught up with what the handlers wrote."""
+    await catch_up(harness.store, projection())
     doc = await harness.store.get_document(readmodel.TRANSACTIONS, tx)
     assert doc is not None
-    return str(doc["status"])
+    return doc
+
+
+async def status(harness: Harness, tx: str) -> str:
+    return str((await read_model(harness, tx))["status"])
 
 
 async def test_each_reported_step_moves_the_read_model_and_the_sale_completes(
@@ -65,11 +73,10 @@ async def test_each_reported_step_moves_the_read_model_and_the_sale_completes(
         (event,) = await harness.given(aggregate, tx, payload, correlation_id=tx)
         assert (await harness.deliver("transaction", SAGA, event)).outcome is Outcome.HANDLED
 
-    assert await status(harness, tx) == "COMPLETED"
     (completed,) = await harness.emitted(TransactionCompleted)
     assert completed.total == 1000
-    doc = await harness.store.get_document(readmodel.TRANSACTIONS, tx)
-    assert doc is not None
+    doc = await read_model(harness, tx)
+    assert doc["status"] == "COMPLETED"
     assert [h["status"] for h in doc["history"]] == [
         "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
     ]

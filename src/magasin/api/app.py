@@ -1,4 +1,5 @@
-"""The FastAPI application of a runtime: its services' routes behind API keys, and health."""
+"""The FastAPI application of a runtime: its services' routes behind API keys, health and
+metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from magasin import __version__
-from magasin.api import errors
-from magasin.api.auth import require_api_key
+from magasin.api import deadletters, errors
+from magasin.api.auth import parse_keys, require_api_key
 from magasin.bootstrap import Runtime
+from magasin.observability import http as observability_http
+from magasin.observability.logging import LogContextMiddleware
+from magasin.observability.tracing import TracingMiddleware
+from magasin.projections.api import router as projections_router
 from magasin.shared.errors import MagasinError
 
 
@@ -32,11 +37,17 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.api_keys = keys
+    app.state.admin_keys = parse_keys(runtime.settings.admin_api_keys)
     app.state.runtime = runtime
     errors.install(app)
+    observability_http.install(app)
+    app.add_middleware(LogContextMiddleware)
+    app.add_middleware(TracingMiddleware)  # outermost: request metrics see its trace
     for service in runtime.services:
         if service.router is not None:
             app.include_router(service.router, dependencies=[Depends(require_api_key)])
+    app.include_router(projections_router(runtime.store), dependencies=[Depends(require_api_key)])
+    app.include_router(deadletters.router(runtime.bus), dependencies=[Depends(require_api_key)])
 
     @app.get("/health", tags=["health"])
     async def health() -> JSONResponse:
@@ -49,6 +60,11 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
             body["event_log_position"] = await runtime.store.last_position()
         except MagasinError as exc:
             body.update(status="degraded", store_error=str(exc))
+        # What services add (the bank's circuit breaker, say) informs, it does not fail the
+        # check: an open breaker is the service coping with an outage, not a sick process.
+        checks = {s.name: dict(s.health()) for s in runtime.services if s.health is not None}
+        if checks:
+            body["checks"] = checks
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app

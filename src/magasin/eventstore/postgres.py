@@ -8,24 +8,26 @@ unless that hole is known to be permanent (its owner rolled back, or the sequenc
 values). Knowing that relies on one invariant: an append gets its transaction id (it
 writes to `streams`) before it calls nextval. The owner of a hole therefore held an id
 before the position seen after the hole was allocated, so before the read that first saw
-the hole. When a read sees the same hole again, the store draws a fresh transaction id N,
-newer than any id that owner can hold. Once a read statement's snapshot has xmin >= N,
-every transaction older than N has ended, and a position still missing from that very
-snapshot will never appear: the reader passes it. (The xmax of the first snapshot is not a
-safe bound: it is one past the newest *finished* transaction, and the owner may hold a
-newer id than every finished one.) Writers are never serialised; a hole that is really a
-rollback costs a reader three reads, and is passed only once no older transaction of the
-cluster is running.
+the hole. Right after the read that first sees a hole, the store draws a fresh
+transaction id N, newer than any id that owner can hold (and than the ids of the owners of
+the other holes that read saw before one of its positions: they share N). Once a read
+statement's snapshot has xmin >= N, every transaction older than N has ended, and a
+position still missing from that very snapshot will never appear: the reader passes it.
+(The xmax of the first snapshot is not a safe bound: it is one past the newest *finished*
+transaction, and the owner may hold a newer id than every finished one.) Writers are never
+serialised; a hole that is really a rollback costs a reader two reads, and is passed only
+once no older transaction of the cluster is running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from importlib.resources import files
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any, Final
 
 import asyncpg
@@ -35,11 +37,14 @@ from magasin.eventstore.rows import dumps
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
+    ClearCollection,
     DeleteDocument,
+    EventFilter,
     EventStore,
     MarkProcessed,
     Operation,
     PutDocument,
+    ReplaceCollection,
     SetCheckpoint,
     Snapshot,
 )
@@ -64,6 +69,8 @@ _COLUMNS: Final = (
 )
 _SELECT_EVENTS: Final = f"SELECT {_COLUMNS} FROM events"
 _POSITION: Final = 5
+_HOLE_RECHECK_S: Final = 0.02
+"""How soon a reader stopped at a hole reads again (see wait_for_events)."""
 _STREAM: Final = 3
 
 # The snapshot's xmin comes from the statement that reads the rows: a hole may only be
@@ -77,6 +84,11 @@ _APPEND: Final = (
     "SELECT o_outcomes, o_versions, o_positions "
     "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
+_COMMIT: Final = (
+    "SELECT o_outcomes, o_versions, o_positions FROM magasin_commit("
+    + ", ".join(f"${i}" for i in range(1, 22)) + ")"
+)
+_IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument)
 _APPENDED, _IDS_STORED, _VERSION_MISMATCH = 0, 1, 2
 _EVENT_ID_KEY: Final = "events_event_id_key"
 _ATTEMPTS: Final = 3
@@ -89,6 +101,7 @@ _CLAIM_OUTBOX: Final = (
     "FROM outbox o JOIN events e ON e.global_position = o.global_position "
     "ORDER BY o.global_position LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
 )
+log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
 
@@ -117,6 +130,10 @@ def _translated() -> Iterator[None]:
         raise StorageError(f"postgres: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StorageError(f"postgres: {exc}") from exc
+    except asyncpg.exceptions.InternalClientError as exc:
+        # What asyncpg raises when a connection breaks in the middle of a protocol
+        # exchange (a server restart, say): the next attempt on a new connection works.
+        raise Unavailable(f"PostgreSQL connection broke: {exc!r}") from exc
 
 
 class _Retry(Exception):
@@ -135,6 +152,29 @@ def _races_retried() -> Iterator[None]:
         raise _Retry from exc
     except asyncpg.exceptions.DeadlockDetectedError as exc:
         raise _Retry from exc
+
+
+def _in_one_call(op: Operation) -> bool:
+    """Whether magasin_commit can apply `op`; others go through the statement path."""
+    if isinstance(op, Append):
+        return not _repeats_an_id(op)
+    return isinstance(op, _IN_ONE_CALL)
+
+
+class _IdsStored(Exception):
+    """magasin_commit met an append whose ids are stored already (a retry, or a clash)."""
+
+
+def _refusal(appends: Sequence[Append], detail: str) -> Exception:
+    """The error for magasin_commit's MG002: `outcomes;versions`, one per append."""
+    outcomes, _, versions = detail.partition(";")
+    for op, outcome, version in zip(appends, outcomes.split(","), versions.split(","),
+                                    strict=True):
+        if int(outcome) == _IDS_STORED:
+            return _IdsStored()
+        if int(outcome) == _VERSION_MISMATCH:
+            return ConcurrencyError(op.stream_id, op.expected_version, int(version))
+    return StorageError(f"magasin_commit refused an append without a reason: {detail}")
 
 
 Outcome = list[RecordedEvent] | MagasinError
@@ -217,14 +257,15 @@ class PostgresEventStore(EventStore):
         self._pool: Any = None
         self._listener: Any = None
         self._notifier: asyncio.Task[None] | None = None
+        self._relisten: asyncio.Task[None] | None = None
         self._notify_pending = asyncio.Event()
         self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
         self._queued = asyncio.Event()
         self._committers: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._head = 0
-        # First missing position of a hole -> None when seen once, then the transaction id
-        # a snapshot's xmin must reach before the hole counts as permanent.
+        # First missing position of a hole -> the transaction id a snapshot's xmin must
+        # reach before the hole counts as permanent (drawn when the hole is first seen).
         self._holes: dict[int, int | None] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -267,6 +308,7 @@ class PostgresEventStore(EventStore):
                     timeout=_CONNECT_TIMEOUT,
                 )
                 await listener.add_listener(self._channel, self._on_notification)
+                listener.add_termination_listener(self._listener_lost)
         except BaseException:
             if listener is not None:
                 listener.terminate()
@@ -284,6 +326,9 @@ class PostgresEventStore(EventStore):
             return
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
+        if self._relisten is not None:
+            self._relisten.cancel()
+            self._relisten = None
         self._advance(self._head)  # waiters return now rather than at their timeout
         tasks = [*self._committers, *([notifier] if notifier else [])]
         self._committers = []
@@ -401,15 +446,83 @@ class PostgresEventStore(EventStore):
         raise StorageError("the unit of work kept racing concurrent transactions") from race
 
     async def _commit_once(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
+        if all(_in_one_call(op) for op in operations):
+            try:
+                async with self._connection() as conn:
+                    with _races_retried():
+                        return await self._commit_in_one_call(conn, operations)
+            except _IdsStored:
+                pass  # an idempotent retry among the appends: the statement path sorts it out
         async with self._connection() as conn:
             with _races_retried():
                 async with conn.transaction():
                     return await self._apply(conn, operations)
 
+    async def _commit_in_one_call(
+        self, conn: Any, operations: Sequence[Operation]
+    ) -> list[RecordedEvent]:
+        """The unit of work as one magasin_commit call: one round trip instead of one per
+        operation plus BEGIN and COMMIT, which is most of a consumer's database time."""
+        appends = [op for op in operations if isinstance(op, Append)]
+        marks = [op for op in operations if isinstance(op, MarkProcessed)]
+        checkpoints = [op for op in operations if isinstance(op, SetCheckpoint)]
+        docs = [op for op in operations if isinstance(op, PutDocument | DeleteDocument)]
+        events = [e for op in appends for e in op.events]
+        metadata = [dumps(e.metadata) for e in events]
+        payloads = [dumps(e.payload) for e in events]
+        try:
+            _, versions, positions = await conn.fetchrow(
+                _COMMIT,
+                [m.consumer for m in marks], [m.event_id for m in marks],
+                list(accumulate(len(op.events) for op in appends)),
+                [op.stream_id for op in appends], [op.expected_version for op in appends],
+                [e.event_id for e in events], [e.type for e in events],
+                [e.schema_version for e in events], [e.occurred_at for e in events],
+                [e.correlation_id for e in events], [e.causation_id for e in events],
+                [e.traceparent for e in events], metadata, payloads, self.outbox,
+                [c.name for c in checkpoints], [c.position for c in checkpoints],
+                [c.expected for c in checkpoints],
+                [d.collection for d in docs], [d.key for d in docs],
+                [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == "MG001":
+                mark = marks[int(exc.detail) - 1]
+                raise AlreadyProcessed(mark.consumer, mark.event_id) from exc
+            if exc.sqlstate == "MG002":
+                raise _refusal(appends, exc.detail) from exc
+            if exc.sqlstate == "MG003":
+                index, _, actual = exc.detail.partition(";")
+                moved = checkpoints[int(index) - 1]
+                raise ConcurrencyError(
+                    f"checkpoint:{moved.name}", moved.expected, int(actual)
+                ) from exc
+            raise
+        recorded: list[RecordedEvent] = []
+        first = 0
+        for op, version in zip(appends, versions, strict=True):
+            n = len(op.events)
+            recorded += _recorded(op, version, positions[first : first + n],
+                                  metadata[first : first + n], payloads[first : first + n])
+            first += n
+        return recorded
+
     async def _apply(self, conn: Any, operations: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
-        for op in operations:
-            if isinstance(op, Append):
+        puts: list[tuple[str, str, Any]] = []
+        for index, op in enumerate(operations):
+            if isinstance(op, PutDocument):
+                # A run of puts (a projection's batch) goes in one pipelined round trip.
+                puts.append((op.collection, op.key, op.body))
+                following = operations[index + 1] if index + 1 < len(operations) else None
+                if not isinstance(following, PutDocument):
+                    await conn.executemany(
+                        "INSERT INTO documents (collection, key, body) VALUES ($1, $2, $3) "
+                        "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
+                        puts,
+                    )
+                    puts = []
+            elif isinstance(op, Append):
                 recorded += await self._append(conn, op)
             elif isinstance(op, MarkProcessed):
                 inserted = await conn.fetchval(
@@ -421,25 +534,39 @@ class PostgresEventStore(EventStore):
                 if not inserted:
                     raise AlreadyProcessed(op.consumer, op.event_id)
             elif isinstance(op, SetCheckpoint):
+                if op.expected is not None:
+                    # The row exists and is locked before it is compared, so two conditional
+                    # writers of one checkpoint are serialised and the second one fails.
+                    await conn.execute(
+                        "INSERT INTO checkpoints (name, position) VALUES ($1, 0) "
+                        "ON CONFLICT DO NOTHING",
+                        op.name,
+                    )
+                    actual = await conn.fetchval(
+                        "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE", op.name
+                    )
+                    if actual != op.expected:
+                        raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
                 await conn.execute(
                     "INSERT INTO checkpoints (name, position) VALUES ($1, $2) "
                     "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
                     op.name,
                     op.position,
                 )
-            elif isinstance(op, PutDocument):
-                await conn.execute(
-                    "INSERT INTO documents (collection, key, body) VALUES ($1, $2, $3) "
-                    "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
-                    op.collection,
-                    op.key,
-                    op.body,
-                )
             elif isinstance(op, DeleteDocument):
                 await conn.execute(
                     "DELETE FROM documents WHERE collection = $1 AND key = $2",
                     op.collection,
                     op.key,
+                )
+            elif isinstance(op, ClearCollection):
+                await conn.execute("DELETE FROM documents WHERE collection = $1", op.collection)
+            elif isinstance(op, ReplaceCollection):
+                await conn.execute("DELETE FROM documents WHERE collection = $1", op.target)
+                await conn.execute(
+                    "UPDATE documents SET collection = $1 WHERE collection = $2",
+                    op.target,
+                    op.source,
                 )
         return recorded
 
@@ -521,6 +648,37 @@ class PostgresEventStore(EventStore):
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
+    def _listener_lost(self, conn: object) -> None:
+        """The LISTEN connection died (a server restart, say): the pool reconnects by
+        itself, this one does not, and without it other processes' commits wake nobody."""
+        if self._pool is None or self._relisten is not None:
+            return  # closing, or reconnecting already
+        log.warning("PostgreSQL change listener of schema %s lost; reconnecting", self.schema)
+        self._relisten = asyncio.get_running_loop().create_task(
+            self._listen_again(), name="postgres-relisten"
+        )
+
+    async def _listen_again(self) -> None:
+        delay = 0.1
+        while self._pool is not None:
+            try:
+                listener = await asyncpg.connect(
+                    self.dsn, server_settings={"synchronous_commit": "off"},
+                    timeout=_CONNECT_TIMEOUT,
+                )
+                await listener.add_listener(self._channel, self._on_notification)
+                listener.add_termination_listener(self._listener_lost)
+            except (*_DRIVER_ERRORS, TimeoutError) as exc:
+                log.warning("cannot reconnect the PostgreSQL change listener (%r); "
+                            "retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._listener, self._relisten = listener, None
+            log.warning("PostgreSQL change listener of schema %s reconnected", self.schema)
+            self._advance(self._head)  # readers may have missed notifications meanwhile
+            return
+
     def _on_notification(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self._advance(int(payload) if payload.isdigit() else 0)
 
@@ -545,9 +703,15 @@ class PostgresEventStore(EventStore):
         # Past a hole, "committed" is not "readable": wait for the next commit instead.
         if self._head > after and after + 1 not in self._holes:
             return
+        if after + 1 in self._holes:
+            # Only another read can tell a rolled-back hole (passed on the third read) from
+            # a late commit: once the writes stop, waiting the whole timeout for a commit
+            # that may never come made a reader crawl at one hole per timeout.
+            timeout = min(timeout, _HOLE_RECHECK_S)
         waiter = self._wakeup
-        with suppress(TimeoutError):
-            await asyncio.wait_for(waiter.wait(), timeout)
+        with suppress(TimeoutError):  # not wait_for: see SqliteEventStore.wait_for_events
+            async with asyncio.timeout(timeout):
+                await waiter.wait()
 
     # -- reads --------------------------------------------------------------------------
 
@@ -574,10 +738,15 @@ class PostgresEventStore(EventStore):
         rows = await self._fetch(_READ_ALL, after, limit)
         events: list[RecordedEvent] = []
         expected = after + 1
-        for row in rows:
+        for index, row in enumerate(rows):
             position = row[_POSITION]
-            if position != expected and not await self._hole_is_permanent(expected, row[-1]):
-                break
+            if position != expected:
+                first_sight = self._holes.get(expected) is None
+                if not await self._hole_is_permanent(expected, row[-1]):
+                    horizon = self._holes[expected]
+                    if first_sight and horizon is not None:
+                        self._note_later_holes(rows[index:], horizon)
+                    break
             events.append(RecordedEvent(*row[:-1]))
             expected = position + 1
         if self._holes and events:
@@ -588,14 +757,50 @@ class PostgresEventStore(EventStore):
     async def _hole_is_permanent(self, position: int, xmin: int) -> bool:
         """Whether the hole starting at `position`, missing from a snapshot whose xmin is
         `xmin`, can never fill (see the module docstring)."""
-        if position not in self._holes:
-            self._holes[position] = None
-            return False
-        horizon = self._holes[position]
+        horizon = self._holes.get(position)
         if horizon is None:
-            self._holes[position] = int(await self._fetchval("SELECT pg_current_xact_id()"))
+            # Drawn after the read that saw the hole, the id is newer than any its owner can
+            # hold (the module docstring's argument, from the first sight on: a rolled-back
+            # hole then costs two reads, not three).
+            horizon = int(await self._fetchval("SELECT pg_current_xact_id()"))
+            self._holes[position] = horizon
             return False
         return xmin >= horizon
+
+    def _note_later_holes(self, rows: Sequence[Any], horizon: int) -> None:
+        """Give every further hole of one read the horizon drawn just after that read: the
+        same argument holds for each of them (each lies before a visible position), so a
+        reader passes a run of rolled-back holes together instead of one per three reads."""
+        for before, row in pairwise(rows):
+            gap = before[_POSITION] + 1
+            if row[_POSITION] != gap:
+                self._holes.setdefault(gap, horizon)
+
+    async def read_events(
+        self, where: EventFilter, *, after: int = 0, limit: int = 100
+    ) -> list[RecordedEvent]:
+        params: list[Any] = [after]
+        sql = f"{_SELECT_EVENTS} WHERE global_position > $1"
+
+        def arg(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if where.stream_id is not None:
+            sql += f" AND stream_id = {arg(where.stream_id)}"
+        if where.aggregates:
+            prefixes = [f"{a}-" for a in where.aggregates]
+            sql += f" AND left(stream_id, strpos(stream_id, '-')) = ANY({arg(prefixes)}::text[])"
+        if where.types:
+            sql += f" AND type = ANY({arg(list(where.types))}::text[])"
+        if where.correlation_id is not None:
+            sql += f" AND correlation_id = {arg(where.correlation_id)}"
+        if where.since is not None:
+            sql += f" AND occurred_at >= {arg(where.since)}"
+        if where.until is not None:
+            sql += f" AND occurred_at <= {arg(where.until)}"
+        rows = await self._fetch(f"{sql} ORDER BY global_position LIMIT {arg(limit)}", *params)
+        return [RecordedEvent(*r) for r in rows]
 
     async def read_event(self, event_id: str) -> RecordedEvent:
         rows = await self._fetch(f"{_SELECT_EVENTS} WHERE event_id = $1", event_id)
@@ -654,29 +859,42 @@ class PostgresEventStore(EventStore):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         await self._fetchval(
-            "INSERT INTO snapshots (stream_id, version, schema_version, state, taken_at) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream_id) DO UPDATE SET "
-            "version = excluded.version, schema_version = excluded.schema_version, "
-            "state = excluded.state, taken_at = excluded.taken_at "
-            "WHERE excluded.version >= snapshots.version",
+            "INSERT INTO stream_snapshots (stream_id, version, schema_version, state, taken_at, "
+            "event_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (stream_id, version) DO "
+            "UPDATE SET schema_version = excluded.schema_version, state = excluded.state, "
+            "taken_at = excluded.taken_at, event_at = excluded.event_at",
             snapshot.stream_id,
             snapshot.version,
             snapshot.schema_version,
             snapshot.state,
             snapshot.taken_at,
+            snapshot.event_at,
         )
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+    async def load_snapshot(
+        self,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        until: datetime | None = None,
+    ) -> Snapshot | None:
         rows = await self._fetch(
-            "SELECT version, state, schema_version, taken_at FROM snapshots WHERE stream_id = $1",
+            "SELECT version, state, schema_version, taken_at, event_at FROM stream_snapshots "
+            "WHERE stream_id = $1 AND ($2::integer IS NULL OR version <= $2) "
+            "AND ($3::timestamptz IS NULL OR event_at <= $3) ORDER BY version DESC LIMIT 1",
             stream_id,
+            max_version,
+            until,
         )
         if not rows:
             return None
-        version, state, schema_version, taken_at = rows[0]
-        return Snapshot(stream_id, version, state, schema_version, taken_at)
+        version, state, schema_version, taken_at, event_at = rows[0]
+        return Snapshot(stream_id, version, state, schema_version, taken_at, event_at)
 
     # -- outbox -------------------------------------------------------------------------
+
+    async def outbox_backlog(self) -> int:
+        return int(await self._fetchval("SELECT count(*) FROM outbox"))
 
     def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
         return _PostgresOutboxBatch(self, limit)

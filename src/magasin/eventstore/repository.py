@@ -1,14 +1,24 @@
-"""Load and save event-sourced aggregates through a unit of work."""
+"""Load and save event-sourced aggregates through a unit of work, with snapshots.
+
+Every `snapshot_every` events (per store, see `configure_snapshots`) a load that brings an
+aggregate past a multiple of that number saves a snapshot of the committed state it
+reached; loads and point-in-time rebuilds then start from the latest snapshot that fits
+instead of the first event. A snapshot whose `schema_version` is not the class's current
+`snapshot_version`, or whose attributes are not the class's, is ignored.
+"""
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, TypeVar
 
-from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.eventstore.store import EventStore, Snapshot, UnitOfWork
 from magasin.shared.aggregate import Aggregate
-from magasin.shared.errors import NotFound
+from magasin.shared.errors import MagasinError, NotFound
 from magasin.shared.events import SCHEMAS
 from magasin.shared.ids import stream_id
 from magasin.shared.messages import EventSchemas, NewEvent
@@ -16,6 +26,32 @@ from magasin.shared.messages import EventSchemas, NewEvent
 A = TypeVar("A", bound=Aggregate)
 
 CACHE_SIZE = 20_000
+DEFAULT_SNAPSHOT_EVERY = 100
+log = logging.getLogger("magasin.eventstore.repository")
+
+_snapshot_every: weakref.WeakKeyDictionary[EventStore, int] = weakref.WeakKeyDictionary()
+
+
+def configure_snapshots(store: EventStore, every: int) -> None:
+    """Snapshot aggregates of `store` every `every` events (0: never take nor use one)."""
+    if every < 0:
+        raise ValueError("snapshot_every must be >= 0")
+    _snapshot_every[store] = every
+
+
+def snapshot_every(store: EventStore) -> int:
+    return _snapshot_every.get(store, DEFAULT_SNAPSHOT_EVERY)
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt(Generic[A]):
+    """An aggregate rebuilt as it was at some point, and how it was rebuilt."""
+
+    aggregate: A
+    snapshot_version: int | None
+    """Version of the snapshot it started from (None: from the first event)."""
+    events_replayed: int
+    last_event_at: datetime | None
 
 
 class _StateCache:
@@ -67,23 +103,90 @@ class Repository(Generic[A]):
         if cached is not None:
             assert isinstance(cached, self.cls)
             return cached
-        cache = _cache_of(uow.store)
+        store = uow.store
+        cache = _cache_of(store)
         known = cache.get(key)
-        after = known.version if isinstance(known, self.cls) else 0
-        events = await uow.read_stream(key, from_version=after + 1)
+        every = snapshot_every(store)
+        aggregate: A | None = None
         if isinstance(known, self.cls):
             aggregate = known.clone()
-        elif events:
+        elif every:
+            aggregate = self._restore(await store.load_snapshot(key), ident)
+        after = aggregate.version if aggregate is not None else 0
+        events = await uow.read_stream(key, from_version=after + 1)
+        if aggregate is None:
+            if not events:
+                return None
             aggregate = self.cls(ident)
-        else:
-            return None
         if events:
             aggregate.replay_more(
                 (self.schemas.validate(e) for e in events), events[-1].stream_version
             )
+            if every and after // every < aggregate.version // every:
+                await self._take_snapshot(store, aggregate, events[-1].occurred_at)
+        if events or known is None:
             cache.put(key, aggregate.clone())
         uow.identity[key] = aggregate
         return aggregate
+
+    def _restore(self, snapshot: Snapshot | None, ident: str) -> A | None:
+        """The aggregate a snapshot holds, or None if there is none or it does not fit."""
+        if snapshot is None:
+            return None
+        if snapshot.schema_version != self.cls.snapshot_version:
+            log.info("ignoring snapshot of %s at version %d: state schema %d, class has %d",
+                     snapshot.stream_id, snapshot.version, snapshot.schema_version,
+                     self.cls.snapshot_version)
+            return None
+        try:
+            return self.cls.from_snapshot(ident, snapshot.version, snapshot.state)
+        except ValueError as exc:
+            log.warning("ignoring snapshot of %s: %s", snapshot.stream_id, exc)
+            return None
+
+    async def _take_snapshot(self, store: EventStore, aggregate: A, event_at: datetime) -> None:
+        snapshot = Snapshot(self.stream(aggregate.id), aggregate.version, aggregate.snapshot(),
+                            self.cls.snapshot_version, event_at=event_at)
+        try:
+            await store.save_snapshot(snapshot)
+        except MagasinError as exc:  # a snapshot only saves time: never fail a load for it
+            log.warning("could not save a snapshot of %s: %r", snapshot.stream_id, exc)
+
+    async def rebuild(
+        self,
+        store: EventStore,
+        ident: str,
+        *,
+        version: int | None = None,
+        until: datetime | None = None,
+        use_snapshots: bool = True,
+    ) -> Rebuilt[A] | None:
+        """The aggregate as it was at `version`, or after its last event that occurred at or
+        before `until` (the latest state without either), from the latest snapshot that
+        precedes that point; None if it had no event by then. Reads committed state only
+        and leaves the load cache alone."""
+        key = self.stream(ident)
+        aggregate = None
+        if use_snapshots and snapshot_every(store):
+            aggregate = self._restore(
+                await store.load_snapshot(key, max_version=version, until=until), ident
+            )
+        start = aggregate.version if aggregate is not None else 0
+        if version is not None and start >= version:
+            events = []
+        else:
+            events = await store.read_stream(key, from_version=start + 1, to_version=version,
+                                             until=until)
+        if aggregate is None:
+            if not events:
+                return None
+            aggregate = self.cls(ident)
+        if events:
+            aggregate.replay_more(
+                (self.schemas.validate(e) for e in events), events[-1].stream_version
+            )
+        return Rebuilt(aggregate, start or None, len(events),
+                       events[-1].occurred_at if events else None)
 
     async def get(self, uow: UnitOfWork, ident: str) -> A:
         aggregate = await self.find(uow, ident)
@@ -97,10 +200,11 @@ class Repository(Generic[A]):
         uow.identity[key] = aggregate
         if not aggregate.pending:
             return
+        names = [self.schemas.name_of(type(e)) for e in aggregate.pending]
         uow.append(
             key,
-            [uow.new_event(self.schemas.name_of(type(e)), self.schemas.dump(e))
-             for e in aggregate.pending],
+            [uow.new_event(name, self.schemas.dump(e), self.schemas.version_of(name))
+             for name, e in zip(names, aggregate.pending, strict=True)],
             expected_version=aggregate.version,
         )
         aggregate.version += len(aggregate.pending)

@@ -25,11 +25,14 @@ from magasin.eventstore.rows import EVENT_COLUMNS, dumps, event_from_row
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
+    ClearCollection,
     DeleteDocument,
+    EventFilter,
     EventStore,
     MarkProcessed,
     Operation,
     PutDocument,
+    ReplaceCollection,
     SetCheckpoint,
     Snapshot,
 )
@@ -63,12 +66,14 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (stream_id, stream_version)
 );
 CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
-CREATE TABLE IF NOT EXISTS snapshots (
-    stream_id      TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS stream_snapshots (
+    stream_id      TEXT NOT NULL,
     version        INTEGER NOT NULL,
     schema_version INTEGER NOT NULL,
     state          TEXT NOT NULL,
-    taken_at       INTEGER NOT NULL
+    taken_at       INTEGER NOT NULL,
+    event_at       INTEGER,
+    PRIMARY KEY (stream_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (
     consumer     TEXT NOT NULL,
@@ -269,8 +274,19 @@ class SqliteEventStore(EventStore):
     def _apply(self, conn: sqlite3.Connection, ops: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
         now = to_micros(utcnow())
-        for op in ops:
-            if isinstance(op, Append):
+        puts: list[tuple[str, str, str]] = []
+        for index, op in enumerate(ops):
+            if isinstance(op, PutDocument):
+                # A run of puts (a projection's batch) goes in one executemany.
+                puts.append((op.collection, op.key, dumps(op.body)))
+                if index + 1 == len(ops) or not isinstance(ops[index + 1], PutDocument):
+                    conn.executemany(
+                        "INSERT INTO documents (collection, key, body) VALUES (?, ?, ?) "
+                        "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
+                        puts,
+                    )
+                    puts = []
+            elif isinstance(op, Append):
                 recorded.extend(self._append(conn, op))
             elif isinstance(op, MarkProcessed):
                 cur = conn.execute(
@@ -281,21 +297,30 @@ class SqliteEventStore(EventStore):
                 if cur.rowcount == 0:
                     raise AlreadyProcessed(op.consumer, op.event_id)
             elif isinstance(op, SetCheckpoint):
+                if op.expected is not None:
+                    row = conn.execute(
+                        "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
+                    ).fetchone()
+                    actual = int(row[0]) if row else 0
+                    if actual != op.expected:
+                        raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
                 conn.execute(
                     "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
                     (op.name, op.position),
                 )
-            elif isinstance(op, PutDocument):
-                conn.execute(
-                    "INSERT INTO documents (collection, key, body) VALUES (?, ?, ?) "
-                    "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
-                    (op.collection, op.key, dumps(op.body)),
-                )
             elif isinstance(op, DeleteDocument):
                 conn.execute(
                     "DELETE FROM documents WHERE collection = ? AND key = ?",
                     (op.collection, op.key),
+                )
+            elif isinstance(op, ClearCollection):
+                conn.execute("DELETE FROM documents WHERE collection = ?", (op.collection,))
+            elif isinstance(op, ReplaceCollection):
+                conn.execute("DELETE FROM documents WHERE collection = ?", (op.target,))
+                conn.execute(
+                    "UPDATE documents SET collection = ? WHERE collection = ?",
+                    (op.target, op.source),
                 )
         return recorded
 
@@ -377,6 +402,35 @@ class SqliteEventStore(EventStore):
         )
         return [_event(r) for r in rows]
 
+    async def read_events(
+        self, where: EventFilter, *, after: int = 0, limit: int = 100
+    ) -> list[RecordedEvent]:
+        sql = f"{_SELECT_EVENTS} WHERE global_position > ?"
+        params: list[Any] = [after]
+        if where.stream_id is not None:
+            sql += " AND stream_id = ?"
+            params.append(where.stream_id)
+        if where.aggregates:
+            # A prefix compared with substr, not LIKE: no wildcard in a name can match more.
+            sql += " AND (" + " OR ".join(
+                "substr(stream_id, 1, ?) = ?" for _ in where.aggregates) + ")"
+            for aggregate in where.aggregates:
+                params += [len(aggregate) + 1, f"{aggregate}-"]
+        if where.types:
+            sql += f" AND type IN ({','.join('?' * len(where.types))})"
+            params += where.types
+        if where.correlation_id is not None:
+            sql += " AND correlation_id = ?"
+            params.append(where.correlation_id)
+        if where.since is not None:
+            sql += " AND occurred_at >= ?"
+            params.append(to_micros(where.since))
+        if where.until is not None:
+            sql += " AND occurred_at <= ?"
+            params.append(to_micros(where.until))
+        rows = await self._read(sql + " ORDER BY global_position LIMIT ?", [*params, limit])
+        return [_event(r) for r in rows]
+
     async def read_event(self, event_id: str) -> RecordedEvent:
         rows = await self._read(f"{_SELECT_EVENTS} WHERE event_id = ?", (event_id,))
         if not rows:
@@ -398,8 +452,11 @@ class SqliteEventStore(EventStore):
         if self._new_events is None or self._last_position > after:
             return
         waiter = self._new_events
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that lands as the event fires, and a cancelled subscription would never stop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await waiter.wait()
 
     async def get_checkpoint(self, name: str) -> int:
         rows = await self._read("SELECT position FROM checkpoints WHERE name = ?", (name,))
@@ -442,31 +499,48 @@ class SqliteEventStore(EventStore):
         def run() -> None:
             assert self._wconn is not None
             self._wconn.execute(
-                "INSERT INTO snapshots (stream_id, version, schema_version, state, taken_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE SET "
-                "version = excluded.version, schema_version = excluded.schema_version, "
-                "state = excluded.state, taken_at = excluded.taken_at "
-                "WHERE excluded.version >= snapshots.version",
+                "INSERT OR REPLACE INTO stream_snapshots (stream_id, version, schema_version, "
+                "state, taken_at, event_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     snapshot.stream_id, snapshot.version, snapshot.schema_version,
                     dumps(snapshot.state), to_micros(snapshot.taken_at),
+                    None if snapshot.event_at is None else to_micros(snapshot.event_at),
                 ),
             )
 
         await self._in_writer(run)
 
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        rows = await self._read(
-            "SELECT version, schema_version, state, taken_at FROM snapshots WHERE stream_id = ?",
-            (stream_id,),
+    async def load_snapshot(
+        self,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        until: datetime | None = None,
+    ) -> Snapshot | None:
+        sql = (
+            "SELECT version, schema_version, state, taken_at, event_at FROM stream_snapshots "
+            "WHERE stream_id = ?"
         )
+        params: list[Any] = [stream_id]
+        if max_version is not None:
+            sql += " AND version <= ?"
+            params.append(max_version)
+        if until is not None:
+            sql += " AND event_at <= ?"
+            params.append(to_micros(until))
+        rows = await self._read(sql + " ORDER BY version DESC LIMIT 1", params)
         if not rows:
             return None
-        version, schema_version, state, taken_at = rows[0]
+        version, schema_version, state, taken_at, event_at = rows[0]
         return Snapshot(stream_id, version, orjson.loads(state), schema_version,
-                        from_micros(taken_at))
+                        from_micros(taken_at),
+                        None if event_at is None else from_micros(event_at))
 
     # -- outbox -------------------------------------------------------------------------
+
+    async def outbox_backlog(self) -> int:
+        rows = await self._read("SELECT COUNT(*) FROM outbox")
+        return int(rows[0][0])
 
     def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
         return _SqliteOutboxBatch(self, limit)

@@ -9,6 +9,7 @@ Reads see committed state (plus, within a unit of work, its own documents).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Self
 
+from magasin.observability import metrics
 from magasin.shared.clock import utcnow
+from magasin.shared.errors import StorageError, Unavailable
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
 ANY: Final = None
@@ -34,6 +37,24 @@ class Snapshot:
     state: Mapping[str, Any]
     schema_version: int = 1
     taken_at: datetime = field(default_factory=utcnow)
+    event_at: datetime | None = None
+    """When the event at `version` occurred: a point-in-time read may start from this
+    snapshot only if that moment is not after the time asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events `read_events` returns: every criterion given must hold (empty = any)."""
+
+    stream_id: str | None = None
+    aggregates: tuple[str, ...] = ()
+    """Aggregate types, the part of a stream id before its first `-`."""
+    types: tuple[str, ...] = ()
+    correlation_id: str | None = None
+    since: datetime | None = None
+    """Events that occurred at or after this moment."""
+    until: datetime | None = None
+    """Events that occurred at or before this moment."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +74,9 @@ class MarkProcessed:
 class SetCheckpoint:
     name: str
     position: int
+    expected: int | None = None
+    """When set, the commit fails with ConcurrencyError unless the stored position (0 if
+    none) is this one: a projection's swap or competing runner cannot lose an update."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +92,23 @@ class DeleteDocument:
     key: str
 
 
-Operation = Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
+@dataclass(frozen=True, slots=True)
+class ClearCollection:
+    collection: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceCollection:
+    """Every document of `target` is dropped and those of `source` become `target`'s."""
+
+    target: str
+    source: str
+
+
+Operation = (
+    Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
+    | ClearCollection | ReplaceCollection
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +144,14 @@ class UnitOfWork:
         """Call `hook` once this unit of work has committed (never if it does not)."""
         self.committed_hooks.append(hook)
 
-    def new_event(self, type_name: str, payload: Mapping[str, Any]) -> NewEvent:
+    def new_event(
+        self, type_name: str, payload: Mapping[str, Any], schema_version: int = 1
+    ) -> NewEvent:
         """An event stamped with this unit of work's correlation, causation and trace."""
         c = self.causation
         return NewEvent(
-            type=type_name, payload=payload, correlation_id=c.correlation_id,
+            type=type_name, payload=payload, schema_version=schema_version,
+            correlation_id=c.correlation_id,
             causation_id=c.causation_id, traceparent=c.traceparent, metadata=c.metadata,
         )
 
@@ -128,8 +171,19 @@ class UnitOfWork:
         """Inbox: the commit fails with AlreadyProcessed if this pair was committed before."""
         self.operations.append(MarkProcessed(consumer, event_id))
 
-    def set_checkpoint(self, name: str, position: int) -> None:
-        self.operations.append(SetCheckpoint(name, position))
+    def set_checkpoint(self, name: str, position: int, *, expected: int | None = None) -> None:
+        """With `expected`, the commit fails (ConcurrencyError) if the checkpoint moved."""
+        self.operations.append(SetCheckpoint(name, position, expected))
+
+    def clear_collection(self, collection: str) -> None:
+        """Delete every document of `collection` (reads of this unit do not see it)."""
+        self.operations.append(ClearCollection(collection))
+
+    def replace_collection(self, target: str, source: str) -> None:
+        """Atomically make `source`'s documents those of `target` (source ends up empty)."""
+        if target == source:
+            raise ValueError("a collection cannot replace itself")
+        self.operations.append(ReplaceCollection(target, source))
 
     def put_document(self, collection: str, key: str, body: Mapping[str, Any]) -> None:
         self.operations.append(PutDocument(collection, key, body))
@@ -159,6 +213,11 @@ class UnitOfWork:
         return await self.store.get_document(collection, key)
 
 
+def _appended(operations: Sequence[Operation]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(type, metadata) of every event a list of operations appends."""
+    return [(e.type, e.metadata) for op in operations if isinstance(op, Append) for e in op.events]
+
+
 class EventStore(ABC):
     """Port of the event store. Adapters: `SqliteEventStore`, `PostgresEventStore`.
 
@@ -168,6 +227,10 @@ class EventStore(ABC):
 
     #: True when appends also enqueue outbox rows for a relay to publish (distributed mode).
     outbox: bool = False
+    #: True when the log itself is the event bus (an InProcessBus tails it: embedded mode), so
+    #: a commit is a publish for the metrics. Elsewhere the outbox relay counts publishes,
+    #: and a store without outbox that is no bus (the event store service's archive) none.
+    log_is_bus: bool = False
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -191,7 +254,18 @@ class EventStore(ABC):
         uow = UnitOfWork(self, causation)
         yield uow
         if uow.operations:
-            uow.recorded = await self.commit(uow.operations)
+            started = time.perf_counter()
+            try:
+                uow.recorded = await self.commit(uow.operations)
+            except (Unavailable, StorageError):
+                if self.log_is_bus:
+                    metrics.published(_appended(uow.operations), "failed")
+                raise
+            if self.log_is_bus and uow.recorded:
+                metrics.published(
+                    ((e.type, e.metadata) for e in uow.recorded), "ok",
+                    time.perf_counter() - started,
+                )
         for hook in uow.committed_hooks:
             hook()
 
@@ -236,6 +310,14 @@ class EventStore(ABC):
         """
 
     @abstractmethod
+    async def read_events(
+        self, where: EventFilter, *, after: int = 0, limit: int = 100
+    ) -> list[RecordedEvent]:
+        """Up to `limit` events matching `where` with global_position > `after`, in position
+        order: for browsing and historical queries. Unlike `read_all` it is not gap-safe
+        (an event may commit later below the last position returned): never tail with it."""
+
+    @abstractmethod
     async def read_event(self, event_id: str) -> RecordedEvent:
         """One event by id; NotFound if there is none."""
 
@@ -278,10 +360,19 @@ class EventStore(ABC):
 
     @abstractmethod
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Keep this snapshot as the stream's latest unless a newer version is kept already."""
+        """Keep this snapshot; a stream keeps one per version (saving a version again
+        replaces it), so past states can start from the snapshot that preceded them."""
 
     @abstractmethod
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None: ...
+    async def load_snapshot(
+        self,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        until: datetime | None = None,
+    ) -> Snapshot | None:
+        """The stream's snapshot of the highest version, among those at or below
+        `max_version` and whose `event_at` is at or before `until` when these are given."""
 
     # -- outbox -------------------------------------------------------------------------
 
@@ -292,6 +383,10 @@ class EventStore(ABC):
         On a clean exit they are marked sent; on an exception they stay pending. Several
         relays may claim batches at once: a row is claimed by one of them at a time.
         """
+
+    @abstractmethod
+    async def outbox_backlog(self) -> int:
+        """How many events wait in the outbox, claimed or not (0 without an outbox)."""
 
 
 class AbstractOutboxBatch(ABC):

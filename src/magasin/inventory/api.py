@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from magasin.api.paging import Cursor, Limit, Page, page_of
+from magasin.eventstore_service import history
 from magasin.inventory import readmodel
 from magasin.inventory.commands import restock
 from magasin.service import ServiceContext
@@ -65,13 +66,18 @@ def router(ctx: ServiceContext) -> APIRouter:
 
     @api.get("/api/stock/{store_id}", response_model=Page[StockLineOut])
     async def list_stock(
-        store_id: Id, cursor: Cursor = None, limit: Limit = 50
+        store_id: Id, cursor: Cursor = None, limit: Limit = 50, as_of: history.AsOf = None
     ) -> Page[StockLineOut]:
-        """The stock lines of one store, by product id."""
+        """The stock lines of one store, by product id (as they were at `asOf` if given)."""
         await known_store(store_id)
-        docs, next_cursor = await page_of(
-            store, readmodel.STOCK, {"store_id": store_id}, cursor, limit
-        )
+        if as_of is not None:  # replayed from the log up to that moment
+            lines = await history.stock_as_of(store, history.utc(as_of), store_id)
+            page = history.page(lines, "product_id", {}, cursor, limit)
+            docs, next_cursor = page["items"], page["next_cursor"]
+        else:
+            docs, next_cursor = await page_of(
+                store, readmodel.STOCK, {"store_id": store_id}, cursor, limit
+            )
         return Page[StockLineOut](
             items=[StockLineOut.model_validate(d) for d in docs], next_cursor=next_cursor
         )

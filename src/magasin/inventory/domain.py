@@ -29,7 +29,9 @@ from magasin.shared.events import (
     StockReserved,
 )
 
-RELEASE_REASONS = frozenset({"transaction_cancelled", "fulfillment_failed", "expired"})
+RELEASE_REASONS = frozenset({
+    "transaction_cancelled", "fulfillment_failed", "expired", "saga_aborted",
+})
 
 
 def stock_key(store_id: str, product_id: str) -> str:

@@ -34,6 +34,7 @@ from magasin.shared.events import (
     OrderFulfillmentFailed,
     PaymentProcessed,
     ProductAdded,
+    SagaAborted,
     StoreRegistered,
     TransactionCancelled,
     TransactionCompleted,
@@ -132,6 +133,17 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
             return
         await _release(uow, reservation, "transaction_cancelled")
 
+    async def on_saga_aborted(event: RecordedEvent, uow: UnitOfWork) -> None:
+        aborted: SagaAborted = SCHEMAS.validate(event)
+        reservation = await readmodel.reservations.find(uow, aborted.transaction_id)
+        if reservation is None:
+            # Given up before any reservation: a late payment must reserve nothing.
+            reservation = Reservation(aborted.transaction_id)
+            reservation.void("saga_aborted")
+            readmodel.save(uow, (), reservation)
+            return
+        await _release(uow, reservation, "saga_aborted")
+
     async def on_product_added(event: RecordedEvent, uow: UnitOfWork) -> None:
         product: ProductAdded = SCHEMAS.validate(event)
         uow.put_document(
@@ -152,6 +164,7 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         "TransactionCompleted": on_transaction_completed,
         "TransactionCancelled": on_transaction_cancelled,
+        "SagaAborted": on_saga_aborted,
         "ProductAdded": on_product_added,
         "StoreRegistered": on_store_registered,
     }

@@ -8,11 +8,12 @@ from typing import Any
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.inventory.domain import Reservation, StockItem
+from magasin.inventory.projection import RESERVATIONS, STOCK
 
-STOCK = "inventory.stock"
-"""Key f"{store_id}:{product_id}": {store_id, product_id, on_hand, reserved, available}."""
-RESERVATIONS = "inventory.reservations"
-"""Key transaction_id: {reservation_id, transaction_id, store_id, lines, status, ...}."""
+__all__ = ["PRODUCTS", "RESERVATIONS", "STOCK", "STORES", "reservations", "save", "stock_items"]
+
+# The read models are projections (projection.py); the replicas below are write-side
+# state: restocking checks them, so a bus consumer keeps them with its inbox.
 PRODUCTS = "inventory.products"
 """Replica of the catalog, key product_id, so restocking refuses unknown products."""
 STORES = "inventory.stores"
@@ -56,7 +57,8 @@ def empty_stock_document(store_id: str, product_id: str) -> dict[str, Any]:
 def save(
     uow: UnitOfWork, items: Iterable[StockItem], reservation: Reservation | None = None
 ) -> None:
-    """Stage the changes of these aggregates and of their documents in one unit of work.
+    """Stage the changes of these aggregates in one unit of work (their documents follow
+    through the projections).
 
     Stock items are appended in key order so that concurrent writers on a database that
     locks per row (PostgreSQL) take their locks in the same order.
@@ -64,7 +66,5 @@ def save(
     for item in sorted(items, key=lambda i: i.id):
         if item.pending:
             stock_items.save(uow, item)
-            uow.put_document(STOCK, item.id, stock_document(item))
     if reservation is not None and reservation.pending:
         reservations.save(uow, reservation)
-        uow.put_document(RESERVATIONS, reservation.id, reservation_document(reservation))

@@ -6,19 +6,24 @@ same database transaction as the consumer's inbox mark, so a redelivered event h
 second effect. A handler that raises is retried with exponential backoff without holding
 up the events behind it, then dead-lettered with the reason; a message that cannot be
 decoded or validated is dead-lettered at once. Dead letters are kept in the consumer's
-event store (collection `bus.dead_letters`) whatever the adapter.
+event store (collection `bus.dead_letters`) whatever the adapter, where an operator lists
+them, requeues one after a fix (delivered again to its consumer only, handled once) or
+archives it (kept, no longer listed by default).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from magasin.eventstore.store import UnitOfWork
+from magasin.shared.errors import Conflict
 from magasin.shared.messages import RecordedEvent
 
 Handler = Callable[[RecordedEvent, UnitOfWork], Awaitable[None]]
@@ -46,6 +51,38 @@ class RetryPolicy:
         spread = base * self.jitter
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
+    @classmethod
+    def covering(
+        cls, seconds: float, initial_delay: float, multiplier: float, max_delay: float
+    ) -> RetryPolicy:
+        """A policy whose retries (without jitter) keep going for at least `seconds`."""
+        if max_delay <= 0:
+            raise ValueError("max_delay must be > 0")
+        total, attempts = 0.0, 1
+        while total < seconds:
+            total += min(max(initial_delay, 1e-3) * multiplier ** (attempts - 1), max_delay)
+            attempts += 1
+        return cls(attempts, initial_delay, multiplier, max_delay)
+
+    @property
+    def levels(self) -> int:
+        """Distinct delays a message can wait before a retry: after that many failed
+        attempts the delay has reached `max_delay` (or no attempt is left)."""
+        if self.initial_delay <= 0 or self.multiplier == 1:
+            return min(1, self.attempts - 1)
+        capped = 1 + max(0, math.ceil(math.log(self.max_delay / self.initial_delay,
+                                               self.multiplier)))
+        return min(self.attempts - 1, capped)
+
+
+class DeadLetterStatus(StrEnum):
+    """PENDING waits for an operator; REQUEUED went back to its consumer; ARCHIVED is kept
+    as a permanent failure."""
+
+    PENDING = "pending"
+    REQUEUED = "requeued"
+    ARCHIVED = "archived"
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -61,6 +98,18 @@ class DeadLetter:
     """The envelope, or None when the body could not be decoded (see `body`)."""
     body: str
     """The message as received (the envelope's JSON, or the undecodable bytes as text)."""
+    status: DeadLetterStatus = DeadLetterStatus.PENDING
+    requeues: int = 0
+    """Requeues of this dead-lettering that could not reach the consumer (and were undone)."""
+    updated_at: datetime | None = None
+    """When an operator last requeued or archived it."""
+
+    @property
+    def type(self) -> str | None:
+        return self.event.type if self.event else None
+
+    def with_status(self, status: DeadLetterStatus, at: datetime) -> DeadLetter:
+        return replace(self, status=status, updated_at=at)
 
     def to_document(self) -> dict[str, Any]:
         return {
@@ -70,8 +119,11 @@ class DeadLetter:
             "routing_key": self.routing_key,
             "dead_lettered_at": self.dead_lettered_at.isoformat(),
             "event_id": self.event.event_id if self.event else None,
-            "type": self.event.type if self.event else None,
+            "type": self.type,
             "body": self.body,
+            "status": str(self.status),
+            "requeues": self.requeues,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
 
 
@@ -79,8 +131,11 @@ class EventBus(ABC):
     """Port of the event bus. Adapters: `InProcessBus` (embedded), `RabbitMQBus`."""
 
     @abstractmethod
-    def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
-        """Register a consumer before `start()`; every handled type must have a schema."""
+    def subscribe(
+        self, consumer: str, handlers: Mapping[str, Handler], retry: RetryPolicy | None = None
+    ) -> None:
+        """Register a consumer before `start()`; every handled type must have a schema.
+        `retry` replaces the bus's retry policy for this consumer."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -96,5 +151,41 @@ class EventBus(ABC):
         """Make stored events durable on the bus; returns once the bus has them all."""
 
     @abstractmethod
-    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        """Dead letters recorded so far, oldest first, for one consumer or all."""
+    async def dead_letters(
+        self,
+        consumer: str | None = None,
+        *,
+        type: str | None = None,
+        reason: str | None = None,
+        status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first: by default those waiting for a decision, of every
+        consumer. `reason` matches a part of the reason (any case); `status` None = all."""
+
+    @abstractmethod
+    async def dead_letter(self, letter_id: str) -> DeadLetter:
+        """One dead letter by id, whatever its status; NotFound if there is none."""
+
+    @abstractmethod
+    async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
+        """Deliver the message again to its own consumer only, with a fresh retry budget;
+        returns the letter marked REQUEUED. The consumer's inbox makes it take effect once
+        however often it is requeued. Conflict if it is requeued already (a second click),
+        BusinessRuleViolation if its body cannot be decoded (requeueing cannot fix that:
+        archive it), Unavailable if the broker cannot take it (it stays PENDING then)."""
+
+    @abstractmethod
+    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
+        """Keep the letter as a permanent failure, out of the default listing."""
+
+    async def requeue_dead_letters(self, consumer: str) -> list[DeadLetter]:
+        """Requeue every PENDING dead letter of one consumer; returns those requeued."""
+        done: list[DeadLetter] = []
+        for letter in await self.dead_letters(consumer):
+            if letter.event is None:
+                continue  # undecodable: only an archive can settle it
+            try:
+                done.append(await self.requeue_dead_letter(letter.id))
+            except Conflict:
+                continue  # requeued meanwhile by someone else
+        return done

@@ -7,11 +7,14 @@ import asyncio
 import enum
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.observability import logging as logs
+from magasin.observability import metrics, tracing
 from magasin.shared.errors import AlreadyProcessed, ConcurrencyError, MalformedMessage
 from magasin.shared.messages import EventSchemas, RecordedEvent
 
@@ -41,9 +44,38 @@ async def deliver(
     extra: Callable[[UnitOfWork], None] | None = None,
     precheck: bool = True,
 ) -> Result:
+    """`_deliver`, counted and timed (magasin_events_consumed_total and friends)."""
+    with tracing.handling(event, consumer), logs.delivering(event, consumer):
+        started = time.perf_counter()
+        result = await _deliver(store, schemas, consumer, handler, event, extra, precheck)
+        metrics.consumed(
+            consumer, event.type, result.outcome.value, time.perf_counter() - started
+        )
+    return result
+
+
+def _causation(event: RecordedEvent, consumer: str) -> Causation:
+    """The handler's events continue the trace from its own span when tracing is on."""
+    causation = Causation.of(event, consumer=consumer)
+    if (traceparent := tracing.current_traceparent()) is not None:
+        causation = replace(causation, traceparent=traceparent)
+    return causation
+
+
+async def _deliver(
+    store: EventStore,
+    schemas: EventSchemas,
+    consumer: str,
+    handler: Handler,
+    event: RecordedEvent,
+    extra: Callable[[UnitOfWork], None] | None = None,
+    precheck: bool = True,
+) -> Result:
     """Run `handler` once in effect. `extra` adds the adapter's own bookkeeping (a checkpoint,
     a cleared retry) to the same unit of work, so it commits with the handler's effects."""
     try:
+        # Handlers get the event at its current schema version, whatever version was stored.
+        event = schemas.upcast(event)
         schemas.validate(event)
     except MalformedMessage as exc:
         return Result(Outcome.MALFORMED, str(exc))
@@ -54,7 +86,7 @@ async def deliver(
     try:
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
-                async with store.transaction(Causation.of(event, consumer=consumer)) as uow:
+                async with store.transaction(_causation(event, consumer)) as uow:
                     uow.mark_processed(consumer, event.event_id)
                     await handler(event, uow)
                     if extra is not None:
@@ -88,17 +120,24 @@ async def deliver_batch(
     """Handle several events in one unit of work (one commit). False when any of them is
     malformed, fails, conflicts or was processed already: nothing was written then, and the
     caller delivers them one by one to learn which, with the usual outcome for each."""
+    started = time.perf_counter()
     try:
+        events = [schemas.upcast(event) for event in events]
         for event in events:
             schemas.validate(event)
         async with store.transaction() as uow:
             for event in events:
-                uow.causation = Causation.of(event, consumer=consumer)
-                uow.mark_processed(consumer, event.event_id)
-                await handlers[event.type](event, uow)
+                with tracing.handling(event, consumer), logs.delivering(event, consumer):
+                    uow.causation = _causation(event, consumer)
+                    uow.mark_processed(consumer, event.event_id)
+                    await handlers[event.type](event, uow)
             extra(uow)
     except Exception:
         return False
+    # Each event is charged its share of the batch: the histogram stays per delivery.
+    share = (time.perf_counter() - started) / max(len(events), 1)
+    for event in events:
+        metrics.consumed(consumer, event.type, "handled", share)
     return True
 
 

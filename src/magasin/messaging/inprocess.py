@@ -22,8 +22,9 @@ from typing import Any
 
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
+from magasin.observability import metrics
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MagasinError
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
@@ -78,6 +79,7 @@ class _LogWindow:
 class _Subscription:
     consumer: str
     handlers: dict[str, Handler]
+    retry: RetryPolicy
     retry_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     busy: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -101,6 +103,7 @@ class InProcessBus(EventBus):
         seed: int | None = None,
     ) -> None:
         self.store = store
+        store.log_is_bus = True  # its commits are now publishes (see EventStore.log_is_bus)
         self.schemas = schemas
         self.retry = retry or RetryPolicy()
         self._poll = poll_interval
@@ -112,14 +115,16 @@ class InProcessBus(EventBus):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
-    def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
+    def subscribe(
+        self, consumer: str, handlers: Mapping[str, Handler], retry: RetryPolicy | None = None
+    ) -> None:
         if self._tasks:
             raise RuntimeError("subscribe before start()")
         if consumer in self._subs:
             raise ValueError(f"consumer {consumer!r} is already subscribed")
         table = dict(handlers)
         check_handlers(consumer, table, self.schemas)
-        self._subs[consumer] = _Subscription(consumer, table)
+        self._subs[consumer] = _Subscription(consumer, table, retry or self.retry)
 
     async def start(self) -> None:
         self._stopping = False
@@ -165,8 +170,44 @@ class InProcessBus(EventBus):
         if ops:
             await self.store.commit(ops)
 
-    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        return await deadletters.list_letters(self.store, consumer)
+    async def read_log(self, after: int, limit: int) -> list[RecordedEvent]:
+        """Read the log through the window the subscriptions share (for projections)."""
+        page: list[RecordedEvent] = await self._window.read(after, limit)
+        return page
+
+    async def dead_letters(
+        self,
+        consumer: str | None = None,
+        *,
+        type: str | None = None,
+        reason: str | None = None,
+        status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
+    ) -> list[DeadLetter]:
+        return await deadletters.list_letters(
+            self.store, consumer, type=type, reason=reason, status=status
+        )
+
+    async def dead_letter(self, letter_id: str) -> DeadLetter:
+        return await deadletters.get(self.store, letter_id)
+
+    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
+        return await deadletters.archive(self.store, letter_id)
+
+    async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
+        def redeliver(uow: UnitOfWork, letter: DeadLetter) -> None:
+            # A retry due now with no failed attempt behind it: the retry loop of the
+            # letter's consumer (in this process or, for a CLI, in the running one) delivers
+            # it with a fresh budget, and this commits with the letter's REQUEUED mark.
+            assert letter.event is not None
+            uow.put_document(RETRIES, letter.id, {
+                "consumer": letter.consumer, "event_id": letter.event.event_id,
+                "attempts": 0, "due": time.time(), "reason": "requeued",
+            })
+
+        requeued = await deadletters.claim_requeue(self.store, letter_id, redeliver)
+        if (sub := self._subs.get(requeued.consumer)) is not None:
+            sub.retry_wakeup.set()
+        return requeued
 
     # -- the tailing loop ---------------------------------------------------------------
 
@@ -246,7 +287,7 @@ class InProcessBus(EventBus):
         bookkeeping: Any,
     ) -> None:
         """Commit, with `bookkeeping`, either the next retry or the dead letter."""
-        give_up = result.outcome is Outcome.MALFORMED or failed_attempts >= self.retry.attempts
+        give_up = result.outcome is Outcome.MALFORMED or failed_attempts >= sub.retry.attempts
         async with self.store.transaction() as uow:
             bookkeeping(uow)
             key = f"{sub.consumer}:{event.event_id}"
@@ -262,7 +303,7 @@ class InProcessBus(EventBus):
                     ),
                 )
             else:
-                due = time.time() + self.retry.delay(failed_attempts, self._rng)
+                due = time.time() + sub.retry.delay(failed_attempts, self._rng)
                 uow.put_document(
                     RETRIES,
                     key,
@@ -272,6 +313,7 @@ class InProcessBus(EventBus):
                     },
                 )
         if not give_up:
+            metrics.retried(sub.consumer)
             sub.retry_wakeup.set()
 
     async def _retries(self, sub: _Subscription) -> None:
@@ -293,8 +335,9 @@ class InProcessBus(EventBus):
             wait = min([self._poll * 4, *(d - now for d in later)]) if not due else 0.0
             sub.retry_wakeup.clear()
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.retry_wakeup.wait(), wait)
+                with contextlib.suppress(TimeoutError):  # not wait_for: it can eat a cancel
+                    async with asyncio.timeout(wait):
+                        await sub.retry_wakeup.wait()
 
     async def _pending_retries(self, sub: _Subscription) -> list[tuple[str, dict[str, Any]]]:
         found: list[tuple[str, dict[str, Any]]] = []

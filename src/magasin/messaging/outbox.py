@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 from magasin.eventstore.store import EventStore
 from magasin.messaging.bus import EventBus
+from magasin.observability import metrics
 from magasin.shared.errors import Unavailable
 
 log = logging.getLogger("magasin.messaging.outbox")
@@ -64,7 +66,14 @@ class OutboxRelay:
         """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
         async with self.store.outbox_batch(self.batch_size) as events:
             if events:
-                await self.bus.publish(events)
+                started = time.perf_counter()
+                kinds = [(e.type, e.metadata) for e in events]
+                try:
+                    await self.bus.publish(events)
+                except Exception:
+                    metrics.published(kinds, "failed")
+                    raise
+                metrics.published(kinds, "ok", time.perf_counter() - started)
         return len(events)
 
     async def drain(self) -> int:

@@ -25,10 +25,11 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from magasin.eventstore.store import EventStore
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
+from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
-from magasin.shared.errors import MalformedMessage, Unavailable
+from magasin.shared.errors import ConfigurationError, MalformedMessage, Unavailable
 from magasin.shared.messages import EventSchemas, RecordedEvent, decode_envelope
 
 log = logging.getLogger("magasin.messaging.rabbitmq")
@@ -46,15 +47,31 @@ _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settl
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
 
 
+def check_queue_arguments(queue: str, arguments: Mapping[str, Any] | None) -> None:
+    """Refuse a queue that would drop messages: past `x-delivery-limit` the broker discards a
+    message unless the queue names a dead-letter exchange to send it to."""
+    arguments = arguments or {}
+    if "x-delivery-limit" in arguments and "x-dead-letter-exchange" not in arguments:
+        raise ConfigurationError(
+            f"queue {queue!r} has a delivery limit ({arguments['x-delivery-limit']}) but no "
+            "x-dead-letter-exchange: messages past the limit would be lost"
+        )
+
+
 @dataclass
 class _Consumer:
     name: str
     handlers: dict[str, Handler]
     queue: str
+    retry: RetryPolicy
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
 
     def retry_queue(self, level: int) -> str:
         return f"{self.queue}.retry.{level}"
+
+    def retry_level(self, failed: int) -> int:
+        """Retries past the first delays all wait `max_delay`: they share the last queue."""
+        return min(failed, self.retry.levels)
 
     @property
     def dead_letter_queue(self) -> str:
@@ -70,7 +87,8 @@ class RabbitMQBus(EventBus):
     nobody consumes whose messages expire (per-message TTL) back into the work queue, so a
     retry never holds up the messages behind it. A message given up on goes through the
     direct exchange `<ns>.dlx` to `<ns>.<consumer>.dlq`, which the bus itself drains into
-    the store's dead letters.
+    the store's dead letters. A requeued dead letter is published straight into its
+    consumer's work queue (the default exchange), without an attempt count.
     """
 
     def __init__(
@@ -83,9 +101,13 @@ class RabbitMQBus(EventBus):
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
         prefetch: int = 64,
         timeout: float = 10.0,
+        work_queue_arguments: Mapping[str, Any] | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
+        self.work_queue_arguments = dict(work_queue_arguments or {})
+        """Extra arguments of every work queue (say a quorum queue with a delivery limit
+        and the dead-letter exchange); checked by `check_queue_arguments` at start."""
         self.url = url
         self.store = store
         self.schemas = schemas
@@ -115,18 +137,27 @@ class RabbitMQBus(EventBus):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def subscribe(self, consumer: str, handlers: Mapping[str, Handler]) -> None:
+    def subscribe(
+        self, consumer: str, handlers: Mapping[str, Handler], retry: RetryPolicy | None = None
+    ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
         if consumer in self._consumers:
             raise ValueError(f"consumer {consumer!r} is already subscribed")
         table = dict(handlers)
         check_handlers(consumer, table, self.schemas)
-        self._consumers[consumer] = _Consumer(consumer, table, f"{self.namespace}.{consumer}")
+        self._consumers[consumer] = _Consumer(
+            consumer, table, self._queue_of(consumer), retry or self.retry
+        )
+
+    def _queue_of(self, consumer: str) -> str:
+        return f"{self.namespace}.{consumer}"
 
     async def start(self) -> None:
         if self._connection is not None:
             return
+        for consumer in self._consumers.values():  # refused before anything is declared
+            check_queue_arguments(consumer.queue, self.work_queue_arguments)
         try:
             connection = await aio_pika.connect_robust(
                 self.url,
@@ -162,24 +193,29 @@ class RabbitMQBus(EventBus):
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
             await channel.set_qos(prefetch_count=self.prefetch)
-            work = await channel.declare_queue(consumer.queue, durable=True)
+            work = await _declare_queue(channel, consumer.queue, self._work_arguments(consumer))
             for event_type in consumer.handlers:
                 await work.bind(self._events, routing_key=f"*.{event_type}")
-            for level in range(1, self.retry.attempts):
-                await channel.declare_queue(
+            for level in range(1, consumer.retry.levels + 1):
+                await _declare_queue(
+                    channel,
                     consumer.retry_queue(level),
-                    durable=True,
-                    arguments={
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": consumer.queue,
-                    },
+                    {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": consumer.queue},
                 )
-            dlq = await channel.declare_queue(consumer.dead_letter_queue, durable=True)
+            dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
             consumer.tags = [
                 (work, await work.consume(self._spawner(consumer, self._handle))),
                 (dlq, await dlq.consume(self._spawner(consumer, self._record))),
             ]
+
+    def _work_arguments(self, consumer: _Consumer) -> dict[str, Any]:
+        arguments = dict(self.work_queue_arguments)
+        if arguments.get("x-dead-letter-exchange") == self.dead_letter_exchange:
+            # What the broker dead-letters keeps its routing key unless told otherwise; the
+            # consumer's name is what binds its dead-letter queue to our exchange.
+            arguments.setdefault("x-dead-letter-routing-key", consumer.name)
+        return arguments
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._connection is None:
@@ -233,7 +269,7 @@ class RabbitMQBus(EventBus):
             channel = await connection.channel()
             for consumer in self._consumers.values():
                 await channel.queue_delete(consumer.queue)
-                for level in range(1, self.retry.attempts):
+                for level in range(1, consumer.retry.levels + 1):
                     await channel.queue_delete(consumer.retry_queue(level))
                 await channel.queue_delete(consumer.dead_letter_queue)
             await channel.exchange_delete(self.exchange)
@@ -247,10 +283,12 @@ class RabbitMQBus(EventBus):
         if not events:
             return
         exchange = self._require(self._events)
-        # An event type nobody consumes is normal, hence not mandatory.
-        await self._confirmed(
-            [(exchange, _event_message(e), e.routing_key) for e in events], mandatory=False
-        )
+        # An event type nobody consumes is normal, hence not mandatory. Each message carries
+        # its publish span as traceparent (envelope and header): handlers are its children.
+        with tracing.publishing(events, "rabbitmq") as sent:
+            await self._confirmed(
+                [(exchange, _event_message(e), e.routing_key) for e in sent], mandatory=False
+            )
 
     async def publish_raw(self, routing_key: str, body: bytes) -> None:
         """Publish arbitrary bytes to the events exchange (tests inject bad messages so)."""
@@ -321,22 +359,30 @@ class RabbitMQBus(EventBus):
         try:
             event = decode_envelope(message.body)
         except MalformedMessage as exc:
+            metrics.consumed(consumer.name, "<undecodable>", "malformed", 0.0)
             await self._dead_letter(consumer, message, str(exc), failed_before + 1)
             return
         handler = consumer.handlers.get(event.type)
         if handler is None:
+            metrics.consumed(consumer.name, event.type, "malformed", 0.0)
             reason = f"unknown event type {event.type!r} for consumer {consumer.name!r}"
             await self._dead_letter(consumer, message, reason, failed_before + 1)
             return
+        # The inbox mark committed with the effects is what keeps them single; reading it
+        # up front only spares a handler's outside calls, worth a query only for messages
+        # the broker delivered before (an outbox duplicate is still caught at commit).
+        precheck = message.redelivered or failed_before > 0
         try:
-            result = await deliver(self.store, self.schemas, consumer.name, handler, event)
+            result = await deliver(
+                self.store, self.schemas, consumer.name, handler, event, precheck=precheck
+            )
         except Exception as exc:  # the inbox pre-check could not read the store
             result = Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
         if result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE):
             await self._ack(message)
         elif result.outcome is Outcome.MALFORMED:
             await self._dead_letter(consumer, message, result.reason, failed_before + 1)
-        elif failed_before + 1 < self.retry.attempts:
+        elif failed_before + 1 < consumer.retry.attempts:
             await self._retry_later(consumer, message, failed_before + 1, result.reason)
         else:
             await self._dead_letter(consumer, message, result.reason, failed_before + 1)
@@ -344,13 +390,14 @@ class RabbitMQBus(EventBus):
     async def _retry_later(
         self, consumer: _Consumer, message: AbstractIncomingMessage, failed: int, reason: str
     ) -> None:
-        delay = self.retry.delay(failed)
+        delay = consumer.retry.delay(failed)
         headers = _forwarded_headers(message)
         headers[ATTEMPTS] = failed
         copy = _copy(message, headers, expiration=delay)
+        queue = consumer.retry_queue(consumer.retry_level(failed))
         try:
             await self._confirmed(
-                [(self._require(self._default), copy, consumer.retry_queue(failed))],
+                [(self._require(self._default), copy, queue)],
                 mandatory=True,
             )
         except Unavailable as exc:
@@ -361,6 +408,7 @@ class RabbitMQBus(EventBus):
             "consumer %s retries %s in %.3fs after failed attempt %d: %s",
             consumer.name, message.message_id, delay, failed, reason,
         )
+        metrics.retried(consumer.name)
         await self._ack(message)
 
     async def _dead_letter(
@@ -415,8 +463,62 @@ class RabbitMQBus(EventBus):
         except _BROKER_ERRORS as exc:
             log.warning("could not requeue message %s: %r", message.message_id, exc)
 
-    async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
-        return await deadletters.list_letters(self.store, consumer)
+    # -- operating dead letters ---------------------------------------------------------
+
+    async def dead_letters(
+        self,
+        consumer: str | None = None,
+        *,
+        type: str | None = None,
+        reason: str | None = None,
+        status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
+    ) -> list[DeadLetter]:
+        return await deadletters.list_letters(
+            self.store, consumer, type=type, reason=reason, status=status
+        )
+
+    async def dead_letter(self, letter_id: str) -> DeadLetter:
+        return await deadletters.get(self.store, letter_id)
+
+    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
+        return await deadletters.archive(self.store, letter_id)
+
+    async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
+        # Marked first, sent second: if the message failed again at once, its new dead
+        # letter must not be overwritten by this mark. A send that fails undoes the mark.
+        requeued = await deadletters.claim_requeue(self.store, letter_id)
+        event = requeued.event
+        assert event is not None
+        headers: dict[str, Any] = {ORIGINAL_ROUTING_KEY: requeued.routing_key}
+        if event.traceparent:
+            headers["traceparent"] = event.traceparent
+        message = aio_pika.Message(
+            requeued.body.encode(), headers=headers, content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event.event_id,
+            type=event.type, correlation_id=event.correlation_id,
+        )
+        try:
+            await self._send_to_queue(self._queue_of(requeued.consumer), message)
+        except Unavailable:
+            await deadletters.undo_requeue(self.store, requeued)
+            raise
+        return requeued
+
+    async def _send_to_queue(self, queue: str, message: aio_pika.Message) -> None:
+        """Straight into one consumer's work queue (no attempt header: a fresh budget);
+        through a short connection of its own when the bus is not started (a CLI)."""
+        if self._default is not None:
+            await self._confirmed([(self._default, message, queue)], mandatory=True)
+            return
+        try:
+            connection = await aio_pika.connect(self.url, timeout=self.timeout)
+        except _BROKER_ERRORS as exc:
+            raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await self._confirmed([(channel.default_exchange, message, queue)], mandatory=True)
+        finally:
+            await connection.close()
 
 
 def _event_message(event: RecordedEvent) -> aio_pika.Message:
@@ -471,13 +573,29 @@ def _letter(consumer: str, message: AbstractIncomingMessage) -> DeadLetter:
     return DeadLetter(
         id=f"{consumer}:{ident}",
         consumer=consumer,
-        reason=str(headers.get(REASON, "no reason given")),
+        reason=str(headers.get(REASON) or _broker_reason(headers)),
         attempts=_int_header(headers, ATTEMPTS, 1),
         routing_key=str(headers.get(ORIGINAL_ROUTING_KEY, message.routing_key or "")),
         dead_lettered_at=datetime.fromisoformat(at) if isinstance(at, str) else utcnow(),
         event=event,
         body=message.body.decode("utf-8", errors="replace"),
     )
+
+
+def _broker_reason(headers: HeadersType) -> str:
+    """Why the broker itself dead-lettered a message (a work queue's delivery limit, say)."""
+    why = headers.get("x-first-death-reason")
+    if isinstance(why, bytes):
+        why = why.decode(errors="replace")
+    return f"dead-lettered by the broker: {why}" if why else "no reason given"
+
+
+async def _declare_queue(
+    channel: AbstractChannel, name: str, arguments: Mapping[str, Any] | None = None
+) -> AbstractQueue:
+    """Every queue this bus declares goes through here, so none escapes the argument check."""
+    check_queue_arguments(name, arguments)
+    return await channel.declare_queue(name, durable=True, arguments=dict(arguments or {}))
 
 
 def _int_header(headers: HeadersType, name: str, default: int) -> int:

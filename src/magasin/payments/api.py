@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from magasin.api.paging import Cursor, Limit, Page, page_of
-from magasin.payments.handlers import PAYMENTS
+from magasin.payments.projection import PAYMENTS
 from magasin.service import ServiceContext
 from magasin.shared.errors import NotFound
 

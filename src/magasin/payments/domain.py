@@ -68,14 +68,16 @@ class Payment(Aggregate):
             bank_reference=bank_reference, store_id=store_id, lines=tuple(lines),
         ))
 
-    def fail(self, payment_id: str, amount: int, currency: str, reason: str) -> None:
+    def fail(
+        self, payment_id: str, amount: int, currency: str, reason: str, store_id: str = ""
+    ) -> None:
         """The bank declined: nothing was taken."""
         self._require_unrecorded()
         if not reason:
             raise InvalidInput("a failed payment needs a reason")
         self._record(PaymentFailed(
             payment_id=payment_id, transaction_id=self.id, amount=amount, currency=currency,
-            reason=reason,
+            reason=reason, store_id=store_id,
         ))
 
     def refund(self, amount: int, reason: str, refund_reference: str) -> None:
@@ -124,6 +126,7 @@ class Payment(Aggregate):
             case PaymentFailed():
                 self.status = PaymentStatus.FAILED
                 self.payment_id = event.payment_id
+                self.store_id = event.store_id
                 self.amount = event.amount
                 self.currency = event.currency
                 self.reason = event.reason

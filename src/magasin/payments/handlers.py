@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers
 from magasin.payments.domain import Payment
-from magasin.payments.gateway import BankGateway
-from magasin.shared.clock import utcnow
-from magasin.shared.errors import NotFound
+from magasin.payments.gateway import BankGateway, Charge
+from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
+from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
     InventoryReleased,
@@ -22,27 +21,7 @@ from magasin.shared.events import (
 from magasin.shared.ids import time_ordered_id
 from magasin.shared.messages import RecordedEvent
 
-PAYMENTS = "payment.payments"
-"""Read model: one document per transaction id."""
-
 payments = Repository(Payment)
-
-
-def document(payment: Payment, store_id: str) -> dict[str, Any]:
-    """The read-model view of a payment (PaymentFailed does not carry the store, so the
-    caller passes it)."""
-    return {
-        "payment_id": payment.payment_id,
-        "transaction_id": payment.transaction_id,
-        "store_id": store_id,
-        "status": str(payment.status),
-        "amount": payment.amount,
-        "currency": payment.currency,
-        "bank_reference": payment.bank_reference,
-        "refund_reference": payment.refund_reference,
-        "reason": payment.reason,
-        "updated_at": utcnow().isoformat(),
-    }
 
 
 def refund_key(transaction_id: str) -> str:
@@ -50,14 +29,29 @@ def refund_key(transaction_id: str) -> str:
     return f"{transaction_id}:refund"
 
 
-async def charge(gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork) -> None:
+async def charge(
+    gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork,
+    deadline: ChargeDeadline | None = None,
+) -> None:
     created: TransactionCreated = SCHEMAS.validate(event)
     tid = created.transaction_id
-    if await payments.find(uow, tid) is not None:
+    if (known := await payments.find(uow, tid)) is not None:
+        if deadline is not None:
+            await deadline.settle_overtaken(gateway, known, refund_key(tid))
         return  # already charged: a duplicate of TransactionCreated takes nothing twice
     # The transaction id as idempotency key: a retry after a crash between the bank's
     # answer and our commit gets the same answer instead of a second charge.
-    answer = await gateway.charge(tid, created.total, created.currency, created.payment_method)
+    try:
+        answer = await gateway.charge(
+            tid, created.total, created.currency, created.payment_method
+        )
+    except Unavailable as exc:
+        # Retried by the bus until the payment step's deadline; then the sale fails.
+        if deadline is None or not await deadline.unreachable(uow, event, str(exc)):
+            raise
+        answer = Charge(approved=False, reference="", decline_reason=BANK_UNAVAILABLE)
+    if deadline is not None:
+        deadline.approved(uow, tid, answer)
     payment = Payment(tid)
     if answer.approved:
         payment.capture(
@@ -68,10 +62,9 @@ async def charge(gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork) ->
     else:
         payment.fail(
             payment_id=time_ordered_id(), amount=created.total, currency=created.currency,
-            reason=answer.decline_reason or "declined",
+            reason=answer.decline_reason or "declined", store_id=created.store_id,
         )
     payments.save(uow, payment)
-    uow.put_document(PAYMENTS, tid, document(payment, created.store_id))
 
 
 async def refund(
@@ -90,14 +83,15 @@ async def refund(
     )
     payment.refund(payment.amount, reason, reference)
     payments.save(uow, payment)
-    uow.put_document(PAYMENTS, transaction_id, document(payment, payment.store_id))
 
 
-def handlers(gateway: BankGateway) -> dict[str, Handler]:
+def handlers(
+    gateway: BankGateway, deadline: ChargeDeadline | None = None
+) -> dict[str, Handler]:
     """The payment consumer's registry: every event type it handles, and by what."""
 
     async def on_transaction_created(event: RecordedEvent, uow: UnitOfWork) -> None:
-        await charge(gateway, event, uow)
+        await charge(gateway, event, uow, deadline)
 
     async def on_inventory_unavailable(event: RecordedEvent, uow: UnitOfWork) -> None:
         unavailable: InventoryUnavailable = SCHEMAS.validate(event)
@@ -118,4 +112,5 @@ def handlers(gateway: BankGateway) -> dict[str, Handler]:
         "InventoryUnavailable": on_inventory_unavailable,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         "InventoryReleased": on_inventory_released,
+        **(abort_handlers(gateway, deadline, refund_key) if deadline is not None else {}),
     }

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from typing import ClassVar, Self
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Self
+
+from magasin.shared import state as codec
+
+_BOOKKEEPING = frozenset({"id", "version", "pending"})
 
 
 class Aggregate(ABC):
@@ -17,6 +21,9 @@ class Aggregate(ABC):
     """
 
     stream_type: ClassVar[str]
+    snapshot_version: ClassVar[int] = 1
+    """Version of the state's shape in snapshots: bump it whenever the attributes of the
+    class change meaning, so that snapshots taken before are ignored rather than misread."""
 
     def __init__(self, ident: str) -> None:
         self.id = ident
@@ -45,6 +52,43 @@ class Aggregate(ABC):
         for event in events:
             self.apply(event)
         self.version = version
+
+    def state(self) -> dict[str, Any]:
+        """The state as plain JSON data (attributes and public properties), for people."""
+        view: dict[str, Any] = {"id": self.id, "version": self.version}
+        for name, value in vars(self).items():
+            if name not in _BOOKKEEPING and not name.startswith("_"):
+                view[name] = codec.plain(value)
+        for klass in reversed(type(self).__mro__):
+            for name, member in vars(klass).items():
+                if isinstance(member, property) and not name.startswith("_"):
+                    view[name] = codec.plain(getattr(self, name))
+        return view
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state in a form `from_snapshot` restores exactly (see shared/state.py)."""
+        return {name: codec.encode(value) for name, value in vars(self).items()
+                if name not in _BOOKKEEPING}
+
+    @classmethod
+    def from_snapshot(cls, ident: str, version: int, data: Mapping[str, Any]) -> Self:
+        """The aggregate as `snapshot()` saw it at `version`. ValueError when the data does
+        not have exactly the attributes of this class (a shape the class no longer has)."""
+        aggregate = cls(ident)
+        expected = set(vars(aggregate)) - _BOOKKEEPING
+        if set(data) != expected:
+            raise ValueError(
+                f"snapshot of {cls.stream_type} {ident} has attributes {sorted(data)}, "
+                f"expected {sorted(expected)}"
+            )
+        try:
+            for name, value in data.items():
+                setattr(aggregate, name, codec.decode(value))
+        except (TypeError, ValueError, AttributeError, ImportError) as exc:
+            raise ValueError(f"snapshot of {cls.stream_type} {ident} cannot be read: {exc}") \
+                from exc
+        aggregate.version = version
+        return aggregate
 
     @classmethod
     def replay(cls, ident: str, events: Iterable[object], version: int) -> Self:

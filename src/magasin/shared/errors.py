@@ -10,7 +10,8 @@
     ├── InvalidInput
     │   └── MalformedMessage        bad JSON, unknown event type or invalid payload
     ├── Unavailable                 a server (database, broker, bank) cannot be reached
-    └── StorageError                any other failure reported by a storage driver
+    ├── StorageError                any other failure reported by a storage driver
+    └── ConfigurationError          a setting or declaration refused at start-up
 """
 
 from __future__ import annotations
@@ -71,3 +72,8 @@ class Unavailable(MagasinError):
 
 class StorageError(MagasinError):
     """A storage driver failed for a reason that is not one of the above."""
+
+
+class ConfigurationError(MagasinError):
+    """A setting or declaration that cannot work, refused at start-up rather than at the
+    first message it would lose."""

@@ -139,6 +139,8 @@ class PaymentFailed:
     currency: str
     reason: str
     """`declined`, `limit_exceeded`, `bank_unavailable`, ..."""
+    store_id: str = ""
+    """Where the sale was made (for the payments read model; empty in older events)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +209,8 @@ class OrderFulfilled:
     order_id: str
     transaction_id: str
     store_id: str
+    lines: tuple[StockLine, ...] = ()
+    """What was prepared (for the orders read model; empty in older events)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +219,8 @@ class OrderFulfillmentFailed:
     store_id: str
     reason: str
     order_id: str = field(default="")
+    lines: tuple[StockLine, ...] = ()
+    """What could not be prepared (for the orders read model)."""
 
 
 # -- internal events: facts an aggregate keeps in its own stream ---------------------------
@@ -265,6 +271,20 @@ class ReleaseRecorded:
 
 
 @dataclass(frozen=True, slots=True)
+class SagaAborted:
+    """The transaction stopped waiting at `step` (`payment`, `reservation`, `fulfilment`):
+    its deadline passed (`deadline:<step>`) or an operator forced it (`forced`). Payment
+    voids or refunds, inventory releases what it holds for the sale."""
+
+    transaction_id: str
+    step: str
+    reason: str
+    store_id: str
+    total: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class StockReserved:
     store_id: str
     product_id: str
@@ -311,6 +331,7 @@ ALL_EVENTS: tuple[type, ...] = (
     OrderFulfilled, OrderFulfillmentFailed,
     PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
     RefundRecorded, ReleaseRecorded,
+    SagaAborted,
     StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,
 )
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +15,8 @@ from magasin.shared.errors import MalformedMessage
 from magasin.shared.ids import aggregate_of, new_id
 
 JsonDict = dict[str, Any]
+Upcaster = Callable[[JsonDict], JsonDict]
+"""Turns the payload of one schema version of an event type into that of the next one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +136,18 @@ def _first_error(exc: ValidationError) -> str:
 
 class EventSchemas:
     """Registry of event types and their payload models (dataclasses or pydantic models):
-    what a consumer can understand. Validation goes through pydantic's TypeAdapter."""
+    what a consumer can understand. Validation goes through pydantic's TypeAdapter.
+
+    Schema evolution: a model is the *current* version of its type (1, plus one per
+    upcaster registered for it). An event stored with an older `schema_version` is upgraded
+    on read, one upcaster after the other, so stored events are never rewritten."""
 
     def __init__(self) -> None:
         self._adapters: dict[str, TypeAdapter[Any]] = {}
         self._models: dict[str, type[Any]] = {}
         self._names: dict[type[Any], str] = {}
+        self._upcasters: dict[str, list[Upcaster]] = {}
+        """Per type, the upcaster from version i + 1 to i + 2 at index i."""
 
     def register(self, type_name: str, model: type[Any]) -> None:
         if type_name in self._models and self._models[type_name] is not model:
@@ -158,8 +166,44 @@ class EventSchemas:
     def name_of(self, model: type[Any]) -> str:
         return self._names[model]
 
+    def register_upcaster(self, type_name: str, from_version: int, upcaster: Upcaster) -> None:
+        """Declare version `from_version + 1` of `type_name`: `upcaster` turns a payload of
+        `from_version` into one of the new version, which the registered model describes.
+        Versions are declared in order, from 1."""
+        chain = self._upcasters.setdefault(type_name, [])
+        if from_version != len(chain) + 1:
+            raise ValueError(
+                f"{type_name} is at version {len(chain) + 1}: the next upcaster must start "
+                f"there, not at {from_version}"
+            )
+        chain.append(upcaster)
+
+    def version_of(self, type_name: str) -> int:
+        """The schema version that producers stamp on new events of this type."""
+        return len(self._upcasters.get(type_name, ())) + 1
+
+    def upcast(self, event: RecordedEvent) -> RecordedEvent:
+        """The event at its type's current schema version (the same object if it is).
+        Raises MalformedMessage for a version newer than this registry knows."""
+        chain = self._upcasters.get(event.type)
+        current = len(chain) + 1 if chain else 1
+        if event.schema_version == current:
+            return event
+        if event.schema_version > current or event.schema_version < 1 or chain is None:
+            raise MalformedMessage(
+                f"{event.type} has schema version {event.schema_version}; this service "
+                f"knows versions 1 to {current}"
+            )
+        payload = dict(event.payload)
+        for upcaster in chain[event.schema_version - 1:]:
+            payload = upcaster(payload)
+        return replace(event, schema_version=current, payload=payload)
+
     def validate(self, event: RecordedEvent) -> Any:
-        """The payload as its model; raises MalformedMessage if it does not fit."""
+        """The payload as its model, upcast first if it is of an older schema version;
+        raises MalformedMessage if it does not fit."""
+        if event.schema_version != 1 or event.type in self._upcasters:
+            event = self.upcast(event)
         adapter = self._adapters.get(event.type)
         if adapter is None:
             raise MalformedMessage(f"unknown event type {event.type!r}")

@@ -1,7 +1,8 @@
 """Commands of the store service, shared by its HTTP API and the demo seeder.
 
-Each runs in one unit of work (events and read-model documents commit together) and is
-retried from a fresh read when another writer moved one of its streams meanwhile.
+Each runs in one unit of work (its events, and the SKU index) and is retried from a fresh
+read when another writer moved one of its streams meanwhile. Each returns the read-model
+document its projection will write, built from the aggregate.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ async def register_store(
         if await stores.find(uow, new.id) is not None:
             raise Conflict(f"store {new.id} already exists")
         stores.save(uow, new)
-        return readmodel.put_store(uow, new)
+        return readmodel.store_document(new)
 
     return await _run(store, run)
 
@@ -65,7 +66,7 @@ async def close_store(store: EventStore, store_id: str, reason: str) -> dict[str
         shop = await stores.get(uow, store_id)
         shop.close(reason)
         stores.save(uow, shop)
-        return readmodel.put_store(uow, shop)
+        return readmodel.store_document(shop)
 
     return await _run(store, run)
 
@@ -77,7 +78,7 @@ async def reopen_store(store: EventStore, store_id: str) -> dict[str, Any]:
         shop = await stores.get(uow, store_id)
         shop.reopen()
         stores.save(uow, shop)
-        return readmodel.put_store(uow, shop)
+        return readmodel.store_document(shop)
 
     return await _run(store, run)
 
@@ -105,7 +106,7 @@ async def add_product(
         skus.save(uow, Sku.claim(new.sku, new.id))
         products.save(uow, new)
         readmodel.put_sku(uow, new)
-        return readmodel.put_product(uow, new)
+        return readmodel.product_document(new)
 
     return await _run(store, run)
 
@@ -119,6 +120,6 @@ async def change_price(
         product = await products.get(uow, product_id)
         product.change_price(unit_price, currency)
         products.save(uow, product)
-        return readmodel.put_product(uow, product)
+        return readmodel.product_document(product)
 
     return await _run(store, run)

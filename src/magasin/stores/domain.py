@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 
 from magasin.shared.aggregate import Aggregate
@@ -13,6 +14,7 @@ from magasin.shared.events import (
     ProductAdded,
     ProductPriceChanged,
     SkuClaimed,
+    StockLine,
     StoreClosed,
     StoreRegistered,
     StoreReopened,
@@ -212,20 +214,24 @@ class Order(Aggregate):
         self.status: OrderStatus | None = None
         self.reason: str | None = None
 
-    def prepare(self, store_id: str, store: Store | None, order_id: str) -> None:
+    def prepare(
+        self, store_id: str, store: Store | None, order_id: str,
+        lines: Sequence[StockLine] = (),
+    ) -> None:
         """Prepare the order in `store` (None: no such store). A store that cannot prepare
         it is a failure recorded as an event, not an error: the saga compensates on it."""
         if self.status is not None:
             raise BusinessRuleViolation(f"the order of transaction {self.id} is already prepared")
         if store is not None and store.id != store_id:
             raise ValueError(f"store {store.id} given for an order of store {store_id}")
+        goods = tuple(lines)
         if store is None:
-            self._record(OrderFulfillmentFailed(self.id, store_id, UNKNOWN_STORE))
+            self._record(OrderFulfillmentFailed(self.id, store_id, UNKNOWN_STORE, lines=goods))
         elif not store.open:
-            self._record(OrderFulfillmentFailed(self.id, store_id, STORE_CLOSED))
+            self._record(OrderFulfillmentFailed(self.id, store_id, STORE_CLOSED, lines=goods))
         else:
             self._record(OrderFulfilled(order_id=order_id, transaction_id=self.id,
-                                        store_id=store_id))
+                                        store_id=store_id, lines=goods))
 
     def apply(self, event: object) -> None:
         match event:

@@ -8,7 +8,6 @@ from magasin.messaging.bus import Handler
 from magasin.shared.events import SCHEMAS, InventoryReserved
 from magasin.shared.ids import time_ordered_id
 from magasin.shared.messages import RecordedEvent
-from magasin.stores import readmodel
 from magasin.stores.domain import Order, Store
 
 orders = Repository(Order)
@@ -22,11 +21,10 @@ async def prepare_order(event: RecordedEvent, uow: UnitOfWork) -> None:
         return  # a redelivery, or a second reservation message for the same sale
     order = Order(reserved.transaction_id)
     order.prepare(reserved.store_id, await stores.find(uow, reserved.store_id),
-                  order_id=time_ordered_id())
+                  order_id=time_ordered_id(), lines=reserved.lines)
     # A new order stream is saved expecting no stream: a concurrent preparation of the
     # same sale makes this commit fail, and the bus's retry then finds the order.
     orders.save(uow, order)
-    readmodel.put_order(uow, order, reserved.lines)
 
 
 def handlers() -> dict[str, Handler]:

@@ -15,6 +15,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 from magasin.api.paging import Cursor, Limit, Page, page_of
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
+from magasin.eventstore_service import history
+from magasin.observability import tracing
 from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
@@ -22,6 +24,7 @@ from magasin.shared.ids import time_ordered_id
 from magasin.transactions import readmodel
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
 from magasin.transactions.feed import StatusFeed
+from magasin.transactions.projection import new_document
 
 sales = Repository(Transaction)
 IDEMPOTENCY = "transaction.idempotency_keys"
@@ -108,20 +111,22 @@ async def create(
         callback_url=str(body.callback_url) if body.callback_url else None,
     )
     try:
-        async with store.transaction(Causation(correlation_id=ident,
-                                               metadata={"service": "transaction"})) as uow:
+        # The sale's trace starts at this HTTP request's span (when tracing is on).
+        causation = Causation(correlation_id=ident, traceparent=tracing.current_traceparent(),
+                              metadata={"service": "transaction"})
+        async with store.transaction(causation) as uow:
             if key:
                 uow.mark_processed(IDEMPOTENCY, key)
                 uow.put_document(IDEMPOTENCY, key, {"transaction_id": ident,
                                                     "fingerprint": fingerprint})
             sales.save(uow, sale)  # a new aggregate is at version 0: the stream must not exist
-            view = await readmodel.project(uow, sale)
     except AlreadyProcessed:  # the same key, a moment earlier
         replay = await _replay(store, key or "", fingerprint)
         if replay is None:
             raise
         return replay, False
-    return view, True
+    # The read model is a projection that may lag: answer from what was just recorded.
+    return new_document(uow.recorded[0]), True
 
 
 async def _replay(store: EventStore, key: str, fingerprint: str) -> dict[str, Any] | None:
@@ -130,7 +135,11 @@ async def _replay(store: EventStore, key: str, fingerprint: str) -> dict[str, An
         return None
     if claim["fingerprint"] != fingerprint:
         raise Conflict(f"Idempotency-Key {key!r} was used for a different request")
-    return await _view(store, claim["transaction_id"])
+    tid = claim["transaction_id"]
+    doc = await store.get_document(readmodel.TRANSACTIONS, tid)
+    if doc is None:  # claimed and created a moment ago, not projected yet
+        doc = new_document((await store.read_stream(sales.stream(tid), to_version=1))[0])
+    return doc
 
 
 def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
@@ -160,7 +169,13 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         store_id: str | None = None,
         status: Status | None = None,
         customer_id: str | None = None,
+        as_of: history.AsOf = None,
     ) -> dict[str, Any]:
+        if as_of is not None:  # the list as it was then, replayed from the log
+            return history.page(
+                await history.transactions_as_of(store, history.utc(as_of)), "transaction_id",
+                {"store_id": store_id, "status": status.value if status else None,
+                 "customer_id": customer_id}, cursor, limit)
         where: dict[str, str | int | bool] = {}
         if store_id:
             where["store_id"] = store_id
@@ -172,8 +187,32 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         return {"items": items, "next_cursor": next_cursor}
 
     @api.get("/{transaction_id}", response_model=TransactionView)
-    async def get_transaction(transaction_id: str) -> dict[str, Any]:
-        return await _view(store, transaction_id)
+    async def get_transaction(
+        transaction_id: str,
+        response: Response,
+        as_of: history.AsOf = None,
+        min_version: Annotated[int | None, Query(
+            ge=1, description="The version you wrote (returned by POST): a read model "
+            "behind it is bypassed and the sale rebuilt from its events.")] = None,
+    ) -> dict[str, Any]:
+        if as_of is not None:
+            found = await history.transaction_as_of(store, transaction_id, history.utc(as_of))
+            if found is None:
+                raise NotFound(f"no transaction {transaction_id} at {as_of.isoformat()}")
+            response.headers[history.SOURCE] = "replay"
+            return found
+        doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id)
+        if min_version is not None and (doc is None or doc["version"] < min_version):
+            # Seed 6.2.2: the read model is behind what the caller wrote, replay instead.
+            doc = history.transaction_view(
+                transaction_id, await store.read_stream(sales.stream(transaction_id))
+            )
+            response.headers[history.SOURCE] = "replay"
+        else:
+            response.headers[history.SOURCE] = "read-model"
+        if doc is None:
+            raise NotFound(f"no transaction {transaction_id}")
+        return doc
 
     @api.get(
         "/{transaction_id}/events",
@@ -188,7 +227,8 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         ] = 300,
     ) -> StreamingResponse:
         """Server-Sent Events: every status change of the sale until it is terminal."""
-        await _view(store, transaction_id)
+        if await store.stream_version(sales.stream(transaction_id)) == 0:
+            raise NotFound(f"no transaction {transaction_id}")
         return StreamingResponse(
             _status_stream(store, feed, transaction_id, max_wait),
             media_type="text/event-stream",
@@ -196,13 +236,6 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         )
 
     return api
-
-
-async def _view(store: EventStore, transaction_id: str) -> dict[str, Any]:
-    doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id)
-    if doc is None:
-        raise NotFound(f"no transaction {transaction_id}")
-    return doc
 
 
 async def _status_stream(
@@ -214,7 +247,10 @@ async def _status_stream(
     with feed.follow(transaction_id) as changed:
         while loop.time() < deadline:
             changed.clear()
-            doc = await _view(store, transaction_id)
+            # A sale just created may not be projected yet: it then has nothing to say.
+            doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id) or {
+                "history": [], "status": Status.PENDING.value, "reason": None
+            }
             for change in doc["history"][sent:]:
                 data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
                 yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"

@@ -20,6 +20,7 @@ from magasin.shared.events import (
     RefundRecorded,
     ReleaseRecorded,
     ReservationRecorded,
+    SagaAborted,
     SaleLine,
     TransactionCancelled,
     TransactionCompleted,
@@ -50,6 +51,14 @@ HAPPY_PATH = (
 )
 
 
+STEPS = {
+    Status.PENDING: "payment",
+    Status.PAYMENT_PROCESSED: "reservation",
+    Status.INVENTORY_RESERVED: "fulfilment",
+}
+"""The step a saga in each waiting status is waiting for (each one has a deadline)."""
+
+
 class Transaction(Aggregate):
     stream_type = "transaction"
 
@@ -72,6 +81,7 @@ class Transaction(Aggregate):
         self.needs_release = False
         self.completed = False
         self.cancelled = False
+        self.aborted_step: str | None = None
         self.passed: list[Status] = []
         """Statuses entered by events recorded since load, in order (FULFILLED and then
         COMPLETED can come from one step; a client following the sale sees both)."""
@@ -135,6 +145,15 @@ class Transaction(Aggregate):
         self._settle()
 
     def payment_failed(self, reason: str) -> None:
+        if (self.failure is not None and self.needs_refund and self.payment_id is None
+                and not self.refunded and not self.status.terminal):
+            # Compensation started before the payment's outcome was known (its deadline
+            # passed): the payment now says nothing was taken, so no refund is owed, and
+            # its reason (`bank_unavailable`, say) is the better account of what happened.
+            self._record(CompensationStarted(
+                self.id, reason, needs_refund=False,
+                needs_release=self.needs_release and not self.released,
+            ))
         self._fail(reason, needs_refund=False, needs_release=False)
 
     def inventory_reserved(self, reservation_id: str) -> None:
@@ -168,6 +187,23 @@ class Transaction(Aggregate):
             self._record(ReleaseRecorded(self.id))
         self._settle()
 
+    def abort(self, reason: str, step: str | None = None) -> bool:
+        """Stop waiting at the current step (only if it is `step`, when given) and compensate
+        whatever may have happened: a refund always (a charge may be in flight at the payment
+        step; the payment voids it or refunds it), a release at the fulfilment step. False
+        when there is nothing to abort: the saga moved on, is compensating or ended."""
+        current = self.step
+        if current is None or (step is not None and step != current):
+            return False
+        self._record(
+            SagaAborted(self.id, current, reason, self.store_id, self.total, self.currency)
+        )
+        self._record(CompensationStarted(
+            self.id, reason, needs_refund=True, needs_release=current == "fulfilment"
+        ))
+        self._settle()
+        return True
+
     def _fail(self, reason: str, *, needs_refund: bool, needs_release: bool) -> None:
         if self.failure is None and not self.status.terminal:
             self._record(CompensationStarted(self.id, reason, needs_refund, needs_release))
@@ -192,6 +228,12 @@ class Transaction(Aggregate):
             )
 
     # -- state --------------------------------------------------------------------------
+
+    @property
+    def step(self) -> str | None:
+        """The saga step this sale waits for (`payment`, `reservation`, `fulfilment`), or
+        None once it compensates or ended."""
+        return STEPS.get(self.status)
 
     @property
     def status(self) -> Status:
@@ -228,6 +270,8 @@ class Transaction(Aggregate):
                 self.refunded = True
             case ReleaseRecorded():
                 self.released = True
+            case SagaAborted():
+                self.aborted_step = event.step
             case TransactionCompleted():
                 self.completed = True
             case TransactionCancelled():

@@ -21,13 +21,13 @@ from magasin.shared.events import (
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions import readmodel
 from magasin.transactions.domain import Transaction
-from magasin.transactions.feed import StatusFeed
 
 sales = Repository(Transaction)
 
 
-def _saga_step(step: Callable[[Transaction, Any], None], feed: StatusFeed) -> Handler:
-    """A handler that loads the sale the event is about, applies `step` and saves."""
+def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
+    """A handler that loads the sale the event is about, applies `step` and saves (the
+    `transaction.transactions` projection then turns the new events into the read model)."""
 
     async def handle(event: RecordedEvent, uow: UnitOfWork) -> None:
         payload = SCHEMAS.validate(event)
@@ -38,7 +38,6 @@ def _saga_step(step: Callable[[Transaction, Any], None], feed: StatusFeed) -> Ha
             raise NotFound(f"no transaction {payload.transaction_id}")
         step(sale, payload)
         sales.save(uow, sale)
-        await readmodel.project(uow, sale, feed)
 
     return handle
 
@@ -49,7 +48,7 @@ def _released(sale: Transaction, e: InventoryReleased) -> None:
         sale.reservation_expired()
 
 
-def saga_handlers(feed: StatusFeed) -> dict[str, Handler]:
+def saga_handlers() -> dict[str, Handler]:
     """Consumer `transaction`: every saga step reported by the other services."""
     steps: dict[str, Callable[[Transaction, Any], None]] = {
         "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
@@ -61,7 +60,7 @@ def saga_handlers(feed: StatusFeed) -> dict[str, Handler]:
         "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
         "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),
     }
-    return {name: _saga_step(step, feed) for name, step in steps.items()}
+    return {name: _saga_step(step) for name, step in steps.items()}
 
 
 # -- catalog replica: prices come from the catalog, which the store service owns ---------
@@ -118,15 +117,18 @@ def notifier_handlers(client: httpx.AsyncClient) -> dict[str, Handler]:
     the saga never waits for it."""
 
     async def notify(event: RecordedEvent, uow: UnitOfWork) -> None:
-        doc = await uow.get_document(readmodel.TRANSACTIONS, event.payload["transaction_id"])
-        if doc is None or not doc.get("callback_url"):
+        # From the aggregate, not the read model: the projection may not have caught up.
+        sale = await sales.find(uow, event.payload["transaction_id"])
+        if sale is None or not sale.callback_url:
             return
-        body = {key: doc[key] for key in (
-            "transaction_id", "store_id", "customer_id", "total", "currency", "reason"
-        )}
+        body: dict[str, Any] = {
+            "transaction_id": sale.id, "store_id": sale.store_id,
+            "customer_id": sale.customer_id, "total": sale.total, "currency": sale.currency,
+            "reason": sale.failure,
+        }
         body["status"] = "COMPLETED" if event.type == "TransactionCompleted" else "CANCELLED"
         response = await client.post(
-            doc["callback_url"], json=body,
+            sale.callback_url, json=body,
             headers={"Idempotency-Key": event.event_id, "X-Magasin-Event": event.type},
         )
         response.raise_for_status()

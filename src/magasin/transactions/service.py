@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import httpx
+from fastapi import APIRouter
 
+from magasin.observability import sagas as saga_metrics
 from magasin.service import Service, ServiceContext
-from magasin.transactions import api
+from magasin.transactions import api, sagas, sagas_api
+from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.feed import StatusFeed
 from magasin.transactions.handlers import catalog_handlers, notifier_handlers, saga_handlers
+from magasin.transactions.projection import projection
 
 
 def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Service:
     http = client or httpx.AsyncClient(timeout=5.0)
     feed = StatusFeed()
+    routes = APIRouter()
+    routes.include_router(api.router(ctx, feed))
+    routes.include_router(sagas_api.router(ctx))
     return Service(
         name="transaction",
         consumers={
-            "transaction": saga_handlers(feed),
+            "transaction": saga_handlers(),
             "transaction.catalog": catalog_handlers(),
             "transaction.notifier": notifier_handlers(http),
+            sagas.CONSUMER: sagas.index_handlers(Deadlines.of(ctx.settings)),
+            saga_metrics.CONSUMER: saga_metrics.handlers(),
         },
-        router=api.router(ctx, feed),
+        router=routes,
+        loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s),),
+        projections=(projection(feed),),
         on_stop=(http.aclose,),
     )

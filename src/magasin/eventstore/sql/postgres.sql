@@ -27,12 +27,14 @@ CREATE TABLE IF NOT EXISTS streams (
     version   integer NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS snapshots (
-    stream_id      text PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS stream_snapshots (
+    stream_id      text NOT NULL,
     version        integer NOT NULL,
     schema_version integer NOT NULL,
     state          jsonb NOT NULL,
-    taken_at       timestamptz NOT NULL
+    taken_at       timestamptz NOT NULL,
+    event_at       timestamptz,
+    PRIMARY KEY (stream_id, version)
 );
 
 CREATE TABLE IF NOT EXISTS inbox (
@@ -154,6 +156,97 @@ BEGIN
         o_outcomes := o_outcomes || 0;
         o_versions := o_versions || v_version;
         o_positions := o_positions || v_positions;
+    END LOOP;
+END
+$$;
+
+-- A whole unit of work in one call (so, in autocommit, one round trip and one
+-- transaction): inbox marks first (a consumer that handled the event already fails fast),
+-- then the appends through magasin_append, then checkpoints and documents in the order
+-- given (a NULL body deletes the document). A checkpoint with an expected position moves
+-- only from there (its row locked first, so two conditional writers are serialised). Any
+-- refusal raises, rolling everything back: MG001 inbox (DETAIL: index of the mark), MG002
+-- an append (DETAIL: outcomes;versions), MG003 a checkpoint (DETAIL: index;actual).
+-- The first version had no p_checkpoint_expected: drop it rather than keep an overload.
+DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
+    text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
+    bigint[], text[], text[], text[]);
+
+CREATE OR REPLACE FUNCTION magasin_commit(
+    p_inbox_consumers     text[],
+    p_inbox_ids           text[],
+    p_unit_ends           integer[],
+    p_stream_ids          text[],
+    p_expected            integer[],
+    p_event_ids           text[],
+    p_types               text[],
+    p_schema_versions     integer[],
+    p_occurred_at         timestamptz[],
+    p_correlation_ids     text[],
+    p_causation_ids       text[],
+    p_traceparents        text[],
+    p_metadata            text[],
+    p_payloads            text[],
+    p_outbox              boolean,
+    p_checkpoint_names    text[],
+    p_checkpoint_positions bigint[],
+    p_checkpoint_expected bigint[],
+    p_doc_collections     text[],
+    p_doc_keys            text[],
+    p_doc_bodies          text[],
+    OUT o_outcomes        integer[],
+    OUT o_versions        integer[],
+    OUT o_positions       bigint[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_actual bigint;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_inbox_ids), 0) LOOP
+        INSERT INTO inbox (consumer, event_id) VALUES (p_inbox_consumers[i], p_inbox_ids[i])
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'already processed' USING ERRCODE = 'MG001', DETAIL = i::text;
+        END IF;
+    END LOOP;
+    o_outcomes := '{}';
+    o_versions := '{}';
+    o_positions := '{}';
+    IF coalesce(cardinality(p_unit_ends), 0) > 0 THEN
+        SELECT a.o_outcomes, a.o_versions, a.o_positions
+        INTO o_outcomes, o_versions, o_positions
+        FROM magasin_append(p_unit_ends, p_stream_ids, p_expected, p_event_ids, p_types,
+                            p_schema_versions, p_occurred_at, p_correlation_ids,
+                            p_causation_ids, p_traceparents, p_metadata, p_payloads,
+                            p_outbox) AS a;
+        IF EXISTS (SELECT 1 FROM unnest(o_outcomes) AS o WHERE o <> 0) THEN
+            RAISE EXCEPTION 'append refused' USING ERRCODE = 'MG002',
+                DETAIL = array_to_string(o_outcomes, ',') || ';'
+                         || array_to_string(o_versions, ',', '');
+        END IF;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_checkpoint_names), 0) LOOP
+        IF p_checkpoint_expected[i] IS NOT NULL THEN
+            INSERT INTO checkpoints (name, position) VALUES (p_checkpoint_names[i], 0)
+            ON CONFLICT DO NOTHING;
+            SELECT position INTO v_actual FROM checkpoints
+            WHERE name = p_checkpoint_names[i] FOR UPDATE;
+            IF v_actual <> p_checkpoint_expected[i] THEN
+                RAISE EXCEPTION 'checkpoint moved' USING ERRCODE = 'MG003',
+                    DETAIL = i::text || ';' || v_actual::text;
+            END IF;
+        END IF;
+        INSERT INTO checkpoints (name, position)
+        VALUES (p_checkpoint_names[i], p_checkpoint_positions[i])
+        ON CONFLICT (name) DO UPDATE SET position = excluded.position;
+    END LOOP;
+    FOR i IN 1 .. coalesce(cardinality(p_doc_keys), 0) LOOP
+        IF p_doc_bodies[i] IS NULL THEN
+            DELETE FROM documents WHERE collection = p_doc_collections[i] AND key = p_doc_keys[i];
+        ELSE
+            INSERT INTO documents (collection, key, body)
+            VALUES (p_doc_collections[i], p_doc_keys[i], p_doc_bodies[i]::jsonb)
+            ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body;
+        END IF;
     END LOOP;
 END
 $$;

@@ -1,0 +1,184 @@
+"""The audit log in the event store: the consumer that takes in every event, the sequencer
+that chains them, and the reads (trail, range, verification).
+
+Two steps, so that the chain is strictly sequential without making concurrent handlers
+fight over it: the consumer (which the RabbitMQ bus runs concurrently) only stages each
+event as a pending document, idempotently through the inbox; one sequencer loop then
+appends the pending entries, hash-chained, to the stream `audit-log` with an expected
+version. Two sequencers (two audit processes) conflict on that version and the loser
+starts over from the new head: an entry is chained exactly once, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from magasin.audit import domain
+from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.messaging.bus import Handler
+from magasin.shared.errors import ConcurrencyError
+from magasin.shared.events import SCHEMAS
+from magasin.shared.messages import NewEvent, RecordedEvent
+
+LOG = "audit-log"
+"""The stream of chained entries; its version is the entry's sequence number."""
+ENTRY = "AuditEntryRecorded"
+PENDING = "audit.pending"
+HEAD = "audit.head"
+TRAILS = "audit.trails"
+"""One document per correlation id: the sequence numbers of its entries."""
+CONSUMER = "audit"
+MAX_CONFLICTS = 20
+
+log = logging.getLogger("magasin.audit")
+
+
+def entry_of(event: RecordedEvent) -> dict[str, Any]:
+    """What the audit keeps of an event (before it is chained)."""
+    return {
+        "event_id": event.event_id,
+        "event_type": event.type,
+        "stream_id": event.stream_id,
+        "stream_version": event.stream_version,
+        "occurred_at": event.occurred_at.isoformat(),
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "service": event.metadata.get("service") or event.aggregate,
+        "scopes": domain.scopes_of(event.type, event.payload),
+        "payload": dict(event.payload),
+    }
+
+
+def handlers(
+    wake: Callable[[], None], alert: Callable[[str, RecordedEvent], None]
+) -> dict[str, Handler]:
+    """The audit consumer's registry: every published event type, all staged alike."""
+
+    async def stage(event: RecordedEvent, uow: UnitOfWork) -> None:
+        # Keys in occurrence order, so that the sequencer chains in roughly that order.
+        key = f"{event.occurred_at.isoformat()}|{event.event_id}"
+        uow.put_document(PENDING, key, entry_of(event))
+        uow.after_commit(wake)
+        kind = domain.ALERTS.get(event.type)
+        if kind is not None:
+            uow.after_commit(lambda: alert(kind, event))
+
+    return dict.fromkeys(sorted(SCHEMAS.types), stage)
+
+
+class Sequencer:
+    """Appends pending entries to the chain, in key order, a batch per commit."""
+
+    def __init__(self, store: EventStore, batch: int = 500, poll: float = 1.0) -> None:
+        self.store = store
+        self.batch = batch
+        self.poll = poll
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        conflicts = 0
+        while True:
+            self._wakeup.clear()
+            try:
+                if await self.step():
+                    conflicts = 0
+                    continue
+            except ConcurrencyError:
+                # Another sequencer chained first: start over from its head, after a little
+                # jitter. Conflicts that never end mean the head and the stream disagree
+                # (rows deleted by hand): say so, and keep trying at the poll pace.
+                conflicts += 1
+                if conflicts < MAX_CONFLICTS:
+                    await asyncio.sleep(random.uniform(0, 0.01 * conflicts))
+                    continue
+                log.error("audit chain head does not match the stream %s; "
+                          "GET /api/audit/verify tells where", LOG)
+            except Exception:
+                log.exception("audit sequencer step failed; retrying")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the wakeup fires, and the loop would then never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll):
+                    await self._wakeup.wait()
+
+    async def step(self) -> int:
+        """Chain one batch of pending entries; returns how many (0: none was pending)."""
+        pending = await self.store.find_documents(PENDING, limit=self.batch)
+        if not pending:
+            return 0
+        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                             "hash": domain.GENESIS}
+        sequence, last = int(head["sequence"]), str(head["hash"])
+        async with self.store.transaction() as uow:
+            events = []
+            for key, entry in pending:
+                sequence += 1
+                linked = domain.chain(entry, sequence, last)
+                last = linked["hash"]
+                events.append(NewEvent(
+                    ENTRY, linked, correlation_id=entry.get("correlation_id"),
+                    causation_id=entry.get("event_id"), metadata={"service": "audit"},
+                ))
+                uow.delete_document(PENDING, key)
+                if cid := entry.get("correlation_id"):
+                    trail = await uow.get_document(TRAILS, cid) or {"sequences": []}
+                    uow.put_document(TRAILS, cid, {"sequences": [*trail["sequences"], sequence]})
+            uow.append(LOG, events, expected_version=int(head["sequence"]))
+            uow.put_document(HEAD, LOG, {"sequence": sequence, "hash": last})
+        return len(pending)
+
+    async def drain(self) -> int:
+        """Chain until nothing is pending (for tests and shutdown)."""
+        total = 0
+        while moved := await self.step():
+            total += moved
+        return total
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+async def entries(
+    store: EventStore, after: int = 0, page: int = 500
+) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+    """Pages of (sequence in the stream, entry) after sequence `after`, in order."""
+    while True:
+        events = await store.read_stream(LOG, from_version=after + 1, to_version=after + page)
+        if not events:
+            last = await store.stream_version(LOG)
+            if last <= after:
+                return
+            after += page  # a hole of a whole page (deleted rows): keep going past it
+            continue
+        yield [(e.stream_version, dict(e.payload)) for e in events]
+        after = events[-1].stream_version
+
+
+async def trail(store: EventStore, correlation_id: str) -> list[dict[str, Any]]:
+    """Every entry of one correlation id (a transaction), in occurrence order."""
+    doc = await store.get_document(TRAILS, correlation_id)
+    if not doc or not doc["sequences"]:
+        return []
+    wanted = set(doc["sequences"])
+    events = await store.read_stream(LOG, from_version=min(wanted), to_version=max(wanted))
+    found = [dict(e.payload) for e in events if e.stream_version in wanted]
+    return sorted(found, key=lambda entry: (entry["occurred_at"], entry["sequence"]))
+
+
+async def verify(store: EventStore) -> dict[str, Any]:
+    """Walk the whole chain; report every modified, deleted or relinked entry."""
+    verifier = domain.Verifier()
+    async for page in entries(store):
+        verifier.feed(page)
+    head = await store.get_document(HEAD, LOG)
+    if head is not None:
+        verifier.finish(int(head["sequence"]), str(head["hash"]))
+    return verifier.report()

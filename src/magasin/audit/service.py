@@ -1,0 +1,34 @@
+"""Builds the audit service: its consumer of every event, its sequencer loop and routes."""
+
+from __future__ import annotations
+
+import logging
+
+from magasin.audit import api
+from magasin.audit.log import CONSUMER, Sequencer, handlers
+from magasin.service import Service, ServiceContext
+from magasin.shared.messages import RecordedEvent
+
+log = logging.getLogger("magasin.audit.alerts")
+
+
+def alert(kind: str, event: RecordedEvent) -> None:
+    """A compliance alert: one error log line and the `magasin_audit_alerts_total` counter."""
+    from magasin.observability.metrics import AUDIT_ALERTS
+
+    AUDIT_ALERTS.labels(kind=kind).inc()
+    payload = event.payload
+    log.error(
+        "ALERT %s: transaction %s (%s)", kind, payload.get("transaction_id"),
+        payload.get("reason") or payload.get("missing"),
+    )
+
+
+def build(ctx: ServiceContext) -> Service:
+    sequencer = Sequencer(ctx.store)
+    return Service(
+        name="audit",
+        consumers={CONSUMER: handlers(sequencer.wake, alert)},
+        router=api.router(ctx.store),
+        loops=(sequencer.run,),
+    )

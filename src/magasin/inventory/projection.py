@@ -1,0 +1,86 @@
+"""The inventory's read models as projections: stock per (store, product), reservations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from magasin.projections import Projection, ProjectionUnit
+from magasin.shared.messages import JsonDict, RecordedEvent
+
+STOCK = "inventory.stock"
+"""Key f"{store_id}:{product_id}": {store_id, product_id, on_hand, reserved, available}."""
+RESERVATIONS = "inventory.reservations"
+"""Key transaction_id: {reservation_id, transaction_id, store_id, lines, status, ...}."""
+
+_MOVES = {
+    # event type: (change of on_hand, change of reserved) per unit
+    "StockAdded": (1, 0),
+    "StockReserved": (0, 1),
+    "StockReleased": (0, -1),
+    "StockCommitted": (-1, -1),
+}
+
+
+async def _stock_moved(event: RecordedEvent, unit: ProjectionUnit) -> None:
+    p = event.payload
+    key = f"{p['store_id']}:{p['product_id']}"
+    doc = await unit.get_document(STOCK, key) or {
+        "store_id": p["store_id"], "product_id": p["product_id"],
+        "on_hand": 0, "reserved": 0, "available": 0,
+    }
+    on_hand, reserved = _MOVES[event.type]
+    doc["on_hand"] += on_hand * p["quantity"]
+    doc["reserved"] += reserved * p["quantity"]
+    doc["available"] = doc["on_hand"] - doc["reserved"]
+    unit.put_document(STOCK, key, doc)
+
+
+def stock_projection() -> Projection:
+    return Projection("inventory.stock", dict.fromkeys(_MOVES, _stock_moved), (STOCK,))
+
+
+def _empty(transaction_id: str) -> JsonDict:
+    return {
+        "reservation_id": None, "transaction_id": transaction_id, "store_id": None,
+        "lines": [], "status": None, "expires_at": None, "fulfilled": False, "missing": [],
+        "reason": None,
+    }
+
+
+async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
+    p = event.payload
+    tid = p["transaction_id"]
+    doc = await unit.get_document(RESERVATIONS, tid) or _empty(tid)
+    match event.type:
+        case "InventoryReserved":
+            doc.update(
+                status="RESERVED", reservation_id=p["reservation_id"], store_id=p["store_id"],
+                lines=[{"product_id": x["product_id"], "quantity": x["quantity"]}
+                       for x in p["lines"]],
+                expires_at=datetime.fromisoformat(p["expires_at"]).isoformat(),
+            )
+        case "InventoryUnavailable":
+            doc.update(
+                status="UNAVAILABLE", store_id=p["store_id"],
+                missing=[{"product_id": m["product_id"], "requested": m["requested"],
+                          "available": m["available"]} for m in p["missing"]],
+            )
+        case "InventoryReleased":
+            doc.update(status="RELEASED", reason=p["reason"])
+        case "InventoryCommitted":
+            doc["status"] = "COMMITTED"
+        case "ReservationFulfilled":
+            doc["fulfilled"] = True
+        case "ReservationVoided":
+            doc.update(status="VOIDED", reason=p["reason"])
+    unit.put_document(RESERVATIONS, tid, doc)
+
+
+def reservations_projection() -> Projection:
+    kinds = (
+        "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "InventoryCommitted",
+        "ReservationFulfilled", "ReservationVoided",
+    )
+    return Projection(
+        "inventory.reservations", dict.fromkeys(kinds, _reservation_changed), (RESERVATIONS,)
+    )

@@ -1,0 +1,1 @@
+"""Observability: metrics, and (from other modules) tracing, logs."""

@@ -1,0 +1,68 @@
+"""Samples the gauges that need a query (outbox backlog, pending dead letters, projection lag,
+sagas in flight by step) every few seconds, since a scrape cannot await the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from magasin import projections
+from magasin.observability import metrics, sagas
+
+if TYPE_CHECKING:
+    from magasin.bootstrap import Runtime
+
+log = logging.getLogger("magasin.observability.sampler")
+
+
+async def sample_forever(runtime: Runtime, interval: float) -> None:
+    """Sample until cancelled; a failing sample is logged and tried again next time."""
+    while True:
+        await sample_once(runtime)
+        await asyncio.sleep(interval)
+
+
+async def sample_once(runtime: Runtime) -> None:
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("dead letters", lambda: _dead_letters(runtime)),
+        ("projection lag", lambda: _projection_lag(runtime)),
+    ]
+    if runtime.store.outbox:
+        steps.append(("outbox backlog", lambda: _outbox(runtime)))
+    if any(sagas.CONSUMER in s.consumers for s in runtime.services):
+        steps.append(("active sagas", lambda: _active_sagas(runtime)))
+    for what, step in steps:
+        try:
+            await step()
+        except Exception as exc:  # a store hiccup must not stop the sampling
+            log.warning("could not sample %s: %r", what, exc)
+
+
+def _service_label(runtime: Runtime) -> str:
+    names = [s.name for s in runtime.services]
+    return names[0] if len(names) == 1 else runtime.mode
+
+
+async def _outbox(runtime: Runtime) -> None:
+    backlog = await runtime.store.outbox_backlog()
+    metrics.OUTBOX_BACKLOG.labels(_service_label(runtime)).set(backlog)
+
+
+async def _dead_letters(runtime: Runtime) -> None:
+    pending = Counter(letter.consumer for letter in await runtime.bus.dead_letters())
+    consumers = {c for s in runtime.services for c in s.consumers} | set(pending)
+    for consumer in consumers:
+        metrics.DEAD_LETTER_BACKLOG.labels(consumer).set(pending.get(consumer, 0))
+
+
+async def _active_sagas(runtime: Runtime) -> None:
+    sagas.sample_active(await sagas.active_by_step(runtime.store))
+
+
+async def _projection_lag(runtime: Runtime) -> None:
+    for lag in await projections.lags(runtime.store):
+        metrics.PROJECTION_LAG.labels(lag.name).set(lag.lag_events)
+        metrics.PROJECTION_LAG_SECONDS.labels(lag.name).set(lag.lag_seconds)

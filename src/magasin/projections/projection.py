@@ -1,0 +1,150 @@
+"""What a projection is, and the unit of document changes its handlers write into."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.shared.messages import JsonDict, RecordedEvent
+
+SHADOW_SUFFIX = "~rebuild"
+
+
+def checkpoint_name(projection: str) -> str:
+    return f"projection:{projection}"
+
+
+def generation_name(projection: str) -> str:
+    """Bumped by each swap of a rebuild: a live batch computed from the documents the swap
+    replaced must not commit over them."""
+    return f"projection:{projection}:generation"
+
+
+def shadow_of(collection: str) -> str:
+    return collection + SHADOW_SUFFIX
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A read model: `handlers` turn the events of the service's own log into documents of
+    `collections`, and nothing else writes them."""
+
+    name: str
+    handlers: Mapping[str, ProjectionHandler]
+    collections: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.handlers:
+            raise ValueError(f"projection {self.name!r} handles no event type")
+        if not self.collections:
+            raise ValueError(f"projection {self.name!r} owns no collection")
+
+    @property
+    def checkpoint(self) -> str:
+        return checkpoint_name(self.name)
+
+
+class DocumentCache:
+    """Documents a projection run has seen, by (collection, key). `complete` means it holds
+    every document of its collections (a rebuild into emptied shadows), so a miss is an
+    absent document and needs no read."""
+
+    def __init__(self, size: int = 200_000, complete: bool = False) -> None:
+        self.size = size
+        self.complete = complete
+        self.docs: dict[tuple[str, str], JsonDict | None] = {}
+
+    def merge(self, changes: Mapping[tuple[str, str], JsonDict | None]) -> None:
+        self.docs.update(changes)
+        if len(self.docs) > self.size:
+            self.docs.clear()
+            self.complete = False
+
+
+class ProjectionUnit:
+    """The document changes of one batch: staged in memory (the last write of a key wins),
+    read back by the handlers, then staged into one unit of work with the checkpoint.
+
+    `rename` sends a collection to another (its shadow during a rebuild); handlers always
+    name the live collection."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        rename: Mapping[str, str] | None = None,
+        cache: DocumentCache | None = None,
+    ) -> None:
+        self.store = store
+        self.rename = rename or {}
+        self.cache = cache
+        self.changes: dict[tuple[str, str], JsonDict | None] = {}
+        self.hooks: list[Callable[[], None]] = []
+
+    async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        where = (self.rename.get(collection, collection), key) if self.rename else (
+            collection, key)
+        staged: JsonDict | None = self.changes.get(where, _ABSENT)
+        if staged is not _ABSENT:
+            return staged
+        cache = self.cache
+        if cache is not None:
+            doc: JsonDict | None = cache.docs.get(where, _ABSENT)
+            if doc is not _ABSENT:
+                return None if doc is None else _copy(doc)
+            if cache.complete:
+                return None
+        return await self.store.get_document(*where)
+
+    def put_document(self, collection: str, key: str, body: JsonDict) -> None:
+        """Stage `body` as the document; the handler must not change it afterwards except
+        through another put (it is kept, not copied)."""
+        self.changes[self.rename.get(collection, collection), key] = body
+
+    def delete_document(self, collection: str, key: str) -> None:
+        self.changes[self.rename.get(collection, collection), key] = None
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        self.hooks.append(hook)
+
+    def stage(self, uow: UnitOfWork) -> None:
+        for (collection, key), body in self.changes.items():
+            if body is None:
+                uow.delete_document(collection, key)
+            else:
+                uow.put_document(collection, key, body)
+        for hook in self.hooks:
+            uow.after_commit(hook)
+
+    def committed(self) -> None:
+        if self.cache is not None:
+            self.cache.merge(self.changes)
+
+
+_ABSENT: Any = object()
+
+
+def _copy(doc: JsonDict) -> JsonDict:
+    """A document handlers may change in place (the cached one may be being written): its
+    lists are copied too (histories, lines); handlers never change list items in place."""
+    copy = dict(doc)
+    for k, v in doc.items():
+        if type(v) is list:
+            copy[k] = v.copy()
+    return copy
+
+
+ProjectionHandler = Callable[[RecordedEvent, ProjectionUnit], Awaitable[None]]
+
+
+async def project(
+    projection: Projection, events: list[RecordedEvent], unit: ProjectionUnit
+) -> None:
+    """Apply each event the projection handles, in log order."""
+    handlers = projection.handlers
+    for event in events:
+        handler = handlers.get(event.type)
+        if handler is not None:
+            await handler(event, unit)
+

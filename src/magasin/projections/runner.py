@@ -1,0 +1,169 @@
+"""Keeps projections up to date: tails the service's own log from each checkpoint.
+
+Each batch of events is projected in memory, then its documents and the new checkpoint
+commit in one unit of work. The checkpoint is set conditionally (it must still be where
+this runner read it, and no rebuild swapped the collections meanwhile), so two processes
+of one service running the same projection, or a rebuild's swap, can never lose or
+overwrite an update: the loser reloads its checkpoint and goes on from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from magasin.eventstore.store import EventStore
+from magasin.projections.projection import (
+    Projection,
+    ProjectionUnit,
+    generation_name,
+    project,
+)
+from magasin.shared.errors import ConcurrencyError
+from magasin.shared.messages import RecordedEvent
+
+log = logging.getLogger("magasin.projections")
+
+Reader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
+
+_running: weakref.WeakKeyDictionary[EventStore, dict[str, _Tail]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def running(store: EventStore) -> dict[str, Projection]:
+    """The projections some runner keeps up to date on this store, by name."""
+    return {name: tail.projection for name, tail in _running.get(store, {}).items()}
+
+
+def status_of(store: EventStore, name: str) -> str | None:
+    tail = _running.get(store, {}).get(name)
+    return None if tail is None else tail.status
+
+
+@dataclass
+class _Tail:
+    projection: Projection
+    status: str = "starting"
+    """starting, running, caught_up, failing or stopped."""
+
+
+class ProjectionRunner:
+    """Runs `projections` over `store`'s log until stopped. `read` reads the log (the
+    in-process bus shares its window of the log's tail); store.read_all by default."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        projections: Sequence[Projection],
+        *,
+        read: Reader | None = None,
+        page_size: int = 500,
+        poll_interval: float = 0.5,
+    ) -> None:
+        names = [p.name for p in projections]
+        if len(set(names)) != len(names):
+            raise ValueError(f"projection names repeat: {names}")
+        self.store = store
+        self.projections = list(projections)
+        self._read = read or (lambda after, limit: store.read_all(after=after, limit=limit))
+        self._page = page_size
+        self._poll = poll_interval
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._tails = {p.name: _Tail(p) for p in projections}
+
+    async def start(self) -> None:
+        self._stopping = False
+        _running.setdefault(self.store, {}).update(self._tails)
+        for tail in self._tails.values():
+            self._tasks.append(
+                asyncio.create_task(self._run(tail), name=f"projection:{tail.projection.name}")
+            )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        mine = _running.get(self.store, {})
+        for name, tail in self._tails.items():
+            tail.status = "stopped"
+            if mine.get(name) is tail:
+                del mine[name]
+
+    async def _position(self, projection: Projection) -> tuple[int, int]:
+        return (
+            await self.store.get_checkpoint(projection.checkpoint),
+            await self.store.get_checkpoint(generation_name(projection.name)),
+        )
+
+    async def _run(self, tail: _Tail) -> None:
+        projection = tail.projection
+        failures = 0
+        position: tuple[int, int] | None = None
+        while not self._stopping:
+            try:
+                if position is None:
+                    position = await self._position(projection)
+                after, generation = position
+                page = await self._read(after, self._page)
+                if not page:
+                    tail.status = "caught_up"
+                    await self.store.wait_for_events(after, self._poll)
+                    continue
+                tail.status = "running"
+                await apply_batch(self.store, projection, page, after, generation)
+                position = (page[-1].global_position, generation)
+                failures = 0
+            except ConcurrencyError:
+                position = None  # a swap or another process moved it: go on from there
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A broken event or a storage outage: the projection stalls (its lag shows
+                # it) and tries again, rather than skipping what it could not project.
+                failures += 1
+                tail.status = "failing"
+                position = None
+                log.exception("projection %s failed; retrying", projection.name)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+
+async def apply_batch(
+    store: EventStore,
+    projection: Projection,
+    events: list[RecordedEvent],
+    after: int,
+    generation: int,
+) -> None:
+    """Project `events` (those after `after`) and commit their documents with the
+    checkpoint; ConcurrencyError if the checkpoint or generation moved meanwhile."""
+    unit = ProjectionUnit(store)
+    await project(projection, events, unit)
+    async with store.transaction() as uow:
+        unit.stage(uow)
+        uow.set_checkpoint(projection.checkpoint, events[-1].global_position, expected=after)
+        name = generation_name(projection.name)
+        uow.set_checkpoint(name, generation, expected=generation)
+
+
+async def catch_up(store: EventStore, projection: Projection, page_size: int = 1000) -> int:
+    """Project every event past the checkpoint, now, in this task; returns the checkpoint.
+    (Tests, and tools that need the read model current without running a runner.)"""
+    while True:
+        after = await store.get_checkpoint(projection.checkpoint)
+        generation = await store.get_checkpoint(generation_name(projection.name))
+        page = await store.read_all(after=after, limit=page_size)
+        if not page:
+            return after
+        try:
+            await apply_batch(store, projection, page, after, generation)
+        except ConcurrencyError:
+            continue  # a runner moved it meanwhile: go on from where it is

@@ -1,0 +1,60 @@
+"""Saga step deadlines: how long each step may take, and when a waiting saga is due.
+
+Pure policy (no store, no clock of its own): the saga index and the deadline loop in
+`sagas.py` ask it when a step that started at some moment must be given up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from magasin.config import Settings
+from magasin.shared.clock import from_micros, to_micros
+
+STEPS = ("payment", "reservation", "fulfilment")
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """Seconds each saga step may take before the saga is compensated."""
+
+    payment_s: float = 60.0
+    reservation_s: float = 30.0
+    fulfilment_s: float = 30.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Deadlines:
+        return cls(
+            settings.deadline_payment_s,
+            settings.deadline_reservation_s,
+            settings.deadline_fulfilment_s,
+        )
+
+    def limit(self, step: str) -> timedelta:
+        seconds = {
+            "payment": self.payment_s,
+            "reservation": self.reservation_s,
+            "fulfilment": self.fulfilment_s,
+        }.get(step)
+        if seconds is None:
+            raise ValueError(f"unknown saga step {step!r}; one of {', '.join(STEPS)}")
+        return timedelta(seconds=seconds)
+
+    def due_at(self, step: str, started_at: datetime) -> datetime:
+        """When a step that started at `started_at` is given up."""
+        return started_at + self.limit(step)
+
+    def is_due(self, step: str, started_at: datetime, now: datetime) -> bool:
+        return now >= self.due_at(step, started_at)
+
+
+def due_key(due_at: datetime, transaction_id: str) -> str:
+    """Key of a saga in the deadline index: keys sort by due time (fixed-width
+    microseconds), so the loop reads only the due head of the index."""
+    return f"{to_micros(due_at):020d}:{transaction_id}"
+
+
+def due_of(key: str) -> datetime:
+    """The due time encoded in a deadline index key."""
+    return from_micros(int(key.partition(":")[0]))

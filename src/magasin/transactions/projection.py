@@ -1,0 +1,122 @@
+"""The transactions read model as a projection of the transaction streams' events.
+
+Every field is derived from the events alone (times are the events' `occurred_at`), so a
+rebuild from zero gives exactly the documents the live projection wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from magasin.projections import Projection, ProjectionUnit
+from magasin.shared.messages import RecordedEvent
+from magasin.transactions.domain import HAPPY_PATH, Status
+from magasin.transactions.feed import StatusFeed
+
+TRANSACTIONS = "transaction.transactions"
+NAME = "transaction.transactions"
+
+# Plain strings: a rebuild runs this for every event, and enum lookups add up.
+_PENDING, _PAID, _RESERVED, _FULFILLED, _COMPLETED, _CANCELLING, _CANCELLED = (
+    s.value for s in (
+        Status.PENDING, Status.PAYMENT_PROCESSED, Status.INVENTORY_RESERVED, Status.FULFILLED,
+        Status.COMPLETED, Status.CANCELLING, Status.CANCELLED,
+    )
+)
+_TERMINAL = (_COMPLETED, _CANCELLED)
+_HAPPY = [s.value for s in HAPPY_PATH]
+
+
+def _status(doc: dict[str, Any]) -> str:
+    """The status the facts recorded so far give (see Transaction.status)."""
+    if doc["status"] in _TERMINAL:
+        return str(doc["status"])
+    if doc["reason"] is not None:
+        return _CANCELLING
+    if doc["order_id"] is not None:
+        return _FULFILLED
+    if doc["reservation_id"] is not None:
+        return _RESERVED
+    if doc["payment_id"] is not None:
+        return _PAID
+    return _PENDING
+
+
+def new_document(event: RecordedEvent) -> dict[str, Any]:
+    """The document of a sale as TransactionCreated records it (also the POST response)."""
+    p = event.payload
+    at = event.occurred_at.isoformat()
+    return {
+        "transaction_id": p["transaction_id"], "store_id": p["store_id"],
+        "customer_id": p["customer_id"],
+        "lines": [
+            {"product_id": li["product_id"], "quantity": li["quantity"],
+             "unit_price": li["unit_price"]}
+            for li in p["lines"]
+        ],
+        "total": p["total"], "currency": p["currency"], "payment_method": p["payment_method"],
+        "callback_url": p.get("callback_url"), "status": Status.PENDING.value, "reason": None,
+        "payment_id": None, "reservation_id": None, "order_id": None,
+        "created_at": at, "updated_at": at, "version": event.stream_version,
+        "history": [
+            {"status": Status.PENDING.value, "at": at, "version": event.stream_version}
+        ],
+    }
+
+
+def projection(feed: StatusFeed | None = None) -> Projection:
+    """`feed` (the SSE clients of this process) is woken once a change is committed."""
+
+    async def created(event: RecordedEvent, unit: ProjectionUnit) -> None:
+        tid = event.payload["transaction_id"]
+        if await unit.get_document(TRANSACTIONS, tid) is None:
+            unit.put_document(TRANSACTIONS, tid, new_document(event))
+            _wake(unit, tid)
+
+    async def fact(event: RecordedEvent, unit: ProjectionUnit) -> None:
+        tid = event.payload["transaction_id"]
+        doc = await unit.get_document(TRANSACTIONS, tid)
+        if doc is None or doc["version"] >= event.stream_version:
+            return  # its creation is not projected (cannot happen in one log) or a replay
+        before = doc["status"]
+        p = event.payload
+        match event.type:
+            case "PaymentRecorded":
+                doc["payment_id"] = p["payment_id"]
+            case "ReservationRecorded":
+                doc["reservation_id"] = p["reservation_id"]
+            case "FulfilmentRecorded":
+                doc["order_id"] = p["order_id"]
+            case "CompensationStarted":
+                doc["reason"] = p["reason"]
+            case "TransactionCompleted":
+                doc["status"] = _COMPLETED
+            case "TransactionCancelled":
+                doc["status"] = _CANCELLED
+        after = _status(doc)
+        at = event.occurred_at.isoformat()
+        if after != before:
+            history: list[dict[str, Any]] = doc["history"]
+            passed: list[str] = []
+            if before in _HAPPY and after in _HAPPY:
+                # Facts can arrive out of order (a reservation reported before the
+                # payment): each step of the happy path needs the one before it.
+                passed += _HAPPY[_HAPPY.index(before) + 1:_HAPPY.index(after)]
+            for status in (*passed, after):
+                if history[-1]["status"] != status:
+                    history.append({"status": status, "at": at, "version": event.stream_version})
+        doc.update(status=after, version=event.stream_version, updated_at=at)
+        unit.put_document(TRANSACTIONS, tid, doc)
+        _wake(unit, tid)
+
+    def _wake(unit: ProjectionUnit, tid: str) -> None:
+        if feed is not None:
+            unit.after_commit(lambda: feed.changed(tid))
+
+    facts = (
+        "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded", "CompensationStarted",
+        "RefundRecorded", "ReleaseRecorded", "TransactionCompleted", "TransactionCancelled",
+    )
+    return Projection(
+        NAME, {"TransactionCreated": created, **dict.fromkeys(facts, fact)}, (TRANSACTIONS,)
+    )

@@ -1,0 +1,160 @@
+"""Stuck sagas end to end (embedded): a sale the bank cannot charge, a sale the store never
+prepares, the list of sagas and their forced compensation by an administrator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from magasin.api.app import create_app
+from magasin.bootstrap import Runtime
+from magasin.payments.gateway import BankSimulator
+from magasin.shared.errors import Unavailable
+from magasin.shared.messages import RecordedEvent
+from magasin.stores import handlers as store_handlers
+from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually
+from tests.e2e.conftest import test_settings as settings_for
+
+ADMIN_KEY = "e2e-admin-key"
+AppFactory = Callable[..., Any]
+
+
+@asynccontextmanager
+async def running_shop(tmp_path: Path, **settings: Any) -> AsyncIterator[Shop]:
+    runtime = Runtime.embedded(
+        settings_for(tmp_path, admin_api_keys=ADMIN_KEY, deadline_sweep_s=0.1, **settings)
+    )
+    app = create_app(runtime, frozenset({API_KEY}))
+    await runtime.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://magasin",
+            headers={"X-API-Key": API_KEY},
+        ) as client:
+            yield Shop(client, runtime)
+    finally:
+        await runtime.stop()
+
+
+async def final_state(shop: Shop, transaction_id: str) -> dict[str, Any]:
+    """The sale once terminal (its read model is a projection: it may lag the POST)."""
+
+    async def done() -> dict[str, Any] | None:
+        r = await shop.client.get(f"/api/transactions/{transaction_id}")
+        return r.json() if r.status_code == 200 and r.json()["status"] in TERMINAL else None
+
+    result: dict[str, Any] = await eventually(done)
+    return result
+
+
+async def shelf(shop: Shop) -> tuple[str, str]:
+    store = await shop.open_store()
+    coffee = await shop.add_product("CAF", 1899)
+    await shop.restock(store, coffee, 10)
+    return store, coffee
+
+
+@pytest.fixture
+def bank_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated bank cannot be reached (the circuit breaker opens in front of it)."""
+
+    async def unreachable(self: BankSimulator) -> None:
+        raise Unavailable("the bank cannot be reached")
+
+    monkeypatch.setattr(BankSimulator, "_call", unreachable)
+
+
+@pytest.fixture
+def store_never_prepares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store service fails every order preparation (retried, then dead-lettered)."""
+
+    async def broken(event: RecordedEvent, uow: object) -> None:
+        raise RuntimeError("the order preparation is broken")
+
+    monkeypatch.setattr(store_handlers, "prepare_order", broken)
+
+
+@pytest.mark.usefixtures("bank_down")
+async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
+    tmp_path: Path,
+) -> None:
+    async with running_shop(tmp_path, deadline_payment_s=1.0) as shop:
+        store, coffee = await shelf(shop)
+        sale = await shop.sell(store, [(coffee, 2)])
+        final = await final_state(shop, sale["transaction_id"])
+        assert (final["status"], final["reason"]) == ("CANCELLED", "bank_unavailable")
+        payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
+        assert (payment["status"], payment["reason"]) == ("FAILED", "bank_unavailable")
+        assert (await shop.stock(store, coffee))["available"] == 10
+
+
+@pytest.mark.usefixtures("store_never_prepares")
+async def test_a_sale_stuck_at_fulfilment_is_released_refunded_and_cancelled(
+    tmp_path: Path,
+) -> None:
+    async with running_shop(tmp_path, deadline_fulfilment_s=1.0) as shop:
+        store, coffee = await shelf(shop)
+        sale = await shop.sell(store, [(coffee, 3)])
+        tid = sale["transaction_id"]
+        final = await final_state(shop, tid)
+        assert (final["status"], final["reason"]) == ("CANCELLED", "deadline:fulfilment")
+        assert [h["status"] for h in final["history"]][-2:] == ["CANCELLING", "CANCELLED"]
+        payment = await shop.ok("GET", f"/api/payments/{tid}")
+        assert (payment["status"], payment["reason"]) == ("REFUNDED", "deadline:fulfilment")
+        line = await shop.stock(store, coffee)
+        assert (line["on_hand"], line["reserved"], line["available"]) == (10, 0, 10)
+        reservation = await shop.ok("GET", f"/api/reservations/{tid}")
+        assert reservation["status"] == "RELEASED"
+
+
+@pytest.mark.usefixtures("store_never_prepares")
+async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
+    tmp_path: Path,
+) -> None:
+    async with running_shop(tmp_path) as shop:  # default deadlines: nothing aborts by itself
+        store, coffee = await shelf(shop)
+        tid = (await shop.sell(store, [(coffee, 1)]))["transaction_id"]
+        declined = (await shop.sell(store, [(coffee, 1)], "FAIL_CARD"))["transaction_id"]
+        assert (await final_state(shop, declined))["status"] == "CANCELLED"
+
+        async def waiting_for_fulfilment() -> list[dict[str, Any]] | None:
+            page = await shop.ok("GET", "/api/sagas", params={"state": "INVENTORY_RESERVED"})
+            return page["items"] or None
+
+        (saga,) = await eventually(waiting_for_fulfilment)
+        assert (saga["transaction_id"], saga["step"]) == (tid, "fulfilment")
+        assert saga["age_s"] >= 0
+        older = await shop.ok("GET", "/api/sagas", params={"older_than": 3600})
+        assert older["items"] == []
+        every = await shop.ok("GET", "/api/sagas", params={"limit": 1})
+        assert len(every["items"]) == 1 and every["next_cursor"] is not None
+        rest = await shop.ok("GET", "/api/sagas", params={"cursor": every["next_cursor"]})
+        assert {s["transaction_id"] for s in every["items"] + rest["items"]} == {tid, declined}
+        ended = await shop.ok("GET", "/api/sagas", params={"state": "CANCELLED"})
+        assert [(s["transaction_id"], s["step"], s["reason"]) for s in ended["items"]] == [
+            (declined, None, "declined")
+        ]
+
+        url = f"/api/sagas/{tid}/compensate"
+        no_key = await shop.client.post(url, headers={"X-API-Key": ""})
+        assert no_key.status_code == 401
+        not_admin = await shop.client.post(url)
+        assert not_admin.status_code == 403
+        assert not_admin.json()["error"] == "http_error" or not_admin.json()["detail"]
+        admin = {"X-API-Key": ADMIN_KEY}
+        forced = await shop.client.post(url, headers=admin)
+        assert forced.status_code == 202, forced.text
+        assert forced.json()["aborted_step"] == "fulfilment"
+        again = await shop.client.post(url, headers=admin)
+        assert again.status_code == 409
+
+        final = await final_state(shop, tid)
+        assert (final["status"], final["reason"]) == ("CANCELLED", "forced")
+        assert (await shop.stock(store, coffee))["available"] == 10
+        unknown = await shop.client.post("/api/sagas/nope/compensate", headers=admin)
+        assert unknown.status_code == 404

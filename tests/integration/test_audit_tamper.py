@@ -1,0 +1,132 @@
+"""The audit chain on each event store adapter: events delivered to the audit consumer are
+chained once each, and tampering with a stored entry is caught and located by verify."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from magasin.audit import log
+from magasin.eventstore.store import EventStore
+from magasin.messaging.dispatch import Outcome, deliver
+from magasin.shared.events import SCHEMAS, PaymentFailed, TransactionCreated
+from magasin.shared.messages import NewEvent, RecordedEvent
+
+Tamper = Callable[[str, tuple[Any, ...]], Awaitable[None]]
+
+
+@pytest.fixture
+def tamper(store_factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -> Tamper:
+    """Run one SQL statement straight on the store's database, as an intruder would
+    (`$1`-style parameters for PostgreSQL, `?` for SQLite)."""
+    if store_factory.kind == "sqlite":
+
+        async def on_sqlite(sql: str, args: tuple[Any, ...]) -> None:
+            with sqlite3.connect(tmp_path / "magasin.db") as conn:
+                conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+
+        return on_sqlite
+    import asyncpg
+
+    url = request.getfixturevalue("pg_database")
+    schema = request.getfixturevalue("pg_schema")
+
+    async def on_postgres(sql: str, args: tuple[Any, ...]) -> None:
+        conn = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            await conn.execute(sql.replace("json_set(payload, '$.payload.amount', 1)",
+                                           "jsonb_set(payload, '{payload,amount}', '1')"), *args)
+        finally:
+            await conn.close()
+
+    return on_postgres
+
+
+async def audited(store: EventStore, count: int, drain: bool = True) -> list[RecordedEvent]:
+    """`count` sales, each created and its payment failed, delivered to the audit consumer
+    (twice: the redelivery changes nothing) and chained."""
+    sequencer = log.Sequencer(store, batch=3)
+    alerts: list[str] = []
+    consumer = log.handlers(sequencer.wake, lambda kind, _: alerts.append(kind))
+    events: list[RecordedEvent] = []
+    for n in range(count):
+        tid = f"t{n}"
+        created = TransactionCreated(tid, "s1", "alice", (), 1000, "CAD", "VISA")
+        failed = PaymentFailed(f"p{n}", tid, 1000, "CAD", "declined")
+        events += await store.append(f"transaction-{tid}", [
+            NewEvent(type(p).__name__, SCHEMAS.dump(p), correlation_id=tid)
+            for p in (created, failed)
+        ])
+    for event in events + events:
+        result = await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type], event)
+        assert result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE)
+    if drain:
+        await sequencer.drain()
+    assert alerts == ["payment_failed"] * count
+    return events
+
+
+async def test_every_event_is_chained_once_and_verifies(store: EventStore) -> None:
+    events = await audited(store, 4)
+    report = await log.verify(store)
+    assert report == {"ok": True, "checked": 8, "head": 8, "problems": []}
+    trail = await log.trail(store, "t2")
+    assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+    assert {e["event_id"] for e in trail} == {e.event_id for e in events[4:6]}
+
+
+async def test_a_modified_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
+    await audited(store, 3)
+    await tamper(
+        "UPDATE events SET payload = json_set(payload, '$.payload.amount', 1) "
+        "WHERE stream_id = $1 AND stream_version = $2", (log.LOG, 4),
+    )
+    report = await log.verify(store)
+    assert report["ok"] is False
+    (problem,) = report["problems"]
+    assert (problem["sequence"], problem["kind"]) == (4, "modified")
+    assert problem["event_id"] is not None
+
+
+async def test_a_deleted_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
+    await audited(store, 3)
+    await tamper("DELETE FROM events WHERE stream_id = $1 AND stream_version = $2",
+                 (log.LOG, 2))
+    report = await log.verify(store)
+    assert report["ok"] is False
+    assert [(p["sequence"], p["kind"]) for p in report["problems"]] == [(2, "deleted")]
+
+
+async def test_deleting_the_last_entries_is_caught_too(store: EventStore, tamper: Tamper) -> None:
+    await audited(store, 3)
+    await tamper("DELETE FROM events WHERE stream_id = $1 AND stream_version > $2",
+                 (log.LOG, 4))
+    report = await log.verify(store)
+    assert [(p["sequence"], p["kind"]) for p in report["problems"]] == [(5, "truncated")]
+
+
+async def test_two_sequencers_at_once_chain_each_entry_exactly_once(store: EventStore) -> None:
+    events = await audited(store, 10, drain=False)
+    first, second = log.Sequencer(store, batch=4), log.Sequencer(store, batch=4)
+    loops = [asyncio.create_task(s.run()) for s in (first, second)]
+
+    async def chained() -> bool:
+        return (await store.stream_version(log.LOG)) == len(events)
+
+    try:
+        async with asyncio.timeout(20):
+            while not await chained():
+                await asyncio.sleep(0.02)
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    report = await log.verify(store)
+    assert report == {"ok": True, "checked": 20, "head": 20, "problems": []}
+    chained_ids = [entry["event_id"] async for page in log.entries(store) for _, entry in page]
+    assert sorted(chained_ids) == sorted(e.event_id for e in events)

@@ -1,0 +1,253 @@
+"""Projections on every store adapter: checkpoints committed with documents, restarts,
+competing runners, lag, and a rebuild that swaps in while live updates keep coming."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from magasin.eventstore.store import EventStore
+from magasin.projections import (
+    Projection,
+    ProjectionRunner,
+    ProjectionUnit,
+    catch_up,
+    lags,
+    rebuild,
+)
+from magasin.projections.projection import DocumentCache, project
+from magasin.shared.clock import utcnow
+from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
+
+MakeStore = Callable[..., Awaitable[EventStore]]
+ACCOUNTS = "bank.accounts"
+TIMEOUT = 20.0
+
+
+def accounts(fail_on: int | None = None) -> Projection:
+    """Balance per account, and how many deposits made it: a double count shows."""
+
+    async def deposited(event: RecordedEvent, unit: ProjectionUnit) -> None:
+        if event.payload["amount"] == fail_on:
+            raise RuntimeError("this deposit cannot be projected")
+        account = event.payload["account"]
+        doc = await unit.get_document(ACCOUNTS, account) or {"balance": 0, "deposits": 0}
+        doc["balance"] += event.payload["amount"]
+        doc["deposits"] += 1
+        unit.put_document(ACCOUNTS, account, doc)
+
+    return Projection("bank.accounts", {"Deposited": deposited}, (ACCOUNTS,))
+
+
+async def deposit(store: EventStore, account: str, *amounts: int, ago: float = 0) -> None:
+    at = utcnow() - timedelta(seconds=ago)
+    events = [NewEvent("Deposited", {"account": account, "amount": a}, occurred_at=at)
+              for a in amounts]
+    await store.append(f"account-{account}", events)
+
+
+async def documents(store: EventStore, collection: str = ACCOUNTS) -> dict[str, JsonDict]:
+    return dict(await store.find_documents(collection, limit=10_000))
+
+
+async def from_scratch(store: EventStore, projection: Projection) -> dict[str, JsonDict]:
+    """What projecting the whole log once, in memory, gives."""
+    unit = ProjectionUnit(store, {ACCOUNTS: "unused"}, DocumentCache(complete=True))
+    after = 0
+    while page := await store.read_all(after=after, limit=1000):
+        await project(projection, page, unit)
+        after = page[-1].global_position
+    return {key: body for (_, key), body in unit.changes.items() if body is not None}
+
+
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not await check():
+            await asyncio.sleep(0.01)
+
+
+async def caught_up(store: EventStore, projection: Projection) -> bool:
+    return await store.get_checkpoint(projection.checkpoint) == await store.last_position()
+
+
+async def test_a_runner_commits_each_batch_with_its_checkpoint(store: EventStore) -> None:
+    projection = accounts()
+    await deposit(store, "alice", 10, 20)
+    runner = ProjectionRunner(store, [projection], poll_interval=0.05)
+    await runner.start()
+    try:
+        await deposit(store, "bob", 5)
+        await until(lambda: caught_up(store, projection))
+    finally:
+        await runner.stop()
+
+    assert await documents(store) == {
+        "alice": {"balance": 30, "deposits": 2}, "bob": {"balance": 5, "deposits": 1},
+    }
+
+
+async def test_a_failing_event_leaves_documents_and_checkpoint_as_they_were(
+    store: EventStore,
+) -> None:
+    await deposit(store, "alice", 10)
+    await catch_up(store, accounts())
+    before = await store.get_checkpoint("projection:bank.accounts")
+    await deposit(store, "alice", 1, 666, 2)  # one batch; the second event cannot project
+
+    runner = ProjectionRunner(store, [accounts(fail_on=666)], poll_interval=0.05)
+    await runner.start()
+    try:
+        async def failing() -> bool:
+            return [lag.status for lag in await lags(store)] == ["failing"]
+
+        await until(failing)
+    finally:
+        await runner.stop()
+
+    assert await store.get_checkpoint("projection:bank.accounts") == before
+    assert await documents(store) == {"alice": {"balance": 10, "deposits": 1}}
+
+
+async def test_a_restarted_runner_resumes_after_its_checkpoint(
+    store_factory: MakeStore,
+) -> None:
+    first = await store_factory()
+    projection = accounts()
+    runner = ProjectionRunner(first, [projection], poll_interval=0.05)
+    await runner.start()
+    await deposit(first, "alice", *range(1, 51))
+    await until(lambda: caught_up(first, projection))
+    await runner.stop()
+    await first.close()
+
+    second = await store_factory()  # the same database, as after a restart
+    await deposit(second, "alice", 100)
+    runner = ProjectionRunner(second, [projection], poll_interval=0.05)
+    await runner.start()
+    try:
+        await until(lambda: caught_up(second, projection))
+    finally:
+        await runner.stop()
+
+    assert await documents(second) == {"alice": {"balance": sum(range(1, 51)) + 100,
+                                                 "deposits": 51}}
+
+
+async def test_two_runners_of_one_projection_project_each_event_once(
+    store_factory: MakeStore,
+) -> None:
+    a, b = await store_factory(), await store_factory()  # two processes of one service
+    projection = accounts()
+    runners = [ProjectionRunner(s, [projection], page_size=7, poll_interval=0.02)
+               for s in (a, b)]
+    for runner in runners:
+        await runner.start()
+    try:
+        for n in range(30):
+            await deposit(a if n % 2 else b, f"acc-{n % 3}", *range(1, 6))
+        await until(lambda: caught_up(a, projection))
+    finally:
+        for runner in runners:
+            await runner.stop()
+
+    assert await documents(a) == await from_scratch(a, projection)
+    assert sum(doc["deposits"] for doc in (await documents(a)).values()) == 150
+
+
+async def test_lag_counts_the_events_and_the_age_of_the_oldest_not_projected(
+    store: EventStore,
+) -> None:
+    projection = accounts()
+    await deposit(store, "alice", 1)
+    await catch_up(store, projection)
+    await deposit(store, "alice", 2, 3, ago=60)
+    await deposit(store, "bob", 4, ago=5)
+
+    (lag,) = await lags(store, [projection])
+    head = await store.last_position()
+    assert (lag.name, lag.head, lag.checkpoint, lag.lag_events) == (
+        "bank.accounts", head, head - 3, 3,
+    )
+    assert 59 <= lag.lag_seconds < 120
+    assert lag.status == "stopped"
+
+    await catch_up(store, projection)
+    (lag,) = await lags(store, [projection])
+    assert (lag.lag_events, lag.lag_seconds) == (0, 0)
+
+
+async def test_lags_lists_the_projections_a_runner_keeps_on_this_store(
+    store: EventStore,
+) -> None:
+    runner = ProjectionRunner(store, [accounts()], poll_interval=0.05)
+    await runner.start()
+    try:
+        async def listed() -> bool:
+            return [(x.name, x.status) for x in await lags(store)] == [
+                ("bank.accounts", "caught_up")
+            ]
+
+        await until(listed)
+    finally:
+        await runner.stop()
+    assert await lags(store) == []
+
+
+async def test_a_rebuild_swaps_in_while_live_updates_keep_coming_and_loses_none(
+    store: EventStore,
+) -> None:
+    projection = accounts()
+    for n in range(20):
+        await deposit(store, f"acc-{n % 5}", *range(1, 11))
+    await catch_up(store, projection)
+    async with store.transaction() as uow:  # a bug once wrote a wrong balance
+        uow.put_document(ACCOUNTS, "acc-0", {"balance": -1, "deposits": 0})
+
+    runner = ProjectionRunner(store, [projection], page_size=3, poll_interval=0.01)
+    await runner.start()
+    stop = asyncio.Event()
+
+    async def live_traffic() -> int:
+        sent = 0
+        while not stop.is_set():
+            await deposit(store, f"acc-{sent % 7}", 1000)
+            sent += 1
+            await asyncio.sleep(0)
+        return sent
+
+    traffic = asyncio.create_task(live_traffic())
+    try:
+        report = await rebuild(store, projection, batch_size=16, catch_up_gap=4)
+        stop.set()
+        sent = await traffic
+        await until(lambda: caught_up(store, projection))
+    finally:
+        stop.set()
+        await runner.stop()
+
+    assert sent > 0 and report.position > 0
+    rebuilt = await documents(store)
+    assert rebuilt == await from_scratch(store, projection)
+    assert sum(doc["deposits"] for doc in rebuilt.values()) == 200 + sent
+    assert await documents(store, ACCOUNTS + "~rebuild") == {}
+
+
+async def test_a_rebuild_with_no_live_runner_projects_up_to_the_head(
+    store: EventStore,
+) -> None:
+    projection = accounts()
+    await deposit(store, "alice", 1, 2, 3)
+    await catch_up(store, projection)
+    await deposit(store, "alice", 4)  # the service is down: nobody projected this one
+    async with store.transaction() as uow:
+        uow.delete_document(ACCOUNTS, "alice")
+
+    seen: list[tuple[int, int]] = []
+    report = await rebuild(store, projection, progress=lambda at, head: seen.append((at, head)))
+
+    head = await store.last_position()
+    assert (report.position, report.events) == (head, 4)
+    assert seen[-1] == (head, head)
+    assert await store.get_checkpoint(projection.checkpoint) == head
+    assert await documents(store) == {"alice": {"balance": 10, "deposits": 4}}

@@ -1,0 +1,280 @@
+"""Saga deadlines: the policy, the Transaction's abort decision, the saga index and the
+loop that aborts overdue sagas (with an injected clock), and payment's reaction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from magasin.eventstore.store import Causation
+from magasin.messaging.dispatch import Outcome
+from magasin.payments.aborts import UNREACHED, ChargeDeadline, abort_handlers
+from magasin.payments.domain import PaymentStatus
+from magasin.payments.gateway import BankSimulator
+from magasin.payments.handlers import charge, handlers, payments, refund_key
+from magasin.shared.errors import Unavailable
+from magasin.shared.events import (
+    CompensationStarted,
+    PaymentFailed,
+    PaymentRefunded,
+    SagaAborted,
+    SaleLine,
+    TransactionCancelled,
+    TransactionCreated,
+)
+from magasin.transactions import sagas
+from magasin.transactions.deadlines import Deadlines, due_key, due_of
+from magasin.transactions.domain import Status, Transaction
+from tests.unit.conftest import Harness
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+DEADLINES = Deadlines(payment_s=60, reservation_s=30, fulfilment_s=30)
+
+
+def new_sale(ident: str = "tx-1") -> Transaction:
+    sale = Transaction.create(ident, store_id="s-1", customer_id="c", currency="CAD",
+                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)])
+    sale.pending.clear()
+    return sale
+
+
+def recorded(sale: Transaction) -> list[object]:
+    events, sale.pending = sale.pending, []
+    return events
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+
+def test_each_step_is_due_once_its_deadline_has_passed_and_not_before() -> None:
+    for step, seconds in (("payment", 60), ("reservation", 30), ("fulfilment", 30)):
+        assert not DEADLINES.is_due(step, T0, T0 + timedelta(seconds=seconds - 0.001))
+        assert DEADLINES.is_due(step, T0, T0 + timedelta(seconds=seconds))
+
+
+def test_an_unknown_step_has_no_deadline() -> None:
+    with pytest.raises(ValueError, match="unknown saga step"):
+        DEADLINES.limit("delivery")
+
+
+def test_deadline_index_keys_sort_by_due_time_and_give_it_back() -> None:
+    early, late = T0, T0 + timedelta(microseconds=1)
+    keys = [due_key(late, "a"), due_key(early, "z"), due_key(T0 - timedelta(days=1), "m")]
+    assert [due_of(k) for k in sorted(keys)] == [T0 - timedelta(days=1), early, late]
+
+
+# -- the Transaction's decision --------------------------------------------------------------
+
+
+def test_a_sale_stuck_at_payment_compensates_and_takes_the_payments_reason() -> None:
+    sale = new_sale()
+    assert sale.step == "payment"
+    assert sale.abort("deadline:payment", "payment")
+    assert recorded(sale) == [
+        SagaAborted("tx-1", "payment", "deadline:payment", "s-1", 1000, "CAD"),
+        CompensationStarted("tx-1", "deadline:payment", needs_refund=True, needs_release=False),
+    ]
+    assert sale.status is Status.CANCELLING
+    sale.payment_failed("bank_unavailable")  # the payment voids: nothing was taken
+    assert sale.status is Status.CANCELLED
+    assert sale.failure == "bank_unavailable"
+
+
+def test_a_sale_whose_late_charge_was_captured_is_cancelled_only_once_refunded() -> None:
+    sale = new_sale()
+    sale.abort("deadline:payment", "payment")
+    sale.payment_captured("pay-1", 1000)
+    assert sale.status is Status.CANCELLING
+    sale.payment_refunded(1000)
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "deadline:payment")
+
+
+def test_a_sale_stuck_at_reservation_is_refunded_then_cancelled() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 1000)
+    assert sale.abort("deadline:reservation")
+    assert sale.aborted_step == "reservation"
+    assert sale.status is Status.CANCELLING
+    sale.payment_refunded(1000)
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "deadline:reservation")
+
+
+def test_a_sale_stuck_at_fulfilment_needs_both_release_and_refund_to_cancel() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 1000)
+    sale.inventory_reserved("res-1")
+    assert sale.abort("deadline:fulfilment", "fulfilment")
+    sale.payment_refunded(1000)
+    assert sale.status is Status.CANCELLING
+    sale.inventory_released()
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "deadline:fulfilment")
+
+
+def test_a_sale_that_moved_on_compensates_or_ended_is_not_aborted() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 1000)
+    assert not sale.abort("deadline:payment", "payment")  # it waits for its stock now
+    sale.inventory_unavailable()
+    assert not sale.abort("forced")
+    sale.payment_refunded(1000)
+    assert sale.status is Status.CANCELLED
+    assert not sale.abort("forced")
+    assert [type(e) for e in recorded(sale)][-1] is TransactionCancelled
+
+
+# -- the index and the loop, with an injected clock -------------------------------------------
+
+
+async def start_sale(harness: Harness, ident: str) -> Transaction:
+    sale = Transaction.create(ident, store_id="s-1", customer_id="c", currency="CAD",
+                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)])
+    async with harness.store.transaction(Causation(correlation_id=ident)) as uow:
+        sagas.sales.save(uow, sale)
+    for event in uow.recorded:
+        assert (await harness.deliver(sagas.CONSUMER, INDEX, event)).outcome is Outcome.HANDLED
+    return sale
+
+
+INDEX = sagas.index_handlers(DEADLINES)
+
+
+async def index_everything(harness: Harness) -> None:
+    for event in await harness.store.read_all(after=0, limit=1000):
+        if event.type in INDEX:
+            await harness.deliver(sagas.CONSUMER, INDEX, event)
+
+
+async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Harness) -> None:
+    await start_sale(harness, "tx-1")
+    await start_sale(harness, "tx-2")
+    created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
+
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=59)) == 0
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=61)) == 2
+    aborted = await harness.emitted(SagaAborted)
+    assert sorted((a.transaction_id, a.reason) for a in aborted) == [
+        ("tx-1", "deadline:payment"), ("tx-2", "deadline:payment"),
+    ]
+    # Once the index has seen the compensation, the sagas leave the deadline index.
+    await index_everything(harness)
+    assert await harness.store.find_documents(sagas.DEADLINES) == []
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None
+    assert (doc["status"], doc["step"], doc["reason"]) == ("CANCELLING", None, "deadline:payment")
+
+
+async def test_a_lagging_index_entry_of_a_saga_that_moved_on_changes_nothing(
+    harness: Harness,
+) -> None:
+    sale = await start_sale(harness, "tx-1")
+    async with harness.store.transaction() as uow:
+        found = await sagas.sales.get(uow, sale.id)
+        found.payment_captured("pay-1", 1000)
+        sagas.sales.save(uow, found)
+    # The index still says "payment" (not caught up): the loop must not abort the sale.
+    later = datetime.now(UTC) + timedelta(seconds=61)
+    assert await sagas.abort_overdue(harness.store, later) == 0
+    assert await harness.emitted(SagaAborted) == []
+    await index_everything(harness)
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["step"]) == ("PAYMENT_PROCESSED", "reservation")
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert entry[1]["step"] == "reservation"
+
+
+# -- payment's side ------------------------------------------------------------------------
+
+
+def created_event(ident: str = "tx-1") -> TransactionCreated:
+    return TransactionCreated(ident, "s-1", "c", (SaleLine("p-1", 2, 500),), 1000, "CAD", "VISA")
+
+
+def aborted_event(ident: str = "tx-1", step: str = "payment") -> SagaAborted:
+    return SagaAborted(ident, step, f"deadline:{step}", "s-1", 1000, "CAD")
+
+
+async def test_an_unreachable_bank_fails_the_payment_once_its_deadline_has_passed(
+    harness: Harness,
+) -> None:
+    bank = BankSimulator(latency_s=0)
+    bank.reachable = False
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    now = [created.occurred_at + timedelta(seconds=10)]
+    deadline = ChargeDeadline(60, clock=lambda: now[0])
+
+    async def attempt() -> None:
+        async with harness.store.transaction() as uow:
+            await charge(bank, created, uow, deadline)
+
+    with pytest.raises(Unavailable):  # before the deadline: retried by the bus
+        await attempt()
+    assert await harness.store.get_document(UNREACHED, "tx-1") is not None
+    now[0] = created.occurred_at + timedelta(seconds=60)
+    await attempt()
+    (failed,) = await harness.emitted(PaymentFailed)
+    assert failed.reason == "bank_unavailable"
+    assert bank.charges == []
+
+
+async def test_an_aborted_sale_never_charged_is_voided_and_a_late_charge_takes_nothing(
+    harness: Harness,
+) -> None:
+    bank = BankSimulator(latency_s=0)
+    deadline = ChargeDeadline(60)
+    consumer = handlers(bank, deadline)
+    (aborted,) = await harness.given("transaction", "tx-1", aborted_event())
+    assert (await harness.deliver("payment", consumer, aborted)).outcome is Outcome.HANDLED
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    assert (await harness.deliver("payment", consumer, created)).outcome is Outcome.HANDLED
+    (failed,) = await harness.emitted(PaymentFailed)
+    assert failed.reason == "deadline:payment"
+    assert bank.charges == []
+
+
+async def test_an_aborted_sale_whose_bank_was_unreachable_fails_as_bank_unavailable(
+    harness: Harness,
+) -> None:
+    async with harness.store.transaction() as uow:
+        uow.put_document(UNREACHED, "tx-1", {"at": T0.isoformat(), "error": "down"})
+    consumer = abort_handlers(BankSimulator(latency_s=0), ChargeDeadline(60), refund_key)
+    (aborted,) = await harness.given("transaction", "tx-1", aborted_event())
+    await harness.deliver("payment", consumer, aborted)
+    (failed,) = await harness.emitted(PaymentFailed)
+    assert failed.reason == "bank_unavailable"
+
+
+async def test_an_aborted_sale_that_was_charged_is_refunded_once(harness: Harness) -> None:
+    bank = BankSimulator(latency_s=0)
+    consumer = handlers(bank, ChargeDeadline(60))
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    await harness.deliver("payment", consumer, created)
+    (aborted,) = await harness.given("transaction", "tx-1", aborted_event(step="fulfilment"))
+    for _ in range(2):
+        await harness.deliver("payment", consumer, aborted)
+    (refunded,) = await harness.emitted(PaymentRefunded)
+    assert refunded.reason == "deadline:fulfilment"
+    assert bank.captured_total == 0
+
+
+async def test_a_charge_whose_capture_lost_to_a_void_gives_the_money_back(
+    harness: Harness,
+) -> None:
+    bank = BankSimulator(latency_s=0)
+    deadline = ChargeDeadline(60)
+    consumer = handlers(bank, deadline)
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    # The bank approves, then a void commits before the capture does (a version race):
+    # the dispatcher redoes the charge on fresh state, which finds the voided payment.
+    with pytest.raises(RuntimeError):
+        async with harness.store.transaction() as uow:
+            await charge(bank, created, uow, deadline)
+            raise RuntimeError("the capture lost the race")
+    (aborted,) = await harness.given("transaction", "tx-1", aborted_event())
+    deadline_free = ChargeDeadline(60)  # the void was handled by another consumer instance
+    await harness.deliver("payment", handlers(bank, deadline_free), aborted)
+    await harness.deliver("payment", consumer, created)
+    async with harness.store.transaction() as uow:
+        payment = await payments.get(uow, "tx-1")
+    assert payment.status is PaymentStatus.FAILED
+    assert bank.captured_total == 0 and len(bank.refunds) == 1
