@@ -215,15 +215,20 @@ async def distributed(tmp: Path, seconds: float, concurrency: int) -> dict[str, 
 
 
 async def delete_namespace(namespace: str) -> None:
-    consumers = ("store", "inventory", "payment", "transaction", "transaction.catalog",
-                 "transaction.notifier")
+    """Delete every queue and exchange named `<namespace>.…` (the services' consumers change
+    as magasin grows, so the names are read from the broker rather than listed here)."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await listing.communicate()
+    queues = [q for q in out.decode().split() if q.startswith(f"{namespace}.")]
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        for consumer in consumers:
-            for suffix in ("", ".dlq", ".retry.1", ".retry.2", ".retry.3"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(f"{namespace}.{consumer}{suffix}")
+        for name in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
         for exchange in ("events", "dlx"):
             channel = await connection.channel()
             with contextlib.suppress(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,9 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0)
         return result
 
 
-@pytest.fixture
-async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
-    runtime = Runtime.embedded(test_settings(tmp_path))
+@asynccontextmanager
+async def serving(runtime: Runtime) -> AsyncIterator[Shop]:
+    """Start `runtime`, hand out an HTTP client of its app (ASGI, no socket), stop it."""
     app = create_app(runtime, frozenset({API_KEY}))
     await runtime.start()
     try:
@@ -109,3 +110,9 @@ async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
             yield Shop(client, runtime)
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
+    async with serving(Runtime.embedded(test_settings(tmp_path))) as running:
+        yield running

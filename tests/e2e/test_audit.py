@@ -10,14 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from magasin.api.app import create_app
 from magasin.bootstrap import Runtime
 from magasin.observability.metrics import AUDIT_ALERTS
 from tests.e2e import conftest as e2e
-from tests.e2e.conftest import API_KEY, Shop, eventually
+from tests.e2e.conftest import Shop, eventually, serving
 
 SAGA_AND_AUDIT = ("transaction", "payment", "inventory", "store", "audit")
 
@@ -26,16 +24,8 @@ SAGA_AND_AUDIT = ("transaction", "payment", "inventory", "store", "audit")
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     """The saga's services and the audit service, embedded."""
     runtime = Runtime.embedded(e2e.test_settings(tmp_path), services=SAGA_AND_AUDIT)
-    app = create_app(runtime, frozenset({API_KEY}))
-    await runtime.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://magasin",
-            headers={"X-API-Key": API_KEY},
-        ) as client:
-            yield Shop(client, runtime)
-    finally:
-        await runtime.stop()
+    async with serving(runtime) as running:
+        yield running
 
 
 async def trail_until(shop: Shop, transaction_id: str, last_type: str) -> list[dict[str, Any]]:

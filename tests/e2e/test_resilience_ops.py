@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
-from magasin.api.app import create_app
 from magasin.bootstrap import Runtime, build_service
 from magasin.cli import app as cli
 from magasin.payments.breaker import CircuitBreaker
@@ -23,7 +21,7 @@ from magasin.payments.service import build as build_payment
 from magasin.payments.service import default_gateway
 from magasin.service import ServiceContext
 from magasin.shared.messages import NewEvent
-from tests.e2e.conftest import API_KEY, Shop, eventually
+from tests.e2e.conftest import Shop, eventually, serving
 from tests.e2e.conftest import test_settings as settings_in
 
 NOTIFIER = "transaction.notifier"
@@ -254,16 +252,8 @@ async def flaky_bank(tmp_path: Path) -> AsyncIterator[tuple[Shop, BankSimulator]
     services = [build_service(name, ctx) for name in ("transaction", "inventory", "store")]
     services.append(build_payment(ctx, gateway=gateway))
     runtime = Runtime("embedded", settings, bare.store, bare.bus, services)
-    app = create_app(runtime, frozenset({API_KEY}))
-    await runtime.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://magasin",
-            headers={"X-API-Key": API_KEY},
-        ) as client:
-            yield Shop(client, runtime), gateway.gateway
-    finally:
-        await runtime.stop()
+    async with serving(runtime) as running:
+        yield running, gateway.gateway
 
 
 async def breaker_state(shop: Shop) -> str:

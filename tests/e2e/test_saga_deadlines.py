@@ -8,16 +8,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from magasin.api.app import create_app
 from magasin.bootstrap import Runtime
 from magasin.payments.gateway import BankSimulator
 from magasin.shared.errors import Unavailable
 from magasin.shared.messages import RecordedEvent
 from magasin.stores import handlers as store_handlers
-from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually
+from tests.e2e.conftest import TERMINAL, Shop, eventually, serving
 from tests.e2e.conftest import test_settings as settings_for
 
 ADMIN_KEY = "e2e-admin-key"
@@ -29,16 +27,8 @@ async def running_shop(tmp_path: Path, **settings: Any) -> AsyncIterator[Shop]:
     runtime = Runtime.embedded(
         settings_for(tmp_path, admin_api_keys=ADMIN_KEY, deadline_sweep_s=0.1, **settings)
     )
-    app = create_app(runtime, frozenset({API_KEY}))
-    await runtime.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://magasin",
-            headers={"X-API-Key": API_KEY},
-        ) as client:
-            yield Shop(client, runtime)
-    finally:
-        await runtime.stop()
+    async with serving(runtime) as running:
+        yield running
 
 
 async def final_state(shop: Shop, transaction_id: str) -> dict[str, Any]:

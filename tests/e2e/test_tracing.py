@@ -6,17 +6,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from magasin.api.app import create_app
 from magasin.bootstrap import Runtime
 from magasin.observability import tracing
 from tests.e2e import conftest as e2e
-from tests.e2e.conftest import API_KEY, Shop, eventually
+from tests.e2e.conftest import Shop, eventually, serving
 
 SAGA = ("transaction", "payment", "inventory", "store")
 
@@ -36,16 +34,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     runtime = Runtime.embedded(e2e.test_settings(tmp_path), services=SAGA)
-    app = create_app(runtime, frozenset({API_KEY}))
-    await runtime.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://magasin",
-            headers={"X-API-Key": API_KEY},
-        ) as client:
-            yield Shop(client, runtime)
-    finally:
-        await runtime.stop()
+    async with serving(runtime) as running:
+        yield running
 
 
 def trace_of(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:

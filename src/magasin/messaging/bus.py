@@ -22,7 +22,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from magasin.eventstore.store import UnitOfWork
+from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.shared.errors import Conflict
 from magasin.shared.messages import RecordedEvent
 
@@ -128,7 +128,13 @@ class DeadLetter:
 
 
 class EventBus(ABC):
-    """Port of the event bus. Adapters: `InProcessBus` (embedded), `RabbitMQBus`."""
+    """Port of the event bus. Adapters: `InProcessBus` (embedded), `RabbitMQBus`.
+
+    Both keep their dead letters in `store`, the consumer's event store, so listing and
+    archiving them is the same code whatever the adapter; requeueing is the adapter's.
+    """
+
+    store: EventStore
 
     @abstractmethod
     def subscribe(
@@ -150,7 +156,6 @@ class EventBus(ABC):
     async def publish(self, events: Sequence[RecordedEvent]) -> None:
         """Make stored events durable on the bus; returns once the bus has them all."""
 
-    @abstractmethod
     async def dead_letters(
         self,
         consumer: str | None = None,
@@ -161,10 +166,17 @@ class EventBus(ABC):
     ) -> list[DeadLetter]:
         """Dead letters, oldest first: by default those waiting for a decision, of every
         consumer. `reason` matches a part of the reason (any case); `status` None = all."""
+        from magasin.messaging import deadletters  # it imports this module
 
-    @abstractmethod
+        return await deadletters.list_letters(
+            self.store, consumer, type=type, reason=reason, status=status
+        )
+
     async def dead_letter(self, letter_id: str) -> DeadLetter:
         """One dead letter by id, whatever its status; NotFound if there is none."""
+        from magasin.messaging import deadletters
+
+        return await deadletters.get(self.store, letter_id)
 
     @abstractmethod
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
@@ -174,9 +186,11 @@ class EventBus(ABC):
         BusinessRuleViolation if its body cannot be decoded (requeueing cannot fix that:
         archive it), Unavailable if the broker cannot take it (it stays PENDING then)."""
 
-    @abstractmethod
     async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
         """Keep the letter as a permanent failure, out of the default listing."""
+        from magasin.messaging import deadletters
+
+        return await deadletters.archive(self.store, letter_id)
 
     async def requeue_dead_letters(self, consumer: str) -> list[DeadLetter]:
         """Requeue every PENDING dead letter of one consumer; returns those requeued."""

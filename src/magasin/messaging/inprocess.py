@@ -22,7 +22,7 @@ from typing import Any
 
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
 from magasin.observability import metrics
 from magasin.shared.clock import utcnow
@@ -174,24 +174,6 @@ class InProcessBus(EventBus):
         """Read the log through the window the subscriptions share (for projections)."""
         page: list[RecordedEvent] = await self._window.read(after, limit)
         return page
-
-    async def dead_letters(
-        self,
-        consumer: str | None = None,
-        *,
-        type: str | None = None,
-        reason: str | None = None,
-        status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
-    ) -> list[DeadLetter]:
-        return await deadletters.list_letters(
-            self.store, consumer, type=type, reason=reason, status=status
-        )
-
-    async def dead_letter(self, letter_id: str) -> DeadLetter:
-        return await deadletters.get(self.store, letter_id)
-
-    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
-        return await deadletters.archive(self.store, letter_id)
 
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
         def redeliver(uow: UnitOfWork, letter: DeadLetter) -> None:

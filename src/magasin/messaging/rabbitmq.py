@@ -25,7 +25,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from magasin.eventstore.store import EventStore
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
@@ -464,24 +464,6 @@ class RabbitMQBus(EventBus):
             log.warning("could not requeue message %s: %r", message.message_id, exc)
 
     # -- operating dead letters ---------------------------------------------------------
-
-    async def dead_letters(
-        self,
-        consumer: str | None = None,
-        *,
-        type: str | None = None,
-        reason: str | None = None,
-        status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
-    ) -> list[DeadLetter]:
-        return await deadletters.list_letters(
-            self.store, consumer, type=type, reason=reason, status=status
-        )
-
-    async def dead_letter(self, letter_id: str) -> DeadLetter:
-        return await deadletters.get(self.store, letter_id)
-
-    async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
-        return await deadletters.archive(self.store, letter_id)
 
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
         # Marked first, sent second: if the message failed again at once, its new dead
