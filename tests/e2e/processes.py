@@ -222,6 +222,19 @@ async def consumer_count(amqp_url: str, queue: str) -> int:
         await connection.close()
 
 
+async def _queues_named(prefix: str) -> list[str]:
+    """Queue names starting with `prefix`, as `rabbitmqctl` lists them (empty without it)."""
+    try:
+        listing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        return []
+    out, _ = await listing.communicate()
+    return [name for name in out.decode().split() if name.startswith(prefix)]
+
+
 async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) -> None:
     """Delete the exchanges and queues the services declared under `namespace`."""
     import aio_pika
@@ -229,12 +242,16 @@ async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) ->
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
         channel = await connection.channel()
+        names: set[str] = set()
         for consumer in CONSUMERS:
             queue = f"{namespace}.{consumer}"
-            names = [queue, f"{queue}.dlq"]
-            names += [f"{queue}.retry.{level}" for level in range(1, retry_attempts)]
-            for name in names:
-                await channel.queue_delete(name)
+            names |= {queue, f"{queue}.dlq"}
+            names |= {f"{queue}.retry.{level}" for level in range(1, retry_attempts)}
+        # A consumer may have a longer retry policy of its own (payment does): ask the
+        # broker for whatever else was declared under this namespace.
+        names |= set(await _queues_named(f"{namespace}."))
+        for name in sorted(names):
+            await channel.queue_delete(name)
         await channel.exchange_delete(f"{namespace}.events")
         await channel.exchange_delete(f"{namespace}.dlx")
     finally:
