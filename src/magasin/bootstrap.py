@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -52,35 +53,22 @@ def distributed_store(settings: Settings, service: str | None = None) -> EventSt
                               outbox=service != "eventstore")
 
 
+_BUILDERS = {
+    "transaction": "magasin.transactions.service",
+    "payment": "magasin.payments.service",
+    "inventory": "magasin.inventory.service",
+    "store": "magasin.stores.service",
+    "audit": "magasin.audit.service",
+    "eventstore": "magasin.eventstore_service.service",
+}
+"""Where each service's `build(ctx) -> Service` lives; imported only when that service runs."""
+
+
 def build_service(name: str, ctx: ServiceContext) -> Service:
-    builders: dict[str, Callable[[ServiceContext], Service]] = {}
-    if name == "transaction":
-        from magasin.transactions.service import build as build_transaction
-
-        builders[name] = build_transaction
-    elif name == "payment":
-        from magasin.payments.service import build as build_payment
-
-        builders[name] = build_payment
-    elif name == "inventory":
-        from magasin.inventory.service import build as build_inventory
-
-        builders[name] = build_inventory
-    elif name == "store":
-        from magasin.stores.service import build as build_store
-
-        builders[name] = build_store
-    elif name == "audit":
-        from magasin.audit.service import build as build_audit
-
-        builders[name] = build_audit
-    elif name == "eventstore":
-        from magasin.eventstore_service.service import build as build_eventstore
-
-        builders[name] = build_eventstore
-    else:
+    if name not in _BUILDERS:
         raise ValueError(f"unknown service {name!r}; choose among {', '.join(SERVICES)}")
-    return builders[name](ctx)
+    build: Callable[[ServiceContext], Service] = importlib.import_module(_BUILDERS[name]).build
+    return build(ctx)
 
 
 class Runtime:

@@ -21,7 +21,7 @@ from magasin.shared.aggregate import Aggregate
 from magasin.shared.errors import MagasinError, NotFound
 from magasin.shared.events import SCHEMAS
 from magasin.shared.ids import stream_id
-from magasin.shared.messages import EventSchemas, NewEvent
+from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -114,6 +114,21 @@ class Repository(Generic[A]):
             aggregate = self._restore(await store.load_snapshot(key), ident)
         after = aggregate.version if aggregate is not None else 0
         events = await uow.read_stream(key, from_version=after + 1)
+        aggregate = self._advance(aggregate, ident, events)
+        if aggregate is None:
+            return None
+        if events and every and after // every < aggregate.version // every:
+            await self._take_snapshot(store, aggregate, events[-1].occurred_at)
+        if events or known is None:
+            cache.put(key, aggregate.clone())
+        uow.identity[key] = aggregate
+        return aggregate
+
+    def _advance(
+        self, aggregate: A | None, ident: str, events: list[RecordedEvent]
+    ) -> A | None:
+        """`aggregate` (a fresh one if None) brought up through `events`; None when there
+        is neither a starting state nor any event: the stream does not exist."""
         if aggregate is None:
             if not events:
                 return None
@@ -122,11 +137,6 @@ class Repository(Generic[A]):
             aggregate.replay_more(
                 (self.schemas.validate(e) for e in events), events[-1].stream_version
             )
-            if every and after // every < aggregate.version // every:
-                await self._take_snapshot(store, aggregate, events[-1].occurred_at)
-        if events or known is None:
-            cache.put(key, aggregate.clone())
-        uow.identity[key] = aggregate
         return aggregate
 
     def _restore(self, snapshot: Snapshot | None, ident: str) -> A | None:
@@ -177,14 +187,9 @@ class Repository(Generic[A]):
         else:
             events = await store.read_stream(key, from_version=start + 1, to_version=version,
                                              until=until)
+        aggregate = self._advance(aggregate, ident, events)
         if aggregate is None:
-            if not events:
-                return None
-            aggregate = self.cls(ident)
-        if events:
-            aggregate.replay_more(
-                (self.schemas.validate(e) for e in events), events[-1].stream_version
-            )
+            return None
         return Rebuilt(aggregate, start or None, len(events),
                        events[-1].occurred_at if events else None)
 
