@@ -74,16 +74,17 @@ async def healthy(url: str, timeout: float = 60) -> None:
             await asyncio.sleep(0.1)
 
 
-async def seed(store_url: str, stock_url: str, sale_url: str) -> tuple[str, list[str]]:
-    """One store, five products with plenty of stock, known to the transaction service."""
+async def seed(store_url: str, stock_url: str, sale_url: str,
+               count: int) -> tuple[str, list[str]]:
+    """One store, `count` products with plenty of stock, known to the transaction service."""
     headers = {"X-API-Key": KEY}
     async with httpx.AsyncClient(headers=headers, timeout=30) as c:
         store = (await c.post(f"{store_url}/api/stores", json={
             "name": "Bench", "district": "Ville-Marie", "address": "1 rue du Banc"})).json()
         products = []
-        for i in range(5):
+        for i in range(count):
             sku = f"B-{uuid.uuid4().hex[:8]}-{i}"
-            body = {"sku": sku, "name": sku, "unit_price": 250 + i, "currency": "CAD"}
+            body = {"sku": sku, "name": sku, "unit_price": 250 + i % 50, "currency": "CAD"}
             products.append((await c.post(f"{store_url}/api/products", json=body)).json())
         async with asyncio.timeout(60):
             for p in products:
@@ -92,7 +93,7 @@ async def seed(store_url: str, stock_url: str, sale_url: str) -> tuple[str, list
                     await asyncio.sleep(0.05)
             probe = {"store_id": store["store_id"], "customer_id": "warm-up",
                      "payment_method": "VISA",
-                     "items": [{"product_id": p["product_id"], "quantity": 1} for p in products]}
+                     "items": [{"product_id": p["product_id"], "quantity": 1} for p in products[:5]]}
             while (await c.post(f"{sale_url}/api/transactions", json=probe)).status_code != 201:
                 await asyncio.sleep(0.05)
     return store["store_id"], [p["product_id"] for p in products]
@@ -177,17 +178,18 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def embedded(tmp: Path, seconds: float, concurrency: int) -> dict[str, float]:
+async def embedded(tmp: Path, seconds: float, concurrency: int, products_n: int) -> dict[str, float]:
     port = free_port()
     env = base_env(MAGASIN_DATA_DIR=str(tmp / "embedded"), MAGASIN_HTTP_PORT=str(port))
     url = f"http://127.0.0.1:{port}"
     async with process(["up", "--no-demo-data"], env, tmp / "embedded.log"):
         await healthy(url)
-        store_id, products = await seed(url, url, url)
+        store_id, products = await seed(url, url, url, products_n)
         return await measure(url, store_id, products, seconds, concurrency)
 
 
-async def distributed(tmp: Path, seconds: float, concurrency: int) -> dict[str, float]:
+async def distributed(tmp: Path, seconds: float, concurrency: int,
+                      products_n: int) -> dict[str, float]:
     database = f"magasin_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -206,7 +208,8 @@ async def distributed(tmp: Path, seconds: float, concurrency: int) -> dict[str, 
                     process(["serve", service], env, tmp / f"{service}.log"))
             for url in urls.values():
                 await healthy(url)
-            store_id, products = await seed(urls["store"], urls["inventory"], urls["transaction"])
+            store_id, products = await seed(urls["store"], urls["inventory"], urls["transaction"],
+                                            products_n)
             return await measure(urls["transaction"], store_id, products, seconds, concurrency)
     finally:
         await delete_namespace(namespace)
@@ -271,13 +274,16 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight")
     parser.add_argument("--only", choices=["embedded", "distributed"])
+    parser.add_argument("--products", type=int, default=5,
+                        help="products sold (one per sale, in turn): few means hot stock items")
     args = parser.parse_args()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "embedded"):
-            out["embedded"] = await embedded(Path(tmp), args.seconds, args.concurrency)
+            out["embedded"] = await embedded(Path(tmp), args.seconds, args.concurrency, args.products)
         if args.only in (None, "distributed"):
-            out["distributed"] = await distributed(Path(tmp), args.seconds, args.concurrency)
+            out["distributed"] = await distributed(
+                Path(tmp), args.seconds, args.concurrency, args.products)
     out["raw_broker_roundtrip_per_s"] = round(await raw_broker_roundtrip(args.seconds / 2))
     print(json.dumps(out))
 
