@@ -93,7 +93,8 @@ class Runtime:
         configure_snapshots(store, settings.snapshot_every)
         for service in services:
             for consumer, handlers in service.consumers.items():
-                bus.subscribe(consumer, handlers, service.retry.get(consumer))
+                bus.subscribe(consumer, handlers, service.retry.get(consumer),
+                              concurrency=service.concurrency.get(consumer))
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each

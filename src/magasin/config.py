@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     currency: str = Field("CAD", pattern="^[A-Z]{3}$", description="Currency of the catalog.")
     bank_latency_ms: float = Field(100.0, ge=0, description="Simulated bank call latency.")
+    bank_concurrency: int = Field(
+        32, ge=1, description="Bank calls (sales being charged or refunded) in flight at once."
+    )
     metrics_sample_s: float = Field(
         5.0, gt=0, description="How often the sampled gauges (backlogs, lags, active sagas) "
         "are refreshed for /metrics, seconds."

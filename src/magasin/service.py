@@ -45,5 +45,8 @@ class Service:
     projections: Sequence[Projection] = field(default_factory=tuple)
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
     """Retry policies of consumers that need another than the runtime's (by consumer)."""
+    concurrency: Mapping[str, int] = field(default_factory=dict)
+    """Consumers whose handlers wait on an outside system, and how many events each may
+    handle at once (see EventBus.subscribe)."""
     health: Callable[[], Mapping[str, Any]] | None = None
     """Details `/health` shows under `checks.<service>` (a circuit breaker's state, say)."""

@@ -56,6 +56,7 @@ async def bus_env(
         retry: RetryPolicy = FAST_RETRY,
         start: bool = True,
         retries: dict[str, RetryPolicy] | None = None,
+        concurrency: dict[str, int] | None = None,
     ) -> EventBus:
         bus: EventBus
         if kind == "inprocess":
@@ -67,7 +68,8 @@ async def bus_env(
 
             bus = RabbitMQBus(url, store=store, schemas=SCHEMAS, namespace=namespace, retry=retry)
         for consumer, handlers in subscriptions.items():
-            bus.subscribe(consumer, handlers, (retries or {}).get(consumer))
+            bus.subscribe(consumer, handlers, (retries or {}).get(consumer),
+                          concurrency=(concurrency or {}).get(consumer))
         if not start:  # what a CLI holds: a bus to operate dead letters, not to consume
             return bus
         await bus.start()
@@ -546,3 +548,66 @@ async def test_dead_lettering_counts_in_the_alert_metric_and_logs_one_error_line
              if r.name == "magasin.messaging.deadletters" and r.levelno == logging.ERROR]
     assert len(lines) == 1
     assert "alerting" in lines[0] and "RuntimeError: cannot handle X" in lines[0]
+
+
+async def test_a_burst_with_one_poisoned_event_takes_every_other_effect_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Under load the adapters handle many events per unit of work; one failing event
+    must neither take the others down with it nor give any of them a second effect."""
+    store, make = bus_env
+    calls: dict[str, int] = {}
+
+    async def handler(event: RecordedEvent, uow: UnitOfWork) -> None:
+        calls[event.payload["sku"]] = calls.get(event.payload["sku"], 0) + 1
+        if event.payload["sku"] == "bad":
+            raise RuntimeError("poisoned")
+        uow.put_document("effects", event.event_id, {"sku": event.payload["sku"]})
+
+    bus = await make({"carts": {"ItemAdded": handler}})
+    burst: list[RecordedEvent] = []
+    for n in range(300):
+        burst += await produce(store, f"cart-{n}", added("bad" if n == 150 else f"s{n}"))
+    await bus.publish(burst)
+
+    await eventually(lambda: _count(store, 299))
+    (letter,) = await eventually(lambda: bus.dead_letters("carts"))
+    assert letter.event is not None and letter.event.payload["sku"] == "bad"
+    await asyncio.sleep(0.2)
+    assert len(await effects(store)) == 299
+    assert all(await asyncio.gather(*(store.is_processed("carts", e.event_id)
+                                      for e in burst if e.payload["sku"] != "bad")))
+    # Its own attempts are counted; a batch it brought down (rolled back, no effect) is not.
+    assert letter.attempts == FAST_RETRY.attempts <= calls["bad"]
+
+
+async def test_a_consumer_with_concurrency_does_not_wait_for_one_slow_call_to_start_the_next(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """A consumer whose handler waits on an outside system (a bank) handles several events
+    at once, each with its own effect and inbox mark; a failure among them is retried."""
+    store, make = bus_env
+    in_flight, most, calls = 0, 0, 0
+
+    async def bank_call(event: RecordedEvent, uow: UnitOfWork) -> None:
+        nonlocal in_flight, most, calls
+        calls += 1
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            in_flight -= 1
+        if event.payload["sku"] == "flaky" and calls < 12:
+            raise RuntimeError("bank hiccup")
+        uow.put_document("effects", event.event_id, {"sku": event.payload["sku"]})
+
+    bus = await make({"slow": {"ItemAdded": bank_call}}, concurrency={"slow": 8})
+    burst: list[RecordedEvent] = []
+    for n in range(10):
+        burst += await produce(store, f"cart-{n}", added("flaky" if n == 3 else f"s{n}"))
+    await bus.publish(burst)
+
+    await eventually(lambda: _count(store, 10))
+    assert most == 8  # never more than asked, and not one 0.2 s call after another
+    assert all(await asyncio.gather(*(store.is_processed("slow", e.event_id) for e in burst)))

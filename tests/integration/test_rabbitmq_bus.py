@@ -459,3 +459,38 @@ async def _published(bus: RabbitMQBus, event: RecordedEvent) -> bool:
     except Unavailable:
         return False
     return True
+
+
+async def test_a_backlog_is_handled_many_messages_per_commit(
+    make_bus: MakeBus, consumer_store: SqliteEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy workers let messages gather; each worker then commits what gathered at once."""
+    commits: list[int] = []
+    original = consumer_store.commit
+
+    async def counting(operations: Any) -> list[RecordedEvent]:
+        commits.append(sum(1 for op in operations if type(op).__name__ == "MarkProcessed"))
+        return await original(operations)
+
+    monkeypatch.setattr(consumer_store, "commit", counting)
+    got = Recorder()
+    first = asyncio.Event()
+
+    async def slow_start(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if not first.is_set():  # the one worker is busy while the broker delivers more
+            first.set()
+            await asyncio.sleep(0.5)
+        await got(event, uow)
+
+    bus = await make_bus({"carts": {"ItemAdded": slow_start}}, workers=1, batch=50)
+    events = [item_added(f"s{n}") for n in range(400)]
+    await bus.publish(events)
+
+    await eventually(lambda: _effects(consumer_store, 400))
+    assert sorted(e.event_id for e in got.calls) == sorted(e.event_id for e in events)
+    assert sum(commits) == 400
+    assert commits[1] == 50  # what gathered behind the first commit, up to the batch size
+
+
+async def _effects(store: SqliteEventStore, n: int) -> bool:
+    return len(await store.find_documents("effects", limit=10_000)) >= n

@@ -133,3 +133,30 @@ def test_the_state_view_is_plain_json_with_public_properties() -> None:
     assert view["lines"] == [{"product_id": "p1", "quantity": 2, "unit_price": 500}]
     assert (view["id"], view["total"]) == ("t1", 1000)
     assert "pending" not in view
+
+
+async def test_after_a_commit_the_next_load_reads_none_of_its_own_events(
+    db: SqliteEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await restock(db, 3)
+    read: list[int] = []
+    original = db.read_stream
+
+    async def counting(stream: str, **kw: object) -> list:  # type: ignore[type-arg]
+        events = await original(stream, **kw)  # type: ignore[arg-type]
+        read.append(len(events))
+        return events
+
+    monkeypatch.setattr(db, "read_stream", counting)
+    await restock(db, 2)
+    assert read == [0, 0]  # each load started from the state the previous commit stored
+
+    # Another writer (another process, say) appends behind this cache's back: the next load
+    # still reads what it wrote, so the cached state is a starting point, never the answer.
+    async with SqliteEventStore(db.path) as other, other.transaction() as uow:
+        item = await stock.get(uow, "s1:p1")
+        item.add(10)
+        stock.save(uow, item)
+    async with db.transaction() as uow:
+        loaded = await stock.get(uow, "s1:p1")
+    assert read[-1] == 1 and (loaded.version, loaded.on_hand) == (6, 15)

@@ -62,6 +62,8 @@ class _StateCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self.states: OrderedDict[str, Aggregate] = OrderedDict()
+        self.due: dict[str, datetime] = {}
+        """Cached states to snapshot at their next load, with their last event's time."""
 
     def get(self, key: str) -> Aggregate | None:
         state = self.states.get(key)
@@ -73,7 +75,8 @@ class _StateCache:
         self.states[key] = state
         self.states.move_to_end(key)
         if len(self.states) > self.size:
-            self.states.popitem(last=False)
+            evicted, _ = self.states.popitem(last=False)
+            self.due.pop(evicted, None)
 
 
 _caches: weakref.WeakKeyDictionary[EventStore, _StateCache] = weakref.WeakKeyDictionary()
@@ -84,6 +87,22 @@ def _cache_of(store: EventStore) -> _StateCache:
     if cache is None:
         cache = _caches[store] = _StateCache(CACHE_SIZE)
     return cache
+
+
+def _remember(uow: UnitOfWork, key: str, aggregate: Aggregate, loaded_at: int) -> None:
+    """After a commit, cache the state it stored, so that the next load of the aggregate
+    reads no event it wrote itself. Changes still pending were not committed: skip those.
+    A commit that took the aggregate past a multiple of `snapshot_every` leaves a snapshot
+    due, which the next load takes from this state (as a load reading those events would)."""
+    if aggregate.pending:
+        return
+    cache = _cache_of(uow.store)
+    cache.put(key, aggregate.clone())
+    every = snapshot_every(uow.store)
+    if every and loaded_at // every < aggregate.version // every:
+        mine = [e for e in uow.recorded if e.stream_id == key]
+        if mine:
+            cache.due[key] = mine[-1].occurred_at
 
 
 class Repository(Generic[A]):
@@ -110,6 +129,8 @@ class Repository(Generic[A]):
         aggregate: A | None = None
         if isinstance(known, self.cls):
             aggregate = known.clone()
+            if (event_at := cache.due.pop(key, None)) is not None and every:
+                await self._take_snapshot(store, known, event_at)
         elif every:
             aggregate = self._restore(await store.load_snapshot(key), ident)
         after = aggregate.version if aggregate is not None else 0
@@ -205,6 +226,8 @@ class Repository(Generic[A]):
         uow.identity[key] = aggregate
         if not aggregate.pending:
             return
+        loaded_at = aggregate.version
+        uow.after_commit(lambda: _remember(uow, key, aggregate, loaded_at))
         names = [self.schemas.name_of(type(e)) for e in aggregate.pending]
         uow.append(
             key,

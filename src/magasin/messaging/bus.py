@@ -138,10 +138,18 @@ class EventBus(ABC):
 
     @abstractmethod
     def subscribe(
-        self, consumer: str, handlers: Mapping[str, Handler], retry: RetryPolicy | None = None
+        self,
+        consumer: str,
+        handlers: Mapping[str, Handler],
+        retry: RetryPolicy | None = None,
+        *,
+        concurrency: int | None = None,
     ) -> None:
         """Register a consumer before `start()`; every handled type must have a schema.
-        `retry` replaces the bus's retry policy for this consumer."""
+        `retry` replaces the bus's retry policy for this consumer. By default the bus may
+        handle several events in one unit of work; `concurrency=n` is for handlers that
+        wait on something outside (a bank): up to n events at once, each in a unit of
+        work of its own, so that one slow call does not hold up the others."""
 
     @abstractmethod
     async def start(self) -> None:

@@ -20,6 +20,7 @@ from magasin.shared.messages import EventSchemas, RecordedEvent
 
 log = logging.getLogger("magasin.messaging.dispatch")
 CONFLICT_RETRIES = 10
+BATCH_CONFLICT_RETRIES = 3
 
 
 class Outcome(enum.Enum):
@@ -125,13 +126,17 @@ async def deliver_batch(
         events = [schemas.upcast(event) for event in events]
         for event in events:
             schemas.validate(event)
-        async with store.transaction() as uow:
-            for event in events:
-                with tracing.handling(event, consumer), logs.delivering(event, consumer):
-                    uow.causation = _causation(event, consumer)
-                    uow.mark_processed(consumer, event.event_id)
-                    await handlers[event.type](event, uow)
-            extra(uow)
+        for attempt in range(1, BATCH_CONFLICT_RETRIES + 1):
+            try:
+                await _handle_together(store, consumer, handlers, events, extra)
+                break
+            except ConcurrencyError:
+                # Another writer moved an aggregate the batch loaded (a competing consumer,
+                # or another consumer's handler on a hot stock item): redo the batch on
+                # fresh state, as a single delivery would; then give up on batching it.
+                if attempt == BATCH_CONFLICT_RETRIES:
+                    return False
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
     except Exception:
         return False
     # Each event is charged its share of the batch: the histogram stays per delivery.
@@ -139,6 +144,22 @@ async def deliver_batch(
     for event in events:
         metrics.consumed(consumer, event.type, "handled", share)
     return True
+
+
+async def _handle_together(
+    store: EventStore,
+    consumer: str,
+    handlers: Mapping[str, Handler],
+    events: Sequence[RecordedEvent],
+    extra: Callable[[UnitOfWork], None],
+) -> None:
+    async with store.transaction() as uow:
+        for event in events:
+            with tracing.handling(event, consumer), logs.delivering(event, consumer):
+                uow.causation = _causation(event, consumer)
+                uow.mark_processed(consumer, event.event_id)
+                await handlers[event.type](event, uow)
+        extra(uow)
 
 
 def check_handlers(consumer: str, handlers: dict[str, Handler], schemas: EventSchemas) -> None:

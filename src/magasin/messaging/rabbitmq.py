@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,10 +24,10 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from magasin.eventstore.store import EventStore
+from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
-from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver
+from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConfigurationError, MalformedMessage, Unavailable
@@ -64,7 +65,14 @@ class _Consumer:
     handlers: dict[str, Handler]
     queue: str
     retry: RetryPolicy
+    workers: int
+    """Most tasks handling its messages at once."""
+    batch: int
+    """Most messages one task handles in one unit of work."""
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
+    waiting: deque[AbstractIncomingMessage] = field(default_factory=deque)
+    """Messages of the work queue that no worker has taken yet."""
+    busy: int = 0
 
     def retry_queue(self, level: int) -> str:
         return f"{self.queue}.retry.{level}"
@@ -100,11 +108,15 @@ class RabbitMQBus(EventBus):
         namespace: str = "magasin",
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
         prefetch: int = 64,
+        workers: int = 8,
+        batch: int = 16,
         timeout: float = 10.0,
         work_queue_arguments: Mapping[str, Any] | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
+        if workers < 1 or batch < 1:
+            raise ValueError("workers and batch must be >= 1")
         self.work_queue_arguments = dict(work_queue_arguments or {})
         """Extra arguments of every work queue (say a quorum queue with a delivery limit
         and the dead-letter exchange); checked by `check_queue_arguments` at start."""
@@ -114,6 +126,10 @@ class RabbitMQBus(EventBus):
         self.namespace = namespace
         self.retry = retry
         self.prefetch = prefetch
+        self.workers = workers
+        """Tasks handling one consumer's messages at once (unless it says otherwise)."""
+        self.batch = batch
+        """Most messages a worker handles in one unit of work (one commit)."""
         self.timeout = timeout
         """Seconds to wait for the broker: to connect, and for each batch's confirms."""
         self._consumers: dict[str, _Consumer] = {}
@@ -138,7 +154,12 @@ class RabbitMQBus(EventBus):
     # -- lifecycle ----------------------------------------------------------------------
 
     def subscribe(
-        self, consumer: str, handlers: Mapping[str, Handler], retry: RetryPolicy | None = None
+        self,
+        consumer: str,
+        handlers: Mapping[str, Handler],
+        retry: RetryPolicy | None = None,
+        *,
+        concurrency: int | None = None,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -146,8 +167,11 @@ class RabbitMQBus(EventBus):
             raise ValueError(f"consumer {consumer!r} is already subscribed")
         table = dict(handlers)
         check_handlers(consumer, table, self.schemas)
+        if concurrency is not None and concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         self._consumers[consumer] = _Consumer(
-            consumer, table, self._queue_of(consumer), retry or self.retry
+            consumer, table, self._queue_of(consumer), retry or self.retry,
+            workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
         )
 
     def _queue_of(self, consumer: str) -> str:
@@ -192,7 +216,7 @@ class RabbitMQBus(EventBus):
         for consumer in self._consumers.values():
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
-            await channel.set_qos(prefetch_count=self.prefetch)
+            await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
             work = await _declare_queue(channel, consumer.queue, self._work_arguments(consumer))
             for event_type in consumer.handlers:
                 await work.bind(self._events, routing_key=f"*.{event_type}")
@@ -205,7 +229,7 @@ class RabbitMQBus(EventBus):
             dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
             consumer.tags = [
-                (work, await work.consume(self._spawner(consumer, self._handle))),
+                (work, await work.consume(self._batcher(consumer))),
                 (dlq, await dlq.consume(self._spawner(consumer, self._record))),
             ]
 
@@ -343,6 +367,64 @@ class RabbitMQBus(EventBus):
             task.add_done_callback(self._inflight.discard)
 
         return spawn
+
+    def _batcher(
+        self, consumer: _Consumer
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        """The work queue's consume callback. A message waits for one of the consumer's
+        `workers` tasks, which takes every message waiting (up to `batch`) and handles them
+        in one unit of work. Idle, each message gets a worker at once, so nothing waits;
+        busy, messages gather meanwhile and commit together, one round trip for many."""
+
+        async def arrive(message: AbstractIncomingMessage) -> None:
+            if self._stopping:
+                return  # left unacked: the broker delivers it again after we disconnect
+            consumer.waiting.append(message)
+            if consumer.busy < consumer.workers:
+                consumer.busy += 1
+                task = asyncio.create_task(self._work(consumer))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+        return arrive
+
+    async def _work(self, consumer: _Consumer) -> None:
+        try:
+            while consumer.waiting and not self._stopping:
+                take = min(len(consumer.waiting), consumer.batch)
+                messages = [consumer.waiting.popleft() for _ in range(take)]
+                if len(messages) == 1:
+                    await self._guarded(self._handle, consumer, messages[0])
+                else:
+                    await self._handle_batch(consumer, messages)
+        finally:
+            consumer.busy -= 1
+
+    async def _handle_batch(
+        self, consumer: _Consumer, messages: list[AbstractIncomingMessage]
+    ) -> None:
+        """Messages seen for the first time, of types the consumer handles, go through
+        `deliver_batch`; the others, and all of them if the batch does not commit, one by
+        one through `_handle`, which gives each its own outcome (retry, dead letter...)."""
+        together: list[AbstractIncomingMessage] = []
+        events: list[RecordedEvent] = []
+        alone: list[AbstractIncomingMessage] = []
+        for message in messages:
+            event = _first_delivery(consumer, message)
+            if event is None:
+                alone.append(message)
+            else:
+                together.append(message)
+                events.append(event)
+        # deliver_batch reports any failure as False, having written nothing.
+        if len(events) > 1 and await deliver_batch(
+            self.store, self.schemas, consumer.name, consumer.handlers, events, _nothing_more
+        ):
+            for message in together:
+                await self._ack(message)
+            together = []
+        for message in together + alone:
+            await self._guarded(self._handle, consumer, message)
 
     async def _guarded(
         self, work: Work, consumer: _Consumer, message: AbstractIncomingMessage
@@ -583,3 +665,19 @@ async def _declare_queue(
 def _int_header(headers: HeadersType, name: str, default: int) -> int:
     value = headers.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _first_delivery(consumer: _Consumer, message: AbstractIncomingMessage) -> RecordedEvent | None:
+    """The event of a message that may join a batch: decodable, of a type the consumer
+    handles, never delivered nor retried before (those get `_handle`'s inbox pre-check)."""
+    if message.redelivered or _int_header(message.headers, ATTEMPTS, 0) > 0:
+        return None
+    try:
+        event = decode_envelope(message.body)
+    except MalformedMessage:
+        return None
+    return event if event.type in consumer.handlers else None
+
+
+def _nothing_more(_: UnitOfWork) -> None:
+    """A broker consumer has no bookkeeping to commit with a batch: acks come after."""

@@ -61,5 +61,6 @@ def build(ctx: ServiceContext, gateway: BankGateway | None = None) -> Service:
         router=router(ctx),
         projections=(projection(),),
         retry={CONSUMER: retry_policy(ctx.settings)},
+        concurrency={CONSUMER: ctx.settings.bank_concurrency},
         health=(lambda: {"bank_circuit_breaker": breaker.health()}) if breaker else None,
     )
