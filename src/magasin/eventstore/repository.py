@@ -89,20 +89,20 @@ def _cache_of(store: EventStore) -> _StateCache:
     return cache
 
 
-def _remember(uow: UnitOfWork, key: str, aggregate: Aggregate, loaded_at: int) -> None:
+def _remember(
+    store: EventStore, key: str, aggregate: Aggregate, loaded_at: int, event_at: datetime
+) -> None:
     """After a commit, cache the state it stored, so that the next load of the aggregate
     reads no event it wrote itself. Changes still pending were not committed: skip those.
     A commit that took the aggregate past a multiple of `snapshot_every` leaves a snapshot
     due, which the next load takes from this state (as a load reading those events would)."""
     if aggregate.pending:
         return
-    cache = _cache_of(uow.store)
+    cache = _cache_of(store)
     cache.put(key, aggregate.clone())
-    every = snapshot_every(uow.store)
+    every = snapshot_every(store)
     if every and loaded_at // every < aggregate.version // every:
-        mine = [e for e in uow.recorded if e.stream_id == key]
-        if mine:
-            cache.due[key] = mine[-1].occurred_at
+        cache.due[key] = event_at
 
 
 class Repository(Generic[A]):
@@ -226,15 +226,12 @@ class Repository(Generic[A]):
         uow.identity[key] = aggregate
         if not aggregate.pending:
             return
-        loaded_at = aggregate.version
-        uow.after_commit(lambda: _remember(uow, key, aggregate, loaded_at))
         names = [self.schemas.name_of(type(e)) for e in aggregate.pending]
-        uow.append(
-            key,
-            [uow.new_event(name, self.schemas.dump(e), self.schemas.version_of(name))
-             for name, e in zip(names, aggregate.pending, strict=True)],
-            expected_version=aggregate.version,
-        )
+        events = [uow.new_event(name, self.schemas.dump(e), self.schemas.version_of(name))
+                  for name, e in zip(names, aggregate.pending, strict=True)]
+        uow.append(key, events, expected_version=aggregate.version)
+        loaded_at, store, event_at = aggregate.version, uow.store, events[-1].occurred_at
+        uow.after_commit(lambda: _remember(store, key, aggregate, loaded_at, event_at))
         aggregate.version += len(aggregate.pending)
         aggregate.pending = []
 

@@ -146,6 +146,52 @@ async def deliver_batch(
     return True
 
 
+async def deliver_concurrently(
+    store: EventStore,
+    schemas: EventSchemas,
+    consumer: str,
+    handlers: Mapping[str, Handler],
+    events: Sequence[RecordedEvent],
+    extra: Callable[[UnitOfWork], None],
+    limit: int,
+) -> bool:
+    """Like `deliver_batch` (one commit for all, False and nothing written if anything goes
+    wrong), but up to `limit` handlers run at once, each on a unit of work of its own: for
+    handlers that wait on an outside system. Their writes then commit together."""
+    started = time.perf_counter()
+    slots = asyncio.Semaphore(limit)
+
+    async def handle(event: RecordedEvent) -> UnitOfWork:
+        async with slots:
+            uow = UnitOfWork(store, _causation(event, consumer))
+            with tracing.handling(event, consumer), logs.delivering(event, consumer):
+                uow.mark_processed(consumer, event.event_id)
+                await handlers[event.type](event, uow)
+            return uow
+
+    try:
+        events = [schemas.upcast(event) for event in events]
+        for event in events:
+            schemas.validate(event)
+        # Every handler has finished before the caller falls back to one by one.
+        units = await asyncio.gather(*(handle(event) for event in events),
+                                     return_exceptions=True)
+        if any(isinstance(unit, BaseException) for unit in units):
+            return False
+        async with store.transaction() as together:
+            for unit in units:
+                assert isinstance(unit, UnitOfWork)
+                together.operations += unit.operations
+                together.committed_hooks += unit.committed_hooks
+            extra(together)
+    except Exception:
+        return False
+    share = (time.perf_counter() - started) / max(len(events), 1)
+    for event in events:
+        metrics.consumed(consumer, event.type, "handled", share)
+    return True
+
+
 async def _handle_together(
     store: EventStore,
     consumer: str,

@@ -23,7 +23,14 @@ from typing import Any
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
-from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
+from magasin.messaging.dispatch import (
+    Outcome,
+    Result,
+    check_handlers,
+    deliver,
+    deliver_batch,
+    deliver_concurrently,
+)
 from magasin.observability import metrics
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MagasinError
@@ -222,8 +229,6 @@ class InProcessBus(EventBus):
         self, sub: _Subscription, page: list[RecordedEvent], after: int
     ) -> int:
         mine = [e for e in page if e.type in sub.handlers]
-        if sub.concurrency is not None:
-            return await self._handle_concurrently(sub, mine, page[-1].global_position, after)
         for start in range(0, len(mine), self._batch):
             if self._stopping:
                 return after
@@ -235,7 +240,15 @@ class InProcessBus(EventBus):
 
             # One commit for the whole run of events; if anything in it goes wrong, nothing
             # was written and each event is delivered on its own to get its own outcome.
-            if len(chunk) == 1 or not await deliver_batch(
+            if sub.concurrency is not None:
+                if not await deliver_concurrently(
+                    self.store, self.schemas, sub.consumer, sub.handlers, chunk, bookkeeping,
+                    sub.concurrency,
+                ):
+                    after = await self._handle_concurrently(sub, chunk, last, after)
+                    if after != last:
+                        return after
+            elif len(chunk) == 1 or not await deliver_batch(
                 self.store, self.schemas, sub.consumer, sub.handlers, chunk, bookkeeping
             ):
                 for event in chunk:
@@ -252,10 +265,10 @@ class InProcessBus(EventBus):
     async def _handle_concurrently(
         self, sub: _Subscription, mine: list[RecordedEvent], last: int, after: int
     ) -> int:
-        """Up to `sub.concurrency` events of the page at once, each in a unit of work of its
-        own; the checkpoint moves past the page once all are settled. Stopped halfway, it
-        stays put: what did commit is in the inbox, and its pre-check spares the handler's
-        outside call when the page comes again."""
+        """Up to `sub.concurrency` events at once, each committed on its own with its own
+        outcome (retry, dead letter); the checkpoint moves to `last` once all are settled.
+        Stopped halfway, it stays put: what did commit is in the inbox, and its pre-check
+        spares the handler's outside call when the events come again."""
         slots = asyncio.Semaphore(sub.concurrency or 1)
 
         async def one(event: RecordedEvent) -> bool:

@@ -108,8 +108,8 @@ class RabbitMQBus(EventBus):
         namespace: str = "magasin",
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
         prefetch: int = 64,
-        workers: int = 8,
-        batch: int = 16,
+        workers: int = 1,
+        batch: int = 64,
         timeout: float = 10.0,
         work_queue_arguments: Mapping[str, Any] | None = None,
     ) -> None:
