@@ -14,6 +14,7 @@ from magasin.config import Settings
 from magasin.eventstore.repository import configure_snapshots
 from magasin.eventstore.sqlite import SqliteEventStore, Synchronous
 from magasin.eventstore.store import EventStore
+from magasin.eventstore.window import LogWindow
 from magasin.messaging.bus import EventBus, RetryPolicy
 from magasin.messaging.inprocess import InProcessBus
 from magasin.observability.sampler import sample_forever
@@ -98,9 +99,10 @@ class Runtime:
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each
-        # service's PostgreSQL schema holds its own events); embedded, through the bus's
-        # shared window of the log, so each event is read once.
-        read = bus.read_log if isinstance(bus, InProcessBus) else None
+        # service's PostgreSQL schema holds its own events) through one shared window of
+        # the log (embedded, the bus's), so each event is read once, not once per projection.
+        window = LogWindow(store, size=2000)
+        read = bus.read_log if isinstance(bus, InProcessBus) else window.read
         self.projections = ProjectionRunner(
             store, [p for s in services for p in s.projections], read=read
         )

@@ -11,7 +11,6 @@ events behind it keep flowing; after the last attempt it becomes a dead letter.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import random
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
+from magasin.eventstore.window import LogWindow
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import (
@@ -38,48 +38,6 @@ from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 RETRIES = "bus.retries"
 log = logging.getLogger("magasin.messaging.inprocess")
-
-
-class _LogWindow:
-    """The tail of the log as last read, shared by every subscription: they all follow the
-    head, so each event is read and decoded once rather than once per consumer.
-
-    It holds every event with a position in (`start`, last position held] — what read_all
-    returned, which is gap-safe — so any read starting inside it can be answered from it.
-    """
-
-    def __init__(self, store: EventStore, size: int) -> None:
-        self.store = store
-        self.size = size
-        self.start = 0
-        self.events: list[RecordedEvent] = []
-        self._lock = asyncio.Lock()
-
-    @property
-    def end(self) -> int:
-        return self.events[-1].global_position if self.events else self.start
-
-    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
-        if not self.start <= after < self.end:
-            async with self._lock:  # one subscription reads for all of them
-                if not self.start <= after < self.end:
-                    page = await self.store.read_all(after=after, limit=limit)
-                    self._keep(after, page)
-                    return page
-        index = bisect.bisect_right(self.events, after, key=lambda e: e.global_position)
-        return self.events[index:index + limit]
-
-    def _keep(self, after: int, page: list[RecordedEvent]) -> None:
-        if not page:
-            return
-        if after == self.end:
-            self.events.extend(page)
-        else:
-            self.start, self.events = after, list(page)
-        if len(self.events) > self.size:
-            drop = len(self.events) - self.size
-            self.start = self.events[drop - 1].global_position
-            del self.events[:drop]
 
 
 @dataclass
@@ -116,7 +74,7 @@ class InProcessBus(EventBus):
         self.retry = retry or RetryPolicy()
         self._poll = poll_interval
         self._page = page_size
-        self._window = _LogWindow(store, size=max(4 * page_size, 2000))
+        self._window = LogWindow(store, size=max(4 * page_size, 2000))
         self._batch = batch_size
         self._rng = random.Random(seed)
         self._subs: dict[str, _Subscription] = {}

@@ -1,0 +1,52 @@
+"""A window over the tail of the event log, shared by the readers that follow it."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+
+from magasin.eventstore.store import EventStore
+from magasin.shared.messages import RecordedEvent
+
+
+class LogWindow:
+    """The tail of the log as last read, shared by every reader that follows the head (the
+    in-process bus's subscriptions, a service's projections), so each event is read and
+    decoded once rather than once per reader.
+
+    It holds every event with a position in (`start`, last position held] — what read_all
+    returned, which is gap-safe — so any read starting inside it can be answered from it.
+    """
+
+    def __init__(self, store: EventStore, size: int) -> None:
+        self.store = store
+        self.size = size
+        self.start = 0
+        self.events: list[RecordedEvent] = []
+        self._lock = asyncio.Lock()
+
+    @property
+    def end(self) -> int:
+        return self.events[-1].global_position if self.events else self.start
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        if not self.start <= after < self.end:
+            async with self._lock:  # one subscription reads for all of them
+                if not self.start <= after < self.end:
+                    page = await self.store.read_all(after=after, limit=limit)
+                    self._keep(after, page)
+                    return page
+        index = bisect.bisect_right(self.events, after, key=lambda e: e.global_position)
+        return self.events[index:index + limit]
+
+    def _keep(self, after: int, page: list[RecordedEvent]) -> None:
+        if not page:
+            return
+        if after == self.end:
+            self.events.extend(page)
+        else:
+            self.start, self.events = after, list(page)
+        if len(self.events) > self.size:
+            drop = len(self.events) - self.size
+            self.start = self.events[drop - 1].global_position
+            del self.events[:drop]
