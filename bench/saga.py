@@ -3,11 +3,13 @@
 Prints one JSON object:
   {"embedded": {"sagas_per_s", "p50_ms", "p95_ms", "p99_ms"},
    "distributed": {same keys},
-   "raw_broker_roundtrip_per_s": n}
+   "raw_broker_roundtrip_per_s": n, "raw_http_sagas_per_s": n}
 `sagas_per_s` is the most completed sagas per second over HTTP (POST /api/transactions,
 then the SSE stream of the sale until its terminal state) with many sales in flight;
 the latencies are POST-to-terminal, measured in a second run at half that rate. Each mode
 runs as real processes (`magasin up`; one `magasin serve` per service) on this machine.
+`raw_http_sagas_per_s` is the same client's rate against an app that answers the same two
+calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts on a saga.
 
     python bench/saga.py [--seconds 10] [--concurrency 64] [--only embedded|distributed]
 """
@@ -93,7 +95,8 @@ async def seed(store_url: str, stock_url: str, sale_url: str,
                     await asyncio.sleep(0.05)
             probe = {"store_id": store["store_id"], "customer_id": "warm-up",
                      "payment_method": "VISA",
-                     "items": [{"product_id": p["product_id"], "quantity": 1} for p in products[:5]]}
+                     "items": [{"product_id": p["product_id"], "quantity": 1}
+                               for p in products[:5]]}
             while (await c.post(f"{sale_url}/api/transactions", json=probe)).status_code != 201:
                 await asyncio.sleep(0.05)
     return store["store_id"], [p["product_id"] for p in products]
@@ -178,7 +181,9 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def embedded(tmp: Path, seconds: float, concurrency: int, products_n: int) -> dict[str, float]:
+async def embedded(
+    tmp: Path, seconds: float, concurrency: int, products_n: int
+) -> dict[str, float]:
     port = free_port()
     env = base_env(MAGASIN_DATA_DIR=str(tmp / "embedded"), MAGASIN_HTTP_PORT=str(port))
     url = f"http://127.0.0.1:{port}"
@@ -186,6 +191,29 @@ async def embedded(tmp: Path, seconds: float, concurrency: int, products_n: int)
         await healthy(url)
         store_id, products = await seed(url, url, url, products_n)
         return await measure(url, store_id, products, seconds, concurrency)
+
+
+async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
+    """Sagas/s of the same client against an app that only answers (bench/http_floor.py)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = str(Path(__file__).with_name("http_floor.py"))
+    with (tmp / "http_floor.log").open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, script, "serve", str(port), env=base_env(), stdout=out, stderr=out
+        )
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(OSError):
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.close()
+                        break
+                    await asyncio.sleep(0.1)
+            return await max_rate(url, "s", ["p"], seconds, concurrency)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            await proc.wait()
 
 
 async def distributed(tmp: Path, seconds: float, concurrency: int,
@@ -280,11 +308,15 @@ async def main() -> None:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "embedded"):
-            out["embedded"] = await embedded(Path(tmp), args.seconds, args.concurrency, args.products)
+            out["embedded"] = await embedded(
+                Path(tmp), args.seconds, args.concurrency, args.products)
         if args.only in (None, "distributed"):
             out["distributed"] = await distributed(
                 Path(tmp), args.seconds, args.concurrency, args.products)
     out["raw_broker_roundtrip_per_s"] = round(await raw_broker_roundtrip(args.seconds / 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        out["raw_http_sagas_per_s"] = round(
+            await http_floor(Path(tmp), args.seconds / 2, args.concurrency), 1)
     print(json.dumps(out))
 
 
