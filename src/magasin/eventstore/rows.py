@@ -27,6 +27,9 @@ def dumps(value: Mapping[str, Any]) -> str:
     return orjson.dumps(value).decode()
 
 
+_TEXT = (str, bytes)  # a tuple: `str | bytes` would build a union at every test
+
+
 class StoredEvent(RecordedEvent):
     """An envelope read from the store, which decodes its JSON and its time on first use.
 
@@ -84,7 +87,7 @@ class StoredEvent(RecordedEvent):
     @property
     def metadata(self) -> Mapping[str, Any]:
         value = self._metadata
-        if isinstance(value, str | bytes):
+        if isinstance(value, _TEXT):
             value = self._metadata = self._decode("metadata", value)
         return value
 
@@ -95,7 +98,7 @@ class StoredEvent(RecordedEvent):
     @property
     def payload(self) -> Mapping[str, Any]:
         value = self._payload
-        if isinstance(value, str | bytes):
+        if isinstance(value, _TEXT):
             value = self._payload = self._decode("payload", value)
         return value
 
