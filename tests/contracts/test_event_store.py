@@ -59,6 +59,22 @@ async def test_envelope_fields_survive_the_round_trip(store: EventStore) -> None
     assert await store.read_event(sent.event_id) == got
 
 
+async def test_every_read_returns_the_envelopes_the_append_recorded(store: EventStore) -> None:
+    # Reads decode JSON and time lazily: the envelopes must still equal the recorded ones.
+    sent = [
+        NewEvent("ItemAdded", {"n": i, "tags": ["a", {"b": None}]}, correlation_id="c-1",
+                 metadata={"service": "cart", "i": i})
+        for i in range(3)
+    ]
+    recorded = await store.append("cart-7", sent)
+
+    assert await store.read_stream("cart-7") == recorded
+    assert await store.read_all() == recorded
+    assert await store.read_events(EventFilter(correlation_id="c-1")) == recorded
+    assert await store.read_event(sent[1].event_id) == recorded[1]
+    assert [e.occurred_at for e in await store.read_all()] == [e.occurred_at for e in sent]
+
+
 async def test_wrong_expected_version_raises_and_writes_nothing(store: EventStore) -> None:
     await store.append("cart-1", [ev()], NO_STREAM)
     before = await store.last_position()

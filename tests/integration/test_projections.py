@@ -4,10 +4,13 @@ competing runners, lag, and a rebuild that swaps in while live updates keep comi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import gc
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
-from magasin.eventstore.store import EventStore
+import pytest
+
+from magasin.eventstore.store import EventStore, Operation, PutDocument
 from magasin.projections import (
     Projection,
     ProjectionRunner,
@@ -17,6 +20,7 @@ from magasin.projections import (
     rebuild,
 )
 from magasin.projections.projection import DocumentCache, project
+from magasin.projections.rebuild import MEMORY_LIMIT
 from magasin.shared.clock import utcnow
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
@@ -194,8 +198,14 @@ async def test_lags_lists_the_projections_a_runner_keeps_on_this_store(
     assert await lags(store) == []
 
 
+# The rebuilt documents stay in memory up to a limit, then spill into shadow collections:
+# every rebuild test runs both ways.
+IN_MEMORY, SPILLED = MEMORY_LIMIT, 2
+
+
+@pytest.mark.parametrize("memory_limit", [IN_MEMORY, SPILLED], ids=["in_memory", "spilled"])
 async def test_a_rebuild_swaps_in_while_live_updates_keep_coming_and_loses_none(
-    store: EventStore,
+    store: EventStore, memory_limit: int,
 ) -> None:
     projection = accounts()
     for n in range(20):
@@ -218,7 +228,8 @@ async def test_a_rebuild_swaps_in_while_live_updates_keep_coming_and_loses_none(
 
     traffic = asyncio.create_task(live_traffic())
     try:
-        report = await rebuild(store, projection, batch_size=16, catch_up_gap=4)
+        report = await rebuild(store, projection, batch_size=16, catch_up_gap=4,
+                               memory_limit=memory_limit)
         stop.set()
         sent = await traffic
         await until(lambda: caught_up(store, projection))
@@ -233,8 +244,9 @@ async def test_a_rebuild_swaps_in_while_live_updates_keep_coming_and_loses_none(
     assert await documents(store, ACCOUNTS + "~rebuild") == {}
 
 
+@pytest.mark.parametrize("memory_limit", [IN_MEMORY, SPILLED], ids=["in_memory", "spilled"])
 async def test_a_rebuild_with_no_live_runner_projects_up_to_the_head(
-    store: EventStore,
+    store: EventStore, memory_limit: int,
 ) -> None:
     projection = accounts()
     await deposit(store, "alice", 1, 2, 3)
@@ -244,10 +256,58 @@ async def test_a_rebuild_with_no_live_runner_projects_up_to_the_head(
         uow.delete_document(ACCOUNTS, "alice")
 
     seen: list[tuple[int, int]] = []
-    report = await rebuild(store, projection, progress=lambda at, head: seen.append((at, head)))
+    report = await rebuild(store, projection, batch_size=2, memory_limit=memory_limit,
+                           progress=lambda at, head: seen.append((at, head)))
 
     head = await store.last_position()
     assert (report.position, report.events) == (head, 4)
     assert seen[-1] == (head, head)
     assert await store.get_checkpoint(projection.checkpoint) == head
     assert await documents(store) == {"alice": {"balance": 10, "deposits": 4}}
+
+
+@pytest.mark.parametrize("memory_limit", [IN_MEMORY, SPILLED], ids=["in_memory", "spilled"])
+async def test_a_rebuild_removes_documents_no_event_makes_and_spills_past_its_limit(
+    store: EventStore, memory_limit: int,
+) -> None:
+    projection = accounts()
+    for n in range(6):
+        await deposit(store, f"acc-{n}", n + 1)
+    await catch_up(store, projection)
+    async with store.transaction() as uow:  # a document no event accounts for
+        uow.put_document(ACCOUNTS, "ghost", {"balance": 7, "deposits": 1})
+    writes: list[int] = []
+    commit = store.commit
+
+    async def counted(operations: Sequence[Operation]) -> list[RecordedEvent]:
+        writes.append(sum(isinstance(op, PutDocument) for op in operations))
+        return await commit(operations)
+
+    store.commit = counted  # type: ignore[method-assign]
+    try:
+        await rebuild(store, projection, batch_size=2, memory_limit=memory_limit)
+    finally:
+        store.commit = commit  # type: ignore[method-assign]
+
+    assert await documents(store) == await from_scratch(store, projection)
+    assert "ghost" not in await documents(store)
+    assert await documents(store, ACCOUNTS + "~rebuild") == {}
+    if memory_limit == IN_MEMORY:  # every document written once, by the swap
+        assert [w for w in writes if w] == [6]
+    else:  # written batch by batch into the shadow, the swap only moves them
+        assert len([w for w in writes if w]) > 1
+
+
+async def test_a_rebuild_that_fails_leaves_the_live_documents_and_the_collector_as_they_were(
+    store: EventStore,
+) -> None:
+    await deposit(store, "alice", 10)
+    await catch_up(store, accounts())
+    await deposit(store, "alice", *range(1, 30), 666)
+    before = await documents(store)
+
+    with pytest.raises(RuntimeError, match="cannot be projected"):
+        await rebuild(store, accounts(fail_on=666), batch_size=4)
+
+    assert await documents(store) == before
+    assert gc.get_freeze_count() == 0  # the rebuild's documents are collectable again

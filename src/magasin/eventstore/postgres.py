@@ -33,7 +33,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from magasin.eventstore.rows import dumps
+from magasin.eventstore.rows import StoredEvent, dumps
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
@@ -62,10 +62,11 @@ from magasin.shared.messages import JsonDict, RecordedEvent
 
 _DDL: Final = files("magasin.eventstore").joinpath("sql/postgres.sql").read_text("utf-8")
 
-# In RecordedEvent field order: a row converts with RecordedEvent(*row), the cheapest way.
+# In StoredEvent's argument order: a row converts with StoredEvent(*row), the cheapest way.
+# The JSON columns come as text, decoded only if a reader looks at them (see StoredEvent).
 _COLUMNS: Final = (
     "event_id, type, schema_version, stream_id, stream_version, global_position, "
-    "occurred_at, correlation_id, causation_id, traceparent, metadata, payload"
+    "occurred_at, correlation_id, causation_id, traceparent, metadata::text, payload::text"
 )
 _SELECT_EVENTS: Final = f"SELECT {_COLUMNS} FROM events"
 _POSITION: Final = 5
@@ -632,7 +633,7 @@ class PostgresEventStore(EventStore):
             f"{_SELECT_EVENTS} WHERE event_id = ANY($1::text[]) ORDER BY global_position", ids
         )
         if len(rows) == len(set(ids)) and all(r[_STREAM] == op.stream_id for r in rows):
-            return [RecordedEvent(*r) for r in rows]
+            return [StoredEvent(*r) for r in rows]
         raise DuplicateEventError(
             f"append to {op.stream_id!r} mixes stored and new event ids, or repeats one"
         )
@@ -732,7 +733,7 @@ class PostgresEventStore(EventStore):
             params.append(until)
             sql += f" AND occurred_at <= ${len(params)}"
         rows = await self._fetch(sql + " ORDER BY stream_version", *params)
-        return [RecordedEvent(*r) for r in rows]
+        return [StoredEvent(*r) for r in rows]
 
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         rows = await self._fetch(_READ_ALL, after, limit)
@@ -747,7 +748,7 @@ class PostgresEventStore(EventStore):
                     if first_sight and horizon is not None:
                         self._note_later_holes(rows[index:], horizon)
                     break
-            events.append(RecordedEvent(*row[:-1]))
+            events.append(StoredEvent(*row[:-1]))
             expected = position + 1
         if self._holes and events:
             for hole in [p for p in self._holes if after < p < expected]:
@@ -800,13 +801,13 @@ class PostgresEventStore(EventStore):
         if where.until is not None:
             sql += f" AND occurred_at <= {arg(where.until)}"
         rows = await self._fetch(f"{sql} ORDER BY global_position LIMIT {arg(limit)}", *params)
-        return [RecordedEvent(*r) for r in rows]
+        return [StoredEvent(*r) for r in rows]
 
     async def read_event(self, event_id: str) -> RecordedEvent:
         rows = await self._fetch(f"{_SELECT_EVENTS} WHERE event_id = $1", event_id)
         if not rows:
             raise NotFound(f"no event {event_id}")
-        return RecordedEvent(*rows[0])
+        return StoredEvent(*rows[0])
 
     async def stream_version(self, stream_id: str) -> int:
         version = await self._fetchval(
@@ -926,7 +927,7 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
             raise
         self._pool, self._conn, self._tx = pool, conn, tx
         self._positions = [r[_POSITION] for r in rows]
-        return [RecordedEvent(*r) for r in rows]
+        return [StoredEvent(*r) for r in rows]
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:

@@ -25,6 +25,12 @@ _PENDING, _PAID, _RESERVED, _FULFILLED, _COMPLETED, _CANCELLING, _CANCELLED = (
 )
 _TERMINAL = (_COMPLETED, _CANCELLED)
 _HAPPY = [s.value for s in HAPPY_PATH]
+_HAPPY_STEP = {status: step for step, status in enumerate(_HAPPY)}
+_RECORDS = {
+    "PaymentRecorded": "payment_id", "ReservationRecorded": "reservation_id",
+    "FulfilmentRecorded": "order_id", "CompensationStarted": "reason",
+}
+"""The document field each of these facts records (under the same name in its payload)."""
 
 
 def _status(doc: dict[str, Any]) -> str:
@@ -46,6 +52,7 @@ def new_document(event: RecordedEvent) -> dict[str, Any]:
     """The document of a sale as TransactionCreated records it (also the POST response)."""
     p = event.payload
     at = event.occurred_at.isoformat()
+    version = event.stream_version
     return {
         "transaction_id": p["transaction_id"], "store_id": p["store_id"],
         "customer_id": p["customer_id"],
@@ -55,12 +62,10 @@ def new_document(event: RecordedEvent) -> dict[str, Any]:
             for li in p["lines"]
         ],
         "total": p["total"], "currency": p["currency"], "payment_method": p["payment_method"],
-        "callback_url": p.get("callback_url"), "status": Status.PENDING.value, "reason": None,
+        "callback_url": p.get("callback_url"), "status": _PENDING, "reason": None,
         "payment_id": None, "reservation_id": None, "order_id": None,
-        "created_at": at, "updated_at": at, "version": event.stream_version,
-        "history": [
-            {"status": Status.PENDING.value, "at": at, "version": event.stream_version}
-        ],
+        "created_at": at, "updated_at": at, "version": version,
+        "history": [{"status": _PENDING, "at": at, "version": version}],
     }
 
 
@@ -71,43 +76,40 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         tid = event.payload["transaction_id"]
         if await unit.get_document(TRANSACTIONS, tid) is None:
             unit.put_document(TRANSACTIONS, tid, new_document(event))
-            _wake(unit, tid)
+            if feed is not None:
+                _wake(unit, tid)
 
     async def fact(event: RecordedEvent, unit: ProjectionUnit) -> None:
-        tid = event.payload["transaction_id"]
+        p = event.payload
+        tid = p["transaction_id"]
         doc = await unit.get_document(TRANSACTIONS, tid)
-        if doc is None or doc["version"] >= event.stream_version:
+        version = event.stream_version
+        if doc is None or doc["version"] >= version:
             return  # its creation is not projected (cannot happen in one log) or a replay
         before = doc["status"]
-        p = event.payload
-        match event.type:
-            case "PaymentRecorded":
-                doc["payment_id"] = p["payment_id"]
-            case "ReservationRecorded":
-                doc["reservation_id"] = p["reservation_id"]
-            case "FulfilmentRecorded":
-                doc["order_id"] = p["order_id"]
-            case "CompensationStarted":
-                doc["reason"] = p["reason"]
-            case "TransactionCompleted":
-                doc["status"] = _COMPLETED
-            case "TransactionCancelled":
-                doc["status"] = _CANCELLED
+        kind = event.type
+        recorded = _RECORDS.get(kind)
+        if recorded is not None:
+            doc[recorded] = p[recorded]
+        elif kind == "TransactionCompleted":
+            doc["status"] = _COMPLETED
+        elif kind == "TransactionCancelled":
+            doc["status"] = _CANCELLED
         after = _status(doc)
         at = event.occurred_at.isoformat()
         if after != before:
             history: list[dict[str, Any]] = doc["history"]
-            passed: list[str] = []
-            if before in _HAPPY and after in _HAPPY:
-                # Facts can arrive out of order (a reservation reported before the
-                # payment): each step of the happy path needs the one before it.
-                passed += _HAPPY[_HAPPY.index(before) + 1:_HAPPY.index(after)]
+            # Facts can arrive out of order (a reservation reported before the payment):
+            # each step of the happy path needs the one before it.
+            first, last = _HAPPY_STEP.get(before), _HAPPY_STEP.get(after)
+            passed = _HAPPY[first + 1:last] if first is not None and last is not None else []
             for status in (*passed, after):
                 if history[-1]["status"] != status:
-                    history.append({"status": status, "at": at, "version": event.stream_version})
-        doc.update(status=after, version=event.stream_version, updated_at=at)
+                    history.append({"status": status, "at": at, "version": version})
+        doc["status"], doc["version"], doc["updated_at"] = after, version, at
         unit.put_document(TRANSACTIONS, tid, doc)
-        _wake(unit, tid)
+        if feed is not None:
+            _wake(unit, tid)
 
     def _wake(unit: ProjectionUnit, tid: str) -> None:
         if feed is not None:
