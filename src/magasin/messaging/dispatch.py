@@ -123,9 +123,7 @@ async def deliver_batch(
     caller delivers them one by one to learn which, with the usual outcome for each."""
     started = time.perf_counter()
     try:
-        events = [schemas.upcast(event) for event in events]
-        for event in events:
-            schemas.validate(event)
+        events = _checked(schemas, events)
         for attempt in range(1, BATCH_CONFLICT_RETRIES + 1):
             try:
                 await _handle_together(store, consumer, handlers, events, extra)
@@ -139,11 +137,23 @@ async def deliver_batch(
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
     except Exception:
         return False
+    _count_handled(consumer, events, started)
+    return True
+
+
+def _checked(schemas: EventSchemas, events: Sequence[RecordedEvent]) -> list[RecordedEvent]:
+    """Events upcast to their current schema and validated (MalformedMessage otherwise)."""
+    current = [schemas.upcast(event) for event in events]
+    for event in current:
+        schemas.validate(event)
+    return current
+
+
+def _count_handled(consumer: str, events: Sequence[RecordedEvent], started: float) -> None:
     # Each event is charged its share of the batch: the histogram stays per delivery.
     share = (time.perf_counter() - started) / max(len(events), 1)
     for event in events:
         metrics.consumed(consumer, event.type, "handled", share)
-    return True
 
 
 async def deliver_concurrently(
@@ -170,9 +180,7 @@ async def deliver_concurrently(
             return uow
 
     try:
-        events = [schemas.upcast(event) for event in events]
-        for event in events:
-            schemas.validate(event)
+        events = _checked(schemas, events)
         # Every handler has finished before the caller falls back to one by one.
         units = await asyncio.gather(*(handle(event) for event in events),
                                      return_exceptions=True)
@@ -186,9 +194,7 @@ async def deliver_concurrently(
             extra(together)
     except Exception:
         return False
-    share = (time.perf_counter() - started) / max(len(events), 1)
-    for event in events:
-        metrics.consumed(consumer, event.type, "handled", share)
+    _count_handled(consumer, events, started)
     return True
 
 
