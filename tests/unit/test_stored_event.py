@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from magasin.eventstore.rows import StoredEvent
+from magasin.eventstore.rows import StoredEvent, collector_paused
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.shared.clock import to_micros
 from magasin.shared.errors import StorageError
@@ -124,3 +125,27 @@ async def test_validation_reads_a_lazy_payload(tmp_path: Path) -> None:
 
         assert isinstance(event, StoredEvent)
         assert SCHEMAS.validate(event).transaction_id == "t-1"
+
+
+async def test_reading_pages_leaves_the_garbage_collector_as_it_found_it(
+    tmp_path: Path,
+) -> None:
+    async with SqliteEventStore(tmp_path / "log.db") as store:
+        await store.append("cart-1", [NewEvent("A", {"n": i}) for i in range(3)])
+
+        assert len(await store.read_all()) == 3
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assert len(await store.read_stream("cart-1")) == 3
+            assert not gc.isenabled()  # paused by someone else: not ours to resume
+        finally:
+            gc.enable()
+
+
+def test_the_collector_resumes_when_converting_a_page_fails() -> None:
+    with pytest.raises(ValueError, match="cannot convert"), collector_paused():
+        assert not gc.isenabled()
+        raise ValueError("a row that cannot convert")
+
+    assert gc.isenabled()

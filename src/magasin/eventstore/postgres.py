@@ -33,7 +33,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from magasin.eventstore.rows import StoredEvent, dumps
+from magasin.eventstore.rows import StoredEvent, collector_paused, dumps
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
@@ -733,10 +733,29 @@ class PostgresEventStore(EventStore):
             params.append(until)
             sql += f" AND occurred_at <= ${len(params)}"
         rows = await self._fetch(sql + " ORDER BY stream_version", *params)
-        return [StoredEvent(*r) for r in rows]
+        with collector_paused():
+            return [StoredEvent(*r) for r in rows]
 
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         rows = await self._fetch(_READ_ALL, after, limit)
+        events: list[RecordedEvent]
+        if rows and rows[-1][_POSITION] - after == len(rows):
+            # Positions are distinct and ascending: n rows ending at after + n leave no hole.
+            with collector_paused():
+                events = [StoredEvent(*row[:-1]) for row in rows]
+            expected = rows[-1][_POSITION] + 1
+        else:
+            events, expected = await self._up_to_a_hole(rows, after)
+        if self._holes and events:
+            for hole in [p for p in self._holes if after < p < expected]:
+                del self._holes[hole]
+        return events
+
+    async def _up_to_a_hole(
+        self, rows: Sequence[Any], after: int
+    ) -> tuple[list[RecordedEvent], int]:
+        """The envelopes of `rows` up to the first hole that may still fill, and the
+        position after the last one returned."""
         events: list[RecordedEvent] = []
         expected = after + 1
         for index, row in enumerate(rows):
@@ -750,10 +769,7 @@ class PostgresEventStore(EventStore):
                     break
             events.append(StoredEvent(*row[:-1]))
             expected = position + 1
-        if self._holes and events:
-            for hole in [p for p in self._holes if after < p < expected]:
-                del self._holes[hole]
-        return events
+        return events, expected
 
     async def _hole_is_permanent(self, position: int, xmin: int) -> bool:
         """Whether the hole starting at `position`, missing from a snapshot whose xmin is
@@ -801,7 +817,8 @@ class PostgresEventStore(EventStore):
         if where.until is not None:
             sql += f" AND occurred_at <= {arg(where.until)}"
         rows = await self._fetch(f"{sql} ORDER BY global_position LIMIT {arg(limit)}", *params)
-        return [StoredEvent(*r) for r in rows]
+        with collector_paused():
+            return [StoredEvent(*r) for r in rows]
 
     async def read_event(self, event_id: str) -> RecordedEvent:
         rows = await self._fetch(f"{_SELECT_EVENTS} WHERE event_id = $1", event_id)
