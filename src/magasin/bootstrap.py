@@ -101,8 +101,7 @@ class Runtime:
         # Projections tail this process's own log in both modes (in distributed mode each
         # service's PostgreSQL schema holds its own events) through one shared window of
         # the log (embedded, the bus's), so each event is read once, not once per projection.
-        window = LogWindow(store, size=2000)
-        read = bus.read_log if isinstance(bus, InProcessBus) else window.read
+        read = bus.read_log if isinstance(bus, InProcessBus) else LogWindow(store, 2000).read
         self.projections = ProjectionRunner(
             store, [p for s in services for p in s.projections], read=read
         )

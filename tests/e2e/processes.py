@@ -5,12 +5,15 @@ namespace, which can be killed, restarted and torn down again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -185,6 +188,48 @@ class Cluster:
         return "\n".join(
             f"----- {p.name} ({p.log_path}) -----\n{p.tail(lines)}" for p in self.processes
         )
+
+
+@contextlib.contextmanager
+def running_cluster(
+    pg_database: str,
+    amqp_url: str,
+    workdir: Path,
+    *,
+    kind: str,
+    services: tuple[str, ...],
+    env: Mapping[str, str],
+    retry_attempts: int,
+    keep_logs: Path | None = None,
+) -> Iterator[Cluster]:
+    """`services`, one healthy process each, on a PostgreSQL database and a RabbitMQ
+    namespace of their own (named after `kind` and the test run), removed afterwards; with
+    `keep_logs`, the processes' logs are copied there and the database and queues kept."""
+    from tests.conftest import RUN_ID, run_sync
+
+    suffix = uuid.uuid4().hex[:8]
+    database = f"magasin_{kind}_{RUN_ID}_{suffix}"
+    namespace = f"magasin-{kind}-{RUN_ID}-{suffix}"
+    database_url = run_sync(create_database(pg_database, database))
+    running = Cluster({
+        **env, "MAGASIN_DATABASE_URL": database_url, "MAGASIN_DATABASE_SCHEMA": "",
+        "MAGASIN_AMQP_URL": amqp_url, "MAGASIN_AMQP_NAMESPACE": namespace,
+    }, workdir)
+    try:
+        for service in services:
+            running.spawn(service)
+        for process in running.processes:
+            process.wait_healthy()
+        yield running
+    finally:
+        running.stop()
+        if keep_logs is not None:
+            shutil.copytree(workdir, keep_logs / suffix)
+        else:
+            try:
+                run_sync(delete_topology(amqp_url, namespace, retry_attempts))
+            finally:
+                run_sync(drop_database(pg_database, database))
 
 
 async def create_database(server_url: str, name: str) -> str:

@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import RUN_ID, run_sync
 from tests.e2e.chaos import (
     Shelf,
     Shop,
@@ -35,10 +32,8 @@ from tests.e2e.processes import (
     SERVICES,
     Cluster,
     ServiceProcess,
-    create_database,
-    delete_topology,
-    drop_database,
     free_port,
+    running_cluster,
 )
 
 API_KEY = "chaos-key"
@@ -63,29 +58,13 @@ def environment(**settings: str) -> dict[str, str]:
 
 @pytest.fixture
 def cluster(pg_database: str, amqp_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    suffix = uuid.uuid4().hex[:8]
-    database = f"magasin_chaos_{RUN_ID}_{suffix}"
-    namespace = f"magasin-chaos-{RUN_ID}-{suffix}"
-    database_url = run_sync(create_database(pg_database, database))
-    running = Cluster(environment(
-        MAGASIN_DATABASE_URL=database_url, MAGASIN_AMQP_URL=amqp_url,
-        MAGASIN_AMQP_NAMESPACE=namespace,
-    ), tmp_path)
-    try:
-        for service in SERVICES:
-            running.spawn(service)
-        for process in running.processes:
-            process.wait_healthy()
+    keep = os.environ.get("MAGASIN_CHAOS_KEEP_LOGS")  # a directory, for debugging
+    with running_cluster(
+        pg_database, amqp_url, tmp_path, kind="chaos", services=SERVICES,
+        env=environment(), retry_attempts=RETRY_ATTEMPTS,
+        keep_logs=Path(keep) if keep else None,
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        if keep := os.environ.get("MAGASIN_CHAOS_KEEP_LOGS"):  # a directory, for debugging
-            shutil.copytree(tmp_path, Path(keep) / suffix)
-        if not keep:
-            try:
-                run_sync(delete_topology(amqp_url, namespace, RETRY_ATTEMPTS))
-            finally:
-                run_sync(drop_database(pg_database, database))
 
 
 async def crash(process: ServiceProcess) -> None:

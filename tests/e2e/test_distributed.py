@@ -16,15 +16,12 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import RUN_ID, run_sync
 from tests.e2e.conftest import eventually
 from tests.e2e.processes import (
     SERVICES,
     Cluster,
     consumer_count,
-    create_database,
-    delete_topology,
-    drop_database,
+    running_cluster,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
@@ -42,16 +39,8 @@ def cluster(
 ) -> Iterator[Cluster]:
     """The four services, one process each, on a database and a RabbitMQ namespace of
     their own (every service in its schema `magasin_<service>`), removed afterwards."""
-    suffix = uuid.uuid4().hex[:8]
-    database = f"magasin_e2e_{RUN_ID}_{suffix}"
-    namespace = f"magasin-e2e-{RUN_ID}-{suffix}"
-    database_url = run_sync(create_database(pg_database, database))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
     env.update(
-        MAGASIN_DATABASE_URL=database_url,
-        MAGASIN_DATABASE_SCHEMA="",
-        MAGASIN_AMQP_URL=amqp_url,
-        MAGASIN_AMQP_NAMESPACE=namespace,
         MAGASIN_API_KEYS=API_KEY,
         MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_BANK_DECLINE_RATE="0",
@@ -59,19 +48,11 @@ def cluster(
         MAGASIN_RETRY_INITIAL_DELAY="0.05",
         PYTHONUNBUFFERED="1",
     )
-    running = Cluster(env, tmp_path_factory.mktemp("distributed"))
-    try:
-        for service in (*SERVICES, "eventstore"):
-            running.spawn(service)
-        for process in running.processes:
-            process.wait_healthy()
+    with running_cluster(
+        pg_database, amqp_url, tmp_path_factory.mktemp("distributed"), kind="e2e",
+        services=(*SERVICES, "eventstore"), env=env, retry_attempts=RETRY_ATTEMPTS,
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        try:
-            run_sync(delete_topology(amqp_url, namespace, RETRY_ATTEMPTS))
-        finally:
-            run_sync(drop_database(pg_database, database))
 
 
 class Magasin:

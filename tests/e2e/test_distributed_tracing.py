@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,14 +18,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.conftest import RUN_ID, run_sync
 from tests.e2e.conftest import eventually
 from tests.e2e.processes import (
     SERVICES,
     Cluster,
-    create_database,
-    delete_topology,
-    drop_database,
+    running_cluster,
 )
 from tests.e2e.test_distributed import API_KEY, Magasin
 
@@ -99,33 +95,19 @@ def traced_cluster(
     pg_database: str, amqp_url: str, receiver: Receiver,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    suffix = uuid.uuid4().hex[:8]
-    database = f"magasin_trace_{RUN_ID}_{suffix}"
-    namespace = f"magasin-trace-{RUN_ID}-{suffix}"
-    database_url = run_sync(create_database(pg_database, database))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MAGASIN_", "OTEL_"))}
     env.update(
-        MAGASIN_DATABASE_URL=database_url, MAGASIN_DATABASE_SCHEMA="",
-        MAGASIN_AMQP_URL=amqp_url, MAGASIN_AMQP_NAMESPACE=namespace,
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_RETRY_ATTEMPTS=str(RETRY_ATTEMPTS), MAGASIN_RETRY_INITIAL_DELAY="0.05",
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100",
         PYTHONUNBUFFERED="1",
     )
-    running = Cluster(env, tmp_path_factory.mktemp("traced"))
-    try:
-        for service in (*SERVICES, "audit"):
-            running.spawn(service)
-        for process in running.processes:
-            process.wait_healthy()
+    with running_cluster(
+        pg_database, amqp_url, tmp_path_factory.mktemp("traced"), kind="trace",
+        services=(*SERVICES, "audit"), env=env, retry_attempts=RETRY_ATTEMPTS,
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        try:
-            run_sync(delete_topology(amqp_url, namespace, RETRY_ATTEMPTS))
-        finally:
-            run_sync(drop_database(pg_database, database))
 
 
 async def test_one_sale_is_one_trace_across_every_service(
