@@ -24,7 +24,7 @@ from tests.e2e.processes import (
     Cluster,
     running_cluster,
 )
-from tests.e2e.test_distributed import API_KEY, Magasin
+from tests.e2e.test_distributed import API_KEY, GATEWAY_LIMITS, Magasin
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 RETRY_ATTEMPTS = 3
@@ -106,6 +106,7 @@ def traced_cluster(
     with running_cluster(
         pg_database, amqp_url, tmp_path_factory.mktemp("traced"), kind="trace",
         services=(*SERVICES, "audit"), env=env, retry_attempts=RETRY_ATTEMPTS,
+        gateway=GATEWAY_LIMITS,
     ) as running:
         yield running
 
@@ -170,7 +171,7 @@ async def test_the_audit_process_chains_every_service_s_events_and_verifies(
 
         async def cancelled() -> list[dict[str, Any]] | None:
             trail: list[dict[str, Any]] = await magasin.ok(
-                "GET", "audit", f"/api/audit/trail/{sale['transaction_id']}")
+                "GET", f"/api/audit/trail/{sale['transaction_id']}")
             done = any(e["event_type"] == "TransactionCancelled" for e in trail)
             return trail if done else None
 
@@ -179,6 +180,6 @@ async def test_the_audit_process_chains_every_service_s_events_and_verifies(
         assert by_type["TransactionCreated"]["service"] == "transaction"
         assert by_type["PaymentFailed"]["service"] == "payment"
         assert by_type["PaymentFailed"]["scopes"] == ["PCI-DSS"]
-        report = await magasin.ok("GET", "audit", "/api/audit/verify")
+        report = await magasin.ok("GET", "/api/audit/verify")
         assert report["ok"] is True, report
         assert report["checked"] == report["head"] >= len(trail)
