@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +152,14 @@ class ServiceProcess:
 
 
 class Gateway:
-    """The real gateway (nginx, as `magasin cluster up` runs it) in front of a Cluster's
-    processes, on a free port, its files and access log under `directory`; re-rendered and
-    reloaded when the cluster gains or loses a process. `settings` sets its limits."""
+    """The real gateway (nginx, as `magasin cluster up` runs it) on a free port, its files
+    and access log under `directory`, in front of the processes `upstreams()` names (by
+    service); `reload()` re-renders for what it names then. `settings` sets its limits."""
 
-    def __init__(self, cluster: Cluster, directory: Path, settings: Settings) -> None:
-        self.cluster = cluster
+    def __init__(self, directory: Path, upstreams: Callable[[], Mapping[str, list[str]]],
+                 settings: Settings) -> None:
         self.directory = directory
+        self.upstreams = upstreams
         self.settings = settings
         self.port = free_port()
         self.popen: subprocess.Popen[bytes] | None = None
@@ -173,11 +174,8 @@ class Gateway:
         return self.directory / "access.log"
 
     def config(self) -> Path:
-        """Render for the cluster's live processes (a service without any: no upstream)."""
-        upstreams = {s: [f"127.0.0.1:{p.port}" for p in self.cluster.processes
-                         if p.service == s] for s in ALL_SERVICES}
-        return render.write(render.local(self.directory, self.port, upstreams, self.settings),
-                            self.directory)
+        local = render.local(self.directory, self.port, self.upstreams(), self.settings)
+        return render.write(local, self.directory)
 
     def start(self) -> None:
         conf = self.config()
@@ -235,10 +233,15 @@ class Cluster:
         """Start one more gateway in front of this cluster; `limits` override the default
         Settings (`gateway_rate_per_s=5`, say)."""
         directory = self.workdir / f"gateway-{len(self.gateways) + 1}"
-        gateway = Gateway(self, directory, Settings(**limits))
+        gateway = Gateway(directory, self.upstreams, Settings(**limits))
         gateway.start()
         self.gateways.append(gateway)
         return gateway
+
+    def upstreams(self) -> dict[str, list[str]]:
+        """The live processes' addresses by service (one without any: none)."""
+        return {s: [f"127.0.0.1:{p.port}" for p in self.processes if p.service == s]
+                for s in ALL_SERVICES}
 
     @property
     def gateway(self) -> Gateway:
