@@ -628,3 +628,120 @@ async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magas
     finals = [await magasin.final(sale["transaction_id"]) for sale in posted]
     assert {sale["status"] for sale in finals} == {"COMPLETED"}
     assert_every_step_reported(finals)
+
+
+# -- 4. the gateway: failover, streams, rate limits ---------------------------------------
+
+
+async def test_a_transaction_process_killed_behind_the_gateway_costs_no_sale(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """200 sales through the gateway while one of two transaction processes is killed
+    (`kill -9`): every sale ends; the only 5xx clients see are POSTs the gateway could not
+    finish, which the client retries with the same Idempotency-Key, and those retries do
+    not create a second sale."""
+    second = cluster.spawn("transaction")
+    await second.healthy()
+    victim = cluster.first("transaction")
+    store, stock, probe = await stock_up(magasin, "Bascule", {"A": 400, "B": 400})
+    answers: list[tuple[str, str, int, str | None]] = []
+
+    async def record(response: httpx.Response) -> None:
+        request = response.request
+        answers.append((request.method, request.url.path, response.status_code,
+                        request.headers.get("Idempotency-Key")))
+
+    posted: list[dict[str, Any]] = []
+    try:
+        async with httpx.AsyncClient(
+            headers={"X-API-Key": API_KEY}, timeout=30.0, event_hooks={"response": [record]},
+        ) as client:
+            watched = Magasin(cluster, client)
+            sales = iter(random_sales(list(stock), 200, seed=9))
+            killed = False
+
+            async def seller() -> None:
+                nonlocal killed
+                for items, method in sales:
+                    posted.append(await watched.sell(store, items, payment_method=method))
+                    await watched.final(posted[-1]["transaction_id"])
+                    if len(posted) >= 60 and not killed:
+                        killed = True
+                        victim.kill()
+
+            await asyncio.gather(*(seller() for _ in range(8)))
+        outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
+    finally:
+        cluster.retire(second)
+        victim.start()
+        await victim.healthy()
+
+    assert killed and outcomes["COMPLETED"] > 0
+    failures = [a for a in answers if a[2] >= 500]
+    assert all(method == "POST" and path == "/api/transactions" for method, path, _, _ in
+               failures), failures
+    for _, _, _, key in failures:  # each failed POST was retried until it was answered
+        assert any(a[3] == key and a[2] in (200, 201) for a in answers), key
+    assert len({s["transaction_id"] for s in posted}) == len(posted) == 200
+
+
+async def test_a_sale_s_status_streams_through_the_gateway_as_it_changes(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """The stream shows the payment while the sale provably cannot go further (its
+    inventory service is down), then the rest once the service is back."""
+    store, stock, _ = await stock_up(magasin, "En direct", {"A": 3})
+    (product,) = stock
+    inventory = cluster.first("inventory")
+    inventory.kill()
+    try:
+        sale = await magasin.sell(store, [(product, 1)])
+        async with magasin.client.stream(
+            "GET", f"{magasin.url}/api/transactions/{sale['transaction_id']}/events",
+        ) as stream:
+            seen: list[str] = []
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:])["status"])
+                if seen and seen[-1] == "PAYMENT_PROCESSED":
+                    break
+            assert seen == ["PENDING", "PAYMENT_PROCESSED"]
+            inventory.start()
+            await inventory.healthy()
+            async for line in lines:
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:])["status"])
+    finally:
+        if not inventory.alive:
+            inventory.start()
+            await inventory.healthy()
+
+    assert seen == SAGA_STEPS
+
+
+async def test_the_gateway_limits_each_api_key_to_its_rate(cluster: Cluster) -> None:
+    """A burst above the limit gets 429 in the services' error shape with Retry-After;
+    another key, under its limit, is never refused."""
+    limited = cluster.add_gateway(gateway_rate_per_s=1, gateway_burst=10)
+    other = f"{API_KEY}-other"
+    try:
+        async with httpx.AsyncClient(base_url=limited.url, timeout=30.0) as client:
+            async def get(key: str) -> httpx.Response:
+                return await client.get("/api/stores", params={"limit": "1"},
+                                        headers={"X-API-Key": key})
+
+            burst = await asyncio.gather(*(get(API_KEY) for _ in range(40)))
+            calm = await asyncio.gather(*(get(other) for _ in range(10)))
+    finally:
+        cluster.gateways.remove(limited)
+        limited.stop()
+
+    refused = [r for r in burst if r.status_code == 429]
+    assert refused and len(refused) < 40
+    assert {r.status_code for r in burst} == {200, 429}
+    for answer in refused:
+        assert answer.json()["error"] == "rate_limited"
+        assert int(answer.headers["Retry-After"]) >= 1
+    # The other key is unknown to the services (401) but never limited by the gateway.
+    assert {r.status_code for r in calm} == {401}
