@@ -7,11 +7,12 @@ Prints one JSON object:
 `sagas_per_s` is the most completed sagas per second over HTTP (POST /api/transactions,
 then the SSE stream of the sale until its terminal state) with many sales in flight;
 the latencies are POST-to-terminal, measured in a second run at half that rate. Each mode
-runs as real processes (`magasin up`; one `magasin serve` per service) on this machine.
+runs as real processes on this machine: `magasin up`; `magasin cluster up` (every service,
+one process each, behind the gateway, which the client calls).
 `raw_http_sagas_per_s` is the same client's rate against an app that answers the same two
 calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts on a saga.
 
-    python bench/saga.py [--seconds 10] [--concurrency 64] [--only embedded|distributed]
+    python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
 """
 
 from __future__ import annotations
@@ -33,13 +34,11 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import asyncpg
 import httpx
+from cluster_up import cluster_up
 
 KEY = "bench-key"
-PG_URL = os.environ.get("MAGASIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("MAGASIN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-SERVICES = ("store", "inventory", "payment", "transaction")
 
 
 def free_port() -> int:
@@ -218,52 +217,12 @@ async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
 
 async def distributed(tmp: Path, seconds: float, concurrency: int,
                       products_n: int) -> dict[str, float]:
-    database = f"magasin_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    namespace = f"bench-{uuid.uuid4().hex[:8]}"
-    ports = {s: free_port() for s in SERVICES}
-    urls = {s: f"http://127.0.0.1:{p}" for s, p in ports.items()}
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for service in SERVICES:
-                env = base_env(
-                    MAGASIN_DATABASE_URL=PG_URL.rsplit("/", 1)[0] + f"/{database}",
-                    MAGASIN_AMQP_URL=AMQP_URL, MAGASIN_AMQP_NAMESPACE=namespace,
-                    MAGASIN_HTTP_PORT=str(ports[service]),
-                )
-                await stack.enter_async_context(
-                    process(["serve", service], env, tmp / f"{service}.log"))
-            for url in urls.values():
-                await healthy(url)
-            store_id, products = await seed(urls["store"], urls["inventory"], urls["transaction"],
-                                            products_n)
-            return await measure(urls["transaction"], store_id, products, seconds, concurrency)
-    finally:
-        await delete_namespace(namespace)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
-
-
-async def delete_namespace(namespace: str) -> None:
-    """Delete every queue and exchange named `<namespace>.…` (the services' consumers change
-    as magasin grows, so the names are read from the broker rather than listed here)."""
-    listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await listing.communicate()
-    queues = [q for q in out.decode().split() if q.startswith(f"{namespace}.")]
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        for name in queues:
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(name)
-        for exchange in ("events", "dlx"):
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(f"{namespace}.{exchange}")
+    """The whole deployment as `magasin cluster up` runs it (every service, one process
+    each, behind the gateway), measured through the gateway's one URL."""
+    async with cluster_up(tmp, KEY, MAGASIN_BANK_LATENCY_MS="0") as deployment:
+        url = deployment.url
+        store_id, products = await seed(url, url, url, products_n)
+        return await measure(url, store_id, products, seconds, concurrency)
 
 
 async def raw_broker_roundtrip(seconds: float, window: int = 64) -> float:
@@ -301,7 +260,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--concurrency", type=int, default=64, help="sagas in flight")
-    parser.add_argument("--only", choices=["embedded", "distributed"])
+    parser.add_argument("--only", "--mode", dest="only", choices=["embedded", "distributed"])
     parser.add_argument("--products", type=int, default=5,
                         help="products sold (one per sale, in turn): few means hot stock items")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from magasin import __version__
 from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, embedded_store
+from magasin.cli_cluster import cluster_app, gateway_app
 from magasin.cli_deadletters import app as dead_letters_app
 from magasin.config import Settings
 from magasin.demo import drive, seed_if_empty
@@ -31,6 +32,8 @@ events_app = typer.Typer(help="Read and write the event log.", no_args_is_help=T
 app.add_typer(events_app, name="events")
 app.add_typer(projections_app, name="projections")
 app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(gateway_app, name="gateway")
 console = Console()
 
 Distributed = Annotated[

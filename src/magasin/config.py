@@ -79,6 +79,22 @@ class Settings(BaseSettings):
         "", description="Comma-separated API keys that may also run admin operations."
     )
 
+    gateway_rate_per_s: int = Field(
+        1000, ge=1, description="Gateway: requests per second allowed per API key."
+    )
+    gateway_burst: int = Field(
+        2000, ge=0, description="Gateway: requests per API key allowed above the rate at once."
+    )
+    gateway_max_body: str = Field(
+        "1m", pattern=r"^[0-9]+[kKmM]?$", description="Gateway: largest request body (nginx size)."
+    )
+    gateway_timeout_s: int = Field(
+        30, ge=1, description="Gateway: seconds a service may take to answer (then 504)."
+    )
+    gateway_stream_timeout_s: int = Field(
+        3600, ge=1, description="Gateway: seconds a Server-Sent Events stream may stay quiet."
+    )
+
     snapshot_every: int = Field(
         100, ge=0, description="Snapshot an aggregate every N events; 0 = no snapshots."
     )

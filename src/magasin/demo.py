@@ -30,8 +30,17 @@ PRODUCTS = (
 )
 
 
+def initial_stock(store_count: int, product_skus: list[str]) -> list[list[int]]:
+    """The demo's opening quantity of each product (in `product_skus` order) in each store:
+    the same whichever way the demo is seeded."""
+    rng = random.Random(7)
+    return [[5 if sku == "TV-008" else rng.randint(150, 400) for sku in product_skus]
+            for _ in range(store_count)]
+
+
 async def seed_if_empty(store: EventStore, currency: str, timeout: float = 30.0) -> bool:
-    """Register the demo stores, catalog and stock unless some store exists already."""
+    """Register the demo stores, catalog and stock unless some store exists already (one
+    store holding every service's data: embedded mode)."""
     from magasin.inventory.commands import restock
     from magasin.stores.commands import add_product, register_store
 
@@ -41,11 +50,10 @@ async def seed_if_empty(store: EventStore, currency: str, timeout: float = 30.0)
               for name, district, address in STORES]
     products = [await add_product(store, sku, name, price, currency)
                 for sku, name, price in PRODUCTS]
-    rng = random.Random(7)
+    stock = initial_stock(len(stores), [p["sku"] for p in products])
     deadline = time.monotonic() + timeout
-    for s in stores:
-        for p in products:
-            quantity = 5 if p["sku"] == "TV-008" else rng.randint(150, 400)
+    for s, quantities in zip(stores, stock, strict=True):
+        for p, quantity in zip(products, quantities, strict=True):
             while True:  # inventory learns of new stores and products through events
                 try:
                     await restock(store, s["store_id"], p["product_id"], quantity, "initial stock")
@@ -55,6 +63,34 @@ async def seed_if_empty(store: EventStore, currency: str, timeout: float = 30.0)
                         raise
                     await asyncio.sleep(0.05)
     return True
+
+
+async def seed_over_http(client: httpx.AsyncClient, currency: str, timeout: float = 60.0) -> None:
+    """Register the demo stores, catalog and stock through the API (distributed mode, where
+    each service keeps its own data): `client` has the base URL and the API key."""
+
+    async def ok(method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer = (await client.request(method, path, json=body)).raise_for_status()
+        doc: dict[str, Any] = answer.json()
+        return doc
+
+    stores = [await ok("POST", "/api/stores",
+                       {"name": name, "district": district, "address": address})
+              for name, district, address in STORES]
+    products = [await ok("POST", "/api/products", {"sku": sku, "name": name,
+                                                    "unit_price": price, "currency": currency})
+                for sku, name, price in PRODUCTS]
+    stock = initial_stock(len(stores), [p["sku"] for p in products])
+    deadline = time.monotonic() + timeout
+    for s, quantities in zip(stores, stock, strict=True):
+        for p, quantity in zip(products, quantities, strict=True):
+            path = f"/api/stock/{s['store_id']}/{p['product_id']}/restock"
+            # 404 until the inventory service has the store and the product from events.
+            body = {"quantity": quantity, "reason": "initial stock"}
+            while (answer := await client.post(path, json=body)
+                   ).status_code == 404 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            answer.raise_for_status()
 
 
 @dataclass
@@ -103,7 +139,8 @@ async def drive(url: str, api_key: str, count: int, concurrency: int, seed: int,
                 started = time.perf_counter()
                 stats.started += 1
                 created = (await client.post("/api/transactions", json=body)).raise_for_status()
-                final = await _follow(client, created.json()["transaction_id"])
+                sale = created.json()
+                final = await _follow(client, sale["transaction_id"], sale["version"])
                 stats.latencies.append(time.perf_counter() - started)
                 reason = final.get("reason") or ""
                 label = final["status"] + (f" ({reason})" if reason else "")
@@ -135,10 +172,14 @@ def _sale(rng: random.Random, i: int, store_ids: list[str], catalog: list[dict[s
             "items": items, "payment_method": method}
 
 
-async def _follow(client: httpx.AsyncClient, transaction_id: str) -> dict[str, Any]:
+async def _follow(client: httpx.AsyncClient, transaction_id: str,
+                  version: int) -> dict[str, Any]:
+    # min_version: read our own write even while the read model is behind it (distributed
+    # mode's projection may not have the sale yet when the POST answers).
+    params = {"min_version": str(version)}
     while True:
         doc: dict[str, Any] = (
-            await client.get(f"/api/transactions/{transaction_id}")
+            await client.get(f"/api/transactions/{transaction_id}", params=params)
         ).raise_for_status().json()
         if doc["status"] in ("COMPLETED", "CANCELLED"):
             return doc

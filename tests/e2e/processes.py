@@ -13,10 +13,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from magasin.config import Settings
+from magasin.gateway import nginx, render
+from magasin.gateway.routes import SERVICES as ALL_SERVICES
 
 SERVICES = ("store", "inventory", "payment", "transaction")
 OPTIONAL_SERVICES = ("audit", "eventstore")
@@ -146,13 +151,102 @@ class ServiceProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class Gateway:
+    """The real gateway (nginx, as `magasin cluster up` runs it) on a free port, its files
+    and access log under `directory`, in front of the processes `upstreams()` names (by
+    service); `reload()` re-renders for what it names then. `settings` sets its limits."""
+
+    def __init__(self, directory: Path, upstreams: Callable[[], Mapping[str, list[str]]],
+                 settings: Settings) -> None:
+        self.directory = directory
+        self.upstreams = upstreams
+        self.settings = settings
+        self.port = free_port()
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.log_path = directory / "nginx.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.directory / "access.log"
+
+    def config(self) -> Path:
+        local = render.local(self.directory, self.port, self.upstreams(), self.settings)
+        return render.write(local, self.directory)
+
+    def start(self) -> None:
+        conf = self.config()
+        nginx.check(conf)
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                nginx.command(conf), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+        while True:  # listening once a connection is accepted
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.popen.returncode}:\n{self.tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=1
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nginx not listening in {HEALTH_TIMEOUT}s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def reload(self) -> None:
+        """New configuration, no dropped request: nginx's SIGHUP (new workers take over)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.config()
+            self.popen.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)  # nginx: fast shutdown
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no output)"
+
+
 class Cluster:
-    """The processes of one distributed magasin, all sharing `env`."""
+    """The processes of one distributed magasin, all sharing `env`, and the gateways in
+    front of them."""
 
     def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
         self.env = dict(env)
         self.workdir = workdir
         self.processes: list[ServiceProcess] = []
+        self.gateways: list[Gateway] = []
+
+    def add_gateway(self, **limits: Any) -> Gateway:
+        """Start one more gateway in front of this cluster; `limits` override the default
+        Settings (`gateway_rate_per_s=5`, say)."""
+        directory = self.workdir / f"gateway-{len(self.gateways) + 1}"
+        gateway = Gateway(directory, self.upstreams, Settings(**limits))
+        gateway.start()
+        self.gateways.append(gateway)
+        return gateway
+
+    def upstreams(self) -> dict[str, list[str]]:
+        """The live processes' addresses by service (one without any: none)."""
+        return {s: [f"127.0.0.1:{p.port}" for p in self.processes if p.service == s]
+                for s in ALL_SERVICES}
+
+    @property
+    def gateway(self) -> Gateway:
+        """The first gateway: the one URL the tests' client uses."""
+        return self.gateways[0]
 
     def spawn(self, service: str) -> ServiceProcess:
         """Start one more process of `service` on a free port (wait with `healthy()`)."""
@@ -163,6 +257,8 @@ class Cluster:
         process = ServiceProcess(service, free_port(), self.env, log_path, self.workdir)
         self.processes.append(process)
         process.start()
+        for gateway in self.gateways:
+            gateway.reload()
         return process
 
     def first(self, service: str) -> ServiceProcess:
@@ -174,10 +270,14 @@ class Cluster:
 
     def retire(self, process: ServiceProcess) -> None:
         """Stop one process gracefully and forget it."""
-        process.terminate()
         self.processes.remove(process)
+        for gateway in self.gateways:
+            gateway.reload()
+        process.terminate()
 
     def stop(self) -> None:
+        for gateway in self.gateways:
+            gateway.stop()
         for process in self.processes:
             if process.alive and process.popen is not None:
                 process.popen.send_signal(signal.SIGTERM)
@@ -186,7 +286,8 @@ class Cluster:
 
     def logs(self, lines: int = 60) -> str:
         return "\n".join(
-            f"----- {p.name} ({p.log_path}) -----\n{p.tail(lines)}" for p in self.processes
+            [f"----- {p.name} ({p.log_path}) -----\n{p.tail(lines)}" for p in self.processes]
+            + [f"----- gateway ({g.log_path}) -----\n{g.tail(lines)}" for g in self.gateways]
         )
 
 
@@ -201,10 +302,13 @@ def running_cluster(
     env: Mapping[str, str],
     retry_attempts: int,
     keep_logs: Path | None = None,
+    gateway: Mapping[str, Any] | None = None,
 ) -> Iterator[Cluster]:
     """`services`, one healthy process each, on a PostgreSQL database and a RabbitMQ
     namespace of their own (named after `kind` and the test run), removed afterwards; with
-    `keep_logs`, the processes' logs are copied there and the database and queues kept."""
+    `keep_logs`, the processes' logs are copied there and the database and queues kept;
+    with `gateway` (Settings overrides of its limits, may be empty), the real gateway in
+    front of them (`cluster.gateway.url`)."""
     from tests.conftest import RUN_ID, run_sync
 
     suffix = uuid.uuid4().hex[:8]
@@ -220,6 +324,8 @@ def running_cluster(
             running.spawn(service)
         for process in running.processes:
             process.wait_healthy()
+        if gateway is not None:
+            running.add_gateway(**gateway)
         yield running
     finally:
         running.stop()

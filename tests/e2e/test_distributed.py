@@ -30,6 +30,8 @@ API_KEY = "e2e-distributed-key"
 RETRY_ATTEMPTS = 3
 TERMINAL = {"COMPLETED", "CANCELLED"}
 SAGA_TIMEOUT = 60.0
+GATEWAY_LIMITS = {"gateway_rate_per_s": 100_000, "gateway_burst": 100_000}
+"""The tests poll hard (every 20 ms per sale in flight): no rate limit in their way."""
 SAGA_STEPS = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
 
 
@@ -37,8 +39,9 @@ SAGA_STEPS = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED",
 def cluster(
     pg_database: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """The four services, one process each, on a database and a RabbitMQ namespace of
-    their own (every service in its schema `magasin_<service>`), removed afterwards."""
+    """The four services and the event store, one process each, on a database and a RabbitMQ
+    namespace of their own (every service in its schema `magasin_<service>`), removed
+    afterwards, behind the real gateway (nginx) through which the tests make every call."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
     env.update(
         MAGASIN_API_KEYS=API_KEY,
@@ -51,35 +54,43 @@ def cluster(
     with running_cluster(
         pg_database, amqp_url, tmp_path_factory.mktemp("distributed"), kind="e2e",
         services=(*SERVICES, "eventstore"), env=env, retry_attempts=RETRY_ATTEMPTS,
+        gateway=GATEWAY_LIMITS,
     ) as running:
         yield running
 
 
+GATEWAY_GAVE_UP = {502, 503, 504}
+"""What the gateway answers when no process of a service did: a POST then may or may not
+have been recorded, and the client retries it with its Idempotency-Key."""
+
+
 class Magasin:
-    """An HTTP client of the distributed services with the steps a test needs."""
+    """An HTTP client of the distributed services, through their one gateway URL, with the
+    steps a test needs."""
 
     def __init__(self, cluster: Cluster, client: httpx.AsyncClient) -> None:
         self.cluster = cluster
         self.client = client
+        self.url = cluster.gateway.url
 
-    async def ok(self, method: str, service: str, path: str, **kw: Any) -> Any:
-        response = await self.client.request(method, self.cluster.url(service) + path, **kw)
-        assert response.status_code < 300, (service, path, response.status_code, response.text)
+    async def ok(self, method: str, path: str, **kw: Any) -> Any:
+        response = await self.client.request(method, self.url + path, **kw)
+        assert response.status_code < 300, (path, response.status_code, response.text)
         return response.json()
 
     async def open_store(self, name: str) -> str:
         body = {"name": name, "district": "Ville-Marie", "address": "1 rue X"}
-        store: str = (await self.ok("POST", "store", "/api/stores", json=body))["store_id"]
+        store: str = (await self.ok("POST", "/api/stores", json=body))["store_id"]
         return store
 
     async def add_product(self, sku: str, unit_price: int) -> str:
         body = {"sku": f"{sku}-{uuid.uuid4().hex[:6]}", "name": sku, "unit_price": unit_price,
                 "currency": "CAD"}
-        product: str = (await self.ok("POST", "store", "/api/products", json=body))["product_id"]
+        product: str = (await self.ok("POST", "/api/products", json=body))["product_id"]
         return product
 
     async def restock(self, store_id: str, product_id: str, quantity: int) -> None:
-        url = f"{self.cluster.url('inventory')}/api/stock/{store_id}/{product_id}/restock"
+        url = f"{self.url}/api/stock/{store_id}/{product_id}/restock"
 
         async def attempt() -> bool:  # 404 until inventory's replica knows store and product
             r = await self.client.post(url, json={"quantity": quantity})
@@ -92,14 +103,16 @@ class Magasin:
                    payment_method: str = "VISA") -> dict[str, Any]:
         body = {"store_id": store_id, "customer_id": "alice", "payment_method": payment_method,
                 "items": [{"product_id": p, "quantity": q} for p, q in items]}
-        url = f"{self.cluster.url('transaction')}/api/transactions"
+        url = f"{self.url}/api/transactions"
         key = {"Idempotency-Key": uuid.uuid4().hex}
 
         async def attempt() -> httpx.Response | None:
             try:
                 r = await self.client.post(url, json=body, headers=key)
             except httpx.TransportError:
-                return None  # the service is down or restarting: retry, same key
+                return None  # the connection broke: retry, same key
+            if r.status_code in GATEWAY_GAVE_UP:
+                return None  # no process of the service answered: retry, same key
             # The catalog replica may lag a bit behind the store service.
             return None if r.status_code == 422 and "unknown" in r.text else r
 
@@ -111,7 +124,7 @@ class Magasin:
 
     async def final(self, transaction_id: str) -> dict[str, Any]:
         async def done() -> dict[str, Any] | None:
-            url = f"{self.cluster.url('transaction')}/api/transactions/{transaction_id}"
+            url = f"{self.url}/api/transactions/{transaction_id}"
             response = await self.client.get(url)
             if response.status_code == 404:  # created, not projected into the read model yet
                 return None
@@ -124,18 +137,18 @@ class Magasin:
 
     async def stock(self, store_id: str, product_id: str) -> dict[str, Any]:
         line: dict[str, Any] = await self.ok(
-            "GET", "inventory", f"/api/stock/{store_id}/{product_id}"
+            "GET", f"/api/stock/{store_id}/{product_id}"
         )
         return line
 
-    async def read(self, service: str, path: str) -> dict[str, Any]:
+    async def read(self, path: str) -> dict[str, Any]:
         """A read-model document, once its projection has it (a 404 may be only lag)."""
 
         async def found() -> dict[str, Any] | None:
-            response = await self.client.get(self.cluster.url(service) + path)
+            response = await self.client.get(self.url + path)
             if response.status_code == 404:
                 return None
-            assert response.status_code == 200, (service, path, response.text)
+            assert response.status_code == 200, (path, response.text)
             doc: dict[str, Any] = response.json()
             return doc
 
@@ -143,9 +156,9 @@ class Magasin:
         return result
 
     async def payment(self, transaction_id: str) -> dict[str, Any]:
-        return await self.read("payment", f"/api/payments/{transaction_id}")
+        return await self.read(f"/api/payments/{transaction_id}")
 
-    async def every(self, service: str, path: str, **params: str) -> list[dict[str, Any]]:
+    async def every(self, path: str, **params: str) -> list[dict[str, Any]]:
         """Every item of a paged list endpoint."""
         items: list[dict[str, Any]] = []
         cursor: str | None = None
@@ -153,7 +166,7 @@ class Magasin:
             query: dict[str, str] = {**params, "limit": "200"}
             if cursor is not None:
                 query["cursor"] = cursor
-            page = await self.ok("GET", service, path, params=query)
+            page = await self.ok("GET", path, params=query)
             items += page["items"]
             cursor = page["next_cursor"]
             if cursor is None:
@@ -247,7 +260,7 @@ async def test_a_paid_sale_with_stock_completes_and_consumes_the_stock(
     assert final["status"] == "COMPLETED"
     payment = await magasin.payment(sale["transaction_id"])
     assert (payment["status"], payment["amount"]) == ("CAPTURED", sale["total"])
-    order = await magasin.read("store", f"/api/orders/{sale['transaction_id']}")
+    order = await magasin.read(f"/api/orders/{sale['transaction_id']}")
     assert order["status"] == "FULFILLED"
 
     async def committed() -> bool:
@@ -305,7 +318,7 @@ async def test_inventory_unavailable_refunds_then_cancels(
 async def test_a_closed_store_releases_the_stock_refunds_and_cancels(
     magasin: Magasin, shelf: dict[str, str], cluster: Cluster
 ) -> None:
-    await magasin.ok("POST", "store", f"/api/stores/{shelf['store']}/close",
+    await magasin.ok("POST", f"/api/stores/{shelf['store']}/close",
                      json={"reason": "flood"})
     sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 3)])
 
@@ -336,7 +349,7 @@ async def test_the_event_store_service_archives_every_event_of_a_saga(
 
     async def done() -> dict[str, Any] | None:  # min_version: read past any projection lag
         doc: dict[str, Any] = await magasin.ok(
-            "GET", "transaction", f"/api/transactions/{sale['transaction_id']}",
+            "GET", f"/api/transactions/{sale['transaction_id']}",
             params={"min_version": sale["version"]})
         return doc if doc["status"] in TERMINAL else None
 
@@ -345,7 +358,7 @@ async def test_the_event_store_service_archives_every_event_of_a_saga(
     async def archived() -> list[dict[str, Any]] | None:
         """The archive's events of the saga, once they are those the services recorded."""
         recorded = await event_types(cluster, sale["transaction_id"])
-        page = await magasin.ok("GET", "eventstore", "/api/events",
+        page = await magasin.ok("GET", "/api/events",
                                 params={"correlation_id": sale["transaction_id"]})
         got = Counter(e["type"] for e in page["items"])
         expected = Counter(t for types in recorded.values() for t in types)
@@ -358,10 +371,10 @@ async def test_the_event_store_service_archives_every_event_of_a_saga(
     kept = {(e["event_id"], e["stream_id"], e["stream_version"]) for e in events}
     assert {(r["event_id"], r["stream_id"], r["stream_version"]) for r in originals} <= kept
     replayed = await magasin.ok(
-        "POST", "eventstore", f"/api/replay/aggregate/transaction-{sale['transaction_id']}")
+        "POST", f"/api/replay/aggregate/transaction-{sale['transaction_id']}")
     assert (replayed["state"]["status"], replayed["version"]) == ("COMPLETED", final["version"])
     created = next(e for e in events if e["type"] == "TransactionCreated")
-    then = await magasin.ok("GET", "transaction", f"/api/transactions/{sale['transaction_id']}",
+    then = await magasin.ok("GET", f"/api/transactions/{sale['transaction_id']}",
                             params={"asOf": created["occurred_at"]})
     assert then["status"] == "PENDING"  # the transaction service replays its own log
 
@@ -408,7 +421,7 @@ async def wait_until_all_terminal(
         for product in products:
             line = await magasin.stock(store, product)
             assert min(line["on_hand"], line["reserved"], line["available"]) >= 0, line
-        sales = await magasin.every("transaction", "/api/transactions", store_id=store)
+        sales = await magasin.every("/api/transactions", store_id=store)
         if len(sales) == expected and all(s["status"] in TERMINAL for s in sales):
             return sales
         # A dead-lettered saga step never runs again by itself: no use waiting for it.
@@ -460,7 +473,7 @@ async def assert_books_balance(
 
     # Money: one payment per sale; captured - refunded = total of the completed sales.
     async def projected() -> list[dict[str, Any]] | None:  # the payments read model may lag
-        payments = await magasin.every("payment", "/api/payments", store_id=store)
+        payments = await magasin.every("/api/payments", store_id=store)
         cancelled = sum(s["status"] == "CANCELLED" and s["reason"] != "declined" for s in sales)
         refunds = sum(p["status"] == "REFUNDED" for p in payments)
         return payments if len(payments) >= len(sales) and refunds >= cancelled else None
@@ -468,7 +481,7 @@ async def assert_books_balance(
     try:
         payments = await eventually(projected, timeout=SAGA_TIMEOUT)
     except TimeoutError:
-        payments = await magasin.every("payment", "/api/payments", store_id=store)
+        payments = await magasin.every("/api/payments", store_id=store)
     by_sale = {p["transaction_id"]: p for p in payments}
     assert len(by_sale) == len(payments) == len(sales)
     for sale in sales:
@@ -563,7 +576,7 @@ async def test_a_service_killed_mid_flight_recovers_and_every_saga_ends(
     async def under_way() -> bool:
         if loop.time() - started > 5.0:
             return True
-        sales = await magasin.every("transaction", "/api/transactions", store_id=store)
+        sales = await magasin.every("/api/transactions", store_id=store)
         return sum(s["status"] != "PENDING" for s in sales) >= 15
 
     await eventually(under_way, timeout=SAGA_TIMEOUT)
@@ -589,7 +602,7 @@ async def test_a_refund_after_the_payment_service_restarted_finds_the_charge(
         sale = await magasin.sell(store, [(product, 2)])  # more than the stock
 
         async def charged() -> bool:
-            doc = await magasin.read("transaction", f"/api/transactions/{sale['transaction_id']}")
+            doc = await magasin.read(f"/api/transactions/{sale['transaction_id']}")
             return bool(doc["status"] == "PAYMENT_PROCESSED")
 
         await eventually(charged)
@@ -615,3 +628,120 @@ async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magas
     finals = [await magasin.final(sale["transaction_id"]) for sale in posted]
     assert {sale["status"] for sale in finals} == {"COMPLETED"}
     assert_every_step_reported(finals)
+
+
+# -- 4. the gateway: failover, streams, rate limits ---------------------------------------
+
+
+async def test_a_transaction_process_killed_behind_the_gateway_costs_no_sale(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """200 sales through the gateway while one of two transaction processes is killed
+    (`kill -9`): every sale ends; the only 5xx clients see are POSTs the gateway could not
+    finish, which the client retries with the same Idempotency-Key, and those retries do
+    not create a second sale."""
+    second = cluster.spawn("transaction")
+    await second.healthy()
+    victim = cluster.first("transaction")
+    store, stock, probe = await stock_up(magasin, "Bascule", {"A": 400, "B": 400})
+    answers: list[tuple[str, str, int, str | None]] = []
+
+    async def record(response: httpx.Response) -> None:
+        request = response.request
+        answers.append((request.method, request.url.path, response.status_code,
+                        request.headers.get("Idempotency-Key")))
+
+    posted: list[dict[str, Any]] = []
+    try:
+        async with httpx.AsyncClient(
+            headers={"X-API-Key": API_KEY}, timeout=30.0, event_hooks={"response": [record]},
+        ) as client:
+            watched = Magasin(cluster, client)
+            sales = iter(random_sales(list(stock), 200, seed=9))
+            killed = False
+
+            async def seller() -> None:
+                nonlocal killed
+                for items, method in sales:
+                    posted.append(await watched.sell(store, items, payment_method=method))
+                    await watched.final(posted[-1]["transaction_id"])
+                    if len(posted) >= 60 and not killed:
+                        killed = True
+                        victim.kill()
+
+            await asyncio.gather(*(seller() for _ in range(8)))
+        outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
+    finally:
+        cluster.retire(second)
+        victim.start()
+        await victim.healthy()
+
+    assert killed and outcomes["COMPLETED"] > 0
+    failures = [a for a in answers if a[2] >= 500]
+    assert all(method == "POST" and path == "/api/transactions" for method, path, _, _ in
+               failures), failures
+    for _, _, _, key in failures:  # each failed POST was retried until it was answered
+        assert any(a[3] == key and a[2] in (200, 201) for a in answers), key
+    assert len({s["transaction_id"] for s in posted}) == len(posted) == 200
+
+
+async def test_a_sale_s_status_streams_through_the_gateway_as_it_changes(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """The stream shows the payment while the sale provably cannot go further (its
+    inventory service is down), then the rest once the service is back."""
+    store, stock, _ = await stock_up(magasin, "En direct", {"A": 3})
+    (product,) = stock
+    inventory = cluster.first("inventory")
+    inventory.kill()
+    try:
+        sale = await magasin.sell(store, [(product, 1)])
+        async with magasin.client.stream(
+            "GET", f"{magasin.url}/api/transactions/{sale['transaction_id']}/events",
+        ) as stream:
+            seen: list[str] = []
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:])["status"])
+                if seen and seen[-1] == "PAYMENT_PROCESSED":
+                    break
+            assert seen == ["PENDING", "PAYMENT_PROCESSED"]
+            inventory.start()
+            await inventory.healthy()
+            async for line in lines:
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:])["status"])
+    finally:
+        if not inventory.alive:
+            inventory.start()
+            await inventory.healthy()
+
+    assert seen == SAGA_STEPS
+
+
+async def test_the_gateway_limits_each_api_key_to_its_rate(cluster: Cluster) -> None:
+    """A burst above the limit gets 429 in the services' error shape with Retry-After;
+    another key, under its limit, is never refused."""
+    limited = cluster.add_gateway(gateway_rate_per_s=1, gateway_burst=10)
+    other = f"{API_KEY}-other"
+    try:
+        async with httpx.AsyncClient(base_url=limited.url, timeout=30.0) as client:
+            async def get(key: str) -> httpx.Response:
+                return await client.get("/api/stores", params={"limit": "1"},
+                                        headers={"X-API-Key": key})
+
+            burst = await asyncio.gather(*(get(API_KEY) for _ in range(40)))
+            calm = await asyncio.gather(*(get(other) for _ in range(10)))
+    finally:
+        cluster.gateways.remove(limited)
+        limited.stop()
+
+    refused = [r for r in burst if r.status_code == 429]
+    assert refused and len(refused) < 40
+    assert {r.status_code for r in burst} == {200, 429}
+    for answer in refused:
+        assert answer.json()["error"] == "rate_limited"
+        assert int(answer.headers["Retry-After"]) >= 1
+    # The other key is unknown to the services (401) but never limited by the gateway.
+    assert {r.status_code for r in calm} == {401}

@@ -4,6 +4,7 @@ every parent link pointing at a span of that trace."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from tests.e2e.processes import (
     Cluster,
     running_cluster,
 )
-from tests.e2e.test_distributed import API_KEY, Magasin
+from tests.e2e.test_distributed import API_KEY, GATEWAY_LIMITS, Magasin
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 RETRY_ATTEMPTS = 3
@@ -37,6 +38,15 @@ class Span:
     trace_id: str
     span_id: str
     parent_id: str
+    request_id: str | None = None
+    """The `http.request.header.x-request-id` attribute of a request's span."""
+
+
+def request_id(span: Any) -> str | None:
+    for attribute in span.attributes:
+        if attribute.key == "http.request.header.x-request-id":
+            return str(attribute.value.array_value.values[0].string_value)
+    return None
 
 
 class Receiver:
@@ -58,7 +68,8 @@ class Receiver:
                                    if a.key == "service.name")
                     for scope in resource.scope_spans:
                         received += [Span(service, s.name, s.trace_id.hex(), s.span_id.hex(),
-                                          s.parent_span_id.hex()) for s in scope.spans]
+                                          s.parent_span_id.hex(), request_id(s))
+                                     for s in scope.spans]
                 with lock:
                     spans.extend(received)
                 answer = ExportTraceServiceResponse().SerializeToString()
@@ -106,6 +117,7 @@ def traced_cluster(
     with running_cluster(
         pg_database, amqp_url, tmp_path_factory.mktemp("traced"), kind="trace",
         services=(*SERVICES, "audit"), env=env, retry_attempts=RETRY_ATTEMPTS,
+        gateway=GATEWAY_LIMITS,
     ) as running:
         yield running
 
@@ -113,7 +125,14 @@ def traced_cluster(
 async def test_one_sale_is_one_trace_across_every_service(
     traced_cluster: Cluster, receiver: Receiver
 ) -> None:
-    async with httpx.AsyncClient(headers={"X-API-Key": API_KEY}, timeout=30.0) as client:
+    request_ids: list[str] = []
+
+    async def sale_request_id(response: httpx.Response) -> None:
+        if response.request.method == "POST" and response.url.path == "/api/transactions":
+            request_ids.append(response.headers["X-Request-Id"])
+
+    async with httpx.AsyncClient(headers={"X-API-Key": API_KEY}, timeout=30.0,
+                                 event_hooks={"response": [sale_request_id]}) as client:
         magasin = Magasin(traced_cluster, client)
         store_id = await magasin.open_store("Traced")
         product_id = await magasin.add_product("SKU-OTLP", 500)
@@ -124,7 +143,15 @@ async def test_one_sale_is_one_trace_across_every_service(
         return next((s for s in list(receiver.spans)
                      if s.name == "POST /api/transactions" and not s.parent_id), None)
 
-    trace_id = (await eventually(request_span, timeout=30)).trace_id
+    request = await eventually(request_span, timeout=30)
+    trace_id = request.trace_id
+    # The gateway made the request's id: the service's span carries it, and so does the
+    # gateway's access log line of that request.
+    assert request.request_id is not None and request.request_id == request_ids[-1]
+    access = [json.loads(line) for line in traced_cluster.gateway.access_log.read_text()
+              .splitlines()]
+    assert any(e["request_id"] == request.request_id and e["service"] == "transaction"
+               for e in access)
 
     def whole() -> list[Span] | None:
         trace = receiver.trace(trace_id)
@@ -170,7 +197,7 @@ async def test_the_audit_process_chains_every_service_s_events_and_verifies(
 
         async def cancelled() -> list[dict[str, Any]] | None:
             trail: list[dict[str, Any]] = await magasin.ok(
-                "GET", "audit", f"/api/audit/trail/{sale['transaction_id']}")
+                "GET", f"/api/audit/trail/{sale['transaction_id']}")
             done = any(e["event_type"] == "TransactionCancelled" for e in trail)
             return trail if done else None
 
@@ -179,6 +206,6 @@ async def test_the_audit_process_chains_every_service_s_events_and_verifies(
         assert by_type["TransactionCreated"]["service"] == "transaction"
         assert by_type["PaymentFailed"]["service"] == "payment"
         assert by_type["PaymentFailed"]["scopes"] == ["PCI-DSS"]
-        report = await magasin.ok("GET", "audit", "/api/audit/verify")
+        report = await magasin.ok("GET", "/api/audit/verify")
         assert report["ok"] is True, report
         assert report["checked"] == report["head"] >= len(trail)

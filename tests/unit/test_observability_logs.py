@@ -82,3 +82,31 @@ async def test_lines_logged_while_serving_a_request_carry_its_correlation_id() -
     assert seen[0]["correlation_id"] == "order-42"
     assert seen[0]["http_path"] == "/api/transactions"
     assert "correlation_id" not in logs.context()
+
+
+async def test_a_request_s_lines_and_answer_carry_its_request_id() -> None:
+    """The caller's X-Request-Id (the gateway's) when sane, else one made here: in every
+    line logged while serving the request, and back in the answer."""
+    seen: list[dict[str, str]] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(logs.context())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = logs.LogContextMiddleware(app)
+    for given in (b"gw-7f3a", b"", b"bad id with spaces", b"x" * 300):
+        scope = {"type": "http", "method": "GET", "path": "/api/stores",
+                 "headers": [(b"x-request-id", given)]}
+        await middleware(scope, None, send)
+
+    kept, *made = (line["request_id"] for line in seen)
+    assert kept == "gw-7f3a"
+    assert all(len(rid) == 32 and rid not in ("", "bad id with spaces") for rid in made)
+    assert len(set(made)) == 3
+    answered = [dict(m["headers"])[b"x-request-id"].decode() for m in sent]
+    assert answered == [line["request_id"] for line in seen]
+    assert "request_id" not in logs.context()

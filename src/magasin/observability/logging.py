@@ -12,6 +12,7 @@ import contextvars
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from magasin.observability import tracing
+
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from magasin.shared.messages import RecordedEvent
 
@@ -93,9 +96,24 @@ def delivering(event: RecordedEvent, consumer: str) -> AbstractContextManager[No
     return _Delivering(fields)
 
 
+REQUEST_ID_MAX = 200
+
+
+def _request_id(value: bytes) -> str | None:
+    """The caller's request id if it is a sane one (visible ASCII, bounded), else None."""
+    if 0 < len(value) <= REQUEST_ID_MAX and all(0x21 <= c <= 0x7E for c in value):
+        return value.decode("ascii")
+    return None
+
+
 class LogContextMiddleware:
-    """ASGI middleware: log lines written while serving a request carry its method, path
-    and the caller's `X-Correlation-ID` when it sends one."""
+    """ASGI middleware: log lines written while serving a request carry its method, path,
+    request id and the caller's `X-Correlation-ID` when it sends one.
+
+    The request id is the caller's `X-Request-Id` (the gateway sets one on every request it
+    passes), or one made here; it goes back in the answer's `X-Request-Id` and onto the
+    request's span (`http.request.header.x-request-id`), so a log line, a trace and the
+    gateway's access log of one request can be found from each other."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -105,11 +123,25 @@ class LogContextMiddleware:
             await self.app(scope, receive, send)
             return
         fields = {"http_method": scope["method"], "http_path": scope["path"]}
+        request_id = None
         for key, value in scope.get("headers", ()):
             if key == b"x-correlation-id":
                 fields["correlation_id"] = value.decode("latin-1")[:200]
+            elif key == b"x-request-id":
+                request_id = _request_id(value)
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        fields["request_id"] = request_id
+        tracing.tag_current_span("http.request.header.x-request-id", (request_id,))
+        header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
         with _Delivering(fields):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, sending)
 
 
 class JsonFormatter(logging.Formatter):

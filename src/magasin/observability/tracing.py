@@ -196,6 +196,17 @@ def span(name: str, attributes: Mapping[str, str | int]) -> AbstractContextManag
     return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes)
 
 
+def tag_current_span(key: str, value: str | Sequence[str]) -> None:
+    """Set an attribute on the current span, if tracing is on and a span is current."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(key, value)
+
+
 class TracingMiddleware:
     """ASGI middleware: a server span per HTTP request, continuing the caller's
     `traceparent` header when it sends one. Passes straight through when tracing is off."""

@@ -1,0 +1,60 @@
+"""`magasin cluster up`'s plan: processes per service from --scale, and ports for each that
+are free (or a clear refusal)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from magasin.bootstrap import SERVICES
+from magasin.cluster import commands, parse_scale, plan
+from magasin.config import Settings
+from magasin.shared.errors import ConfigurationError
+
+
+def test_scale_names_processes_per_service_and_every_other_runs_once() -> None:
+    scale = parse_scale("transaction=2, inventory=3")
+
+    assert scale == {**dict.fromkeys(SERVICES, 1), "transaction": 2, "inventory": 3}
+
+
+@pytest.mark.parametrize("wrong", ["bank=2", "transaction=0", "transaction=two", "store"])
+def test_a_scale_that_means_nothing_is_refused(wrong: str) -> None:
+    with pytest.raises(ConfigurationError, match="--scale"):
+        parse_scale(wrong)
+
+
+def test_each_process_gets_a_port_of_its_own_after_the_gateway_s(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    settings = Settings(data_dir=tmp_path, api_keys="k")
+
+    ports = plan(settings, "127.0.0.1", 0, parse_scale("payment=2"), base).ports
+    anywhere = plan(settings, "127.0.0.1", 0, parse_scale("payment=2"), 0).ports
+
+    flat = [p for service in SERVICES for p in ports[service]]
+    assert flat == list(range(base, base + 7)) and len(ports["payment"]) == 2
+    assert len({p for ps in anywhere.values() for p in ps}) == 7
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigurationError, match=f"port {port} is taken"):
+            plan(Settings(data_dir=tmp_path, api_keys="k"), "127.0.0.1", port,
+                 parse_scale(""), 0)
+
+
+def test_every_process_is_exec_ed_so_that_stopping_it_reaches_it(tmp_path: Path) -> None:
+    the_plan = plan(Settings(data_dir=tmp_path, api_keys="k"), "127.0.0.1", 0,
+                    parse_scale("store=2"), 0)
+
+    named = dict(commands(the_plan, tmp_path / "nginx.conf"))
+
+    assert set(named) == {*SERVICES, "store.1", "store.2", "gateway"} - {"store"}
+    assert all(command.startswith("exec ") for command in named.values())
+    assert "serve store" in named["store.2"] and "daemon off;" in named["gateway"]
