@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "", description="Comma-separated API keys that may also run admin operations."
     )
 
+    trace_url: str = Field(
+        "", description="Trace viewer URL with `{trace_id}` (e.g. Jaeger's "
+        "`http://localhost:16686/trace/{trace_id}`): the console links each sale's trace there."
+    )
+
     snapshot_every: int = Field(
         100, ge=0, description="Snapshot an aggregate every N events; 0 = no snapshots."
     )

@@ -286,7 +286,9 @@ async def test_concurrent_units_of_work_fail_independently(store: EventStore) ->
         assert await store.stream_version(f"cold-{i}") == (0 if i % 2 else 1)
 
 
-async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) -> None:
+async def test_documents_can_be_found_by_field_in_either_key_order_and_deleted(
+    store: EventStore,
+) -> None:
     async with store.transaction() as uow:
         uow.put_document("letters", "k1", {"consumer": "a", "attempts": 3, "open": True})
         uow.put_document("letters", "k2", {"consumer": "b", "attempts": 3, "open": True})
@@ -303,6 +305,12 @@ async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) ->
     assert [k for k, _ in await store.find_documents("letters", after_key="k1", limit=1)] == [
         "k2"
     ]
+    newest_first = await store.find_documents("letters", descending=True, limit=2)
+    assert [k for k, _ in newest_first] == ["k3", "k2"]
+    below = await store.find_documents("letters", descending=True, after_key="k2")
+    assert [k for k, _ in below] == ["k1"]
+    assert [k for k, _ in await store.find_documents(
+        "letters", where={"consumer": "a"}, descending=True)] == ["k3", "k1"]
 
     async with store.transaction() as uow:
         uow.delete_document("letters", "k1")

@@ -860,6 +860,7 @@ class PostgresEventStore(EventStore):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
         sql = "SELECT key, body FROM documents WHERE collection = $1"
         params: list[Any] = [collection]
@@ -868,9 +869,10 @@ class PostgresEventStore(EventStore):
             sql += f" AND body @> ${len(params)}::jsonb"
         if after_key is not None:
             params.append(after_key)
-            sql += f" AND key > ${len(params)}"
+            sql += f" AND key {'<' if descending else '>'} ${len(params)}"
         params.append(limit)
-        rows = await self._fetch(f"{sql} ORDER BY key LIMIT ${len(params)}", *params)
+        order = "key DESC" if descending else "key"
+        rows = await self._fetch(f"{sql} ORDER BY {order} LIMIT ${len(params)}", *params)
         return [(r[0], r[1]) for r in rows]
 
     # -- snapshots ----------------------------------------------------------------------

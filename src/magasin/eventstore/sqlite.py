@@ -505,6 +505,7 @@ class SqliteEventStore(EventStore):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
         sql = "SELECT key, body FROM documents WHERE collection = ?"
         params: list[Any] = [collection]
@@ -512,9 +513,10 @@ class SqliteEventStore(EventStore):
             sql += " AND json_extract(body, ?) = json_extract(?, '$')"
             params += [f'$."{field_name}"', orjson.dumps(value).decode()]
         if after_key is not None:
-            sql += " AND key > ?"
+            sql += " AND key < ?" if descending else " AND key > ?"
             params.append(after_key)
-        rows = await self._read(sql + " ORDER BY key LIMIT ?", [*params, limit])
+        order = " ORDER BY key DESC LIMIT ?" if descending else " ORDER BY key LIMIT ?"
+        rows = await self._read(sql + order, [*params, limit])
         return [(r[0], orjson.loads(r[1])) for r in rows]
 
     # -- snapshots ----------------------------------------------------------------------

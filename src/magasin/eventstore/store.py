@@ -353,8 +353,11 @@ class EventStore(ABC):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
-        """(key, body) pairs in key order; `where` matches top-level fields for equality."""
+        """(key, body) pairs in key order; `where` matches top-level fields for equality.
+        `descending`: in reverse key order, `after_key` then being the key the page goes on
+        below (the last key of the previous page either way)."""
 
     # -- snapshots ----------------------------------------------------------------------
 
