@@ -218,6 +218,15 @@ async def test_read_events_filters_the_log_and_pages_by_position(store: EventSto
     first = await store.read_events(EventFilter(), limit=2)
     assert await minutes(EventFilter(), after=first[-1].global_position) == [3, 4, 5]
 
+    newest = await store.read_events(EventFilter(types=("ItemAdded",)), descending=True, limit=2)
+    assert [e.payload["m"] for e in newest] == [5, 3]
+    below = await store.read_events(EventFilter(types=("ItemAdded",)), descending=True,
+                                    before=newest[-1].global_position)
+    assert [e.payload["m"] for e in below] == [1]
+    window = await store.read_events(EventFilter(), after=first[0].global_position,
+                                     before=newest[0].global_position)
+    assert [e.payload["m"] for e in window] == [2, 3, 4]
+
 
 async def test_a_unit_of_work_commits_everything_together(store: EventStore) -> None:
     async with store.transaction() as uow:

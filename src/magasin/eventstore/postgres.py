@@ -794,7 +794,8 @@ class PostgresEventStore(EventStore):
                 self._holes.setdefault(gap, horizon)
 
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
         params: list[Any] = [after]
         sql = f"{_SELECT_EVENTS} WHERE global_position > $1"
@@ -803,6 +804,8 @@ class PostgresEventStore(EventStore):
             params.append(value)
             return f"${len(params)}"
 
+        if before is not None:
+            sql += f" AND global_position < {arg(before)}"
         if where.stream_id is not None:
             sql += f" AND stream_id = {arg(where.stream_id)}"
         if where.aggregates:
@@ -816,7 +819,8 @@ class PostgresEventStore(EventStore):
             sql += f" AND occurred_at >= {arg(where.since)}"
         if where.until is not None:
             sql += f" AND occurred_at <= {arg(where.until)}"
-        rows = await self._fetch(f"{sql} ORDER BY global_position LIMIT {arg(limit)}", *params)
+        order = "global_position DESC" if descending else "global_position"
+        rows = await self._fetch(f"{sql} ORDER BY {order} LIMIT {arg(limit)}", *params)
         with collector_paused():
             return [StoredEvent(*r) for r in rows]
 

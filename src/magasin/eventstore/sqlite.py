@@ -427,10 +427,14 @@ class SqliteEventStore(EventStore):
         )
 
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
         sql = f"{_READ_EVENTS} WHERE global_position > ?"
         params: list[Any] = [after]
+        if before is not None:
+            sql += " AND global_position < ?"
+            params.append(before)
         if where.stream_id is not None:
             sql += " AND stream_id = ?"
             params.append(where.stream_id)
@@ -452,8 +456,9 @@ class SqliteEventStore(EventStore):
         if where.until is not None:
             sql += " AND occurred_at <= ?"
             params.append(to_micros(where.until))
+        order = " DESC" if descending else ""
         return await self._read_events(
-            sql + " ORDER BY global_position LIMIT ?", [*params, limit])
+            sql + f" ORDER BY global_position{order} LIMIT ?", [*params, limit])
 
     async def read_event(self, event_id: str) -> RecordedEvent:
         events = await self._read_events(f"{_READ_EVENTS} WHERE event_id = ?", (event_id,))

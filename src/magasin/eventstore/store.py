@@ -311,11 +311,13 @@ class EventStore(ABC):
 
     @abstractmethod
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
-        """Up to `limit` events matching `where` with global_position > `after`, in position
-        order: for browsing and historical queries. Unlike `read_all` it is not gap-safe
-        (an event may commit later below the last position returned): never tail with it."""
+        """Up to `limit` events matching `where` with `after` < global_position < `before`,
+        in position order (`descending`: newest first): for browsing and historical
+        queries. Unlike `read_all` it is not gap-safe (an event may commit later below the
+        last position returned): never tail with it."""
 
     @abstractmethod
     async def read_event(self, event_id: str) -> RecordedEvent:
