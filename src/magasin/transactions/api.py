@@ -352,6 +352,12 @@ def _sse(kind: bytes, data: object) -> bytes:
     return b"event: " + kind + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+def _previous_status(doc: Any) -> str | None:
+    """The sale's status before its latest change (which may have passed several)."""
+    before = [h["status"] for h in doc["history"] if h["version"] < doc["version"]]
+    return before[-1] if before else None
+
+
 def _view(doc: Any) -> dict[str, Any]:
     return {field: doc[field] for field in VIEW_FIELDS}
 
@@ -386,9 +392,9 @@ async def _live_stream(
             if any(doc[k] != v for k, v in others):
                 continue
             if status is not None and doc["status"] != status:
-                # It left the filtered set (or never was in it): a client drops its row.
-                yield _sse(b"gone", {"transaction_id": doc["transaction_id"],
-                                     "status": doc["status"]})
+                if _previous_status(doc) == status:  # it left the filtered set
+                    yield _sse(b"gone", {"transaction_id": doc["transaction_id"],
+                                         "status": doc["status"]})
                 continue
             yield _sse(b"sale", _view(doc))
     yield b"event: timeout\ndata: {}\n\n"
