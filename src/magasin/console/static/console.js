@@ -465,6 +465,7 @@ document.addEventListener("alpine:init", () => {
       const left = (new Date(e.occurred_at).getTime() - this.t0) / this.span * 100;
       return `left: min(${left.toFixed(2)}%, calc(100% - 6px))`;
     },
+    replayPoint(e) { return e.stream_id === `transaction-${id}` && e.stream_version === this.version; },
     kind(type) { return FAILURES.has(type) ? "failure" : COMPENSATIONS.has(type) ? "compensation" : "step"; },
     service(e) { return serviceOf(e); },
     toggle(e) { this.opened = this.opened === e.event_id ? null : e.event_id; },
