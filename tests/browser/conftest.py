@@ -44,8 +44,11 @@ def _missing(what: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Chromium for one module. Not longer: Playwright's sync API keeps an event loop
+    running in this thread while it is open, and the async tests of other modules need
+    the thread free."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:

@@ -160,6 +160,7 @@ function money(cents, currency) {
 }
 const clock = (iso) => iso ? new Date(iso).toLocaleTimeString(undefined, { hour12: false }) : "";
 const short = (id) => id ? "…" + id.slice(-8) : "";
+const rate = (perS) => perS >= 10 ? perS.toFixed(0) : perS >= 1 ? perS.toFixed(1) : perS === 0 ? "0" : perS.toPrecision(2);
 const ms = (value) => value === null || value === undefined ? "–" : `${Math.round(value)} ms`;
 const pretty = (value) => value === null || value === undefined ? "" : typeof value === "string" ? value : JSON.stringify(value, null, 2);
 function until(iso) {
@@ -182,7 +183,7 @@ function serviceOf(event) {
   const meta = event.metadata ?? {};
   return meta.service ?? (meta.consumer ?? "").split(".")[0] ?? event.stream_id.split("-")[0];
 }
-const helpers = { STATUSES, EVENT_TYPES, money, clock, short, ms, pretty, until, stateLabel, serviceOf };
+const helpers = { STATUSES, EVENT_TYPES, money, clock, short, ms, rate, pretty, until, stateLabel, serviceOf };
 
 // -- components ------------------------------------------------------------------------------
 
@@ -712,9 +713,9 @@ document.addEventListener("alpine:init", () => {
         this.processes = [{ name: "magasin", body: null, error: advice(err).join(" ") }];
         return;
       }
-      const found = [{ name: top.mode === "distributed" ? "gateway" : "magasin", body: top, error: null }];
-      // Behind the gateway each process answers at /health/<service>.
-      if (top.mode === "distributed" || top.gateway) {
+      const found = [{ name: top.mode === "distributed" ? "this URL" : "magasin", body: top, error: null }];
+      // Behind the gateway each service's process answers at /health/<service>.
+      if (top.mode === "distributed") {
         await Promise.all((top.services ?? []).map(async (service) => {
           try { found.push({ name: service, body: await get(`/health/${encodeURIComponent(service)}`), error: null }); }
           catch (err) { found.push({ name: service, body: null, error: advice(err).join(" ") }); }
