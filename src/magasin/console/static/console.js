@@ -161,6 +161,12 @@ function money(cents, currency) {
 const clock = (iso) => iso ? new Date(iso).toLocaleTimeString(undefined, { hour12: false }) : "";
 const short = (id) => id ? "…" + id.slice(-8) : "";
 const rate = (perS) => perS >= 10 ? perS.toFixed(0) : perS >= 1 ? perS.toFixed(1) : perS === 0 ? "0" : perS.toPrecision(2);
+/** A chart tick: the time on whole minutes, `:ss` between them. */
+function clockTick(seconds) {
+  const d = new Date(seconds * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  return d.getSeconds() ? `:${pad(d.getSeconds())}` : `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
 const ms = (value) => value === null || value === undefined ? "–" : `${Math.round(value)} ms`;
 const pretty = (value) => value === null || value === undefined ? "" : typeof value === "string" ? value : JSON.stringify(value, null, 2);
 function until(iso) {
@@ -382,7 +388,7 @@ document.addEventListener("alpine:init", () => {
           { label: "cancelled/s", scale: "rate", stroke: "#c2410c", fill: "rgba(194,65,12,.12)", width: 2, points: { show: false } },
           { label: "p95 ms", scale: "ms", stroke: "#4f46e5", width: 1.5, dash: [4, 4], spanGaps: true, points: { size: 4 } },
         ],
-        axes: [{ values: (u, splits) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false })) },
+        axes: [{ values: (u, splits) => splits.map(clockTick) },
                { scale: "rate", label: "sagas/s" }, { scale: "ms", side: 1, label: "p95 ms", grid: { show: false } }],
       }, data, this.$refs.chart);
     },
