@@ -8,7 +8,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from magasin.config import Settings
 from magasin.eventstore.repository import configure_snapshots
@@ -91,6 +91,9 @@ class Runtime:
         self.services = services
         self.relay = relay
         self._loops: list[asyncio.Task[None]] = []
+        self.last_sample: dict[str, Any] = {}
+        """What the metrics sampler last read (outbox backlog, pending dead letters by
+        consumer, projection lags, when), shown by /health."""
         configure_snapshots(store, settings.snapshot_every)
         for service in services:
             for consumer, handlers in service.consumers.items():

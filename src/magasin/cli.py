@@ -18,6 +18,7 @@ from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, em
 from magasin.cli_cluster import cluster_app, gateway_app
 from magasin.cli_deadletters import app as dead_letters_app
 from magasin.config import Settings
+from magasin.console import routes as console_routes
 from magasin.demo import drive, seed_if_empty
 from magasin.eventstore.store import ANY, EventStore
 from magasin.observability import logging as logs
@@ -97,12 +98,16 @@ def up(
     async def ready() -> None:
         if demo_data and await seed_if_empty(runtime.store, settings.currency):
             console.print("seeded demo stores, catalog and stock")
+        base = f"http://{settings.http_host}:{settings.http_port}"
         console.print(
-            f"[bold]magasin {__version__}[/bold] embedded: "
-            f"[cyan]http://{settings.http_host}:{settings.http_port}[/cyan] "
+            f"[bold]magasin {__version__}[/bold] embedded: [cyan]{base}[/cyan] "
             f"(API docs at /docs), data in {settings.sqlite_path.resolve()}\n"
+            f"console: [bold cyan]{base}/console/[/bold cyan]  (sign in with the API key)\n"
             f"API key: [bold]{sorted(keys)[0]}[/bold]  (header X-API-Key)"
         )
+        if missing := console_routes.missing_modules():
+            console.print(f"[yellow]the console's libraries are missing ({', '.join(missing)})"
+                          ": run `make install`[/yellow]")
 
     _serve(runtime, keys, settings, ready)
 

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     gateway_stream_timeout_s: int = Field(
         3600, ge=1, description="Gateway: seconds a Server-Sent Events stream may stay quiet."
     )
+    trace_url: str = Field(
+        "", description="Trace viewer URL with `{trace_id}` (e.g. Jaeger's "
+        "`http://localhost:16686/trace/{trace_id}`): the console links each sale's trace there."
+    )
 
     snapshot_every: int = Field(
         100, ge=0, description="Snapshot an aggregate every N events; 0 = no snapshots."

@@ -218,6 +218,15 @@ async def test_read_events_filters_the_log_and_pages_by_position(store: EventSto
     first = await store.read_events(EventFilter(), limit=2)
     assert await minutes(EventFilter(), after=first[-1].global_position) == [3, 4, 5]
 
+    newest = await store.read_events(EventFilter(types=("ItemAdded",)), descending=True, limit=2)
+    assert [e.payload["m"] for e in newest] == [5, 3]
+    below = await store.read_events(EventFilter(types=("ItemAdded",)), descending=True,
+                                    before=newest[-1].global_position)
+    assert [e.payload["m"] for e in below] == [1]
+    window = await store.read_events(EventFilter(), after=first[0].global_position,
+                                     before=newest[0].global_position)
+    assert [e.payload["m"] for e in window] == [2, 3, 4]
+
 
 async def test_a_unit_of_work_commits_everything_together(store: EventStore) -> None:
     async with store.transaction() as uow:
@@ -286,7 +295,9 @@ async def test_concurrent_units_of_work_fail_independently(store: EventStore) ->
         assert await store.stream_version(f"cold-{i}") == (0 if i % 2 else 1)
 
 
-async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) -> None:
+async def test_documents_can_be_found_by_field_in_either_key_order_and_deleted(
+    store: EventStore,
+) -> None:
     async with store.transaction() as uow:
         uow.put_document("letters", "k1", {"consumer": "a", "attempts": 3, "open": True})
         uow.put_document("letters", "k2", {"consumer": "b", "attempts": 3, "open": True})
@@ -303,6 +314,12 @@ async def test_documents_can_be_found_by_field_and_deleted(store: EventStore) ->
     assert [k for k, _ in await store.find_documents("letters", after_key="k1", limit=1)] == [
         "k2"
     ]
+    newest_first = await store.find_documents("letters", descending=True, limit=2)
+    assert [k for k, _ in newest_first] == ["k3", "k2"]
+    below = await store.find_documents("letters", descending=True, after_key="k2")
+    assert [k for k, _ in below] == ["k1"]
+    assert [k for k, _ in await store.find_documents(
+        "letters", where={"consumer": "a"}, descending=True)] == ["k3", "k1"]
 
     async with store.transaction() as uow:
         uow.delete_document("letters", "k1")

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from magasin.api.app import create_app
 from magasin.bootstrap import Runtime
@@ -95,6 +96,24 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0)
         while not (result := await check()):
             await asyncio.sleep(0.02)
         return result
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """`app` on a real HTTP server on a free local port (lifespan included); yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    try:
+        await eventually(started, timeout=10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @asynccontextmanager

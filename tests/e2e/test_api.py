@@ -4,7 +4,6 @@ webhooks, API keys, input validation, Idempotency-Key, listing, and the query en
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from magasin.api.app import create_app
 from magasin.bootstrap import Runtime, build_service
@@ -21,7 +19,7 @@ from magasin.payments.gateway import BankGateway, BankSimulator, Charge
 from magasin.payments.service import build as build_payment
 from magasin.service import ServiceContext
 from magasin.shared.messages import RecordedEvent
-from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually
+from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually, served
 from tests.e2e.conftest import test_settings as settings_in
 
 NOMINAL = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
@@ -148,24 +146,6 @@ class GatedBank(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         return await self.bank.refund(idempotency_key, reference, amount)
-
-
-@contextlib.asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """`app` on a real HTTP server on a free local port (lifespan included); yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-
-    async def started() -> bool:
-        return server.started
-
-    try:
-        await eventually(started, timeout=10)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

@@ -80,6 +80,17 @@ async def test_every_event_is_chained_once_and_verifies(store: EventStore) -> No
     assert {e["event_id"] for e in trail} == {e.event_id for e in events[4:6]}
 
 
+async def test_entries_appended_while_verify_runs_do_not_look_like_tampering(
+    store: EventStore,
+) -> None:
+    await audited(store, 2)
+    # An append committing after verify read the head: its entry is past that head (this
+    # one is not even a valid entry; a verify that walked past the head would flag it).
+    await store.append(log.LOG, [NewEvent("AuditEntryRecorded", {"sequence": 5})])
+    report = await log.verify(store)
+    assert report == {"ok": True, "checked": 4, "head": 4, "problems": []}
+
+
 async def test_a_modified_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
     await audited(store, 3)
     await tamper(

@@ -11,9 +11,10 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 
 from magasin import __version__
-from magasin.api import deadletters, errors
+from magasin.api import auth, deadletters, errors
 from magasin.api.auth import parse_keys, require_api_key
 from magasin.bootstrap import Runtime
+from magasin.console import routes as console
 from magasin.observability import http as observability_http
 from magasin.observability.logging import LogContextMiddleware
 from magasin.observability.tracing import TracingMiddleware
@@ -48,6 +49,9 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
             app.include_router(service.router, dependencies=[Depends(require_api_key)])
     app.include_router(projections_router(runtime.store), dependencies=[Depends(require_api_key)])
     app.include_router(deadletters.router(runtime.bus), dependencies=[Depends(require_api_key)])
+    app.include_router(auth.router(), dependencies=[Depends(require_api_key)])
+    # The console is static files that call the API above like any client (no data, no key).
+    app.include_router(console.router(runtime.settings))
 
     @app.get("/health", tags=["health"])
     async def health() -> JSONResponse:
@@ -65,6 +69,9 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
         checks = {s.name: dict(s.health()) for s in runtime.services if s.health is not None}
         if checks:
             body["checks"] = checks
+        # Sampled every MAGASIN_METRICS_SAMPLE_S by the metrics loop: /health stays free of
+        # queries, which a gateway's health checks may make often.
+        body.update(runtime.last_sample)
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     return app

@@ -1,16 +1,30 @@
 """HTTP routes to operate the dead letters of a runtime's consumers (seed 6.6.1): list,
-read, requeue after a fix (one or a consumer's all), archive."""
+read, requeue after a fix (one or a consumer's all), archive, and watch the listing live."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from magasin.api.auth import STREAM_TOKEN_ALLOWED
+from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus
 from magasin.messaging.deadletters import reason_kind
+from magasin.shared.clock import utcnow
+
+HEARTBEAT_S = 15.0
+SETTLING_CHECK_S = 1.0
+"""How often a live listing looks again while a requeued letter is not handled yet: the
+consumer that handles it may run in another process, which cannot wake this one."""
+SETTLING_FOR = timedelta(minutes=10)
+"""A requeue not handled after this long is no longer waited for so closely."""
 
 
 class DeadLetterSummary(BaseModel):
@@ -26,6 +40,9 @@ class DeadLetterSummary(BaseModel):
     dead_lettered_at: datetime
     status: DeadLetterStatus
     updated_at: datetime | None
+    handled: bool | None = None
+    """Requeued letters: whether the consumer has handled the message since (its inbox
+    holds the event). None for the others."""
 
 
 class DeadLetterDetail(DeadLetterSummary):
@@ -45,11 +62,12 @@ class BulkRequeue(BaseModel):
     """Ids of the letters sent back to the consumer."""
 
 
-def summary(letter: DeadLetter) -> DeadLetterSummary:
-    return DeadLetterSummary(**_fields(letter))
+async def summary(bus: EventBus, letter: DeadLetter) -> DeadLetterSummary:
+    return DeadLetterSummary(**_fields(letter),
+                             handled=await deadletters.handled(bus.store, letter))
 
 
-def detail(letter: DeadLetter) -> DeadLetterDetail:
+async def detail(bus: EventBus, letter: DeadLetter) -> DeadLetterDetail:
     event = letter.event
     envelope = (
         {
@@ -63,7 +81,8 @@ def detail(letter: DeadLetter) -> DeadLetterDetail:
         }
         if event is not None else None
     )
-    return DeadLetterDetail(**_fields(letter), event=envelope, body=letter.body)
+    return DeadLetterDetail(**_fields(letter), event=envelope, body=letter.body,
+                            handled=await deadletters.handled(bus.store, letter))
 
 
 def _fields(letter: DeadLetter) -> dict[str, Any]:
@@ -79,6 +98,16 @@ def _fields(letter: DeadLetter) -> dict[str, Any]:
 
 
 StatusFilter = Literal["pending", "requeued", "archived", "all"]
+Consumer = Annotated[str | None, Query(description="Only this consumer's.")]
+Type = Annotated[str | None, Query(description="Only this event type.")]
+Reason = Annotated[
+    str | None, Query(description="Only those whose reason contains this (any case).")
+]
+StatusQuery = Annotated[
+    StatusFilter | None,
+    Query(alias="status", description="Any one status, or `all`; wins over archived."),
+]
+ListLimit = Annotated[int, Query(ge=1, le=1000, description="At most this many.")]
 
 
 def status_filter(archived: bool, status_: StatusFilter | None) -> DeadLetterStatus | None:
@@ -93,27 +122,57 @@ def router(bus: EventBus) -> APIRouter:
     of its own consumers, in embedded mode the one bus holds them all."""
     api = APIRouter(prefix="/api/dead-letters", tags=["dead letters"])
 
+    async def listing(
+        consumer: str | None, type: str | None, reason: str | None,
+        status: DeadLetterStatus | None, limit: int,
+    ) -> list[DeadLetterSummary]:
+        letters = await bus.dead_letters(consumer, type=type, reason=reason, status=status)
+        return [await summary(bus, letter) for letter in letters[:limit]]
+
     @api.get("")
     async def list_dead_letters(
-        consumer: Annotated[str | None, Query(description="Only this consumer's.")] = None,
-        type: Annotated[str | None, Query(description="Only this event type.")] = None,
-        reason: Annotated[
-            str | None, Query(description="Only those whose reason contains this (any case).")
-        ] = None,
+        consumer: Consumer = None,
+        type: Type = None,
+        reason: Reason = None,
         archived: Annotated[
             bool, Query(description="The archived letters instead of those pending.")
         ] = False,
-        status_: Annotated[
-            StatusFilter | None,
-            Query(alias="status", description="Any one status, or `all`; wins over archived."),
-        ] = None,
-        limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
+        status_: StatusQuery = None,
+        limit: ListLimit = 100,
     ) -> DeadLetterList:
         """Dead letters oldest first; by default those waiting for a decision."""
-        letters = await bus.dead_letters(
-            consumer, type=type, reason=reason, status=status_filter(archived, status_)
+        chosen = status_filter(archived, status_)
+        return DeadLetterList(items=await listing(consumer, type, reason, chosen, limit))
+
+    @api.get(
+        "/live",
+        response_class=StreamingResponse,
+        openapi_extra=STREAM_TOKEN_ALLOWED,
+        responses={200: {"content": {"text/event-stream": {}}, "description":
+                         "A `letters` event with the whole listing (as `GET` answers it) "
+                         "first and each time it changes."}},
+    )
+    async def watch_dead_letters(
+        consumer: Consumer = None,
+        type: Type = None,
+        reason: Reason = None,
+        status_: StatusQuery = None,
+        limit: ListLimit = 100,
+        max_wait: Annotated[
+            float, Query(alias="timeout", gt=0, le=86400, description="Seconds.")
+        ] = 3600,
+    ) -> StreamingResponse:
+        """Server-Sent Events: the listing, again whenever a letter is recorded, requeued,
+        archived or, once requeued, handled by its consumer."""
+        chosen = status_filter(False, status_)
+
+        async def read() -> list[DeadLetterSummary]:
+            return await listing(consumer, type, reason, chosen, limit)
+
+        return StreamingResponse(
+            _live(read, max_wait), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        return DeadLetterList(items=[summary(letter) for letter in letters[:limit]])
 
     @api.post("/requeue", status_code=status.HTTP_202_ACCEPTED)
     async def requeue_consumer_dead_letters(
@@ -126,17 +185,50 @@ def router(bus: EventBus) -> APIRouter:
     @api.get("/{letter_id}")
     async def get_dead_letter(letter_id: str) -> DeadLetterDetail:
         """One dead letter with its message, whatever its status."""
-        return detail(await bus.dead_letter(letter_id))
+        return await detail(bus, await bus.dead_letter(letter_id))
 
     @api.post("/{letter_id}/requeue", status_code=status.HTTP_202_ACCEPTED)
     async def requeue_dead_letter(letter_id: str) -> DeadLetterSummary:
         """Deliver the message again to its consumer only (after a fix); it takes effect
         once. 409 if it is requeued already, 422 if it cannot be decoded."""
-        return summary(await bus.requeue_dead_letter(letter_id))
+        return await summary(bus, await bus.requeue_dead_letter(letter_id))
 
     @api.post("/{letter_id}/archive")
     async def archive_dead_letter(letter_id: str) -> DeadLetterSummary:
         """Keep it as a permanent failure, out of the default listing."""
-        return summary(await bus.archive_dead_letter(letter_id))
+        return await summary(bus, await bus.archive_dead_letter(letter_id))
 
     return api
+
+
+def _settling(items: list[DeadLetterSummary]) -> bool:
+    """Whether a requeue of the listing may still be handled (or fail again) any moment."""
+    recent = utcnow() - SETTLING_FOR
+    return any(
+        item.handled is False and item.updated_at is not None and item.updated_at > recent
+        for item in items
+    )
+
+
+async def _live(
+    read: Callable[[], Awaitable[list[DeadLetterSummary]]], max_wait: float,
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    sent: bytes | None = None
+    with deadletters.CHANGES.watch() as changed:
+        while (left := deadline - loop.time()) > 0:
+            changed.clear()
+            items = await read()
+            body = orjson.dumps({"items": [i.model_dump(mode="json") for i in items]})
+            if body != sent:
+                yield b"event: letters\ndata: " + body + b"\n\n"
+                sent = body
+            wait = SETTLING_CHECK_S if _settling(items) else HEARTBEAT_S
+            try:
+                async with asyncio.timeout(min(wait, left)):
+                    await changed.wait()
+            except TimeoutError:
+                if wait == HEARTBEAT_S:
+                    yield b": keep-alive\n\n"
+    yield b"event: timeout\ndata: {}\n\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
@@ -14,6 +14,11 @@ T = TypeVar("T")
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
 Cursor = Annotated[
     str | None, Query(description="`next_cursor` of the previous page; omit for the first.")
+]
+Order = Annotated[
+    Literal["asc", "desc"],
+    Query(description="`asc`: in key order; `desc`: the other way (ids in time order: newest "
+                      "first)."),
 ]
 
 
@@ -28,9 +33,11 @@ async def page_of(
     where: dict[str, str | int | bool],
     cursor: str | None,
     limit: int,
+    order: str = "asc",
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of documents and the cursor of the next page (None on the last)."""
-    rows = await store.find_documents(collection, where=where, after_key=cursor, limit=limit + 1)
+    rows = await store.find_documents(collection, where=where, after_key=cursor, limit=limit + 1,
+                                      descending=order == "desc")
     more = len(rows) > limit
     rows = rows[:limit]
     return [body for _, body in rows], (rows[-1][0] if more and rows else None)

@@ -174,11 +174,19 @@ async def trail(store: EventStore, correlation_id: str) -> list[dict[str, Any]]:
 
 
 async def verify(store: EventStore) -> dict[str, Any]:
-    """Walk the whole chain; report every modified, deleted or relinked entry."""
+    """Walk the whole chain; report every modified, deleted or relinked entry.
+
+    The head is read first and the walk stops at it: entries and head are committed
+    together, so entries past a head read earlier were appended since (the sequencer keeps
+    going while verify runs). Reading the head last, a live chain looked truncated whenever
+    an append landed between the walk and that read."""
     verifier = domain.Verifier()
-    async for page in entries(store):
-        verifier.feed(page)
     head = await store.get_document(HEAD, LOG)
+    end = int(head["sequence"]) if head is not None else None
+    async for page in entries(store):
+        verifier.feed(page if end is None else [(n, e) for n, e in page if n <= end])
+        if end is not None and page[-1][0] >= end:
+            break
     if head is not None:
         verifier.finish(int(head["sequence"]), str(head["hash"]))
     return verifier.report()

@@ -794,7 +794,8 @@ class PostgresEventStore(EventStore):
                 self._holes.setdefault(gap, horizon)
 
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
         params: list[Any] = [after]
         sql = f"{_SELECT_EVENTS} WHERE global_position > $1"
@@ -803,6 +804,8 @@ class PostgresEventStore(EventStore):
             params.append(value)
             return f"${len(params)}"
 
+        if before is not None:
+            sql += f" AND global_position < {arg(before)}"
         if where.stream_id is not None:
             sql += f" AND stream_id = {arg(where.stream_id)}"
         if where.aggregates:
@@ -816,7 +819,8 @@ class PostgresEventStore(EventStore):
             sql += f" AND occurred_at >= {arg(where.since)}"
         if where.until is not None:
             sql += f" AND occurred_at <= {arg(where.until)}"
-        rows = await self._fetch(f"{sql} ORDER BY global_position LIMIT {arg(limit)}", *params)
+        order = "global_position DESC" if descending else "global_position"
+        rows = await self._fetch(f"{sql} ORDER BY {order} LIMIT {arg(limit)}", *params)
         with collector_paused():
             return [StoredEvent(*r) for r in rows]
 
@@ -860,6 +864,7 @@ class PostgresEventStore(EventStore):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
         sql = "SELECT key, body FROM documents WHERE collection = $1"
         params: list[Any] = [collection]
@@ -868,9 +873,10 @@ class PostgresEventStore(EventStore):
             sql += f" AND body @> ${len(params)}::jsonb"
         if after_key is not None:
             params.append(after_key)
-            sql += f" AND key > ${len(params)}"
+            sql += f" AND key {'<' if descending else '>'} ${len(params)}"
         params.append(limit)
-        rows = await self._fetch(f"{sql} ORDER BY key LIMIT ${len(params)}", *params)
+        order = "key DESC" if descending else "key"
+        rows = await self._fetch(f"{sql} ORDER BY {order} LIMIT ${len(params)}", *params)
         return [(r[0], r[1]) for r in rows]
 
     # -- snapshots ----------------------------------------------------------------------

@@ -427,10 +427,14 @@ class SqliteEventStore(EventStore):
         )
 
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
         sql = f"{_READ_EVENTS} WHERE global_position > ?"
         params: list[Any] = [after]
+        if before is not None:
+            sql += " AND global_position < ?"
+            params.append(before)
         if where.stream_id is not None:
             sql += " AND stream_id = ?"
             params.append(where.stream_id)
@@ -452,8 +456,9 @@ class SqliteEventStore(EventStore):
         if where.until is not None:
             sql += " AND occurred_at <= ?"
             params.append(to_micros(where.until))
+        order = " DESC" if descending else ""
         return await self._read_events(
-            sql + " ORDER BY global_position LIMIT ?", [*params, limit])
+            sql + f" ORDER BY global_position{order} LIMIT ?", [*params, limit])
 
     async def read_event(self, event_id: str) -> RecordedEvent:
         events = await self._read_events(f"{_READ_EVENTS} WHERE event_id = ?", (event_id,))
@@ -505,6 +510,7 @@ class SqliteEventStore(EventStore):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
         sql = "SELECT key, body FROM documents WHERE collection = ?"
         params: list[Any] = [collection]
@@ -512,9 +518,10 @@ class SqliteEventStore(EventStore):
             sql += " AND json_extract(body, ?) = json_extract(?, '$')"
             params += [f'$."{field_name}"', orjson.dumps(value).decode()]
         if after_key is not None:
-            sql += " AND key > ?"
+            sql += " AND key < ?" if descending else " AND key > ?"
             params.append(after_key)
-        rows = await self._read(sql + " ORDER BY key LIMIT ?", [*params, limit])
+        order = " ORDER BY key DESC LIMIT ?" if descending else " ORDER BY key LIMIT ?"
+        rows = await self._read(sql + order, [*params, limit])
         return [(r[0], orjson.loads(r[1])) for r in rows]
 
     # -- snapshots ----------------------------------------------------------------------

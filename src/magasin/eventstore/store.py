@@ -311,11 +311,13 @@ class EventStore(ABC):
 
     @abstractmethod
     async def read_events(
-        self, where: EventFilter, *, after: int = 0, limit: int = 100
+        self, where: EventFilter, *, after: int = 0, limit: int = 100,
+        before: int | None = None, descending: bool = False,
     ) -> list[RecordedEvent]:
-        """Up to `limit` events matching `where` with global_position > `after`, in position
-        order: for browsing and historical queries. Unlike `read_all` it is not gap-safe
-        (an event may commit later below the last position returned): never tail with it."""
+        """Up to `limit` events matching `where` with `after` < global_position < `before`,
+        in position order (`descending`: newest first): for browsing and historical
+        queries. Unlike `read_all` it is not gap-safe (an event may commit later below the
+        last position returned): never tail with it."""
 
     @abstractmethod
     async def read_event(self, event_id: str) -> RecordedEvent:
@@ -353,8 +355,11 @@ class EventStore(ABC):
         where: Mapping[str, str | int | bool] | None = None,
         after_key: str | None = None,
         limit: int = 100,
+        descending: bool = False,
     ) -> list[tuple[str, JsonDict]]:
-        """(key, body) pairs in key order; `where` matches top-level fields for equality."""
+        """(key, body) pairs in key order; `where` matches top-level fields for equality.
+        `descending`: in reverse key order, `after_key` then being the key the page goes on
+        below (the last key of the previous page either way)."""
 
     # -- snapshots ----------------------------------------------------------------------
 

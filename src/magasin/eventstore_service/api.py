@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 
-from magasin.api.paging import Cursor
+from magasin.api.paging import Cursor, Order
 from magasin.eventstore.store import EventFilter, EventStore
 from magasin.eventstore_service import history
 from magasin.eventstore_service.replay import Replayer
@@ -45,15 +45,23 @@ def router(store: EventStore) -> APIRouter:
         until: Annotated[datetime | None, Query(
             alias="to", description="Occurred at or before (ISO-8601).")] = None,
         after: Annotated[int, Query(ge=0, description="Global position to start after.")] = 0,
+        before: Annotated[int | None, Query(
+            ge=1, description="Only events below this global position.")] = None,
         cursor: Cursor = None,
         limit: PageSize = 100,
+        order: Order = "asc",
     ) -> dict[str, Any]:
-        """The log, filtered, in global position order; `next_cursor` is the last position
-        of the page (pass it as `cursor` or `after`), null on the last page."""
+        """The log, filtered, in global position order (`order=desc`: newest first);
+        `next_cursor` is the last position of the page (pass it as `cursor`; or as `after`,
+        `before` when descending), null on the last page."""
+        descending = order == "desc"
         if cursor is not None:
             if not cursor.isdigit():
                 raise InvalidInput(f"cursor must be a global position, got {cursor!r}")
-            after = max(after, int(cursor))
+            if descending:
+                before = min(before or int(cursor), int(cursor))
+            else:
+                after = max(after, int(cursor))
         where = EventFilter(
             stream_id=stream_id,
             aggregates=tuple(aggregate_type or ()),
@@ -62,7 +70,8 @@ def router(store: EventStore) -> APIRouter:
             since=history.utc(since) if since else None,
             until=history.utc(until) if until else None,
         )
-        events = await store.read_events(where, after=after, limit=limit + 1)
+        events = await store.read_events(where, after=after, before=before, limit=limit + 1,
+                                         descending=descending)
         more = len(events) > limit
         events = events[:limit]
         return {

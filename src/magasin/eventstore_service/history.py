@@ -31,11 +31,14 @@ AsOf = Annotated[datetime | None, Query(
 
 def page(
     rows: list[dict[str, Any]], key: str, where: dict[str, str | None], cursor: str | None,
-    limit: int,
+    limit: int, descending: bool = False,
 ) -> dict[str, Any]:
-    """A page of rows sorted by `key`, those matching `where` (None = any), after `cursor`."""
+    """A page of rows sorted by `key`, those matching `where` (None = any), after `cursor`
+    (`descending`: the other way round, the page going on below `cursor`)."""
+    if descending:
+        rows = sorted(rows, key=lambda r: r[key], reverse=True)
     kept = [r for r in rows if all(v is None or r.get(f) == v for f, v in where.items())
-            and (cursor is None or r[key] > cursor)]
+            and (cursor is None or (r[key] < cursor if descending else r[key] > cursor))]
     more = len(kept) > limit
     kept = kept[:limit]
     return {"items": kept, "next_cursor": kept[-1][key] if more else None}

@@ -28,6 +28,8 @@ class Prefix:
 PREFIXES: tuple[Prefix, ...] = (
     Prefix("/api/transactions", "transaction"),
     Prefix("/api/sagas", "transaction"),
+    # Every process answers these alike (they only check the caller's key).
+    Prefix("/api/auth", "transaction"),
     # The operator console (pages, static files and its live feed of sales) is served by
     # magasin itself; in distributed mode by the transaction service, whose process sees
     # the sales as they change (transactions/feed.py).
@@ -57,6 +59,7 @@ class Stream:
 
 STREAMS: tuple[Stream, ...] = (
     Stream(r"^/api/transactions/[^/]+/events$", "transaction"),
+    Stream(r"^/api/transactions/live$", "transaction"),
 )
 
 FANOUT = ("/health", "/api/projections", "/api/dead-letters", "/openapi.json")

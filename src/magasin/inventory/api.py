@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from magasin.api.paging import Cursor, Limit, Page, page_of
+from magasin.api.paging import Cursor, Limit, Order, Page, page_of
 from magasin.eventstore_service import history
 from magasin.inventory import readmodel
 from magasin.inventory.commands import restock
@@ -98,6 +98,30 @@ def router(ctx: ServiceContext) -> APIRouter:
         """Add units to a product's stock in a store; returns the updated line."""
         line = await restock(store, store_id, product_id, body.quantity, body.reason)
         return StockLineOut.model_validate(line)
+
+    @api.get("/api/reservations", response_model=Page[ReservationOut])
+    async def list_reservations(
+        store_id: str | None = None,
+        status: Annotated[
+            Literal["RESERVED", "UNAVAILABLE", "RELEASED", "COMMITTED", "VOIDED"] | None,
+            Query(description="RESERVED = held now (see `expires_at`)."),
+        ] = None,
+        cursor: Cursor = None,
+        limit: Limit = 50,
+        order: Order = "asc",
+    ) -> Page[ReservationOut]:
+        """Reservations by transaction id, which is in the order sales were made
+        (`order=desc`: newest first), of one store and in one status if given."""
+        where: dict[str, str | int | bool] = {}
+        if store_id:
+            where["store_id"] = store_id
+        if status:
+            where["status"] = status
+        docs, next_cursor = await page_of(store, readmodel.RESERVATIONS, where, cursor, limit,
+                                          order)
+        return Page[ReservationOut](
+            items=[ReservationOut.model_validate(d) for d in docs], next_cursor=next_cursor
+        )
 
     @api.get("/api/reservations/{transaction_id}", response_model=ReservationOut)
     async def get_reservation(transaction_id: Id) -> ReservationOut:

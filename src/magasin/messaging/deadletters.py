@@ -4,9 +4,11 @@ a requeue that every adapter shares."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 
@@ -29,6 +31,31 @@ REQUEUES = "bus.requeue"
 twice fails, so two operators requeueing at once cannot both succeed."""
 log = logging.getLogger("magasin.messaging.deadletters")
 
+
+class Changes:
+    """Wakes the live listings of this process once a dead letter was recorded, requeued,
+    archived or put back (after the commit). Whose letters changed is not said: a woken
+    listing reads its letters again, so a wake for another runtime's letters costs one read."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
+
+    @contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        waiter = asyncio.Event()
+        self._waiters.add(waiter)
+        try:
+            yield waiter
+        finally:
+            self._waiters.discard(waiter)
+
+
+CHANGES = Changes()
+
 # dispatch.deliver records a handler failure as "<ExceptionClass>: <message>"; every other
 # reason is about a message its consumer could not decode or validate.
 _FAILURE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
@@ -48,7 +75,16 @@ def record(uow: UnitOfWork, letter: DeadLetter) -> None:
     uow.after_commit(lambda: _alert(letter))
 
 
+async def handled(store: EventStore, letter: DeadLetter) -> bool | None:
+    """For a requeued letter, whether its consumer has handled the message since (its
+    inbox holds the event: the requeue took effect); None for any other letter."""
+    if letter.status is not DeadLetterStatus.REQUEUED or letter.event is None:
+        return None
+    return await store.is_processed(letter.consumer, letter.event.event_id)
+
+
 def _alert(letter: DeadLetter) -> None:
+    CHANGES.notify()
     metrics.dead_lettered(letter.consumer, reason_kind(letter.reason))
     log.error(
         "dead-lettered %s for consumer %s after %d attempt(s): %s",
@@ -104,6 +140,7 @@ async def archive(store: EventStore, letter_id: str) -> DeadLetter:
     archived = letter.with_status(DeadLetterStatus.ARCHIVED, utcnow())
     async with store.transaction() as uow:
         uow.put_document(COLLECTION, letter.id, archived.to_document())
+    CHANGES.notify()
     log.info("dead letter %s archived", letter.id)
     return archived
 
@@ -137,6 +174,7 @@ async def claim_requeue(
                 extra(uow, letter)
     except AlreadyProcessed as exc:
         raise Conflict(f"dead letter {letter.id} is requeued already") from exc
+    CHANGES.notify()
     log.info("dead letter %s requeued to consumer %s", letter.id, letter.consumer)
     return requeued
 
@@ -149,6 +187,7 @@ async def undo_requeue(store: EventStore, requeued: DeadLetter) -> None:
     )
     async with store.transaction() as uow:
         uow.put_document(COLLECTION, pending.id, pending.to_document())
+    CHANGES.notify()
 
 
 def _from_document(key: str, doc: dict[str, object]) -> DeadLetter:

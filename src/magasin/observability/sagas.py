@@ -5,7 +5,9 @@ The consumer reads the transaction stream's events (TransactionCreated, the saga
 records, TransactionCompleted/Cancelled). It keeps one document per saga in flight (when it
 started, the furthest step reached) so durations and the active-by-step gauge survive a
 restart; counters are bumped only once the unit of work commits, and its inbox keeps a
-redelivered event from counting twice.
+redelivered event from counting twice. Each finished saga also leaves a small record keyed
+by the moment it ended (collection `metrics.saga_ends`), from which rolling statistics over
+the last minutes are read (`transactions/stats.py`) in any process, after any restart.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from datetime import datetime
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
 from magasin.observability import metrics
+from magasin.shared.clock import to_micros
 from magasin.shared.messages import RecordedEvent
 
 CONSUMER = "transaction.saga-metrics"
 COLLECTION = "metrics.sagas"
+ENDS = "metrics.saga_ends"
+"""One document per finished saga, keyed `<end micros, 20 digits>:<transaction id>` so a
+time range is a key range: {transaction_id, store_id, status, reason, ended_at, duration_s}."""
 SAGA = "transaction"
 
 # The saga's steps in the order the domain ranks its statuses: a saga only moves forward,
@@ -73,12 +79,23 @@ async def _on_end(event: RecordedEvent, uow: UnitOfWork) -> None:
         first = await uow.read_stream(event.stream_id, to_version=1)
         started = first[0].occurred_at if first else event.occurred_at
     seconds = max(0.0, (event.occurred_at - started).total_seconds())
+    uow.put_document(ENDS, end_key(event.occurred_at, saga_id), {
+        "transaction_id": saga_id, "store_id": event.payload.get("store_id"),
+        "status": "COMPLETED" if outcome == "completed" else "CANCELLED",
+        "reason": event.payload.get("reason"), "ended_at": event.occurred_at.isoformat(),
+        "duration_s": round(seconds, 6),
+    })
 
     def count() -> None:
         metrics.SAGAS_FINISHED.labels(SAGA, outcome).inc()
         metrics.SAGA_DURATION.labels(SAGA, outcome).observe(seconds)
 
     uow.after_commit(count)
+
+
+def end_key(ended_at: datetime, saga_id: str) -> str:
+    """Key of a finished saga's record: fixed-width microseconds, so keys sort by time."""
+    return f"{to_micros(ended_at):020d}:{saga_id}"
 
 
 async def active_by_step(store: EventStore) -> Counter[str]:

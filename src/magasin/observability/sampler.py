@@ -1,5 +1,6 @@
 """Samples the gauges that need a query (outbox backlog, pending dead letters, projection lag,
-sagas in flight by step) every few seconds, since a scrape cannot await the store."""
+sagas in flight by step) every few seconds, since a scrape cannot await the store; the last
+sample is also kept on the runtime for `/health` (`Runtime.last_sample`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from magasin import projections
 from magasin.observability import metrics, sagas
+from magasin.shared.clock import utcnow
 
 if TYPE_CHECKING:
     from magasin.bootstrap import Runtime
@@ -39,6 +41,7 @@ async def sample_once(runtime: Runtime) -> None:
             await step()
         except Exception as exc:  # a store hiccup must not stop the sampling
             log.warning("could not sample %s: %r", what, exc)
+    runtime.last_sample["sampled_at"] = utcnow().isoformat()
 
 
 def _service_label(runtime: Runtime) -> str:
@@ -49,6 +52,7 @@ def _service_label(runtime: Runtime) -> str:
 async def _outbox(runtime: Runtime) -> None:
     backlog = await runtime.store.outbox_backlog()
     metrics.OUTBOX_BACKLOG.labels(_service_label(runtime)).set(backlog)
+    runtime.last_sample["outbox_backlog"] = backlog
 
 
 async def _dead_letters(runtime: Runtime) -> None:
@@ -56,6 +60,7 @@ async def _dead_letters(runtime: Runtime) -> None:
     consumers = {c for s in runtime.services for c in s.consumers} | set(pending)
     for consumer in consumers:
         metrics.DEAD_LETTER_BACKLOG.labels(consumer).set(pending.get(consumer, 0))
+    runtime.last_sample["dead_letters_pending"] = {c: pending.get(c, 0) for c in sorted(consumers)}
 
 
 async def _active_sagas(runtime: Runtime) -> None:
@@ -63,6 +68,8 @@ async def _active_sagas(runtime: Runtime) -> None:
 
 
 async def _projection_lag(runtime: Runtime) -> None:
-    for lag in await projections.lags(runtime.store):
+    found = await projections.lags(runtime.store)
+    for lag in found:
         metrics.PROJECTION_LAG.labels(lag.name).set(lag.lag_events)
         metrics.PROJECTION_LAG_SECONDS.labels(lag.name).set(lag.lag_seconds)
+    runtime.last_sample["projections"] = [lag.as_dict() for lag in found]

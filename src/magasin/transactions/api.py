@@ -1,4 +1,5 @@
-"""HTTP API of the transaction service: create a sale, read it, follow it live (SSE)."""
+"""HTTP API of the transaction service: create a sale, read it, follow it live (SSE), watch
+every sale live (SSE) and the rolling statistics of how sagas end."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-from magasin.api.paging import Cursor, Limit, Page, page_of
+from magasin.api.auth import STREAM_TOKEN_ALLOWED
+from magasin.api.paging import Cursor, Limit, Order, Page, page_of
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
 from magasin.eventstore_service import history
@@ -21,9 +23,9 @@ from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
-from magasin.transactions import readmodel
+from magasin.transactions import readmodel, stats
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
-from magasin.transactions.feed import StatusFeed
+from magasin.transactions.feed import RELOAD, StatusFeed
 from magasin.transactions.projection import new_document
 
 sales = Repository(Transaction)
@@ -79,6 +81,36 @@ class TransactionView(BaseModel):
     updated_at: str
     version: int
     history: list[StatusChange]
+
+
+VIEW_FIELDS = tuple(TransactionView.model_fields)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class SagaBucket(BaseModel):
+    start: str
+    completed: int
+    cancelled: int
+    per_s: float
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+class SagaStats(BaseModel):
+    now: str
+    window_s: int
+    bucket_s: int
+    store_id: str | None
+    finished: int
+    completed: int
+    cancelled: int
+    cancelled_by_reason: dict[str, int]
+    per_s: float = Field(description="Sagas finished per second over the window.")
+    p50_ms: float | None = Field(description="Median duration, creation to end.")
+    p95_ms: float | None
+    in_flight: dict[str, int] | None = Field(
+        description="Sagas not finished, by the step they reached (all stores only).")
+    buckets: list[SagaBucket]
 
 
 async def create(
@@ -170,12 +202,14 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         status: Status | None = None,
         customer_id: str | None = None,
         as_of: history.AsOf = None,
+        order: Order = "asc",
     ) -> dict[str, Any]:
+        """Sales by id, which is in creation order (`order=desc`: newest first)."""
         if as_of is not None:  # the list as it was then, replayed from the log
             return history.page(
                 await history.transactions_as_of(store, history.utc(as_of)), "transaction_id",
                 {"store_id": store_id, "status": status.value if status else None,
-                 "customer_id": customer_id}, cursor, limit)
+                 "customer_id": customer_id}, cursor, limit, descending=order == "desc")
         where: dict[str, str | int | bool] = {}
         if store_id:
             where["store_id"] = store_id
@@ -183,8 +217,57 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
             where["status"] = status.value
         if customer_id:
             where["customer_id"] = customer_id
-        items, next_cursor = await page_of(store, readmodel.TRANSACTIONS, where, cursor, limit)
+        items, next_cursor = await page_of(
+            store, readmodel.TRANSACTIONS, where, cursor, limit, order
+        )
         return {"items": items, "next_cursor": next_cursor}
+
+    @api.get(
+        "/live",
+        response_class=StreamingResponse,
+        openapi_extra=STREAM_TOKEN_ALLOWED,
+        responses={200: {"content": {"text/event-stream": {}}, "description":
+                         "`sale` events (a sale's document, at each change), `gone` when a "
+                         "sale leaves the `status` filter, `reload` when the client fell "
+                         "behind, `timeout` at the end."}},
+    )
+    async def watch_transactions(
+        store_id: str | None = None,
+        status: Status | None = None,
+        customer_id: str | None = None,
+        recent: Annotated[int, Query(
+            ge=0, le=500, description="First send this many of the newest matching sales.")
+        ] = 0,
+        max_wait: Annotated[
+            float, Query(alias="timeout", gt=0, le=86400, description="Seconds.")
+        ] = 3600,
+    ) -> StreamingResponse:
+        """Server-Sent Events: every change of every sale matching the filters, as it is
+        committed; sales are sent whole (as `GET /api/transactions/{id}` answers)."""
+        where: dict[str, str | int | bool] = {}
+        if store_id:
+            where["store_id"] = store_id
+        if customer_id:
+            where["customer_id"] = customer_id
+        if status:
+            where["status"] = status.value
+        return StreamingResponse(
+            _live_stream(store, feed, where, recent, max_wait),
+            media_type="text/event-stream", headers=SSE_HEADERS,
+        )
+
+    @api.get("/stats", response_model=SagaStats)
+    async def saga_stats(
+        window: Annotated[int, Query(
+            ge=10, le=stats.RETENTION_S, description="Seconds back from now.")] = 300,
+        bucket: Annotated[int, Query(ge=1, le=3600, description="Seconds per bucket.")] = 10,
+        store_id: str | None = None,
+    ) -> dict[str, Any]:
+        """How the sagas that ended in the last `window` seconds ended: by outcome and
+        reason, per second, p50/p95 duration, per bucket; and those in flight by step."""
+        if window / bucket > 720:
+            raise BusinessRuleViolation("at most 720 buckets: choose a larger bucket")
+        return await stats.rolling(store, window, bucket, store_id)
 
     @api.get("/{transaction_id}", response_model=TransactionView)
     async def get_transaction(
@@ -217,6 +300,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     @api.get(
         "/{transaction_id}/events",
         response_class=StreamingResponse,
+        openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}},
                          "description": "One `status` event per change, until terminal."}},
     )
@@ -231,8 +315,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
             raise NotFound(f"no transaction {transaction_id}")
         return StreamingResponse(
             _status_stream(store, feed, transaction_id, max_wait),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
     return api
@@ -263,3 +346,56 @@ async def _status_stream(
             except TimeoutError:
                 yield b": keep-alive\n\n"
     yield b"event: timeout\ndata: {}\n\n"
+
+
+def _sse(kind: bytes, data: object) -> bytes:
+    return b"event: " + kind + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _previous_status(doc: Any) -> str | None:
+    """The sale's status before its latest change (which may have passed several)."""
+    before = [h["status"] for h in doc["history"] if h["version"] < doc["version"]]
+    return before[-1] if before else None
+
+
+def _view(doc: Any) -> dict[str, Any]:
+    return {field: doc[field] for field in VIEW_FIELDS}
+
+
+async def _live_stream(
+    store: EventStore, feed: StatusFeed, where: dict[str, str | int | bool], recent: int,
+    max_wait: float,
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait
+    status = where.get("status")
+    others = [(k, v) for k, v in where.items() if k != "status"]
+    # Watch before reading the newest sales, so a change committed in between is not lost
+    # (it may come twice: a client keeps the higher `version` of a sale).
+    with feed.watch() as watcher:
+        if recent:
+            rows = await store.find_documents(readmodel.TRANSACTIONS, where=where,
+                                              limit=recent, descending=True)
+            for _, newest in rows:
+                yield _sse(b"sale", _view(newest))
+        yield b"event: ready\ndata: {}\n\n"
+        while (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(min(SSE_HEARTBEAT_S, left)):
+                    doc = await watcher.queue.get()
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if doc is RELOAD:
+                yield b"event: reload\ndata: {}\n\n"
+                continue
+            if any(doc[k] != v for k, v in others):
+                continue
+            if status is not None and doc["status"] != status:
+                if _previous_status(doc) == status:  # it left the filtered set
+                    yield _sse(b"gone", {"transaction_id": doc["transaction_id"],
+                                         "status": doc["status"]})
+                continue
+            yield _sse(b"sale", _view(doc))
+    yield b"event: timeout\ndata: {}\n\n"
+

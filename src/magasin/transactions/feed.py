@@ -1,23 +1,58 @@
-"""Wakes the clients following a sale (SSE) when its read model changes in this process."""
+"""Wakes the clients following a sale (SSE) when its read model changes in this process, and
+hands every change to the clients watching all sales (the live feed)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
+
+LIVE_BUFFER = 2000
+"""Changes a live client may fall behind by before it is told to reload."""
+RELOAD: Mapping[str, Any] = {}
+"""Put in a watcher's queue (this very object) in place of the changes it dropped."""
+
+
+class Watcher:
+    """One client of the live feed: the changed sale documents waiting to be sent."""
+
+    def __init__(self, buffer: int = LIVE_BUFFER) -> None:
+        self.queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue(buffer)
+
+    def offer(self, doc: Mapping[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(doc)
+        except asyncio.QueueFull:
+            # A slow client must not hold memory for every sale: it drops what waits and
+            # is told to reload instead (the list endpoint is the source of truth).
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(RELOAD)
 
 
 class StatusFeed:
     """The transaction service's projection and its API live in one process, in both modes,
-    so a committed change can wake exactly the streams that follow that sale."""
+    so a committed change can wake exactly the streams that follow that sale, and be handed
+    to the streams that watch every sale. With several processes of the transaction service
+    each feed sees the changes its own process projected (see README, "Console")."""
 
     def __init__(self) -> None:
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._watchers: set[Watcher] = set()
 
-    def changed(self, transaction_id: str) -> None:
+    def changed(self, transaction_id: str, doc: Mapping[str, Any] | None = None) -> None:
         for waiter in self._waiters.get(transaction_id, ()):
             waiter.set()
+        if doc is not None:
+            for watcher in self._watchers:
+                watcher.offer(doc)
+
+    @property
+    def watched(self) -> bool:
+        """Whether any live client is connected (else the projection hands it nothing)."""
+        return bool(self._watchers)
 
     @contextmanager
     def follow(self, transaction_id: str) -> Iterator[asyncio.Event]:
@@ -31,3 +66,13 @@ class StatusFeed:
             self._waiters[transaction_id].discard(waiter)
             if not self._waiters[transaction_id]:
                 del self._waiters[transaction_id]
+
+    @contextmanager
+    def watch(self, buffer: int = LIVE_BUFFER) -> Iterator[Watcher]:
+        """Every sale document committed from now on, in commit order, until the block ends."""
+        watcher = Watcher(buffer)
+        self._watchers.add(watcher)
+        try:
+            yield watcher
+        finally:
+            self._watchers.discard(watcher)

@@ -75,9 +75,10 @@ def projection(feed: StatusFeed | None = None) -> Projection:
     async def created(event: RecordedEvent, unit: ProjectionUnit) -> None:
         tid = event.payload["transaction_id"]
         if await unit.get_document(TRANSACTIONS, tid) is None:
-            unit.put_document(TRANSACTIONS, tid, new_document(event))
+            doc = new_document(event)
+            unit.put_document(TRANSACTIONS, tid, doc)
             if feed is not None:
-                _wake(unit, tid)
+                _wake(unit, tid, doc)
 
     async def fact(event: RecordedEvent, unit: ProjectionUnit) -> None:
         p = event.payload
@@ -109,11 +110,18 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         doc["status"], doc["version"], doc["updated_at"] = after, version, at
         unit.put_document(TRANSACTIONS, tid, doc)
         if feed is not None:
-            _wake(unit, tid)
+            _wake(unit, tid, doc)
 
-    def _wake(unit: ProjectionUnit, tid: str) -> None:
-        if feed is not None:
+    def _wake(unit: ProjectionUnit, tid: str, doc: dict[str, Any]) -> None:
+        if feed is None:
+            return
+        if not feed.watched:
             unit.after_commit(lambda: feed.changed(tid))
+            return
+        # The live feed gets this change as it is now: a later event of the same batch
+        # changes the document in place.
+        state = {**doc, "history": list(doc["history"])}
+        unit.after_commit(lambda: feed.changed(tid, state))
 
     facts = (
         "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded", "CompensationStarted",

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from magasin.observability import sagas as saga_metrics
 from magasin.service import Service, ServiceContext
-from magasin.transactions import api, sagas, sagas_api
+from magasin.transactions import api, sagas, sagas_api, stats
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.feed import StatusFeed
 from magasin.transactions.handlers import catalog_handlers, notifier_handlers, saga_handlers
@@ -30,7 +30,8 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             saga_metrics.CONSUMER: saga_metrics.handlers(),
         },
         router=routes,
-        loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s),),
+        loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s),
+               stats.prune_loop(ctx.store)),
         projections=(projection(feed),),
         on_stop=(http.aclose,),
     )
