@@ -69,7 +69,8 @@ def sample(path: str, service: str) -> str:
 
 
 SHARED = {"/health", "/metrics", "/api/projections", "/api/dead-letters",
-          "/api/dead-letters/requeue"}
+          "/api/dead-letters/requeue", "/api/dead-letters/live", "/api/auth/whoami",
+          "/api/auth/stream-token"}
 """Paths every service serves: each has its own test below."""
 
 
@@ -151,6 +152,9 @@ def test_a_dead_letter_is_operated_on_by_the_service_holding_it(url: str) -> Non
         # Unknown to every service: any one of them gives embedded mode's answer.
         assert served("GET", "/api/dead-letters/nobody:abc") == "transaction"
         assert served("POST", "/api/dead-letters/requeue", consumer="nobody") == "transaction"
+        # The live listing streams from the service of `consumer` (transaction without one).
+        assert served("GET", "/api/dead-letters/live", consumer="payment") == "payment"
+        assert served("GET", "/api/dead-letters/live") == "transaction"
 
 
 def test_projections_and_health_are_every_service_s_merged(url: str) -> None:
