@@ -19,8 +19,10 @@ from magasin.projections import (
     lags,
     rebuild,
 )
-from magasin.projections.projection import DocumentCache, project
+from magasin.projections import projection as projection_module
+from magasin.projections.projection import DocumentCache, fenced, generation_name, project
 from magasin.projections.rebuild import MEMORY_LIMIT
+from magasin.projections.runner import status_of
 from magasin.shared.clock import utcnow
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
@@ -242,6 +244,33 @@ async def test_a_rebuild_swaps_in_while_live_updates_keep_coming_and_loses_none(
     assert rebuilt == await from_scratch(store, projection)
     assert sum(doc["deposits"] for doc in rebuilt.values()) == 200 + sent
     assert await documents(store, ACCOUNTS + "~rebuild") == {}
+
+
+async def test_a_swap_fence_left_by_a_dead_rebuild_pauses_the_runner_then_is_broken(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    projection = accounts()
+    await deposit(store, "alice", 1)
+    await catch_up(store, projection)
+    generation = generation_name(projection.name)
+    async with store.transaction() as uow:  # a rebuild fenced the runners off, then died
+        uow.set_checkpoint(generation, fenced(0), expected=0)
+    monkeypatch.setattr(projection_module, "FENCE_TIMEOUT_S", 0.5)
+    runner = ProjectionRunner(store, [projection], poll_interval=0.01)
+    await runner.start()
+    try:
+        await deposit(store, "alice", 2)
+
+        async def paused() -> bool:
+            return status_of(store, projection.name) == "paused"
+
+        await until(paused)
+        assert await documents(store) == {"alice": {"balance": 1, "deposits": 1}}
+        await until(lambda: caught_up(store, projection))
+    finally:
+        await runner.stop()
+    assert await documents(store) == {"alice": {"balance": 3, "deposits": 2}}
+    assert await store.get_checkpoint(generation) == 1
 
 
 @pytest.mark.parametrize("memory_limit", [IN_MEMORY, SPILLED], ids=["in_memory", "spilled"])

@@ -22,7 +22,7 @@ class ProjectionLag:
     lag_seconds: float
     """Age of the oldest event not projected yet; 0 when caught up."""
     status: str
-    """running, caught_up, failing, starting, or stopped (no runner in this process)."""
+    """running, caught_up, paused, failing, starting, or stopped (no runner in this process)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

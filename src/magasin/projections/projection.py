@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.shared.errors import ConcurrencyError
 from magasin.shared.messages import JsonDict, RecordedEvent
+
+log = logging.getLogger("magasin.projections")
 
 SHADOW_SUFFIX = "~rebuild"
 
@@ -18,8 +23,51 @@ def checkpoint_name(projection: str) -> str:
 
 def generation_name(projection: str) -> str:
     """Bumped by each swap of a rebuild: a live batch computed from the documents the swap
-    replaced must not commit over them."""
+    replaced must not commit over them. Negative while a rebuild holds the swap fence."""
     return f"projection:{projection}:generation"
+
+
+FENCE_TIMEOUT_S = 30.0
+"""How long live runners wait on a rebuild's swap fence before they break it (the
+rebuild died holding it); a rebuild that is merely slow then fences again."""
+
+
+def fenced(generation: int) -> int:
+    """The generation's value while a rebuild swaps in: live batches stop committing (their
+    expected generation no longer matches) and wait until the swap sets `generation + 1`.
+    Without the fence a swap raced every live commit and could lose for ever under a
+    steady stream of events; with it, it wins on the first try."""
+    return -(generation + 1)
+
+
+async def live_generation(
+    store: EventStore, projection: str, poll: float, on_wait: Callable[[], None] | None = None,
+) -> int:
+    """The projection's generation once no swap fence holds it (see `fenced`): waits while
+    one does, and breaks a fence older than FENCE_TIMEOUT_S."""
+    name = generation_name(projection)
+    generation = await store.get_checkpoint(name)
+    if generation >= 0:
+        return generation
+    loop = asyncio.get_running_loop()
+    since, held = loop.time(), generation
+    while generation < 0:
+        if on_wait is not None:
+            on_wait()
+        if generation != held:
+            since, held = loop.time(), generation
+        elif loop.time() - since > FENCE_TIMEOUT_S:
+            try:
+                async with store.transaction() as uow:
+                    uow.set_checkpoint(name, -generation, expected=generation)
+            except ConcurrencyError:
+                pass  # the swap (or another runner) moved it meanwhile
+            else:
+                log.warning("projection %s: broke a swap fence held for %.0f s",
+                            projection, FENCE_TIMEOUT_S)
+        await asyncio.sleep(min(poll, 0.05))
+        generation = await store.get_checkpoint(name)
+    return generation
 
 
 def shadow_of(collection: str) -> str:

@@ -1,11 +1,15 @@
 """Rebuild a projection from position 0 into a shadow, then swap it in.
 
 Live reads keep using the live collections, and the live runner keeps updating them, while
-the shadow is filled. The swap is one unit of work: project the events the live
-checkpoint passed meanwhile into the shadow, make the shadow the live collections, and
-move the checkpoint on — on condition that it did not move since it was read. If it did
-(a live batch committed), the swap is abandoned, the shadow catches up and the swap is
-tried again, so no live update can be lost.
+the shadow is filled. Once the shadow is within `catch_up_gap` events of the live
+checkpoint, the rebuild fences the live runners off (the generation checkpoint turns
+negative: their batches stop committing and they wait), projects the events the live
+checkpoint passed meanwhile into the shadow, and swaps in one unit of work: the shadow
+becomes the live collections, the checkpoint moves on and the generation is bumped — on
+condition that neither moved since the fence. An earlier design retried the swap until no
+live batch committed in between; under a steady stream of events it could lose that race
+for a whole minute. A fence left by a rebuild that died is broken by the runners after
+FENCE_TIMEOUT_S.
 
 The shadow lives in memory while it fits (`memory_limit` documents): the swap then
 clears the live collections and writes the rebuilt documents into them, sorted by key, in
@@ -22,7 +26,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -31,7 +34,9 @@ from magasin.projections.projection import (
     DocumentCache,
     Projection,
     ProjectionUnit,
+    fenced,
     generation_name,
+    live_generation,
     project,
     shadow_of,
 )
@@ -44,7 +49,8 @@ Progress = Callable[[int, int], None]
 """Called with (position reached, head position) after each batch."""
 
 SWAP_DEADLINE_S = 60.0
-"""How long a swap keeps retrying against a live projection that keeps moving."""
+"""How long a rebuild keeps trying to catch up with, fence and swap in a live projection
+that keeps moving."""
 
 MEMORY_LIMIT = 200_000
 """Documents a rebuild keeps in memory before it spills them into shadow collections."""
@@ -183,33 +189,40 @@ async def rebuild(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SWAP_DEADLINE_S
         attempt = 0
+        name = generation_name(projection.name)
         while loop.time() < deadline:
             attempt += 1
-            if attempt > 1:
-                # Out of step with the live runner's commits, so that one of ours falls
-                # between two of theirs.
-                await asyncio.sleep(random.uniform(0, min(0.001 * attempt, 0.05)))
             live = await store.get_checkpoint(projection.checkpoint)
-            generation = await store.get_checkpoint(generation_name(projection.name))
             if live - after > gap:
                 await fill(live)  # far behind the live projection: catch up in batches
                 continue
-            rest = await _events(store, after, live)
-            unit = shadow.unit()
-            await project(projection, rest, unit)
-            position = max(after, rest[-1].global_position if rest else after)
-            if await store.get_checkpoint(projection.checkpoint) != live:
-                continue  # moved already: the commit would fail
+            # Fence the live runners off (see `fenced`): from here the live checkpoint
+            # stands still until the swap moves it.
+            generation = await live_generation(store, projection.name, 0.05)
+            fence = fenced(generation)
             try:
+                async with store.transaction() as uow:
+                    uow.set_checkpoint(name, fence, expected=generation)
+            except ConcurrencyError:
+                continue  # another rebuild swapped meanwhile
+            try:
+                live = await store.get_checkpoint(projection.checkpoint)
+                rest = await _events(store, after, live)
+                unit = shadow.unit()
+                await project(projection, rest, unit)
+                position = max(after, rest[-1].global_position if rest else after)
                 async with store.transaction() as uow:
                     shadow.stage_swap(uow, unit)
                     uow.set_checkpoint(projection.checkpoint, position, expected=live)
-                    name = generation_name(projection.name)
-                    uow.set_checkpoint(name, generation + 1, expected=generation)
+                    uow.set_checkpoint(name, generation + 1, expected=fence)
             except ConcurrencyError:
+                # A runner broke a fence it took for abandoned (FENCE_TIMEOUT_S).
                 log.info("projection %s moved during the swap; catching up (attempt %d)",
                          projection.name, attempt)
                 continue
+            except BaseException:
+                await _lift(store, name, fence, generation)
+                raise
             read += len(rest)
             if progress is not None:
                 progress(position, position)
@@ -218,6 +231,14 @@ async def rebuild(
         f"projection {projection.name} kept moving for {SWAP_DEADLINE_S:.0f} s: the rebuilt "
         "collections were not swapped in (the live ones are intact); try again"
     )
+
+
+async def _lift(store: EventStore, name: str, fence: int, generation: int) -> None:
+    """Give the live runners their projection back after a failed swap (the live
+    collections are intact: the swap is one unit of work)."""
+    with contextlib.suppress(Exception):
+        async with store.transaction() as uow:
+            uow.set_checkpoint(name, generation, expected=fence)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from magasin.projections.projection import (
     Projection,
     ProjectionUnit,
     generation_name,
+    live_generation,
     project,
 )
 from magasin.shared.errors import ConcurrencyError
@@ -49,7 +50,7 @@ def status_of(store: EventStore, name: str) -> str | None:
 class _Tail:
     projection: Projection
     status: str = "starting"
-    """starting, running, caught_up, failing or stopped."""
+    """starting, running, caught_up, paused (a rebuild's swap), failing or stopped."""
 
 
 class ProjectionRunner:
@@ -97,11 +98,14 @@ class ProjectionRunner:
             if mine.get(name) is tail:
                 del mine[name]
 
-    async def _position(self, projection: Projection) -> tuple[int, int]:
-        return (
-            await self.store.get_checkpoint(projection.checkpoint),
-            await self.store.get_checkpoint(generation_name(projection.name)),
-        )
+    async def _position(self, tail: _Tail) -> tuple[int, int]:
+        projection = tail.projection
+
+        def paused() -> None:
+            tail.status = "paused"  # a rebuild is swapping its collections in
+
+        generation = await live_generation(self.store, projection.name, self._poll, paused)
+        return await self.store.get_checkpoint(projection.checkpoint), generation
 
     async def _run(self, tail: _Tail) -> None:
         projection = tail.projection
@@ -110,7 +114,7 @@ class ProjectionRunner:
         while not self._stopping:
             try:
                 if position is None:
-                    position = await self._position(projection)
+                    position = await self._position(tail)
                 after, generation = position
                 page = await self._read(after, self._page)
                 if not page:
@@ -158,8 +162,8 @@ async def catch_up(store: EventStore, projection: Projection, page_size: int = 1
     """Project every event past the checkpoint, now, in this task; returns the checkpoint.
     (Tests, and tools that need the read model current without running a runner.)"""
     while True:
+        generation = await live_generation(store, projection.name, 0.05)
         after = await store.get_checkpoint(projection.checkpoint)
-        generation = await store.get_checkpoint(generation_name(projection.name))
         page = await store.read_all(after=after, limit=page_size)
         if not page:
             return after
