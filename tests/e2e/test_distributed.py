@@ -720,6 +720,44 @@ async def test_a_sale_s_status_streams_through_the_gateway_as_it_changes(
     assert seen == SAGA_STEPS
 
 
+async def test_a_sale_s_stream_follows_it_on_either_transaction_process(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """With two transaction processes both project the sales (whichever commits a batch
+    first); a client's stream is on either, and hears every change to the end, not at the
+    next heartbeat (15 s, past the streams' 10 s `timeout`)."""
+    second = cluster.spawn("transaction")
+    await second.healthy()
+    processes = [cluster.first("transaction"), second]
+    store, stock, _ = await stock_up(magasin, "Deux caisses", {"A": 50})
+    (product,) = stock
+
+    async def follow(url: str, transaction_id: str) -> list[str]:
+        seen: list[str] = []
+        async with magasin.client.stream(
+            "GET", f"{url}/api/transactions/{transaction_id}/events",
+            params={"timeout": 10},
+        ) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: timeout"):
+                    seen.append("timeout")
+                elif line.startswith("data:"):
+                    seen.append(json.loads(line[5:])["status"])
+        return seen
+
+    async def sale() -> list[list[str]]:
+        created = await magasin.sell(store, [(product, 1)])
+        tid = created["transaction_id"]
+        return list(await asyncio.gather(*(follow(p.url, tid) for p in processes)))
+
+    try:
+        streams = [s for pair in await asyncio.gather(*(sale() for _ in range(12)))
+                   for s in pair]
+    finally:
+        cluster.retire(second)
+    assert all(s and s[-1] == "COMPLETED" for s in streams), streams
+
+
 async def test_the_gateway_limits_each_api_key_to_its_rate(cluster: Cluster) -> None:
     """A burst above the limit gets 429 in the services' error shape with Retry-After;
     another key, under its limit, is never refused."""

@@ -4,6 +4,7 @@ competing runners, lag, and a rebuild that swaps in while live updates keep comi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -198,6 +199,50 @@ async def test_lags_lists_the_projections_a_runner_keeps_on_this_store(
     finally:
         await runner.stop()
     assert await lags(store) == []
+
+
+async def test_competing_runners_each_see_every_event_committed_by_them_or_elsewhere(
+    store: EventStore,
+) -> None:
+    """Two processes of a service project the same log: whichever loses a batch is told what
+    the other committed (its live clients must hear of every change)."""
+
+    def process() -> tuple[Projection, set[int]]:
+        seen: set[int] = set()
+        base = accounts()
+
+        async def deposited(event: RecordedEvent, unit: ProjectionUnit) -> None:
+            await base.handlers["Deposited"](event, unit)
+            unit.after_commit(lambda: seen.add(event.global_position))
+
+        async def elsewhere(_: EventStore, events: list[RecordedEvent]) -> None:
+            seen.update(e.global_position for e in events)
+
+        return dataclasses.replace(
+            base, handlers={"Deposited": deposited}, elsewhere=elsewhere), seen
+
+    (one, seen_one), (two, seen_two) = process(), process()
+    runners = [ProjectionRunner(store, [p], page_size=4, poll_interval=0.01) for p in (one, two)]
+    for runner in runners:
+        await runner.start()
+    try:
+        for n in range(30):
+            await deposit(store, f"acc-{n % 3}", *range(1, 5))
+            await asyncio.sleep(0)
+        await until(lambda: caught_up(store, one))
+        everything = set(range(1, await store.last_position() + 1))
+
+        async def both_told() -> bool:
+            return seen_one >= everything and seen_two >= everything
+
+        try:
+            await until(both_told)
+        except TimeoutError:
+            raise AssertionError((sorted(everything - seen_one), sorted(everything - seen_two)))
+    finally:
+        for runner in runners:
+            await runner.stop()
+    assert await documents(store) == await from_scratch(store, one)
 
 
 # The rebuilt documents stay in memory up to a limit, then spill into shadow collections:

@@ -70,6 +70,9 @@ async def live_generation(
     return generation
 
 
+ElsewhereHook = Callable[[EventStore, list[RecordedEvent]], Awaitable[None]]
+
+
 def shadow_of(collection: str) -> str:
     return collection + SHADOW_SUFFIX
 
@@ -82,6 +85,10 @@ class Projection:
     name: str
     handlers: Mapping[str, ProjectionHandler]
     collections: tuple[str, ...]
+    elsewhere: ElsewhereHook | None = None
+    """Told of the events another process's runner projected (this one lost the race to
+    commit them), once committed: what the projection wakes in this process on a commit
+    (live clients) it wakes for those too."""
 
     def __post_init__(self) -> None:
         if not self.handlers:

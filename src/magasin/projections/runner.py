@@ -31,6 +31,10 @@ log = logging.getLogger("magasin.projections")
 
 Reader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
 
+ELSEWHERE_READ_LIMIT = 5_000
+"""Positions past its failed batch a runner reads to tell `Projection.elsewhere` what
+another process projected; further behind (a restart), it tells nothing."""
+
 _running: weakref.WeakKeyDictionary[EventStore, dict[str, _Tail]] = (
     weakref.WeakKeyDictionary()
 )
@@ -112,6 +116,7 @@ class ProjectionRunner:
         failures = 0
         position: tuple[int, int] | None = None
         while not self._stopping:
+            page: list[RecordedEvent] = []
             try:
                 if position is None:
                     position = await self._position(tail)
@@ -126,7 +131,11 @@ class ProjectionRunner:
                 position = (page[-1].global_position, generation)
                 failures = 0
             except ConcurrencyError:
-                position = None  # a swap or another process moved it: go on from there
+                # A swap or another process moved it: go on from there.
+                lost, position = position, None
+                if projection.elsewhere is not None and lost is not None and page:
+                    with contextlib.suppress(Exception):
+                        position = await self._projected_elsewhere(projection, lost, page)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -138,6 +147,34 @@ class ProjectionRunner:
                 log.exception("projection %s failed; retrying", projection.name)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+
+    async def _projected_elsewhere(
+        self, projection: Projection, lost: tuple[int, int], page: list[RecordedEvent],
+    ) -> tuple[int, int] | None:
+        """Hand `projection.elsewhere` what another process committed past this runner's
+        position when its batch `page` failed (`lost`): the page, and the rest up to the
+        new checkpoint (read only when a few pages away). Returns the position told up to,
+        where the runner goes on (None: reload it)."""
+        assert projection.elsewhere is not None
+        generation = lost[1]
+        name = generation_name(projection.name)
+        if await self.store.get_checkpoint(name) != generation:
+            return None  # a rebuild swapped the documents in: no single change to tell
+        now = await self.store.get_checkpoint(projection.checkpoint)
+        events = [e for e in page if e.global_position <= now]
+        end = page[-1].global_position
+        if now - end > ELSEWHERE_READ_LIMIT:
+            return None
+        while end < now:
+            more = await self._read(end, min(self._page, now - end))
+            if not more:
+                break
+            events.extend(e for e in more if e.global_position <= now)
+            end = more[-1].global_position
+        if events:
+            await projection.elsewhere(self.store, events)
+        return now, generation
 
 
 async def apply_batch(

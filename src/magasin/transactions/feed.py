@@ -36,7 +36,8 @@ class StatusFeed:
     """The transaction service's projection and its API live in one process, in both modes,
     so a committed change can wake exactly the streams that follow that sale, and be handed
     to the streams that watch every sale. With several processes of the transaction service
-    each feed sees the changes its own process projected (see README, "Console")."""
+    the runners compete for each batch: the one that loses is told what the other committed
+    (`Projection.elsewhere`) and wakes its own clients too."""
 
     def __init__(self) -> None:
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)

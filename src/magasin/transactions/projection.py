@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from magasin.eventstore.store import EventStore
 from magasin.projections import Projection, ProjectionUnit
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions.domain import HAPPY_PATH, Status
@@ -127,6 +128,21 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded", "CompensationStarted",
         "RefundRecorded", "ReleaseRecorded", "TransactionCompleted", "TransactionCancelled",
     )
-    return Projection(
-        NAME, {"TransactionCreated": created, **dict.fromkeys(facts, fact)}, (TRANSACTIONS,)
-    )
+    handlers = {"TransactionCreated": created, **dict.fromkeys(facts, fact)}
+
+    async def elsewhere(store: EventStore, events: list[RecordedEvent]) -> None:
+        """Another process of this service projected these: wake this process's clients of
+        those sales too (with several transaction processes behind the gateway, a client's
+        stream is on any of them)."""
+        if feed is None:
+            return
+        for tid in dict.fromkeys(e.payload["transaction_id"] for e in events
+                                 if e.type in handlers):
+            if feed.watched:
+                doc = await store.get_document(TRANSACTIONS, tid)
+                if doc is not None:
+                    feed.changed(tid, doc)
+            else:
+                feed.changed(tid)
+
+    return Projection(NAME, handlers, (TRANSACTIONS,), elsewhere=elsewhere)
