@@ -237,8 +237,9 @@ async def test_competing_runners_each_see_every_event_committed_by_them_or_elsew
 
         try:
             await until(both_told)
-        except TimeoutError:
-            raise AssertionError((sorted(everything - seen_one), sorted(everything - seen_two)))
+        except TimeoutError as timeout:
+            missed = sorted(everything - seen_one), sorted(everything - seen_two)
+            raise AssertionError(f"positions each process never heard of: {missed}") from timeout
     finally:
         for runner in runners:
             await runner.stop()
