@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     deadline_fulfilment_s: float = Field(
         30.0, gt=0, description="A reserved saga waiting this long for its order is compensated."
     )
+    deadline_compensation_s: float = Field(
+        30.0, gt=0, description="A compensating saga not cancelled after this long has its "
+        "compensation (refund, release) asked for again; the first of its retry delays."
+    )
+    compensation_retry_multiplier: float = Field(
+        2.0, ge=1, description="Each retry of a stuck compensation waits this much longer."
+    )
+    compensation_retry_max_delay_s: float = Field(
+        600.0, gt=0, description="Longest wait between two retries of a stuck compensation."
+    )
+    compensation_max_attempts: int = Field(
+        5, ge=0, description="Retries of a stuck compensation before it is reported stuck "
+        "(metric magasin_sagas_stuck, alert, `GET /api/sagas?stuck=true`)."
+    )
     deadline_sweep_s: float = Field(
         1.0, gt=0, description="How often sagas past their step's deadline are looked for."
     )

@@ -117,6 +117,12 @@ SAGAS_ACTIVE = Gauge(
     ["saga", "step"],
     registry=REGISTRY,
 )
+SAGAS_STUCK = Gauge(
+    "magasin_sagas_stuck",
+    "Sagas whose compensation was retried and is still not confirmed, by status.",
+    ["saga", "state"],
+    registry=REGISTRY,
+)
 
 # --- resilience -----------------------------------------------------------------------------
 CIRCUIT_BREAKER_STATE = Gauge(

@@ -274,7 +274,11 @@ class ReleaseRecorded:
 class SagaAborted:
     """The transaction stopped waiting at `step` (`payment`, `reservation`, `fulfilment`):
     its deadline passed (`deadline:<step>`) or an operator forced it (`forced`). Payment
-    voids or refunds, inventory releases what it holds for the sale."""
+    voids or refunds, inventory releases what it holds for the sale.
+
+    Also the retry of a compensation that did not finish in time: `step` is then
+    `compensation`, `attempt` counts the retries (from 1) and `reason` is the saga's
+    failure. Its consumers' effects are idempotent (a refund or release happens once)."""
 
     transaction_id: str
     step: str
@@ -282,6 +286,18 @@ class SagaAborted:
     store_id: str
     total: int
     currency: str
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationStalled:
+    """The compensation of a sale was retried `attempts` times and is still not confirmed:
+    it is reported stuck (metric, alert, listing) until it finishes or an operator forces
+    another retry."""
+
+    transaction_id: str
+    attempts: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +347,7 @@ ALL_EVENTS: tuple[type, ...] = (
     OrderFulfilled, OrderFulfillmentFailed,
     PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
     RefundRecorded, ReleaseRecorded,
-    SagaAborted,
+    SagaAborted, CompensationStalled,
     StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,
 )
 

@@ -14,6 +14,7 @@ from enum import StrEnum
 from magasin.shared.aggregate import Aggregate
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
 from magasin.shared.events import (
+    CompensationStalled,
     CompensationStarted,
     FulfilmentRecorded,
     PaymentRecorded,
@@ -51,6 +52,9 @@ HAPPY_PATH = (
 )
 
 
+COMPENSATION = "compensation"
+"""What a CANCELLING saga waits for: its refund and release to be confirmed."""
+
 STEPS = {
     Status.PENDING: "payment",
     Status.PAYMENT_PROCESSED: "reservation",
@@ -82,6 +86,10 @@ class Transaction(Aggregate):
         self.completed = False
         self.cancelled = False
         self.aborted_step: str | None = None
+        self.compensation_attempts = 0
+        """Retries of the compensation (SagaAborted at step `compensation`)."""
+        self.stalled = False
+        """The compensation's retries are spent and it is still not confirmed."""
         self.passed: list[Status] = []
         """Statuses entered by events recorded since load, in order (FULFILLED and then
         COMPLETED can come from one step; a client following the sale sees both)."""
@@ -204,6 +212,32 @@ class Transaction(Aggregate):
         self._settle()
         return True
 
+    def retry_compensation(self, attempt: int | None = None) -> bool:
+        """Ask for the compensation again (refund, release: each consumer's effect happens
+        once, so asking twice is safe); only after `attempt` retries, when given (a stale
+        deadline entry changes nothing). False unless the saga is compensating."""
+        if self.status is not Status.CANCELLING:
+            return False
+        if attempt is not None and attempt != self.compensation_attempts:
+            return False
+        assert self.failure is not None
+        self._record(SagaAborted(
+            self.id, COMPENSATION, self.failure, self.store_id, self.total, self.currency,
+            attempt=self.compensation_attempts + 1,
+        ))
+        return True
+
+    def stall(self, attempt: int) -> bool:
+        """Report the compensation stuck after `attempt` retries; False if it finished, was
+        retried since, or is reported already."""
+        if self.status is not Status.CANCELLING or self.stalled:
+            return False
+        if attempt != self.compensation_attempts:
+            return False
+        assert self.failure is not None
+        self._record(CompensationStalled(self.id, attempt, self.failure))
+        return True
+
     def _fail(self, reason: str, *, needs_refund: bool, needs_release: bool) -> None:
         if self.failure is None and not self.status.terminal:
             self._record(CompensationStarted(self.id, reason, needs_refund, needs_release))
@@ -234,6 +268,12 @@ class Transaction(Aggregate):
         """The saga step this sale waits for (`payment`, `reservation`, `fulfilment`), or
         None once it compensates or ended."""
         return STEPS.get(self.status)
+
+    @property
+    def waits_for(self) -> str | None:
+        """What the saga waits for, compensation included (each has a deadline); None
+        once it ended."""
+        return COMPENSATION if self.status is Status.CANCELLING else self.step
 
     @property
     def status(self) -> Status:
@@ -270,8 +310,13 @@ class Transaction(Aggregate):
                 self.refunded = True
             case ReleaseRecorded():
                 self.released = True
-            case SagaAborted():
+            case SagaAborted(attempt=0):
                 self.aborted_step = event.step
+            case SagaAborted():
+                self.compensation_attempts = event.attempt
+                self.stalled = False
+            case CompensationStalled():
+                self.stalled = True
             case TransactionCompleted():
                 self.completed = True
             case TransactionCancelled():

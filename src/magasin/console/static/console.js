@@ -586,7 +586,7 @@ document.addEventListener("alpine:init", () => {
   // 5. Stuck sagas by step and age; force compensation with an admin key.
   Alpine.data("sagas", () => ({
     ...helpers,
-    STEPS: ["payment", "reservation", "fulfilment", "compensating"],
+    STEPS: ["payment", "reservation", "fulfilment", "compensation"],
     olderThan: 5,
     items: [],
     loaded: false,
@@ -615,7 +615,9 @@ document.addEventListener("alpine:init", () => {
       this.confirming = null;
       try {
         const done = await post(`/api/sagas/${encodeURIComponent(s.transaction_id)}/compensate`);
-        Alpine.store("ui").tell(`Compensating ${short(s.transaction_id)} (was waiting for its ${done.aborted_step}).`);
+        Alpine.store("ui").tell(done.aborted_step === "compensation"
+          ? `Asked again for the compensation of ${short(s.transaction_id)} (retry ${done.attempt}).`
+          : `Compensating ${short(s.transaction_id)} (was waiting for its ${done.aborted_step}).`);
         await this.load();
       } catch (err) { report(err); }
     },
