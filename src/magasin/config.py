@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1, description="Share of charges the simulated bank declines at random."
     )
     bank_seed: int | None = Field(None, description="Seed of the bank's random declines.")
+    bank_answer_latency_ms: float = Field(
+        0.0, ge=0, description="Simulated bank: time its answer takes to come back once it "
+        "recorded a call (the window a crash leaves money at the bank in)."
+    )
+    reconcile_every_s: float = Field(
+        60.0, gt=0, description="How often the payment service reconciles with the bank."
+    )
+    reconcile_grace_s: float = Field(
+        60.0, ge=0, description="A failed payment is checked at the bank only this long after "
+        "it failed, so a charge still on its way has answered."
+    )
     breaker_failure_rate: float = Field(
         0.5, gt=0, le=1, description="Bank breaker opens at this failure rate of the window."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.messaging.bus import Handler
-from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers
+from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers, unsettled
 from magasin.payments.domain import Payment
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
@@ -64,6 +64,9 @@ async def charge(
             payment_id=time_ordered_id(), amount=created.total, currency=created.currency,
             reason=answer.decline_reason or "declined", store_id=created.store_id,
         )
+        if not answer.reference and deadline is not None:
+            # Failed for want of an answer: an earlier attempt may have reached the bank.
+            unsettled(uow, payment, deadline.clock())
     payments.save(uow, payment)
 
 

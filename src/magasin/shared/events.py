@@ -223,6 +223,22 @@ class OrderFulfillmentFailed:
     """What could not be prepared (for the orders read model)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ChargeReconciled:
+    """Reconciliation with the bank found money the bank took for a payment recorded as
+    failed (voided: a crash or a lost race between the bank's approval and our commit).
+    `action`: `refunded` (we gave it back now) or `recorded` (the bank had given it back
+    already; our books now say so). The sale is unaffected: it never used that money."""
+
+    payment_id: str
+    transaction_id: str
+    bank_reference: str
+    amount: int
+    currency: str
+    action: str
+    refund_reference: str
+
+
 # -- internal events: facts an aggregate keeps in its own stream ---------------------------
 # Published like every stored event (the event store and audit services see them), but no
 # other business service subscribes to them.
@@ -342,7 +358,7 @@ class ReservationVoided:
 ALL_EVENTS: tuple[type, ...] = (
     StoreRegistered, StoreClosed, StoreReopened, ProductAdded, SkuClaimed, ProductPriceChanged,
     TransactionCreated, TransactionCompleted, TransactionCancelled,
-    PaymentProcessed, PaymentFailed, PaymentRefunded,
+    PaymentProcessed, PaymentFailed, PaymentRefunded, ChargeReconciled,
     StockAdded, InventoryReserved, InventoryUnavailable, InventoryReleased, InventoryCommitted,
     OrderFulfilled, OrderFulfillmentFailed,
     PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
