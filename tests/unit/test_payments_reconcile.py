@@ -4,10 +4,17 @@ refunded (or recorded as refunded) exactly once, also by two reconcilers at once
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from magasin.cli import app as cli
+from magasin.config import Settings
+from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.payments.aborts import UNSETTLED, ChargeDeadline
 from magasin.payments.gateway import REFUNDS, BankSimulator
 from magasin.payments.handlers import charge, handlers, payments
@@ -120,3 +127,30 @@ async def test_two_reconcilers_at_once_refund_and_record_it_once(harness: Harnes
     async with harness.store.transaction() as uow:
         payment = await payments.get(uow, TX)
     assert payment.reconciled == event
+
+
+async def test_the_cli_reconciles_the_embedded_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAGASIN_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("MAGASIN_BANK_LATENCY_MS", "0")
+    settings = Settings()
+    settings.data_dir.mkdir()
+    async with SqliteEventStore(settings.sqlite_path) as store:
+        harness = Harness(store)
+        bank = BankSimulator(latency_s=0, ledger=store)  # the service's bank: its books there
+        await approval_lost_then_voided(harness, bank)
+
+    def run() -> Result:
+        return CliRunner().invoke(cli, ["payments", "reconcile", "--grace", "0", "--json"])
+
+    first = await asyncio.to_thread(run)
+    assert first.exit_code == 0, first.output
+    (line,) = first.output.splitlines()
+    assert json.loads(line)["action"] == "refunded"
+    again = await asyncio.to_thread(run)
+    assert (again.exit_code, again.output) == (0, "")
+    async with SqliteEventStore(settings.sqlite_path) as store:
+        found = await BankSimulator(latency_s=0, ledger=store).lookup(TX)
+        assert found is not None and not found.holds_money
+        assert len(await Harness(store).emitted(ChargeReconciled)) == 1

@@ -1,0 +1,132 @@
+"""Reconciliation with the bank, distributed: the payment process is killed (SIGKILL) between
+the bank's approval and its commit, the sale is given up meanwhile, and two reconcilers
+(`magasin payments reconcile`, real processes) run at once: the bank's books and ours agree,
+nothing is settled twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from magasin.payments.gateway import CAPTURED, CHARGES, REFUNDS
+from tests.e2e.conftest import eventually
+from tests.e2e.processes import SERVICES, Cluster, running_cluster
+from tests.e2e.test_distributed import API_KEY, GATEWAY_LIMITS, Magasin, query
+
+pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
+
+ANSWER_S = 4.0
+"""How long the bank's answer takes to come back after it recorded the charge: the window
+the payment process is killed in."""
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pg_database: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
+    env.update(
+        MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0",
+        MAGASIN_BANK_ANSWER_LATENCY_MS=str(int(ANSWER_S * 1000)),
+        MAGASIN_DEADLINE_PAYMENT_S="1.5", MAGASIN_DEADLINE_SWEEP_S="0.2",
+        MAGASIN_RECONCILE_EVERY_S="3600",  # the reconcilers under test are the CLI's
+        MAGASIN_RETRY_ATTEMPTS="3", MAGASIN_RETRY_INITIAL_DELAY="0.05", PYTHONUNBUFFERED="1",
+    )
+    with running_cluster(
+        pg_database, amqp_url, tmp_path_factory.mktemp("reconcile"), kind="reconcile",
+        services=SERVICES, env=env, retry_attempts=3, gateway=GATEWAY_LIMITS,
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def magasin(cluster: Cluster, request: pytest.FixtureRequest) -> AsyncIterator[Magasin]:
+    failed_before = request.session.testsfailed
+    async with httpx.AsyncClient(headers={"X-API-Key": API_KEY}, timeout=30.0) as client:
+        yield Magasin(cluster, client)
+    if request.session.testsfailed > failed_before:
+        print(cluster.logs())
+
+
+async def ledger(cluster: Cluster, collection: str) -> dict[str, dict[str, Any]]:
+    """The simulated bank's books (kept in the payment service's schema), by key."""
+    rows = await query(cluster, 'SELECT key, body FROM "magasin_payment".documents '
+                       "WHERE collection = $1", collection)
+    return {row["key"]: json.loads(row["body"]) for row in rows}
+
+
+async def reconcile_cli(cluster: Cluster) -> list[dict[str, Any]]:
+    """`magasin payments reconcile --distributed` as its own process; what it settled."""
+    env = {**cluster.env, "MAGASIN_BANK_ANSWER_LATENCY_MS": "0"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "magasin", "payments", "reconcile", "--distributed",
+        "--grace", "0", "--json", env=env, cwd=cluster.workdir,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+async def test_a_charge_stranded_by_a_killed_payment_process_is_reconciled_exactly_once(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    store = await magasin.open_store("Reconciliation")
+    tea = await magasin.add_product("THE", 1250)
+    await magasin.restock(store, tea, 5)
+    sale = await magasin.sell(store, [(tea, 2)])
+    tid = sale["transaction_id"]
+
+    async def approved() -> dict[str, Any] | None:
+        return (await ledger(cluster, CHARGES)).get(tid)
+
+    charge = await eventually(approved)  # the bank took the money; its answer is on its way
+    assert charge["approved"]
+    payment = cluster.first("payment")
+    payment.kill()  # before the answer arrives: nothing of it is committed on our side
+    try:
+        async def given_up() -> bool:  # the payment deadline passes while payment is down
+            r = await magasin.client.get(f"{magasin.url}/api/sagas/{tid}")
+            return r.status_code == 200 and r.json()["status"] == "CANCELLING"
+
+        await eventually(given_up)
+    finally:
+        payment.start()
+        await payment.healthy()
+
+    final = await magasin.final(tid)
+    assert final["status"] == "CANCELLED"
+    ours = await magasin.payment(tid)
+    assert ours["status"] == "FAILED"  # the void won: no sale will use the bank's approval
+
+    settled = [*await asyncio.gather(reconcile_cli(cluster), reconcile_cli(cluster))]
+    found = [s for run in settled for s in run if s["action"] in ("refunded", "recorded")]
+    assert len(found) == 1, settled  # two reconcilers, one settlement
+    (settlement,) = found
+    assert (settlement["transaction_id"], settlement["amount"]) == (tid, 2500)
+    assert settlement["bank_reference"] == charge["reference"]
+
+    # The bank's books and ours agree: the charge was given back once, and we say so.
+    refunds = [r for r in (await ledger(cluster, REFUNDS)).values()
+               if r["charge_reference"] == charge["reference"]]
+    assert [r["reference"] for r in refunds] == [settlement["refund_reference"]]
+    assert (await ledger(cluster, CAPTURED))[charge["reference"]]["refunded"]
+
+    async def recorded() -> dict[str, Any] | None:
+        doc = await magasin.payment(tid)
+        return doc if doc.get("reconciled") else None
+
+    view = await eventually(recorded)
+    assert view["status"] == "FAILED"
+    assert view["reconciled"]["refund_reference"] == settlement["refund_reference"]
+    events = await query(cluster, 'SELECT type FROM "magasin_payment".events '
+                         "WHERE stream_id = $1 ORDER BY stream_version", f"payment-{tid}")
+    assert [e["type"] for e in events].count("ChargeReconciled") == 1
+    assert await reconcile_cli(cluster) == []  # nothing left to settle
