@@ -12,7 +12,6 @@ from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, 
 from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
-    InventoryReleased,
     InventoryUnavailable,
     OrderFulfillmentFailed,
     StockLine,
@@ -104,16 +103,9 @@ def handlers(
         failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
         await refund(gateway, uow, failed.transaction_id, "fulfillment_failed")
 
-    async def on_inventory_released(event: RecordedEvent, uow: UnitOfWork) -> None:
-        released: InventoryReleased = SCHEMAS.validate(event)
-        # Other releases follow a compensation payment handles from its own cause.
-        if released.reason == "expired":
-            await refund(gateway, uow, released.transaction_id, "reservation_expired")
-
     return {
         "TransactionCreated": on_transaction_created,
         "InventoryUnavailable": on_inventory_unavailable,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
-        "InventoryReleased": on_inventory_released,
         **(abort_handlers(gateway, deadline, refund_key) if deadline is not None else {}),
     }

@@ -192,6 +192,19 @@ class InventoryReleased:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationExpired:
+    """The reservation's time is up while its sale still waits for the store: the stock is
+    still held. The transaction decides — it gives the sale up (SagaAborted, reason
+    `reservation_expired`: refund, release) unless its order was recorded first — so a
+    late fulfilment can never complete a sale whose stock went back on the shelves."""
+
+    transaction_id: str
+    reservation_id: str
+    store_id: str
+    expires_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class InventoryCommitted:
     """The reserved stock left the shelves for good: the transaction completed."""
 
@@ -273,6 +286,16 @@ class CompensationStarted:
     reason: str
     needs_refund: bool
     needs_release: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FulfilmentRefused:
+    """The store fulfilled the order after the sale was given up (its reservation expired or
+    a deadline passed): the fulfilment is refused, the sale stays compensated."""
+
+    transaction_id: str
+    order_id: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,8 +383,10 @@ ALL_EVENTS: tuple[type, ...] = (
     TransactionCreated, TransactionCompleted, TransactionCancelled,
     PaymentProcessed, PaymentFailed, PaymentRefunded, ChargeReconciled,
     StockAdded, InventoryReserved, InventoryUnavailable, InventoryReleased, InventoryCommitted,
+    ReservationExpired,
     OrderFulfilled, OrderFulfillmentFailed,
     PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
+    FulfilmentRefused,
     RefundRecorded, ReleaseRecorded,
     SagaAborted, CompensationStalled,
     StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,

@@ -17,6 +17,7 @@ from magasin.shared.events import (
     CompensationStalled,
     CompensationStarted,
     FulfilmentRecorded,
+    FulfilmentRefused,
     PaymentRecorded,
     RefundRecorded,
     ReleaseRecorded,
@@ -90,6 +91,7 @@ class Transaction(Aggregate):
         """Retries of the compensation (SagaAborted at step `compensation`)."""
         self.stalled = False
         """The compensation's retries are spent and it is still not confirmed."""
+        self.fulfilment_refused = False
         self.passed: list[Status] = []
         """Statuses entered by events recorded since load, in order (FULFILLED and then
         COMPLETED can come from one step; a client following the sale sees both)."""
@@ -175,15 +177,21 @@ class Transaction(Aggregate):
     def order_fulfilled(self, order_id: str) -> None:
         if self.order_id is None and self.failure is None and not self.status.terminal:
             self._record(FulfilmentRecorded(self.id, order_id))
+        elif self.order_id is None and self.failure is not None and not self.fulfilment_refused:
+            # Late: the sale was given up first (its reservation expired, a deadline passed)
+            # and its compensation gives the money and the stock back. The transaction is
+            # the one arbiter, so the fulfilment is refused rather than the sale revived.
+            self._record(FulfilmentRefused(self.id, order_id, self.failure))
         self._settle()
 
     def fulfillment_failed(self, reason: str) -> None:
         self._fail(f"fulfillment_failed:{reason}", needs_refund=True, needs_release=True)
 
     def reservation_expired(self) -> None:
-        if self.order_id is None:
-            self._fail("reservation_expired", needs_refund=True, needs_release=True)
-        self._settle()
+        """The inventory reports the reservation's time is up (the stock is still held). A
+        sale still waiting is given up (refund, release: SagaAborted); one whose order was
+        recorded first completes, and its completion commits the stock."""
+        self.abort("reservation_expired")
 
     def payment_refunded(self, amount: int) -> None:
         if not self.refunded and not self.status.terminal:
@@ -317,6 +325,8 @@ class Transaction(Aggregate):
                 self.stalled = False
             case CompensationStalled():
                 self.stalled = True
+            case FulfilmentRefused():
+                self.fulfilment_refused = True
             case TransactionCompleted():
                 self.completed = True
             case TransactionCancelled():

@@ -12,10 +12,11 @@ const TERMINAL = new Set(["COMPLETED", "CANCELLED"]);
 const SAGA_STATES = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "CANCELLING"];
 // Events that say a step failed, and those that undo a step: marked in a sale's timeline.
 const FAILURES = new Set(["PaymentFailed", "InventoryUnavailable", "OrderFulfillmentFailed",
-                          "SagaAborted"]);
+                          "SagaAborted", "ReservationExpired", "FulfilmentRefused",
+                          "CompensationStalled"]);
 const COMPENSATIONS = new Set(["CompensationStarted", "PaymentRefunded", "RefundRecorded",
                                "InventoryReleased", "ReleaseRecorded", "StockReleased",
-                               "ReservationVoided", "TransactionCancelled"]);
+                               "ReservationVoided", "TransactionCancelled", "ChargeReconciled"]);
 const EVENT_TYPES = [
   "TransactionCreated", "PaymentProcessed", "PaymentFailed", "InventoryReserved",
   "InventoryUnavailable", "OrderFulfilled", "OrderFulfillmentFailed", "PaymentRefunded",
@@ -23,6 +24,7 @@ const EVENT_TYPES = [
   "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded", "CompensationStarted",
   "RefundRecorded", "ReleaseRecorded", "SagaAborted", "StockAdded", "StockReserved",
   "StockReleased", "StockCommitted", "ReservationFulfilled", "ReservationVoided",
+  "ReservationExpired", "FulfilmentRefused", "CompensationStalled", "ChargeReconciled",
   "StoreRegistered", "StoreClosed", "StoreReopened", "ProductAdded", "ProductPriceChanged",
   "SkuClaimed", "AuditEntryRecorded",
 ];
