@@ -1,7 +1,11 @@
-"""Reconciliation with the bank, distributed: the payment process is killed (SIGKILL) between
-the bank's approval and its commit, the sale is given up meanwhile, and two reconcilers
-(`magasin payments reconcile`, real processes) run at once: the bank's books and ours agree,
-nothing is settled twice."""
+"""What a crash leaves behind is settled, distributed (each service its own process):
+
+- reconciliation with the bank: the payment process is killed (SIGKILL) between the bank's
+  approval and its commit, the sale is given up meanwhile, and two reconcilers (`magasin
+  payments reconcile`, real processes) run at once: the bank's books and ours agree,
+  nothing is settled twice;
+- late fulfilment: the store process is down while a sale's reservation expires; when it
+  comes back it fulfils the order anyway, and that fulfilment is refused."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from tests.e2e.test_distributed import API_KEY, GATEWAY_LIMITS, Magasin, query
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
-ANSWER_S = 4.0
+ANSWER_S = 2.0
 """How long the bank's answer takes to come back after it recorded the charge: the window
 the payment process is killed in."""
 
@@ -35,12 +39,14 @@ def cluster(
     env.update(
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_BANK_ANSWER_LATENCY_MS=str(int(ANSWER_S * 1000)),
-        MAGASIN_DEADLINE_PAYMENT_S="1.5", MAGASIN_DEADLINE_SWEEP_S="0.2",
+        MAGASIN_DEADLINE_PAYMENT_S="3", MAGASIN_DEADLINE_SWEEP_S="0.2",
         MAGASIN_RECONCILE_EVERY_S="3600",  # the reconcilers under test are the CLI's
+        MAGASIN_RESERVATION_TTL_S="1", MAGASIN_RESERVATION_SWEEP_S="0.1",
+        MAGASIN_DEADLINE_FULFILMENT_S="600",  # the reservation's expiry decides first
         MAGASIN_RETRY_ATTEMPTS="3", MAGASIN_RETRY_INITIAL_DELAY="0.05", PYTHONUNBUFFERED="1",
     )
     with running_cluster(
-        pg_database, amqp_url, tmp_path_factory.mktemp("reconcile"), kind="reconcile",
+        pg_database, amqp_url, tmp_path_factory.mktemp("reconcile"), kind="settle",
         services=SERVICES, env=env, retry_attempts=3, gateway=GATEWAY_LIMITS,
     ) as running:
         yield running
@@ -130,3 +136,32 @@ async def test_a_charge_stranded_by_a_killed_payment_process_is_reconciled_exact
                          "WHERE stream_id = $1 ORDER BY stream_version", f"payment-{tid}")
     assert [e["type"] for e in events].count("ChargeReconciled") == 1
     assert await reconcile_cli(cluster) == []  # nothing left to settle
+
+
+async def test_a_store_back_from_a_crash_fulfils_late_and_is_refused(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    store = await magasin.open_store("Late fulfilment")
+    tea = await magasin.add_product("THE", 800)
+    await magasin.restock(store, tea, 5)
+    shop = cluster.first("store")
+    shop.kill()  # down while the sale waits for it: its InventoryReserved waits in its queue
+    try:
+        tid = (await magasin.sell(store, [(tea, 2)]))["transaction_id"]
+        final = await magasin.final(tid)
+        assert (final["status"], final["reason"]) == ("CANCELLED", "reservation_expired")
+    finally:
+        shop.start()
+        await shop.healthy()
+
+    async def refused() -> bool:  # the store prepares the order it was sent, late
+        rows = await query(cluster, 'SELECT type FROM "magasin_transaction".events '
+                           "WHERE correlation_id = $1", tid)
+        return "FulfilmentRefused" in [r["type"] for r in rows]
+
+    await eventually(refused)
+    assert (await magasin.read(f"/api/transactions/{tid}"))["status"] == "CANCELLED"
+    payment = await magasin.payment(tid)
+    assert (payment["status"], payment["reason"]) == ("REFUNDED", "reservation_expired")
+    line = await magasin.stock(store, tea)
+    assert (line["on_hand"], line["reserved"], line["available"]) == (5, 0, 5)
