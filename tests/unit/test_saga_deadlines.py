@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from magasin.eventstore.store import Causation
+from magasin.inventory.commands import restock
+from magasin.inventory.handlers import handlers as inventory_handlers
 from magasin.messaging.dispatch import Outcome
 from magasin.observability.sagas import STUCK
 from magasin.payments.aborts import UNREACHED, ChargeDeadline, abort_handlers
@@ -18,10 +20,15 @@ from magasin.shared.errors import Unavailable
 from magasin.shared.events import (
     CompensationStalled,
     CompensationStarted,
+    InventoryReleased,
     PaymentFailed,
+    PaymentProcessed,
     PaymentRefunded,
+    ProductAdded,
     SagaAborted,
     SaleLine,
+    StockLine,
+    StoreRegistered,
     TransactionCancelled,
     TransactionCreated,
 )
@@ -364,3 +371,31 @@ async def test_a_compensation_not_confirmed_in_time_is_retried_then_reported_stu
     assert await harness.store.find_documents(sagas.DEADLINES) == []
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
     assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)
+
+
+async def test_retried_compensations_refund_and_release_once(harness: Harness) -> None:
+    bank = BankSimulator(latency_s=0)
+    pay = handlers(bank, ChargeDeadline(60))
+    stock = inventory_handlers(1800)
+    for catalog in (StoreRegistered("s-1", "S", "D", "A"), ProductAdded("p-1", "SKU", "P", 500,
+                                                                          "CAD")):
+        (event,) = await harness.given("store", type(catalog).__name__, catalog)
+        await harness.deliver("inventory", stock, event)
+    await restock(harness.store, "s-1", "p-1", 5)
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    await harness.deliver("payment", pay, created)
+    (processed,) = await harness.emitted(PaymentProcessed)
+    (paid,) = await harness.given("payment", "tx-1-copy", processed)
+    await harness.deliver("inventory", stock, paid)
+
+    first = aborted_event(step="fulfilment")
+    retries = [SagaAborted("tx-1", "compensation", "deadline:fulfilment", "s-1", 1000, "CAD",
+                           attempt=n) for n in (1, 2)]
+    for payload in (first, *retries):
+        (event,) = await harness.given("transaction", "tx-1", payload)
+        for consumer, table in (("payment", pay), ("inventory", stock)):
+            assert (await harness.deliver(consumer, table, event)).outcome is Outcome.HANDLED
+    assert len(await harness.emitted(PaymentRefunded)) == 1 and len(bank.refunds) == 1
+    assert len(await harness.emitted(InventoryReleased)) == 1
+    assert bank.captured_total == 0
+    assert StockLine("p-1", 2) in processed.lines
