@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from magasin.cli import app as cli
 from magasin.config import Settings
 from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.observability.metrics import REGISTRY
 from magasin.payments.aborts import UNSETTLED, ChargeDeadline
 from magasin.payments.gateway import REFUNDS, BankSimulator
 from magasin.payments.handlers import charge, handlers, payments
@@ -25,6 +26,10 @@ from tests.unit.conftest import Harness
 
 TX = "tx-1"
 NOW_ENOUGH = timedelta(0)
+
+
+def counted(action: str) -> float:
+    return REGISTRY.get_sample_value("magasin_bank_reconciled_total", {"action": action}) or 0.0
 
 
 def created_event() -> TransactionCreated:
@@ -55,8 +60,10 @@ async def test_a_charge_stranded_by_a_crash_and_a_void_is_refunded_once(
     bank = BankSimulator(latency_s=0)
     await approval_lost_then_voided(harness, bank)
     assert bank.captured_total == 1000  # the money is at the bank, our payment is FAILED
+    before = counted("refunded")
 
     (done,) = await reconcile(harness.store, bank, utcnow(), NOW_ENOUGH)
+    assert counted("refunded") == before + 1
     assert (done.action, done.amount) == ("refunded", 1000)
     assert bank.captured_total == 0 and bank.refunds == [done.refund_reference]
     (event,) = await harness.emitted(ChargeReconciled)

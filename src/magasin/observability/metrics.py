@@ -125,6 +125,13 @@ SAGAS_STUCK = Gauge(
 )
 
 # --- resilience -----------------------------------------------------------------------------
+BANK_RECONCILED = Counter(
+    "magasin_bank_reconciled_total",
+    "Charges the bank held for payments recorded as failed, settled by reconciliation: "
+    "refunded now, or recorded as refunded already.",
+    ["action"],
+    registry=REGISTRY,
+)
 CIRCUIT_BREAKER_STATE = Gauge(
     "magasin_circuit_breaker_state",
     "Circuit breaker state: 0 closed, 1 open, 2 half-open.",

@@ -33,6 +33,7 @@ from typing import Any
 
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
+from magasin.observability import metrics
 from magasin.payments.aborts import UNSETTLED
 from magasin.payments.domain import Payment, PaymentStatus
 from magasin.payments.gateway import BankGateway, BankRecord
@@ -105,6 +106,7 @@ async def settle(store: EventStore, gateway: BankGateway, transaction_id: str) -
                 payment.reconcile(record.reference, record.amount, settlement.action,
                                   settlement.refund_reference)
                 payments.save(uow, payment)
+                uow.after_commit(metrics.BANK_RECONCILED.labels(settlement.action).inc)
             log.warning("charge %s of transaction %s (%d cents) was held by the bank for a "
                         "failed payment: %s (%s)", record.reference, transaction_id,
                         record.amount, settlement.action, settlement.refund_reference)
