@@ -16,6 +16,7 @@ from magasin.payments.aborts import UNREACHED, ChargeDeadline, abort_handlers
 from magasin.payments.domain import PaymentStatus
 from magasin.payments.gateway import BankSimulator
 from magasin.payments.handlers import charge, handlers, payments, refund_key
+from magasin.shared.clock import utcnow
 from magasin.shared.errors import Unavailable
 from magasin.shared.events import (
     CompensationStalled,
@@ -399,3 +400,34 @@ async def test_retried_compensations_refund_and_release_once(harness: Harness) -
     assert len(await harness.emitted(InventoryReleased)) == 1
     assert bank.captured_total == 0
     assert StockLine("p-1", 2) in processed.lines
+
+
+async def test_a_stuck_saga_that_ends_after_all_is_no_longer_reported_stuck(
+    harness: Harness,
+) -> None:
+    policy = Deadlines(compensation_s=10, retry_attempts=0)
+    index = sagas.index_handlers(policy)
+    await start_sale(harness, "tx-1")
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_captured("pay-1", 1000)
+        sale.inventory_unavailable()
+        sagas.sales.save(uow, sale)
+
+    async def index_all() -> None:
+        for event in await harness.store.read_all(after=0, limit=1000):
+            if event.type in index:
+                await harness.deliver(sagas.CONSUMER, index, event)
+
+    await index_all()
+    assert await sagas.abort_overdue(harness.store, utcnow() + timedelta(days=1), policy) == 1
+    await index_all()
+    assert [key for key, _ in await harness.store.find_documents(STUCK)] == ["tx-1"]
+    async with harness.store.transaction() as uow:  # its refund's dead letter was requeued
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_refunded(1000)
+        sagas.sales.save(uow, sale)
+    await index_all()
+    assert await harness.store.find_documents(STUCK) == []
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)

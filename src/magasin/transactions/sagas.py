@@ -63,7 +63,8 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         doc = await uow.get_document(SAGAS, tid)
         step = sale.waits_for
         status = sale.status.value
-        attempts, stuck = sale.compensation_attempts, sale.stalled
+        # A stuck saga that ends after all (a requeued dead letter) is no longer stuck.
+        attempts, stuck = sale.compensation_attempts, sale.stalled and step is not None
         if doc is not None and (
             doc["status"], doc["step"], doc.get("attempts", 0), doc.get("stuck", False)
         ) == (status, step, attempts, stuck):
