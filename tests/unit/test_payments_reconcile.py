@@ -17,10 +17,11 @@ from magasin.config import Settings
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.observability.metrics import REGISTRY
 from magasin.payments.aborts import UNSETTLED, ChargeDeadline
-from magasin.payments.gateway import REFUNDS, BankSimulator
+from magasin.payments.gateway import REFUNDS, BankSimulator, Charge
 from magasin.payments.handlers import charge, handlers, payments
 from magasin.payments.reconcile import reconcile, settle
 from magasin.shared.clock import utcnow
+from magasin.shared.errors import ConcurrencyError
 from magasin.shared.events import ChargeReconciled, SagaAborted, SaleLine, TransactionCreated
 from tests.unit.conftest import Harness
 
@@ -161,3 +162,44 @@ async def test_the_cli_reconciles_the_embedded_store(
         found = await BankSimulator(latency_s=0, ledger=store).lookup(TX)
         assert found is not None and not found.holds_money
         assert len(await Harness(store).emitted(ChargeReconciled)) == 1
+
+
+class SlowBank(BankSimulator):
+    """A bank that decides on a charge only once the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__(latency_s=0)
+        self.gate = asyncio.Event()
+
+    async def charge(self, idempotency_key: str, amount: int, currency: str,
+                     method: str) -> Charge:
+        await self.gate.wait()
+        return await super().charge(idempotency_key, amount, currency, method)
+
+
+async def test_a_charge_approved_after_a_reconciler_looked_is_still_settled(
+    harness: Harness,
+) -> None:
+    bank = SlowBank()
+    deadline = ChargeDeadline(60)
+    (created,) = await harness.given("transaction", TX, created_event())
+
+    async def first_attempt() -> None:
+        async with harness.store.transaction() as uow:
+            await charge(bank, created, uow, deadline)
+
+    charging = asyncio.create_task(first_attempt())
+    await asyncio.sleep(0.05)  # the charge is on its way to the bank
+    (aborted,) = await harness.given("transaction", TX, aborted_event())
+    await harness.deliver("payment", handlers(bank, ChargeDeadline(60)), aborted)  # the void
+    assert [s.action for s in await reconcile(harness.store, bank, utcnow(), NOW_ENOUGH)] == [
+        "none"  # the bank has not decided yet
+    ]
+    bank.gate.set()  # it approves now; the capture loses to the void
+    with pytest.raises(ConcurrencyError):
+        await charging
+    # The dispatcher redoes the charge: it finds the payment voided and gives the money back.
+    await harness.deliver("payment", handlers(bank, deadline), created)
+    assert bank.captured_total == 0
+    (done,) = await reconcile(harness.store, bank, utcnow(), NOW_ENOUGH)
+    assert (done.action, done.refund_reference) == ("recorded", bank.refunds[0])

@@ -6,7 +6,7 @@ from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.messaging.bus import Handler
 from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers, unsettled
-from magasin.payments.domain import Payment
+from magasin.payments.domain import Payment, PaymentStatus
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
 from magasin.shared.errors import NotFound, Unavailable
@@ -37,6 +37,10 @@ async def charge(
     if (known := await payments.find(uow, tid)) is not None:
         if deadline is not None:
             await deadline.settle_overtaken(gateway, known, refund_key(tid))
+            if known.status is PaymentStatus.FAILED and known.reconciled is None:
+                # A charge met a voided payment: the bank may hold money for it, or have
+                # just given it back (above); reconciliation checks, whenever it last did.
+                unsettled(uow, known, deadline.clock())
         return  # already charged: a duplicate of TransactionCreated takes nothing twice
     # The transaction id as idempotency key: a retry after a crash between the bank's
     # answer and our commit gets the same answer instead of a second charge.
