@@ -5,7 +5,10 @@
   payments reconcile`, real processes) run at once: the bank's books and ours agree,
   nothing is settled twice;
 - late fulfilment: the store process is down while a sale's reservation expires; when it
-  comes back it fulfils the order anyway, and that fulfilment is refused."""
+  comes back it fulfils the order anyway, and that fulfilment is refused;
+- a compensation that does not finish: the payment process is killed while the bank's
+  refund answer is on its way; the compensation is asked for again, reported stuck, and
+  ends once the payment process is back, refunded once."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from tests.e2e.test_distributed import API_KEY, GATEWAY_LIMITS, Magasin, query
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
-ANSWER_S = 2.0
+ANSWER_S = 1.0
 """How long the bank's answer takes to come back after it recorded the charge: the window
 the payment process is killed in."""
 
@@ -39,10 +42,12 @@ def cluster(
     env.update(
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_BANK_ANSWER_LATENCY_MS=str(int(ANSWER_S * 1000)),
-        MAGASIN_DEADLINE_PAYMENT_S="3", MAGASIN_DEADLINE_SWEEP_S="0.2",
+        MAGASIN_DEADLINE_PAYMENT_S="2", MAGASIN_DEADLINE_SWEEP_S="0.2",
         MAGASIN_RECONCILE_EVERY_S="3600",  # the reconcilers under test are the CLI's
         MAGASIN_RESERVATION_TTL_S="1", MAGASIN_RESERVATION_SWEEP_S="0.1",
         MAGASIN_DEADLINE_FULFILMENT_S="600",  # the reservation's expiry decides first
+        MAGASIN_DEADLINE_COMPENSATION_S="0.5", MAGASIN_COMPENSATION_RETRY_MULTIPLIER="1",
+        MAGASIN_COMPENSATION_MAX_ATTEMPTS="2", MAGASIN_METRICS_SAMPLE_S="0.2",
         MAGASIN_RETRY_ATTEMPTS="3", MAGASIN_RETRY_INITIAL_DELAY="0.05", PYTHONUNBUFFERED="1",
     )
     with running_cluster(
@@ -165,3 +170,51 @@ async def test_a_store_back_from_a_crash_fulfils_late_and_is_refused(
     assert (payment["status"], payment["reason"]) == ("REFUNDED", "reservation_expired")
     line = await magasin.stock(store, tea)
     assert (line["on_hand"], line["reserved"], line["available"]) == (5, 0, 5)
+
+
+async def test_a_compensation_cut_short_by_a_crash_is_retried_reported_stuck_then_ends(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    store = await magasin.open_store("Stuck compensation")
+    tea = await magasin.add_product("THE", 900)
+    await magasin.restock(store, tea, 1)
+    tid = (await magasin.sell(store, [(tea, 2)]))["transaction_id"]  # paid, then no stock
+
+    async def refunding() -> bool:  # the bank gave the money back; its answer is on its way
+        return f"{tid}:refund" in await ledger(cluster, REFUNDS)
+
+    await eventually(refunding)
+    payment = cluster.first("payment")
+    payment.kill()
+    transaction = cluster.url("transaction")
+    try:
+        async def stuck() -> list[dict[str, Any]] | None:
+            page = await magasin.ok("GET", "/api/sagas", params={"stuck": "true"})
+            return [s for s in page["items"] if s["transaction_id"] == tid] or None
+
+        (saga,) = await eventually(stuck)
+        assert (saga["status"], saga["step"], saga["attempts"]) == (
+            "CANCELLING", "compensation", 2
+        )
+
+        async def gauge(value: float) -> bool:
+            text = (await magasin.client.get(f"{transaction}/metrics")).text
+            line = f'magasin_sagas_stuck{{saga="transaction",state="CANCELLING"}} {value}'
+            return line in text.splitlines()
+
+        await eventually(lambda: gauge(1.0))
+    finally:
+        payment.start()
+        await payment.healthy()
+
+    final = await magasin.final(tid)
+    assert (final["status"], final["reason"]) == ("CANCELLED", "inventory_unavailable")
+    assert (await magasin.payment(tid))["status"] == "REFUNDED"
+    refunds = [r for r in (await ledger(cluster, REFUNDS)).values()]
+    charge = (await ledger(cluster, CHARGES))[tid]
+    assert [r["charge_reference"] for r in refunds].count(charge["reference"]) == 1
+    events = await query(cluster, 'SELECT type FROM "magasin_payment".events '
+                         "WHERE stream_id = $1", f"payment-{tid}")
+    assert [e["type"] for e in events].count("PaymentRefunded") == 1
+    await eventually(lambda: gauge(0.0))
+    assert (await magasin.ok("GET", "/api/sagas", params={"stuck": "true"}))["items"] == []
