@@ -17,6 +17,7 @@ from magasin import __version__
 from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, embedded_store
 from magasin.cli_cluster import cluster_app, gateway_app
 from magasin.cli_deadletters import app as dead_letters_app
+from magasin.cli_payments import app as payments_app
 from magasin.config import Settings
 from magasin.console import routes as console_routes
 from magasin.demo import drive, seed_if_empty
@@ -35,6 +36,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(payments_app, name="payments")
 console = Console()
 
 Distributed = Annotated[

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1, description="Share of charges the simulated bank declines at random."
     )
     bank_seed: int | None = Field(None, description="Seed of the bank's random declines.")
+    bank_answer_latency_ms: float = Field(
+        0.0, ge=0, description="Simulated bank: time its answer takes to come back once it "
+        "recorded a call (the window a crash leaves money at the bank in)."
+    )
+    reconcile_every_s: float = Field(
+        60.0, gt=0, description="How often the payment service reconciles with the bank."
+    )
+    reconcile_grace_s: float = Field(
+        60.0, ge=0, description="A failed payment is checked at the bank only this long after "
+        "it failed, so a charge still on its way has answered."
+    )
     breaker_failure_rate: float = Field(
         0.5, gt=0, le=1, description="Bank breaker opens at this failure rate of the window."
     )
@@ -71,6 +82,20 @@ class Settings(BaseSettings):
     )
     deadline_fulfilment_s: float = Field(
         30.0, gt=0, description="A reserved saga waiting this long for its order is compensated."
+    )
+    deadline_compensation_s: float = Field(
+        30.0, gt=0, description="A compensating saga not cancelled after this long has its "
+        "compensation (refund, release) asked for again; the first of its retry delays."
+    )
+    compensation_retry_multiplier: float = Field(
+        2.0, ge=1, description="Each retry of a stuck compensation waits this much longer."
+    )
+    compensation_retry_max_delay_s: float = Field(
+        600.0, gt=0, description="Longest wait between two retries of a stuck compensation."
+    )
+    compensation_max_attempts: int = Field(
+        5, ge=0, description="Retries of a stuck compensation before it is reported stuck "
+        "(metric magasin_sagas_stuck, alert, `GET /api/sagas?stuck=true`)."
     )
     deadline_sweep_s: float = Field(
         1.0, gt=0, description="How often sagas past their step's deadline are looked for."

@@ -15,7 +15,7 @@ import pytest
 
 from magasin.api.app import create_app
 from magasin.bootstrap import Runtime, build_service
-from magasin.payments.gateway import BankGateway, BankSimulator, Charge
+from magasin.payments.gateway import BankGateway, BankRecord, BankSimulator, Charge
 from magasin.payments.service import build as build_payment
 from magasin.service import ServiceContext
 from magasin.shared.messages import RecordedEvent
@@ -146,6 +146,9 @@ class GatedBank(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         return await self.bank.refund(idempotency_key, reference, amount)
+
+    async def lookup(self, idempotency_key: str) -> BankRecord | None:
+        return await self.bank.lookup(idempotency_key)
 
 
 @pytest.fixture

@@ -140,11 +140,11 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
         forced = await shop.client.post(url, headers=admin)
         assert forced.status_code == 202, forced.text
         assert forced.json()["aborted_step"] == "fulfilment"
-        again = await shop.client.post(url, headers=admin)
-        assert again.status_code == 409
 
         final = await final_state(shop, tid)
         assert (final["status"], final["reason"]) == ("CANCELLED", "forced")
+        again = await shop.client.post(url, headers=admin)
+        assert again.status_code == 409  # it ended: nothing left to compensate
         assert (await shop.stock(store, coffee))["available"] == 10
         unknown = await shop.client.post("/api/sagas/nope/compensate", headers=admin)
         assert unknown.status_code == 404

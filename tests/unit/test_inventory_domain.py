@@ -11,7 +11,6 @@ from magasin.inventory.domain import (
     ReservationStatus,
     StockItem,
     commit_reservation,
-    expire_reservation,
     merge_lines,
     release_reservation,
     reserve_all,
@@ -21,6 +20,7 @@ from magasin.shared.events import (
     InventoryReleased,
     InventoryReserved,
     MissingLine,
+    ReservationExpired,
     StockAdded,
     StockCommitted,
     StockLine,
@@ -191,16 +191,22 @@ def test_commit_consumes_the_held_stock() -> None:
     assert (items["P1"].on_hand, items["P1"].reserved, items["P1"].available) == (3, 0, 3)
 
 
-def test_expiry_releases_only_an_unfulfilled_reservation_past_due() -> None:
+def test_expiry_is_reported_once_past_due_and_keeps_the_stock_held() -> None:
     items = {"P1": stocked("P1", 5)}
     reserve_all(items, [StockLine("P1", 2)], "T1")
     reservation = held("T1", StockLine("P1", 2), expires_at=NOW)
     with pytest.raises(BusinessRuleViolation, match="expires at"):
-        expire_reservation(reservation, items, NOW - timedelta(seconds=1))
-    expire_reservation(reservation, items, NOW)
-    released = reservation.pending[-1]
-    assert isinstance(released, InventoryReleased)
-    assert released.reason == "expired"
+        reservation.expire(NOW - timedelta(seconds=1))
+    reservation.expire(NOW)
+    expired = reservation.pending[-1]
+    assert isinstance(expired, ReservationExpired)
+    assert (expired.transaction_id, expired.expires_at) == ("T1", NOW.isoformat())
+    assert reservation.status is ReservationStatus.RESERVED and reservation.expired
+    assert items["P1"].available == 3  # held until the transaction decides
+    assert not reservation.is_expired(NOW + timedelta(days=1))
+    with pytest.raises(BusinessRuleViolation, match="reported already"):
+        reservation.expire(NOW + timedelta(days=1))
+    release_reservation(reservation, items, "expired")  # the sale was given up
     assert items["P1"].available == 5
 
 

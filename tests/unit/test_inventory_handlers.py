@@ -23,7 +23,9 @@ from magasin.shared.events import (
     OrderFulfillmentFailed,
     PaymentProcessed,
     ProductAdded,
+    ReservationExpired,
     ReservationVoided,
+    SagaAborted,
     StockAdded,
     StockCommitted,
     StockLine,
@@ -84,6 +86,10 @@ def cancelled(transaction_id: str) -> TransactionCancelled:
 
 def completed(transaction_id: str) -> TransactionCompleted:
     return TransactionCompleted(transaction_id, "S1", "C1", 1000, "CAD")
+
+
+def given_up(transaction_id: str) -> SagaAborted:
+    return SagaAborted(transaction_id, "fulfilment", "reservation_expired", "S1", 1000, "CAD")
 
 
 def fulfilled(transaction_id: str) -> OrderFulfilled:
@@ -294,7 +300,7 @@ async def test_completion_or_failed_fulfilment_before_the_reservation_is_retried
 # -- expiry ---------------------------------------------------------------------------
 
 
-async def test_expiry_releases_only_unfulfilled_reservations_past_due(
+async def test_expiry_is_reported_only_for_unfulfilled_reservations_past_due(
     harness: Harness,
 ) -> None:
     await stocked(harness, P1=10)
@@ -309,29 +315,44 @@ async def test_expiry_releases_only_unfulfilled_reservations_past_due(
 
     assert await expire_reservations(harness.store, due - timedelta(seconds=1)) == 0
     assert await expire_reservations(harness.store, due) == 1
-    assert await expire_reservations(harness.store, due) == 0
+    await project_all(harness.store)
+    assert await expire_reservations(harness.store, due) == 0  # reported once
 
-    [released] = await harness.emitted(InventoryReleased)
-    assert (released.transaction_id, released.reason) == ("T1", "expired")
-    assert [(r.transaction_id, r.quantity) for r in await harness.emitted(StockReleased)] == [
-        ("T1", 1)
-    ]
+    [expired] = await harness.emitted(ReservationExpired)
+    assert expired.transaction_id == "T1"
     assert [e.correlation_id for e in await harness.store.read_stream("reservation-T1")] == [
         "T1", "T1",
     ]
+    # The stock stays held: the transaction decides (here: it gives the sale up).
+    assert await stock(harness, "P1") == (10, 6, 4)
+    await send(harness, "T1", given_up("T1"))
+    [released] = await harness.emitted(InventoryReleased)
+    assert (released.transaction_id, released.reason) == ("T1", "expired")
     assert await stock(harness, "P1") == (10, 5, 5)
     assert [(await reservation(harness, t))["status"] for t in ("T1", "T2", "T3")] == [
         "RELEASED", "RESERVED", "RESERVED",
     ]
 
 
-async def test_an_expired_reservation_is_not_released_again_by_a_cancellation(
+async def test_an_expired_reservation_whose_sale_completed_first_is_committed(
     harness: Harness,
 ) -> None:
     await stocked(harness, P1=5)
     await send(harness, "T1", paid("T1", ("P1", 2)))
     await expire_reservations(harness.store, NOW + timedelta(days=1))
-    await send(harness, "T1", cancelled("T1"))
+    # The store's fulfilment reached the transaction before the expiry did: it completed.
+    await send(harness, "T1", fulfilled("T1"), completed("T1"))
+    assert await harness.emitted(InventoryReleased) == []
+    assert await stock(harness, "P1") == (3, 0, 3)
+
+
+async def test_an_expired_reservation_is_released_once_by_a_cancellation(
+    harness: Harness,
+) -> None:
+    await stocked(harness, P1=5)
+    await send(harness, "T1", paid("T1", ("P1", 2)))
+    await expire_reservations(harness.store, NOW + timedelta(days=1))
+    await send(harness, "T1", given_up("T1"), cancelled("T1"))
     assert len(await harness.emitted(InventoryReleased)) == 1
     assert await stock(harness, "P1") == (5, 0, 5)
 
@@ -357,9 +378,9 @@ async def test_the_expiry_loop_keeps_sweeping_after_a_failure(harness: Harness) 
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    [released] = await harness.emitted(InventoryReleased)
-    assert released.reason == "expired"
-    assert await stock(harness, "P1") == (5, 0, 5)
+    [expired] = await harness.emitted(ReservationExpired)
+    assert expired.transaction_id == "T1"
+    assert await stock(harness, "P1") == (5, 2, 3)
 
 
 # -- restocking -------------------------------------------------------------------------

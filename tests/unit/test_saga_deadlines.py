@@ -8,18 +8,28 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from magasin.eventstore.store import Causation
+from magasin.inventory.commands import restock
+from magasin.inventory.handlers import handlers as inventory_handlers
 from magasin.messaging.dispatch import Outcome
+from magasin.observability.sagas import STUCK
 from magasin.payments.aborts import UNREACHED, ChargeDeadline, abort_handlers
 from magasin.payments.domain import PaymentStatus
 from magasin.payments.gateway import BankSimulator
 from magasin.payments.handlers import charge, handlers, payments, refund_key
+from magasin.shared.clock import utcnow
 from magasin.shared.errors import Unavailable
 from magasin.shared.events import (
+    CompensationStalled,
     CompensationStarted,
+    InventoryReleased,
     PaymentFailed,
+    PaymentProcessed,
     PaymentRefunded,
+    ProductAdded,
     SagaAborted,
     SaleLine,
+    StockLine,
+    StoreRegistered,
     TransactionCancelled,
     TransactionCreated,
 )
@@ -123,6 +133,33 @@ def test_a_sale_that_moved_on_compensates_or_ended_is_not_aborted() -> None:
     assert [type(e) for e in recorded(sale)][-1] is TransactionCancelled
 
 
+def test_a_compensation_is_retried_with_growing_delays_up_to_a_bound() -> None:
+    policy = Deadlines(compensation_s=10, retry_multiplier=2, retry_max_delay_s=50)
+    delays = [policy.limit("compensation", n).total_seconds() for n in range(5)]
+    assert delays == [10, 20, 40, 50, 50]
+
+
+def test_only_a_compensating_sale_has_its_compensation_asked_for_again() -> None:
+    sale = new_sale()
+    assert not sale.retry_compensation()  # waiting for its payment: nothing to retry
+    sale.payment_captured("pay-1", 1000)
+    sale.inventory_unavailable()
+    assert sale.waits_for == "compensation"
+    assert sale.retry_compensation(0)
+    assert not sale.retry_compensation(0)  # a stale deadline entry: retried already
+    retry = recorded(sale)[-1]
+    assert retry == SagaAborted("tx-1", "compensation", "inventory_unavailable", "s-1", 1000,
+                                "CAD", attempt=1)
+    assert sale.aborted_step is None and sale.compensation_attempts == 1
+    assert sale.stall(1) and not sale.stall(1)
+    assert sale.stalled
+    assert sale.retry_compensation()  # an operator forces it: no longer reported stuck
+    assert not sale.stalled
+    sale.payment_refunded(1000)
+    assert sale.status is Status.CANCELLED
+    assert not sale.retry_compensation() and not sale.stall(2)
+
+
 # -- the index and the loop, with an injected clock -------------------------------------------
 
 
@@ -156,12 +193,15 @@ async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Har
     assert sorted((a.transaction_id, a.reason) for a in aborted) == [
         ("tx-1", "deadline:payment"), ("tx-2", "deadline:payment"),
     ]
-    # Once the index has seen the compensation, the sagas leave the deadline index.
+    # Once the index has seen the compensation, the sagas wait for it, with its deadline.
     await index_everything(harness)
-    assert await harness.store.find_documents(sagas.DEADLINES) == []
+    entries = await harness.store.find_documents(sagas.DEADLINES)
+    assert [(e["step"], e["attempt"]) for _, e in entries] == [("compensation", 0)] * 2
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
     assert doc is not None
-    assert (doc["status"], doc["step"], doc["reason"]) == ("CANCELLING", None, "deadline:payment")
+    assert (doc["status"], doc["step"], doc["reason"]) == (
+        "CANCELLING", "compensation", "deadline:payment"
+    )
 
 
 async def test_a_lagging_index_entry_of_a_saga_that_moved_on_changes_nothing(
@@ -278,3 +318,116 @@ async def test_a_charge_whose_capture_lost_to_a_void_gives_the_money_back(
         payment = await payments.get(uow, "tx-1")
     assert payment.status is PaymentStatus.FAILED
     assert bank.captured_total == 0 and len(bank.refunds) == 1
+
+
+async def test_a_compensation_not_confirmed_in_time_is_retried_then_reported_stuck(
+    harness: Harness,
+) -> None:
+    policy = Deadlines(compensation_s=10, retry_multiplier=2, retry_attempts=2)
+    index = sagas.index_handlers(policy)
+    await start_sale(harness, "tx-1")
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_captured("pay-1", 1000)
+        sale.inventory_unavailable()  # the refund it needs never comes
+        sagas.sales.save(uow, sale)
+
+    async def index_all() -> None:
+        for event in await harness.store.read_all(after=0, limit=1000):
+            if event.type in index:
+                await harness.deliver(sagas.CONSUMER, index, event)
+
+    async def sweep(at: datetime) -> int:
+        await index_all()
+        return await sagas.abort_overdue(harness.store, at, policy)
+
+    started = (await harness.emitted(CompensationStarted))[0]
+    t0 = (await harness.store.read_all(after=0, limit=1000))[-1].occurred_at
+    assert started.reason == "inventory_unavailable"
+    assert await sweep(t0 + timedelta(seconds=9)) == 0
+    assert await sweep(t0 + timedelta(seconds=11)) == 1  # retry 1 after 10 s
+    retry_1 = (await harness.emitted(SagaAborted))[-1]
+    assert (retry_1.step, retry_1.attempt) == ("compensation", 1)
+    t1 = (await harness.store.read_all(after=0, limit=1000))[-1].occurred_at
+    assert await sweep(t1 + timedelta(seconds=19)) == 0  # retry 2 waits twice as long
+    assert await sweep(t1 + timedelta(seconds=21)) == 1
+    t2 = (await harness.store.read_all(after=0, limit=1000))[-1].occurred_at
+    assert await sweep(t2 + timedelta(seconds=41)) == 1  # retries spent: reported stuck
+    (stalled,) = await harness.emitted(CompensationStalled)
+    assert stalled.attempts == 2
+    assert await sweep(t2 + timedelta(days=1)) == 0  # stuck sagas leave the deadline index
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["stuck"], doc["attempts"], doc["due_key"]) == (True, 2, None)
+    assert await harness.store.find_documents(STUCK) != []
+    # An operator forces it: asked again, no longer stuck, and the refund then ends it.
+    _, retried = await sagas.force(harness.store, "tx-1")
+    assert retried
+    await index_all()
+    assert await harness.store.find_documents(STUCK) == []
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_refunded(1000)
+        sagas.sales.save(uow, sale)
+    await index_all()
+    assert await harness.store.find_documents(sagas.DEADLINES) == []
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)
+
+
+async def test_retried_compensations_refund_and_release_once(harness: Harness) -> None:
+    bank = BankSimulator(latency_s=0)
+    pay = handlers(bank, ChargeDeadline(60))
+    stock = inventory_handlers(1800)
+    for catalog in (StoreRegistered("s-1", "S", "D", "A"), ProductAdded("p-1", "SKU", "P", 500,
+                                                                          "CAD")):
+        (event,) = await harness.given("store", type(catalog).__name__, catalog)
+        await harness.deliver("inventory", stock, event)
+    await restock(harness.store, "s-1", "p-1", 5)
+    (created,) = await harness.given("transaction", "tx-1", created_event())
+    await harness.deliver("payment", pay, created)
+    (processed,) = await harness.emitted(PaymentProcessed)
+    (paid,) = await harness.given("payment", "tx-1-copy", processed)
+    await harness.deliver("inventory", stock, paid)
+
+    first = aborted_event(step="fulfilment")
+    retries = [SagaAborted("tx-1", "compensation", "deadline:fulfilment", "s-1", 1000, "CAD",
+                           attempt=n) for n in (1, 2)]
+    for payload in (first, *retries):
+        (event,) = await harness.given("transaction", "tx-1", payload)
+        for consumer, table in (("payment", pay), ("inventory", stock)):
+            assert (await harness.deliver(consumer, table, event)).outcome is Outcome.HANDLED
+    assert len(await harness.emitted(PaymentRefunded)) == 1 and len(bank.refunds) == 1
+    assert len(await harness.emitted(InventoryReleased)) == 1
+    assert bank.captured_total == 0
+    assert StockLine("p-1", 2) in processed.lines
+
+
+async def test_a_stuck_saga_that_ends_after_all_is_no_longer_reported_stuck(
+    harness: Harness,
+) -> None:
+    policy = Deadlines(compensation_s=10, retry_attempts=0)
+    index = sagas.index_handlers(policy)
+    await start_sale(harness, "tx-1")
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_captured("pay-1", 1000)
+        sale.inventory_unavailable()
+        sagas.sales.save(uow, sale)
+
+    async def index_all() -> None:
+        for event in await harness.store.read_all(after=0, limit=1000):
+            if event.type in index:
+                await harness.deliver(sagas.CONSUMER, index, event)
+
+    await index_all()
+    assert await sagas.abort_overdue(harness.store, utcnow() + timedelta(days=1), policy) == 1
+    await index_all()
+    assert [key for key, _ in await harness.store.find_documents(STUCK)] == ["tx-1"]
+    async with harness.store.transaction() as uow:  # its refund's dead letter was requeued
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_refunded(1000)
+        sagas.sales.save(uow, sale)
+    await index_all()
+    assert await harness.store.find_documents(STUCK) == []
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)

@@ -7,6 +7,8 @@ import pytest
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
 from magasin.shared.events import (
     CompensationStarted,
+    FulfilmentRefused,
+    SagaAborted,
     SaleLine,
     TransactionCancelled,
     TransactionCompleted,
@@ -127,13 +129,44 @@ def test_an_expired_reservation_compensates_an_unfulfilled_sale() -> None:
     sale = new_sale()
     sale.payment_captured("pay-1", 4447)
     sale.inventory_reserved("res-1")
-    sale.inventory_released()
-    sale.reservation_expired()
+    sale.reservation_expired()  # the inventory still holds the stock: the sale decides
     assert sale.status is Status.CANCELLING
+    aborted = [e for e in sale.pending if isinstance(e, SagaAborted)]
+    assert [(a.step, a.reason) for a in aborted] == [("fulfilment", "reservation_expired")]
     started = [e for e in sale.pending if isinstance(e, CompensationStarted)]
-    assert started[0].needs_refund
+    assert started[0].needs_refund and started[0].needs_release
     sale.payment_refunded(4447)
-    assert sale.status is Status.CANCELLED
+    assert sale.status is Status.CANCELLING, "stock not released yet"
+    sale.inventory_released()
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "reservation_expired")
+
+
+def test_a_sale_whose_order_was_recorded_before_the_expiry_completes_and_keeps_its_money(
+) -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.order_fulfilled("order-1")
+    sale.reservation_expired()  # late news: the fulfilment won, the completion commits stock
+    assert sale.status is Status.COMPLETED
+    assert not [e for e in sale.pending if isinstance(e, SagaAborted | CompensationStarted)]
+
+
+def test_a_fulfilment_after_the_expiry_gave_the_sale_up_is_refused_once() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.reservation_expired()
+    sale.order_fulfilled("order-1")
+    sale.order_fulfilled("order-1")  # a redelivery
+    refused = [e for e in sale.pending if isinstance(e, FulfilmentRefused)]
+    assert refused == [FulfilmentRefused(sale.id, "order-1", "reservation_expired")]
+    assert (sale.status, sale.order_id) == (Status.CANCELLING, None)
+    sale.inventory_released()
+    sale.payment_refunded(4447)
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "reservation_expired")
+    sale.order_fulfilled("order-1")  # after the end too: refused already, nothing new
+    assert len([e for e in sale.pending if isinstance(e, FulfilmentRefused)]) == 1
 
 
 def test_events_after_the_end_change_nothing() -> None:

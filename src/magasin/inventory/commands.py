@@ -10,8 +10,8 @@ from typing import Any
 
 from magasin.eventstore.store import Causation, EventStore
 from magasin.inventory import readmodel
-from magasin.inventory.domain import StockItem, expire_reservation, stock_key
-from magasin.inventory.handlers import Clock, load_items
+from magasin.inventory.domain import StockItem, stock_key
+from magasin.inventory.handlers import Clock
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, InvalidInput, MagasinError, NotFound
 
@@ -55,11 +55,13 @@ async def restock(
 
 
 async def expire_reservations(store: EventStore, now: datetime) -> int:
-    """Release every held, unfulfilled reservation whose expiry is at or before `now`.
+    """Report every held, unfulfilled reservation whose expiry is at or before `now`
+    (ReservationExpired): the transaction then gives its sale up and the release follows,
+    unless the sale's order was recorded first (see docs/architecture.md, late fulfilment).
 
-    Each one is released in its own unit of work, correlated with its transaction, so one
+    Each one is reported in its own unit of work, correlated with its transaction, so one
     that fails (it is retried at the next sweep) does not hold the others. Returns how many
-    were released.
+    were reported.
     """
     released = 0
     after: str | None = None
@@ -72,6 +74,8 @@ async def expire_reservations(store: EventStore, now: datetime) -> int:
         )
         for transaction_id, doc in rows:
             expires_at = doc.get("expires_at")
+            if doc.get("expired_at"):
+                continue  # reported already: its release follows the transaction's decision
             if expires_at is not None and datetime.fromisoformat(expires_at) <= now:
                 try:
                     released += await _expire(store, transaction_id, now)
@@ -91,13 +95,9 @@ async def _expire(store: EventStore, transaction_id: str, now: datetime) -> int:
             async with store.transaction(causation) as uow:
                 reservation = await readmodel.reservations.find(uow, transaction_id)
                 if reservation is None or not reservation.is_expired(now):
-                    return 0  # fulfilled, released or committed since the listing
-                assert reservation.store_id is not None
-                items = await load_items(
-                    uow, reservation.store_id, (x.product_id for x in reservation.lines)
-                )
-                expire_reservation(reservation, items, now)
-                readmodel.save(uow, items.values(), reservation)
+                    return 0  # fulfilled, released, committed or reported since the listing
+                reservation.expire(now)
+                readmodel.save(uow, (), reservation)
             return 1
         except ConcurrencyError:
             if attempt == ATTEMPTS:
@@ -115,7 +115,7 @@ def expiry_loop(
             try:
                 count = await expire_reservations(store, clock())
                 if count:
-                    log.info("released %d expired reservation(s)", count)
+                    log.info("reported %d expired reservation(s)", count)
             except Exception:
                 # A broken sweep must not stop the next one (the database may come back).
                 log.exception("expired reservations sweep failed")

@@ -20,6 +20,7 @@ from magasin.shared.events import (
     InventoryReserved,
     InventoryUnavailable,
     MissingLine,
+    ReservationExpired,
     ReservationFulfilled,
     ReservationVoided,
     StockAdded,
@@ -134,6 +135,8 @@ class Reservation(Aggregate):
         self.missing: tuple[MissingLine, ...] = ()
         self.expires_at: datetime | None = None
         self.fulfilled = False
+        self.expired = False
+        """Its expiry was reported to the transaction, which decides what happens to it."""
         self.reason: str | None = None
         """Why it was released or voided."""
 
@@ -203,14 +206,19 @@ class Reservation(Aggregate):
         self._record(InventoryCommitted(self.id, self.reservation_id, self.store_id, self.lines))
 
     def is_expired(self, now: datetime) -> bool:
+        """Its time is up and nobody was told yet."""
         return (
             self.status is ReservationStatus.RESERVED
             and not self.fulfilled
+            and not self.expired
             and self.expires_at is not None
             and now >= self.expires_at
         )
 
     def expire(self, now: datetime) -> None:
+        """Report the expiry; the stock stays held until the transaction decides (it gives
+        the sale up, and the release follows, unless the sale's order was recorded first,
+        in which case the completion commits the stock)."""
         self._require_reserved("expire")
         if self.fulfilled:
             raise BusinessRuleViolation(
@@ -219,8 +227,13 @@ class Reservation(Aggregate):
         if not self.is_expired(now):
             raise BusinessRuleViolation(
                 f"the reservation of transaction {self.id} expires at {self.expires_at}"
+                + (" (reported already)" if self.expired else "")
             )
-        self.release("expired")
+        assert self.reservation_id is not None and self.store_id is not None
+        assert self.expires_at is not None
+        self._record(ReservationExpired(
+            self.id, self.reservation_id, self.store_id, self.expires_at.isoformat()
+        ))
 
     def apply(self, event: object) -> None:
         match event:
@@ -241,6 +254,8 @@ class Reservation(Aggregate):
                 self.status = ReservationStatus.COMMITTED
             case ReservationFulfilled():
                 self.fulfilled = True
+            case ReservationExpired():
+                self.expired = True
             case ReservationVoided(reason=reason):
                 self.status = ReservationStatus.VOIDED
                 self.reason = reason
@@ -294,13 +309,6 @@ def release_reservation(
     for line in reservation.lines:
         items[line.product_id].release(line.quantity, reservation.id)
 
-
-def expire_reservation(
-    reservation: Reservation, items: Mapping[str, StockItem], now: datetime
-) -> None:
-    reservation.expire(now)
-    for line in reservation.lines:
-        items[line.product_id].release(line.quantity, reservation.id)
 
 
 def commit_reservation(reservation: Reservation, items: Mapping[str, StockItem]) -> None:

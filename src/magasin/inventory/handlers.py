@@ -142,7 +142,9 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
             reservation.void("saga_aborted")
             readmodel.save(uow, (), reservation)
             return
-        await _release(uow, reservation, "saga_aborted")
+        # The transaction gave the sale up because the reservation's time was up.
+        expired = aborted.reason == "reservation_expired"
+        await _release(uow, reservation, "expired" if expired else "saga_aborted")
 
     async def on_product_added(event: RecordedEvent, uow: UnitOfWork) -> None:
         product: ProductAdded = SCHEMAS.validate(event)

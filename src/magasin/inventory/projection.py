@@ -71,6 +71,8 @@ async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> No
             doc["status"] = "COMMITTED"
         case "ReservationFulfilled":
             doc["fulfilled"] = True
+        case "ReservationExpired":
+            doc["expired_at"] = event.occurred_at.isoformat()
         case "ReservationVoided":
             doc.update(status="VOIDED", reason=p["reason"])
     unit.put_document(RESERVATIONS, tid, doc)
@@ -79,7 +81,7 @@ async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> No
 def reservations_projection() -> Projection:
     kinds = (
         "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "InventoryCommitted",
-        "ReservationFulfilled", "ReservationVoided",
+        "ReservationFulfilled", "ReservationVoided", "ReservationExpired",
     )
     return Projection(
         "inventory.reservations", dict.fromkeys(kinds, _reservation_changed), (RESERVATIONS,)

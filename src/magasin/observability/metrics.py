@@ -117,8 +117,21 @@ SAGAS_ACTIVE = Gauge(
     ["saga", "step"],
     registry=REGISTRY,
 )
+SAGAS_STUCK = Gauge(
+    "magasin_sagas_stuck",
+    "Sagas whose compensation was retried and is still not confirmed, by status.",
+    ["saga", "state"],
+    registry=REGISTRY,
+)
 
 # --- resilience -----------------------------------------------------------------------------
+BANK_RECONCILED = Counter(
+    "magasin_bank_reconciled_total",
+    "Charges the bank held for payments recorded as failed, settled by reconciliation: "
+    "refunded now, or recorded as refunded already.",
+    ["action"],
+    registry=REGISTRY,
+)
 CIRCUIT_BREAKER_STATE = Gauge(
     "magasin_circuit_breaker_state",
     "Circuit breaker state: 0 closed, 1 open, 2 half-open.",

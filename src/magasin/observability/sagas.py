@@ -27,6 +27,9 @@ ENDS = "metrics.saga_ends"
 """One document per finished saga, keyed `<end micros, 20 digits>:<transaction id>` so a
 time range is a key range: {transaction_id, store_id, status, reason, ended_at, duration_s}."""
 SAGA = "transaction"
+STUCK = "transaction.sagas_stuck"
+"""Sagas whose compensation stays unconfirmed after its retries, kept by the transaction
+service's saga index: {transaction_id, status, attempts, since}."""
 
 # The saga's steps in the order the domain ranks its statuses: a saga only moves forward,
 # so a step record delivered late never moves it back.
@@ -106,6 +109,22 @@ async def active_by_step(store: EventStore) -> Counter[str]:
         steps.update(str(doc["step"]) for _, doc in page)
         after = page[-1][0]
     return steps
+
+
+async def stuck_by_state(store: EventStore) -> Counter[str]:
+    """How many sagas are reported stuck, by their status."""
+    states: Counter[str] = Counter()
+    after: str | None = None
+    while page := await store.find_documents(STUCK, after_key=after, limit=500):
+        states.update(str(doc["status"]) for _, doc in page)
+        after = page[-1][0]
+    return states
+
+
+def sample_stuck(states: Counter[str]) -> None:
+    """Set the stuck-sagas gauge; CANCELLING reads 0 rather than vanish."""
+    for state in {"CANCELLING", *states}:
+        metrics.SAGAS_STUCK.labels(SAGA, state).set(states.get(state, 0))
 
 
 def sample_active(steps: Counter[str]) -> None:

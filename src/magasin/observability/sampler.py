@@ -36,6 +36,7 @@ async def sample_once(runtime: Runtime) -> None:
         steps.append(("outbox backlog", lambda: _outbox(runtime)))
     if any(sagas.CONSUMER in s.consumers for s in runtime.services):
         steps.append(("active sagas", lambda: _active_sagas(runtime)))
+        steps.append(("stuck sagas", lambda: _stuck_sagas(runtime)))
     for what, step in steps:
         try:
             await step()
@@ -65,6 +66,12 @@ async def _dead_letters(runtime: Runtime) -> None:
 
 async def _active_sagas(runtime: Runtime) -> None:
     sagas.sample_active(await sagas.active_by_step(runtime.store))
+
+
+async def _stuck_sagas(runtime: Runtime) -> None:
+    stuck = await sagas.stuck_by_state(runtime.store)
+    sagas.sample_stuck(stuck)
+    runtime.last_sample["sagas_stuck"] = dict(stuck)
 
 
 async def _projection_lag(runtime: Runtime) -> None:

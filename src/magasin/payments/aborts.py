@@ -33,6 +33,15 @@ log = logging.getLogger("magasin.payments")
 UNREACHED = "payment.bank_unreachable"
 """Sales whose charge found the bank unreachable: transaction id -> last failure."""
 BANK_UNAVAILABLE = "bank_unavailable"
+UNSETTLED = "payment.unsettled"
+"""Payments recorded FAILED without the bank's own decline (a void, a bank never reached):
+the bank may still have approved a charge for them. Reconciliation (`reconcile.py`) looks
+each one up at the bank and removes it: transaction id -> {at, reason}."""
+
+
+def unsettled(uow: UnitOfWork, payment: Payment, at: datetime) -> None:
+    """Note, with the void, that the bank's books must be checked for this payment."""
+    uow.put_document(UNSETTLED, payment.id, {"at": at.isoformat(), "reason": payment.reason})
 
 payments = Repository(Payment)
 
@@ -99,6 +108,9 @@ def abort_handlers(
                 store_id=aborted.store_id,
             )
             payments.save(uow, payment)
+            # A charge of this sale may be on its way (or was approved by a process that
+            # died before its commit): reconciliation will ask the bank.
+            unsettled(uow, payment, deadline.clock())
             return
         if not payment.refundable:
             return  # failed (nothing taken; its PaymentFailed is on its way) or refunded

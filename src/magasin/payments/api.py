@@ -16,6 +16,17 @@ Status = Literal["CAPTURED", "FAILED", "REFUNDED"]
 Ident = Annotated[str, Path(min_length=1, max_length=100)]
 
 
+class Reconciled(BaseModel):
+    """A charge the bank approved for this failed payment, found by reconciliation."""
+
+    action: Literal["refunded", "recorded"]
+    """`refunded` by the reconciler, or `recorded`: the bank had given it back already."""
+    amount: int
+    bank_reference: str
+    refund_reference: str
+    at: str
+
+
 class PaymentView(BaseModel):
     payment_id: str
     transaction_id: str
@@ -29,6 +40,7 @@ class PaymentView(BaseModel):
     reason: str | None
     """Why the payment failed or was refunded."""
     updated_at: str
+    reconciled: Reconciled | None = None
 
 
 def router(ctx: ServiceContext) -> APIRouter:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from magasin.payments.gateway import BankGateway, Charge
+from magasin.payments.gateway import BankGateway, BankRecord, Charge
 from magasin.shared.errors import MagasinError, Unavailable
 
 T = TypeVar("T")
@@ -121,6 +121,9 @@ class CircuitBreaker(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         return await self._call(lambda: self.gateway.refund(idempotency_key, reference, amount))
+
+    async def lookup(self, idempotency_key: str) -> BankRecord | None:
+        return await self._call(lambda: self.gateway.lookup(idempotency_key))
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         state = self.state

@@ -7,7 +7,15 @@ from enum import StrEnum
 
 from magasin.shared.aggregate import Aggregate
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
-from magasin.shared.events import PaymentFailed, PaymentProcessed, PaymentRefunded, StockLine
+from magasin.shared.events import (
+    ChargeReconciled,
+    PaymentFailed,
+    PaymentProcessed,
+    PaymentRefunded,
+    StockLine,
+)
+
+RECONCILE_ACTIONS = frozenset({"refunded", "recorded"})
 
 
 class PaymentStatus(StrEnum):
@@ -36,6 +44,8 @@ class Payment(Aggregate):
         self.refund_reference: str | None = None
         self.reason: str | None = None
         """Why it failed or was refunded."""
+        self.reconciled: ChargeReconciled | None = None
+        """A charge the bank approved for this failed payment, and how it was settled."""
 
     @property
     def transaction_id(self) -> str:
@@ -106,6 +116,32 @@ class Payment(Aggregate):
             currency=self.currency, reason=reason, bank_reference=refund_reference,
         ))
 
+    def reconcile(
+        self, bank_reference: str, amount: int, action: str, refund_reference: str
+    ) -> None:
+        """The bank approved a charge for this payment although it is recorded FAILED (a
+        void won, or the process died between the bank's answer and its commit): record
+        how it was settled, once."""
+        if self.status is not PaymentStatus.FAILED:
+            raise BusinessRuleViolation(
+                f"payment of transaction {self.id} is {self.status}: only a failed payment "
+                "can hold a stray charge"
+            )
+        if self.reconciled is not None:
+            raise BusinessRuleViolation(
+                f"the stray charge of transaction {self.id} is settled already "
+                f"({self.reconciled.action})"
+            )
+        if action not in RECONCILE_ACTIONS:
+            raise InvalidInput(f"unknown reconciliation action {action!r}")
+        if amount <= 0 or not bank_reference or not refund_reference:
+            raise InvalidInput("a reconciliation needs the charge, its amount and its refund")
+        self._record(ChargeReconciled(
+            payment_id=self.payment_id, transaction_id=self.id, bank_reference=bank_reference,
+            amount=amount, currency=self.currency, action=action,
+            refund_reference=refund_reference,
+        ))
+
     def _require_unrecorded(self) -> None:
         if self.status is not None:
             raise BusinessRuleViolation(
@@ -134,5 +170,7 @@ class Payment(Aggregate):
                 self.status = PaymentStatus.REFUNDED
                 self.refund_reference = event.bank_reference
                 self.reason = event.reason
+            case ChargeReconciled():
+                self.reconciled = event
             case _:
                 raise TypeError(f"a payment does not record {type(event).__name__}")

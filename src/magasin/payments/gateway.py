@@ -1,8 +1,11 @@
 """The bank behind a port, and the simulator that stands for it.
 
-    BankGateway.charge / refund
+    BankGateway.charge / refund / lookup
         └── raises Unavailable when the bank cannot be reached (the caller retries with the
             same idempotency key, which never takes the money twice)
+
+`lookup` is the bank's side of reconciliation (`payments/reconcile.py`): what the bank
+recorded for a charge's idempotency key (the transaction id), refunded or not.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from magasin.eventstore.store import EventStore
-from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
+from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, Unavailable
 
 FAILING_METHOD = "FAIL_CARD"
 LIMIT_CENTS = 1_000_000
@@ -32,8 +35,28 @@ class Charge:
     decline_reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BankRecord:
+    """What the bank recorded for the charge made with one idempotency key."""
+
+    idempotency_key: str
+    approved: bool
+    reference: str
+    amount: int
+    currency: str
+    decline_reason: str | None = None
+    refund_reference: str | None = None
+    """Set once the charge was given back."""
+
+    @property
+    def holds_money(self) -> bool:
+        """The bank took the money and has not given it back."""
+        return self.approved and self.refund_reference is None
+
+
 class BankGateway(ABC):
-    """Port of the bank. Both calls are idempotent per key: a retry gets the first answer."""
+    """Port of the bank. Charge and refund are idempotent per key: a retry gets the first
+    answer; lookup changes nothing."""
 
     @abstractmethod
     async def charge(
@@ -48,6 +71,11 @@ class BankGateway(ABC):
         Refusals (unknown or already refunded charge, amount over the charge) raise
         BusinessRuleViolation.
         """
+
+    @abstractmethod
+    async def lookup(self, idempotency_key: str) -> BankRecord | None:
+        """The charge made with `idempotency_key` as the bank recorded it (approved or
+        declined, refunded or not), or None when the bank never decided on that key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +113,16 @@ class BankSimulator(BankGateway):
         decline_rate: float = 0.0,
         seed: int | None = None,
         ledger: EventStore | None = None,
+        answer_latency_s: float = 0.0,
     ) -> None:
-        if latency_s < 0:
-            raise ValueError("latency_s must be >= 0")
+        if latency_s < 0 or answer_latency_s < 0:
+            raise ValueError("latency_s and answer_latency_s must be >= 0")
         if not 0.0 <= decline_rate <= 1.0:
             raise ValueError("decline_rate must be within [0, 1]")
         self.latency_s = latency_s
+        self.answer_latency_s = answer_latency_s
+        """Time the bank's answer takes to come back once the bank recorded the call (the
+        window in which a crashed client leaves money at the bank: see reconciliation)."""
         self.decline_rate = decline_rate
         self.reachable = True
         self._rng = random.Random(seed)
@@ -123,7 +155,9 @@ class BankSimulator(BankGateway):
     ) -> Charge:
         await self._call()
         async with self._lock:  # check-and-record is atomic for this process's callers
-            return await self._charge(idempotency_key, _ChargeRequest(amount, currency, method))
+            answer = await self._charge(idempotency_key, _ChargeRequest(amount, currency, method))
+        await self._answer()
+        return answer
 
     async def _charge(self, idempotency_key: str, request: _ChargeRequest) -> Charge:
         amount, method = request.amount, request.method
@@ -137,10 +171,15 @@ class BankSimulator(BankGateway):
         reference = f"CH-{uuid.uuid4().hex[:16].upper()}"
         reason = self._decline_reason(amount, method)
         charge = Charge(approved=reason is None, reference=reference, decline_reason=reason)
-        await self._write(CHARGES, idempotency_key, {
-            "amount": amount, "currency": request.currency, "method": method,
-            "approved": charge.approved, "reference": reference, "decline_reason": reason,
-        })
+        try:
+            await self._write(CHARGES, idempotency_key, {
+                "amount": amount, "currency": request.currency, "method": method,
+                "approved": charge.approved, "reference": reference, "decline_reason": reason,
+            })
+        except AlreadyProcessed:
+            # Another client of this bank (a second payment process) decided on this key
+            # first: its answer is the bank's answer.
+            return await self._charge(idempotency_key, request)
         self._charges[idempotency_key] = (request, charge)
         if charge.approved:
             self._captured[reference] = amount
@@ -149,7 +188,37 @@ class BankSimulator(BankGateway):
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         await self._call()
         async with self._lock:
-            return await self._refund(idempotency_key, reference, amount)
+            answer = await self._refund(idempotency_key, reference, amount)
+        await self._answer()
+        return answer
+
+    async def lookup(self, idempotency_key: str) -> BankRecord | None:
+        await self._call()
+        if self._ledger is not None:
+            # Read the books, not this instance's memory: another process (or the
+            # reconciler's CLI) shares this bank.
+            doc = await self._ledger.get_document(CHARGES, idempotency_key)
+            if doc is None:
+                return None
+            refund: str | None = None
+            if doc["approved"]:
+                held = await self._ledger.get_document(CAPTURED, doc["reference"])
+                if held is not None and held.get("refunded"):
+                    refund = str(held.get("refund_reference") or "refunded")
+            return BankRecord(
+                idempotency_key, doc["approved"], doc["reference"], doc["amount"],
+                doc["currency"], doc["decline_reason"], refund,
+            )
+        known = self._charges.get(idempotency_key)
+        if known is None:
+            return None
+        request, charge = known
+        refund = next((r.reference for r in self._refunds.values()
+                       if r.charge_reference == charge.reference), None)
+        return BankRecord(
+            idempotency_key, charge.approved, charge.reference, request.amount,
+            request.currency, charge.decline_reason, refund,
+        )
 
     async def _refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         known = self._refunds.get(idempotency_key) or await self._recall_refund(idempotency_key)
@@ -175,9 +244,12 @@ class BankSimulator(BankGateway):
                 f"refund of {amount} cents is not within the {captured} cents charged"
             )
         refund = _Refund(f"RF-{uuid.uuid4().hex[:16].upper()}", reference, amount)
-        await self._write(REFUNDS, idempotency_key, {
-            "reference": refund.reference, "charge_reference": reference, "amount": amount,
-        })
+        try:
+            await self._write(REFUNDS, idempotency_key, {
+                "reference": refund.reference, "charge_reference": reference, "amount": amount,
+            })
+        except AlreadyProcessed:
+            return await self._refund(idempotency_key, reference, amount)  # refunded elsewhere
         self._refunds[idempotency_key] = refund
         self._refunded.add(reference)
         return refund.reference
@@ -186,12 +258,16 @@ class BankSimulator(BankGateway):
         if self._ledger is None:
             return
         async with self._ledger.transaction() as uow:
+            # The claim makes the key's first decision the only one, even between several
+            # processes sharing these books (a second one fails at commit).
+            uow.mark_processed(collection, key)
             uow.put_document(collection, key, body)
             if collection == CHARGES and body["approved"]:
                 uow.put_document(CAPTURED, body["reference"], {"amount": body["amount"]})
             elif collection == REFUNDS:
                 uow.put_document(CAPTURED, body["charge_reference"], {
                     "amount": self._captured[body["charge_reference"]], "refunded": True,
+                    "refund_reference": body["reference"],
                 })
 
     async def _recall_charge(self, key: str) -> tuple[_ChargeRequest, Charge] | None:
@@ -221,6 +297,10 @@ class BankSimulator(BankGateway):
             await asyncio.sleep(self.latency_s)
         if not self.reachable:
             raise Unavailable("the bank cannot be reached")
+
+    async def _answer(self) -> None:
+        if self.answer_latency_s > 0:
+            await asyncio.sleep(self.answer_latency_s)
 
     def _decline_reason(self, amount: int, method: str) -> str | None:
         if method == FAILING_METHOD:

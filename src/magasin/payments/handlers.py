@@ -5,14 +5,13 @@ from __future__ import annotations
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.messaging.bus import Handler
-from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers
-from magasin.payments.domain import Payment
+from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_handlers, unsettled
+from magasin.payments.domain import Payment, PaymentStatus
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
 from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
-    InventoryReleased,
     InventoryUnavailable,
     OrderFulfillmentFailed,
     StockLine,
@@ -38,6 +37,10 @@ async def charge(
     if (known := await payments.find(uow, tid)) is not None:
         if deadline is not None:
             await deadline.settle_overtaken(gateway, known, refund_key(tid))
+            if known.status is PaymentStatus.FAILED and known.reconciled is None:
+                # A charge met a voided payment: the bank may hold money for it, or have
+                # just given it back (above); reconciliation checks, whenever it last did.
+                unsettled(uow, known, deadline.clock())
         return  # already charged: a duplicate of TransactionCreated takes nothing twice
     # The transaction id as idempotency key: a retry after a crash between the bank's
     # answer and our commit gets the same answer instead of a second charge.
@@ -64,6 +67,9 @@ async def charge(
             payment_id=time_ordered_id(), amount=created.total, currency=created.currency,
             reason=answer.decline_reason or "declined", store_id=created.store_id,
         )
+        if not answer.reference and deadline is not None:
+            # Failed for want of an answer: an earlier attempt may have reached the bank.
+            unsettled(uow, payment, deadline.clock())
     payments.save(uow, payment)
 
 
@@ -101,16 +107,9 @@ def handlers(
         failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
         await refund(gateway, uow, failed.transaction_id, "fulfillment_failed")
 
-    async def on_inventory_released(event: RecordedEvent, uow: UnitOfWork) -> None:
-        released: InventoryReleased = SCHEMAS.validate(event)
-        # Other releases follow a compensation payment handles from its own cause.
-        if released.reason == "expired":
-            await refund(gateway, uow, released.transaction_id, "reservation_expired")
-
     return {
         "TransactionCreated": on_transaction_created,
         "InventoryUnavailable": on_inventory_unavailable,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
-        "InventoryReleased": on_inventory_released,
         **(abort_handlers(gateway, deadline, refund_key) if deadline is not None else {}),
     }

@@ -35,9 +35,22 @@ async def _refunded(event: RecordedEvent, unit: ProjectionUnit) -> None:
     unit.put_document(PAYMENTS, p["transaction_id"], doc)
 
 
+async def _reconciled(event: RecordedEvent, unit: ProjectionUnit) -> None:
+    p = event.payload
+    doc = await unit.get_document(PAYMENTS, p["transaction_id"])
+    if doc is None:
+        return  # reconciliation follows the failure, in the same stream
+    doc.update(reconciled={
+        "action": p["action"], "amount": p["amount"], "bank_reference": p["bank_reference"],
+        "refund_reference": p["refund_reference"], "at": event.occurred_at.isoformat(),
+    }, updated_at=event.occurred_at.isoformat())
+    unit.put_document(PAYMENTS, p["transaction_id"], doc)
+
+
 def projection() -> Projection:
     return Projection(
         NAME,
-        {"PaymentProcessed": _recorded, "PaymentFailed": _recorded, "PaymentRefunded": _refunded},
+        {"PaymentProcessed": _recorded, "PaymentFailed": _recorded, "PaymentRefunded": _refunded,
+         "ChargeReconciled": _reconciled},
         (PAYMENTS,),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from magasin.config import Settings
+from magasin.eventstore.store import EventStore
 from magasin.messaging.bus import RetryPolicy
 from magasin.observability import metrics
 from magasin.payments.aborts import ChargeDeadline
@@ -11,6 +12,7 @@ from magasin.payments.breaker import BreakerPolicy, CircuitBreaker
 from magasin.payments.gateway import BankGateway, BankSimulator
 from magasin.payments.handlers import handlers
 from magasin.payments.projection import projection
+from magasin.payments.reconcile import reconcile_loop
 from magasin.payments.traced import TracedBank
 from magasin.service import Service, ServiceContext
 
@@ -20,13 +22,18 @@ CONSUMER = "payment"
 def default_gateway(ctx: ServiceContext) -> BankGateway:
     """The simulated bank from the settings, behind a circuit breaker (DESIGN.md §2, 6.6.2)."""
     s = ctx.settings
-    bank = BankSimulator(
-        latency_s=s.bank_latency_ms / 1000, decline_rate=s.bank_decline_rate, seed=s.bank_seed,
-        ledger=ctx.store,
-    )
-    breaker = CircuitBreaker(bank, breaker_policy(s))
+    breaker = CircuitBreaker(bank_simulator(ctx.store, s), breaker_policy(s))
     metrics.watch_breaker("bank", lambda: breaker.state.value)
     return breaker
+
+
+def bank_simulator(store: EventStore, s: Settings) -> BankSimulator:
+    """The simulated bank of these settings, keeping its books in `store` (the payment
+    service's: every payment process, and the reconciliation CLI, share one bank)."""
+    return BankSimulator(
+        latency_s=s.bank_latency_ms / 1000, decline_rate=s.bank_decline_rate, seed=s.bank_seed,
+        ledger=store, answer_latency_s=s.bank_answer_latency_ms / 1000,
+    )
 
 
 def breaker_policy(s: Settings) -> BreakerPolicy:
@@ -53,6 +60,7 @@ def retry_policy(s: Settings) -> RetryPolicy:
 def build(ctx: ServiceContext, gateway: BankGateway | None = None) -> Service:
     bank = gateway if gateway is not None else default_gateway(ctx)
     breaker = bank if isinstance(bank, CircuitBreaker) else None
+    s = ctx.settings
     return Service(
         name="payment",
         consumers={CONSUMER: handlers(
@@ -60,6 +68,8 @@ def build(ctx: ServiceContext, gateway: BankGateway | None = None) -> Service:
         )},
         router=router(ctx),
         projections=(projection(),),
+        loops=(reconcile_loop(ctx.store, TracedBank(bank), s.reconcile_every_s,
+                              s.reconcile_grace_s),),
         retry={CONSUMER: retry_policy(ctx.settings)},
         concurrency={CONSUMER: ctx.settings.bank_concurrency},
         health=(lambda: {"bank_circuit_breaker": breaker.health()}) if breaker else None,

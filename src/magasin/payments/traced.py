@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from magasin.observability.tracing import span
-from magasin.payments.gateway import BankGateway, Charge
+from magasin.payments.gateway import BankGateway, BankRecord, Charge
 
 
 class TracedBank(BankGateway):
@@ -28,3 +28,7 @@ class TracedBank(BankGateway):
         with span("bank refund", {"magasin.refund_key": idempotency_key,
                                   "magasin.amount": amount}):
             return await self.bank.refund(idempotency_key, reference, amount)
+
+    async def lookup(self, idempotency_key: str) -> BankRecord | None:
+        with span("bank lookup", {"magasin.idempotency_key": idempotency_key}):
+            return await self.bank.lookup(idempotency_key)

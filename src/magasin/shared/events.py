@@ -192,6 +192,19 @@ class InventoryReleased:
 
 
 @dataclass(frozen=True, slots=True)
+class ReservationExpired:
+    """The reservation's time is up while its sale still waits for the store: the stock is
+    still held. The transaction decides — it gives the sale up (SagaAborted, reason
+    `reservation_expired`: refund, release) unless its order was recorded first — so a
+    late fulfilment can never complete a sale whose stock went back on the shelves."""
+
+    transaction_id: str
+    reservation_id: str
+    store_id: str
+    expires_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class InventoryCommitted:
     """The reserved stock left the shelves for good: the transaction completed."""
 
@@ -221,6 +234,22 @@ class OrderFulfillmentFailed:
     order_id: str = field(default="")
     lines: tuple[StockLine, ...] = ()
     """What could not be prepared (for the orders read model)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeReconciled:
+    """Reconciliation with the bank found money the bank took for a payment recorded as
+    failed (voided: a crash or a lost race between the bank's approval and our commit).
+    `action`: `refunded` (we gave it back now) or `recorded` (the bank had given it back
+    already; our books now say so). The sale is unaffected: it never used that money."""
+
+    payment_id: str
+    transaction_id: str
+    bank_reference: str
+    amount: int
+    currency: str
+    action: str
+    refund_reference: str
 
 
 # -- internal events: facts an aggregate keeps in its own stream ---------------------------
@@ -260,6 +289,16 @@ class CompensationStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class FulfilmentRefused:
+    """The store fulfilled the order after the sale was given up (its reservation expired or
+    a deadline passed): the fulfilment is refused, the sale stays compensated."""
+
+    transaction_id: str
+    order_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class RefundRecorded:
     transaction_id: str
     amount: int
@@ -274,7 +313,11 @@ class ReleaseRecorded:
 class SagaAborted:
     """The transaction stopped waiting at `step` (`payment`, `reservation`, `fulfilment`):
     its deadline passed (`deadline:<step>`) or an operator forced it (`forced`). Payment
-    voids or refunds, inventory releases what it holds for the sale."""
+    voids or refunds, inventory releases what it holds for the sale.
+
+    Also the retry of a compensation that did not finish in time: `step` is then
+    `compensation`, `attempt` counts the retries (from 1) and `reason` is the saga's
+    failure. Its consumers' effects are idempotent (a refund or release happens once)."""
 
     transaction_id: str
     step: str
@@ -282,6 +325,18 @@ class SagaAborted:
     store_id: str
     total: int
     currency: str
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationStalled:
+    """The compensation of a sale was retried `attempts` times and is still not confirmed:
+    it is reported stuck (metric, alert, listing) until it finishes or an operator forces
+    another retry."""
+
+    transaction_id: str
+    attempts: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,12 +381,14 @@ class ReservationVoided:
 ALL_EVENTS: tuple[type, ...] = (
     StoreRegistered, StoreClosed, StoreReopened, ProductAdded, SkuClaimed, ProductPriceChanged,
     TransactionCreated, TransactionCompleted, TransactionCancelled,
-    PaymentProcessed, PaymentFailed, PaymentRefunded,
+    PaymentProcessed, PaymentFailed, PaymentRefunded, ChargeReconciled,
     StockAdded, InventoryReserved, InventoryUnavailable, InventoryReleased, InventoryCommitted,
+    ReservationExpired,
     OrderFulfilled, OrderFulfillmentFailed,
     PaymentRecorded, ReservationRecorded, FulfilmentRecorded, CompensationStarted,
+    FulfilmentRefused,
     RefundRecorded, ReleaseRecorded,
-    SagaAborted,
+    SagaAborted, CompensationStalled,
     StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,
 )
 

@@ -11,17 +11,24 @@ from datetime import datetime, timedelta
 
 from magasin.config import Settings
 from magasin.shared.clock import from_micros, to_micros
+from magasin.transactions.domain import COMPENSATION
 
-STEPS = ("payment", "reservation", "fulfilment")
+STEPS = ("payment", "reservation", "fulfilment", COMPENSATION)
 
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
-    """Seconds each saga step may take before the saga is compensated."""
+    """Seconds each saga step may take before the saga is compensated; for the compensation
+    itself, how long before it is asked for again (exponential backoff, `retry_attempts`
+    times) and then reported stuck."""
 
     payment_s: float = 60.0
     reservation_s: float = 30.0
     fulfilment_s: float = 30.0
+    compensation_s: float = 30.0
+    retry_multiplier: float = 2.0
+    retry_max_delay_s: float = 600.0
+    retry_attempts: int = 5
 
     @classmethod
     def of(cls, settings: Settings) -> Deadlines:
@@ -29,9 +36,17 @@ class Deadlines:
             settings.deadline_payment_s,
             settings.deadline_reservation_s,
             settings.deadline_fulfilment_s,
+            settings.deadline_compensation_s,
+            settings.compensation_retry_multiplier,
+            settings.compensation_retry_max_delay_s,
+            settings.compensation_max_attempts,
         )
 
-    def limit(self, step: str) -> timedelta:
+    def limit(self, step: str, attempt: int = 0) -> timedelta:
+        """How long the step may take; for `compensation`, after its `attempt`-th retry."""
+        if step == COMPENSATION:
+            delay = self.compensation_s * self.retry_multiplier ** attempt
+            return timedelta(seconds=min(delay, max(self.retry_max_delay_s, self.compensation_s)))
         seconds = {
             "payment": self.payment_s,
             "reservation": self.reservation_s,
@@ -41,9 +56,10 @@ class Deadlines:
             raise ValueError(f"unknown saga step {step!r}; one of {', '.join(STEPS)}")
         return timedelta(seconds=seconds)
 
-    def due_at(self, step: str, started_at: datetime) -> datetime:
-        """When a step that started at `started_at` is given up."""
-        return started_at + self.limit(step)
+    def due_at(self, step: str, started_at: datetime, attempt: int = 0) -> datetime:
+        """When a step that started at `started_at` is given up (or, for a compensation,
+        retried or reported stuck)."""
+        return started_at + self.limit(step, attempt)
 
     def is_due(self, step: str, started_at: datetime, now: datetime) -> bool:
         return now >= self.due_at(step, started_at)

@@ -14,8 +14,10 @@ from enum import StrEnum
 from magasin.shared.aggregate import Aggregate
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
 from magasin.shared.events import (
+    CompensationStalled,
     CompensationStarted,
     FulfilmentRecorded,
+    FulfilmentRefused,
     PaymentRecorded,
     RefundRecorded,
     ReleaseRecorded,
@@ -51,6 +53,9 @@ HAPPY_PATH = (
 )
 
 
+COMPENSATION = "compensation"
+"""What a CANCELLING saga waits for: its refund and release to be confirmed."""
+
 STEPS = {
     Status.PENDING: "payment",
     Status.PAYMENT_PROCESSED: "reservation",
@@ -82,6 +87,11 @@ class Transaction(Aggregate):
         self.completed = False
         self.cancelled = False
         self.aborted_step: str | None = None
+        self.compensation_attempts = 0
+        """Retries of the compensation (SagaAborted at step `compensation`)."""
+        self.stalled = False
+        """The compensation's retries are spent and it is still not confirmed."""
+        self.fulfilment_refused = False
         self.passed: list[Status] = []
         """Statuses entered by events recorded since load, in order (FULFILLED and then
         COMPLETED can come from one step; a client following the sale sees both)."""
@@ -167,15 +177,21 @@ class Transaction(Aggregate):
     def order_fulfilled(self, order_id: str) -> None:
         if self.order_id is None and self.failure is None and not self.status.terminal:
             self._record(FulfilmentRecorded(self.id, order_id))
+        elif self.order_id is None and self.failure is not None and not self.fulfilment_refused:
+            # Late: the sale was given up first (its reservation expired, a deadline passed)
+            # and its compensation gives the money and the stock back. The transaction is
+            # the one arbiter, so the fulfilment is refused rather than the sale revived.
+            self._record(FulfilmentRefused(self.id, order_id, self.failure))
         self._settle()
 
     def fulfillment_failed(self, reason: str) -> None:
         self._fail(f"fulfillment_failed:{reason}", needs_refund=True, needs_release=True)
 
     def reservation_expired(self) -> None:
-        if self.order_id is None:
-            self._fail("reservation_expired", needs_refund=True, needs_release=True)
-        self._settle()
+        """The inventory reports the reservation's time is up (the stock is still held). A
+        sale still waiting is given up (refund, release: SagaAborted); one whose order was
+        recorded first completes, and its completion commits the stock."""
+        self.abort("reservation_expired")
 
     def payment_refunded(self, amount: int) -> None:
         if not self.refunded and not self.status.terminal:
@@ -202,6 +218,32 @@ class Transaction(Aggregate):
             self.id, reason, needs_refund=True, needs_release=current == "fulfilment"
         ))
         self._settle()
+        return True
+
+    def retry_compensation(self, attempt: int | None = None) -> bool:
+        """Ask for the compensation again (refund, release: each consumer's effect happens
+        once, so asking twice is safe); only after `attempt` retries, when given (a stale
+        deadline entry changes nothing). False unless the saga is compensating."""
+        if self.status is not Status.CANCELLING:
+            return False
+        if attempt is not None and attempt != self.compensation_attempts:
+            return False
+        assert self.failure is not None
+        self._record(SagaAborted(
+            self.id, COMPENSATION, self.failure, self.store_id, self.total, self.currency,
+            attempt=self.compensation_attempts + 1,
+        ))
+        return True
+
+    def stall(self, attempt: int) -> bool:
+        """Report the compensation stuck after `attempt` retries; False if it finished, was
+        retried since, or is reported already."""
+        if self.status is not Status.CANCELLING or self.stalled:
+            return False
+        if attempt != self.compensation_attempts:
+            return False
+        assert self.failure is not None
+        self._record(CompensationStalled(self.id, attempt, self.failure))
         return True
 
     def _fail(self, reason: str, *, needs_refund: bool, needs_release: bool) -> None:
@@ -234,6 +276,12 @@ class Transaction(Aggregate):
         """The saga step this sale waits for (`payment`, `reservation`, `fulfilment`), or
         None once it compensates or ended."""
         return STEPS.get(self.status)
+
+    @property
+    def waits_for(self) -> str | None:
+        """What the saga waits for, compensation included (each has a deadline); None
+        once it ended."""
+        return COMPENSATION if self.status is Status.CANCELLING else self.step
 
     @property
     def status(self) -> Status:
@@ -270,8 +318,15 @@ class Transaction(Aggregate):
                 self.refunded = True
             case ReleaseRecorded():
                 self.released = True
-            case SagaAborted():
+            case SagaAborted(attempt=0):
                 self.aborted_step = event.step
+            case SagaAborted():
+                self.compensation_attempts = event.attempt
+                self.stalled = False
+            case CompensationStalled():
+                self.stalled = True
+            case FulfilmentRefused():
+                self.fulfilment_refused = True
             case TransactionCompleted():
                 self.completed = True
             case TransactionCancelled():

@@ -45,6 +45,7 @@ def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
 def _released(sale: Transaction, e: InventoryReleased) -> None:
     sale.inventory_released()
     if e.reason == "expired":
+        # Logs written before ReservationExpired existed: the release came first.
         sale.reservation_expired()
 
 
@@ -56,6 +57,7 @@ def saga_handlers() -> dict[str, Handler]:
         "InventoryReserved": lambda s, e: s.inventory_reserved(e.reservation_id),
         "InventoryUnavailable": lambda s, e: s.inventory_unavailable(),
         "InventoryReleased": _released,
+        "ReservationExpired": lambda s, e: s.reservation_expired(),
         "OrderFulfilled": lambda s, e: s.order_fulfilled(e.order_id),
         "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
         "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),

@@ -1,9 +1,13 @@
 """Stuck sagas: an index of where each saga waits and since when, the loop that compensates
-the ones past their step's deadline, and the command that aborts one (deadline or admin).
+the ones past their step's deadline (and asks again for a compensation that does not finish,
+then reports it stuck), and the commands that abort or retry one (deadline or admin).
 
 The index is a projection (consumer `transaction.sagas`) of the transaction's own events:
 
-- `transaction.sagas/<transaction id>`: status, current step, when that step started;
+- `transaction.sagas/<transaction id>`: status, current step (`compensation` while
+  CANCELLING), when that step started, compensation retries, stuck or not;
+- `transaction.sagas_stuck/<transaction id>`: the sagas reported stuck (a small
+  collection, so the metric sampler counts them without reading every saga);
 - `transaction.saga_deadlines/<due micros>:<transaction id>`: one entry per waiting saga,
   keyed by the moment its step is due, so the loop reads only the head of the index that
   is due (never every saga) and stops at the first entry in the future.
@@ -20,11 +24,12 @@ from typing import Any
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.observability.sagas import STUCK
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions.deadlines import Deadlines, due_key, due_of
-from magasin.transactions.domain import Transaction
+from magasin.transactions.domain import COMPENSATION, Transaction
 
 log = logging.getLogger("magasin.transactions.sagas")
 
@@ -36,11 +41,12 @@ ATTEMPTS = 10
 """Tries of an abort that keeps losing version races with the saga's own handlers."""
 
 Clock = Callable[[], datetime]
+DEFAULT_DEADLINES = Deadlines()
 sales = Repository(Transaction)
 
 INDEXED = (
     "TransactionCreated", "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded",
-    "CompensationStarted", "TransactionCompleted",
+    "CompensationStarted", "SagaAborted", "CompensationStalled", "TransactionCompleted",
     "TransactionCancelled",
 )
 """The transaction's own events after which its status (hence its step) may change."""
@@ -55,9 +61,13 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         if sale is None:
             raise NotFound(f"no transaction {tid}")
         doc = await uow.get_document(SAGAS, tid)
-        step = sale.step if not sale.status.terminal else None
+        step = sale.waits_for
         status = sale.status.value
-        if doc is not None and (doc["status"], doc["step"]) == (status, step):
+        # A stuck saga that ends after all (a requeued dead letter) is no longer stuck.
+        attempts, stuck = sale.compensation_attempts, sale.stalled and step is not None
+        if doc is not None and (
+            doc["status"], doc["step"], doc.get("attempts", 0), doc.get("stuck", False)
+        ) == (status, step, attempts, stuck):
             return  # a redelivery, or an event that changed no status
         at = event.occurred_at.isoformat()
         if doc is None:
@@ -66,16 +76,50 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         if doc["due_key"] is not None:
             uow.delete_document(DEADLINES, doc["due_key"])
         key = None
-        if step is not None:
+        if step is not None and not stuck:
             # The step started when the event that led to it occurred (not when this
             # projection caught up), so a lagging index never extends a deadline.
-            key = due_key(deadlines.due_at(step, event.occurred_at), tid)
-            uow.put_document(DEADLINES, key, {"transaction_id": tid, "step": step})
+            key = due_key(deadlines.due_at(step, event.occurred_at, attempts), tid)
+            uow.put_document(DEADLINES, key, {
+                "transaction_id": tid, "step": step, "attempt": attempts,
+            })
+        if stuck:
+            uow.put_document(STUCK, tid, {"transaction_id": tid, "status": status,
+                                          "attempts": attempts, "since": at})
+        elif doc.get("stuck"):
+            uow.delete_document(STUCK, tid)
         doc.update(status=status, step=step, step_started_at=at, due_key=key,
-                   reason=sale.failure, version=sale.version)
+                   reason=sale.failure, version=sale.version, attempts=attempts, stuck=stuck)
         uow.put_document(SAGAS, tid, doc)
 
     return dict.fromkeys(INDEXED, index)
+
+
+async def _decide(
+    store: EventStore,
+    transaction_id: str,
+    actor: str,
+    decision: Callable[[Transaction], bool],
+    refusal: Callable[[Transaction], str],
+) -> Transaction:
+    """Load the sale, let `decision` record what it decides and save; Conflict (with
+    `refusal`'s words) when it decides nothing. Redone on a version race."""
+    causation = Causation(
+        correlation_id=transaction_id, metadata={"service": "transaction", "actor": actor}
+    )
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            async with store.transaction(causation) as uow:
+                sale = await sales.get(uow, transaction_id)
+                if not decision(sale):
+                    raise Conflict(refusal(sale))
+                sales.save(uow, sale)
+            return sale
+        except ConcurrencyError:
+            # A saga step landed meanwhile: decide again on the fresh state.
+            if attempt == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 async def abort(
@@ -88,62 +132,101 @@ async def abort(
     """Give up the saga at its current step (only at `step`, when given) and start its
     compensation. Raises NotFound for an unknown sale and Conflict when there is nothing
     to abort (it compensates already, ended, or moved past `step`)."""
-    causation = Causation(
-        correlation_id=transaction_id, metadata={"service": "transaction", "actor": actor}
+    return await _decide(
+        store, transaction_id, actor, lambda sale: sale.abort(reason, step),
+        lambda sale: f"transaction {transaction_id} is {sale.status}: "
+        + (f"not waiting for its {step}" if step else "nothing to compensate"),
     )
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            async with store.transaction(causation) as uow:
-                sale = await sales.get(uow, transaction_id)
-                if not sale.abort(reason, step):
-                    raise Conflict(
-                        f"transaction {transaction_id} is {sale.status}: "
-                        + (f"not waiting for its {step}" if step else "nothing to compensate")
-                    )
-                sales.save(uow, sale)
-            return sale
-        except ConcurrencyError:
-            # A saga step landed meanwhile: decide again on the fresh state.
-            if attempt == ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
 
 
-async def abort_overdue(store: EventStore, now: datetime) -> int:
-    """Abort every saga whose current step is due at `now`; returns how many were aborted.
+async def retry_compensation(
+    store: EventStore, transaction_id: str, attempt: int | None = None, actor: str = "deadline"
+) -> Transaction:
+    """Ask again for the compensation of a CANCELLING sale (only after `attempt` retries,
+    when given). Conflict when it is not compensating (any more) or was retried since."""
+    return await _decide(
+        store, transaction_id, actor, lambda sale: sale.retry_compensation(attempt),
+        lambda sale: f"transaction {transaction_id} is {sale.status}: no compensation to retry",
+    )
 
-    Reads the deadline index in due order and stops at the first entry not due yet. An
-    entry the projection has not caught up with (the saga moved on, or was aborted
-    already) changes nothing and goes once the projection sees the saga's new step.
+
+async def stall(store: EventStore, transaction_id: str, attempt: int) -> Transaction:
+    """Report the compensation of a sale stuck after `attempt` retries."""
+    return await _decide(
+        store, transaction_id, "deadline", lambda sale: sale.stall(attempt),
+        lambda sale: f"transaction {transaction_id} is {sale.status}: not stuck",
+    )
+
+
+async def force(store: EventStore, transaction_id: str) -> tuple[Transaction, bool]:
+    """An operator's forced compensation: a waiting saga is given up at its step, a
+    compensating one (stuck or not) has its compensation asked for again at once. Returns
+    the sale and whether it was such a retry."""
+    retried: list[bool] = []
+
+    def decision(sale: Transaction) -> bool:
+        retried[:] = [False]
+        if sale.abort("forced"):
+            return True
+        retried[:] = [True]
+        return sale.retry_compensation()
+
+    sale = await _decide(
+        store, transaction_id, "admin", decision,
+        lambda sale: f"transaction {transaction_id} is {sale.status}: nothing to compensate",
+    )
+    return sale, retried[0]
+
+
+async def abort_overdue(
+    store: EventStore, now: datetime, deadlines: Deadlines = DEFAULT_DEADLINES
+) -> int:
+    """Act on every saga whose current step is due at `now`; returns how many were acted on.
+
+    A waiting saga is aborted (compensated); a compensating one has its compensation asked
+    for again, `deadlines.retry_attempts` times with growing delays, and is then reported
+    stuck. Reads the deadline index in due order and stops at the first entry not due
+    yet. An entry the projection has not caught up with (the saga moved on, or was acted
+    on already) changes nothing and goes once the projection sees the saga's new state.
     """
-    aborted = 0
+    acted = 0
     after: str | None = None
     while True:
         rows = await store.find_documents(DEADLINES, after_key=after, limit=PAGE)
         for key, entry in rows:
             if due_of(key) > now:
-                return aborted
+                return acted
             tid, step = entry["transaction_id"], entry["step"]
             try:
-                await abort(store, tid, f"deadline:{step}", step)
+                if step != COMPENSATION:
+                    await abort(store, tid, f"deadline:{step}", step)
+                    log.warning("saga %s passed its %s deadline: compensating it", tid, step)
+                elif (attempt := int(entry.get("attempt", 0))) < deadlines.retry_attempts:
+                    await retry_compensation(store, tid, attempt)
+                    log.warning("compensation of saga %s not confirmed in time: asking again "
+                                "(retry %d of %d)", tid, attempt + 1, deadlines.retry_attempts)
+                else:
+                    await stall(store, tid, attempt)
+                    log.error("compensation of saga %s still not confirmed after %d retries: "
+                              "reported stuck", tid, attempt)
             except (Conflict, NotFound):
                 continue
-            aborted += 1
-            log.warning("saga %s passed its %s deadline: compensating it", tid, step)
+            acted += 1
         if len(rows) < PAGE:
-            return aborted
+            return acted
         after = rows[-1][0]
 
 
 def deadline_loop(
-    store: EventStore, every_s: float, clock: Clock = utcnow
+    store: EventStore, every_s: float, clock: Clock = utcnow,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
 ) -> Callable[[], Coroutine[Any, Any, None]]:
-    """A background loop (for `Service.loops`) aborting overdue sagas every `every_s`."""
+    """A background loop (for `Service.loops`) acting on overdue sagas every `every_s`."""
 
     async def loop() -> None:
         while True:
             try:
-                await abort_overdue(store, clock())
+                await abort_overdue(store, clock(), deadlines)
             except Exception:
                 # A broken sweep must not stop the next one (the database may come back).
                 log.exception("saga deadline sweep failed")

@@ -16,6 +16,7 @@ from magasin.service import ServiceContext
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import NotFound
 from magasin.transactions import sagas
+from magasin.transactions.deadlines import due_of
 from magasin.transactions.domain import Status
 
 
@@ -24,13 +25,20 @@ class Saga(BaseModel):
     store_id: str
     status: Status
     step: str | None
-    """What the saga waits for (`payment`, `reservation`, `fulfilment`); None once it
-    compensates or ended."""
+    """What the saga waits for (`payment`, `reservation`, `fulfilment`, or `compensation`
+    while CANCELLING: its refund and release); None once it ended."""
     step_started_at: str
     age_s: float
-    """Seconds since the current status was entered."""
+    """Seconds since the current step (or the last retry of the compensation) started."""
     created_at: str
     reason: str | None
+    attempts: int = 0
+    """Times its compensation was asked for again after not finishing in time."""
+    stuck: bool = False
+    """Its compensation's retries are spent and it is still not confirmed (alerted):
+    look at the payment and inventory dead letters, then force it."""
+    due_at: str | None = None
+    """When the deadline loop acts on it next (aborts it, or retries its compensation)."""
 
 
 class Compensation(BaseModel):
@@ -38,6 +46,9 @@ class Compensation(BaseModel):
     status: Status
     reason: str
     aborted_step: str
+    """The step given up, or `compensation` when a compensating saga was asked again."""
+    attempt: int = 0
+    """For a retried compensation, which retry this is."""
 
 
 def _saga(doc: dict[str, Any], now: datetime) -> Saga:
@@ -46,6 +57,8 @@ def _saga(doc: dict[str, Any], now: datetime) -> Saga:
         transaction_id=doc["transaction_id"], store_id=doc["store_id"], status=doc["status"],
         step=doc["step"], step_started_at=doc["step_started_at"], age_s=round(age, 3),
         created_at=doc["created_at"], reason=doc.get("reason"),
+        attempts=doc.get("attempts", 0), stuck=doc.get("stuck", False),
+        due_at=due_of(doc["due_key"]).isoformat() if doc.get("due_key") else None,
     )
 
 
@@ -61,10 +74,17 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         older_than: Annotated[float | None, Query(
             ge=0, description="Only sagas whose current status is at least this old, seconds."
         )] = None,
+        stuck: Annotated[bool | None, Query(
+            description="Only sagas whose compensation is (true) or is not (false) stuck."
+        )] = None,
     ) -> Page[Saga]:
         """Sagas in transaction-id order, with their current step and its age. With
-        `older_than`, a page may hold fewer than `limit` items: follow `next_cursor`."""
+        `older_than`, a page may hold fewer than `limit` items: follow `next_cursor`.
+        `?state=CANCELLING` lists the compensations under way, their retries and whether
+        they are stuck."""
         where: dict[str, str | int | bool] = {"status": state.value} if state else {}
+        if stuck is not None:
+            where["stuck"] = stuck
         rows = await store.find_documents(
             sagas.SAGAS, where=where, after_key=cursor, limit=limit + 1
         )
@@ -86,13 +106,15 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
     @api.post("/{transaction_id}/compensate", status_code=202)
     async def compensate(transaction_id: str, _: AdminKey) -> Compensation:
         """Give up the saga at its current step and compensate it (refund, release) as a
-        passed deadline would, with reason `forced`. 409 when it compensates or ended
-        already; 403 without an admin key."""
-        sale = await sagas.abort(store, transaction_id, "forced", actor="admin")
-        assert sale.aborted_step is not None
+        passed deadline would, with reason `forced`; a saga already compensating (stuck or
+        not) has its compensation asked for again at once. 409 when it ended already;
+        403 without an admin key."""
+        sale, retried = await sagas.force(store, transaction_id)
+        assert sale.failure is not None
         return Compensation(
-            transaction_id=sale.id, status=sale.status, reason="forced",
-            aborted_step=sale.aborted_step,
+            transaction_id=sale.id, status=sale.status, reason=sale.failure,
+            aborted_step="compensation" if retried else str(sale.aborted_step),
+            attempt=sale.compensation_attempts if retried else 0,
         )
 
     return api

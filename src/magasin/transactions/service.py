@@ -15,6 +15,7 @@ from magasin.transactions.projection import projection
 
 
 def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Service:
+    deadlines = Deadlines.of(ctx.settings)
     http = client or httpx.AsyncClient(timeout=5.0)
     feed = StatusFeed()
     routes = APIRouter()
@@ -26,11 +27,12 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             "transaction": saga_handlers(),
             "transaction.catalog": catalog_handlers(),
             "transaction.notifier": notifier_handlers(http),
-            sagas.CONSUMER: sagas.index_handlers(Deadlines.of(ctx.settings)),
+            sagas.CONSUMER: sagas.index_handlers(deadlines),
             saga_metrics.CONSUMER: saga_metrics.handlers(),
         },
         router=routes,
-        loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s),
+        loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s,
+                                  deadlines=deadlines),
                stats.prune_loop(ctx.store)),
         projections=(projection(feed),),
         on_stop=(http.aclose,),

@@ -12,10 +12,11 @@ const TERMINAL = new Set(["COMPLETED", "CANCELLED"]);
 const SAGA_STATES = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "CANCELLING"];
 // Events that say a step failed, and those that undo a step: marked in a sale's timeline.
 const FAILURES = new Set(["PaymentFailed", "InventoryUnavailable", "OrderFulfillmentFailed",
-                          "SagaAborted"]);
+                          "SagaAborted", "ReservationExpired", "FulfilmentRefused",
+                          "CompensationStalled"]);
 const COMPENSATIONS = new Set(["CompensationStarted", "PaymentRefunded", "RefundRecorded",
                                "InventoryReleased", "ReleaseRecorded", "StockReleased",
-                               "ReservationVoided", "TransactionCancelled"]);
+                               "ReservationVoided", "TransactionCancelled", "ChargeReconciled"]);
 const EVENT_TYPES = [
   "TransactionCreated", "PaymentProcessed", "PaymentFailed", "InventoryReserved",
   "InventoryUnavailable", "OrderFulfilled", "OrderFulfillmentFailed", "PaymentRefunded",
@@ -23,6 +24,7 @@ const EVENT_TYPES = [
   "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded", "CompensationStarted",
   "RefundRecorded", "ReleaseRecorded", "SagaAborted", "StockAdded", "StockReserved",
   "StockReleased", "StockCommitted", "ReservationFulfilled", "ReservationVoided",
+  "ReservationExpired", "FulfilmentRefused", "CompensationStalled", "ChargeReconciled",
   "StoreRegistered", "StoreClosed", "StoreReopened", "ProductAdded", "ProductPriceChanged",
   "SkuClaimed", "AuditEntryRecorded",
 ];
@@ -586,7 +588,7 @@ document.addEventListener("alpine:init", () => {
   // 5. Stuck sagas by step and age; force compensation with an admin key.
   Alpine.data("sagas", () => ({
     ...helpers,
-    STEPS: ["payment", "reservation", "fulfilment", "compensating"],
+    STEPS: ["payment", "reservation", "fulfilment", "compensation"],
     olderThan: 5,
     items: [],
     loaded: false,
@@ -615,7 +617,9 @@ document.addEventListener("alpine:init", () => {
       this.confirming = null;
       try {
         const done = await post(`/api/sagas/${encodeURIComponent(s.transaction_id)}/compensate`);
-        Alpine.store("ui").tell(`Compensating ${short(s.transaction_id)} (was waiting for its ${done.aborted_step}).`);
+        Alpine.store("ui").tell(done.aborted_step === "compensation"
+          ? `Asked again for the compensation of ${short(s.transaction_id)} (retry ${done.attempt}).`
+          : `Compensating ${short(s.transaction_id)} (was waiting for its ${done.aborted_step}).`);
         await this.load();
       } catch (err) { report(err); }
     },
