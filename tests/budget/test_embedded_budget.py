@@ -16,6 +16,7 @@ import pytest
 
 from magasin.bootstrap import Runtime
 from magasin.demo import _sale
+from magasin.observability.metrics import REGISTRY
 from tests.budget.budgets import EMBEDDED, SALES
 from tests.e2e.conftest import Shop, serving
 from tests.e2e.conftest import test_settings as settings_for
@@ -74,6 +75,17 @@ async def settled(shop: Shop) -> Counter[str]:
         before = now
 
 
+def handler_runs() -> Counter[str]:
+    """Deliveries each consumer handled so far, from the process's Prometheus registry."""
+    runs: Counter[str] = Counter()
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if (sample.name == "magasin_events_consumed_total"
+                    and sample.labels.get("outcome") == "handled"):
+                runs[sample.labels["consumer"]] += int(sample.value)
+    return runs
+
+
 def table(rows: dict[str, float], budgets: dict[str, float]) -> str:
     lines = [f"{'per completed sale (embedded)':40} {'count':>8} {'budget':>8}"]
     lines += [f"{k:40} {v:8.2f} {budgets.get(k, float('nan')):8.2f}" for k, v in rows.items()]
@@ -95,6 +107,7 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_embedded_budget(
         ordinary = [p for p in catalog if p["unit_price"] < 100_000]
         before = await settled(shop)
 
+        runs_before = handler_runs()
         rng = random.Random(11)
         statements.counting = True
         for i in range(SALES):
@@ -104,16 +117,21 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_embedded_budget(
             await shop.final(sale["transaction_id"])
         after = await settled(shop)
         statements.counting = False
+        runs = handler_runs() - runs_before
 
     appended = after - before
     rows = {
         "business events appended": sum(n for k, n in appended.items() if k != AUDIT) / SALES,
         "audit records in the business log": appended[AUDIT] / SALES,
+        "handler runs": sum(runs.values()) / SALES,
+        "SQLite write transactions": statements.kinds["BEGIN IMMEDIATE"] / SALES,
         "SQLite statements": statements.count / SALES,
     }
     print("\n" + table(rows, EMBEDDED))
     print("events appended by kind, per sale:",
           {k: round(n / SALES, 2) for k, n in sorted(appended.items())})
+    print("handler runs by consumer, per sale:",
+          {k: round(n / SALES, 2) for k, n in runs.most_common()})
     print("top SQLite statements:", statements.kinds.most_common(12))
     over = {k: v for k, v in rows.items() if v > EMBEDDED[k]}
     assert not over, f"over budget: {over}"
