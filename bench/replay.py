@@ -76,12 +76,13 @@ async def as_of_ms(samples: int) -> dict[str, float]:
 def rebuild_events_per_s() -> dict[str, Any]:
     try:
         from magasin.projections import rebuild_throughput
+        from magasin.transactions.projection import projection
     except ImportError:
         return {"sqlite": None, "postgres": None}
     figures: dict[str, Any] = {}
     for kind in ("sqlite", "postgres"):
         try:
-            figures[kind] = round(rebuild_throughput(kind))
+            figures[kind] = round(rebuild_throughput(kind, projection()))
         except Exception as exc:  # a server that is not there: say so, measure the rest
             print(f"rebuild on {kind} failed: {exc!r}", file=sys.stderr)
             figures[kind] = None

@@ -26,9 +26,9 @@ __all__ = [
 ]
 
 
-def rebuild_throughput(kind: str) -> float:
-    """Events per second of a full rebuild of the transactions projection over a generated
-    saga log (`kind`: "sqlite" or "postgres"); for bench/replay.py."""
+def rebuild_throughput(kind: str, projection: Projection) -> float:
+    """Events per second of a full rebuild of `projection` (for bench/replay.py: the
+    transactions projection) over a generated saga log (`kind`: "sqlite" or "postgres")."""
     from magasin.projections.bench import rebuild_throughput as measure
 
-    return measure(kind)
+    return measure(kind, projection)

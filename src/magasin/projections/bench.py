@@ -3,7 +3,8 @@
 Generates the transaction service's log for a run of sagas (created, paid, reserved,
 fulfilled, completed; one in ten compensated and cancelled), interleaved as concurrent
 sales write it, then times a full rebuild of `transaction.transactions` (shadow fill and
-swap) over it.
+swap) over it. The caller hands in that projection (bench/replay.py passes
+`magasin.transactions.projection.projection()`), so `projections` imports no context.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from magasin.eventstore.store import Append, EventStore
+from magasin.projections.projection import Projection
 from magasin.projections.rebuild import rebuild
 from magasin.shared.messages import NewEvent
 
@@ -84,27 +86,26 @@ async def generate(
 
 
 async def _measure(
-    store: EventStore, after_chunk: Callable[[], Awaitable[None]] | None = None
+    store: EventStore, projection: Projection,
+    after_chunk: Callable[[], Awaitable[None]] | None = None,
 ) -> float:
-    from magasin.transactions.projection import projection
-
     await generate(store, after_chunk=after_chunk)
     started = time.perf_counter()
-    report = await rebuild(store, projection())
+    report = await rebuild(store, projection)
     return report.events / (time.perf_counter() - started)
 
 
-async def _sqlite() -> float:
+async def _sqlite(projection: Projection) -> float:
     from magasin.eventstore.sqlite import SqliteEventStore
 
     with tempfile.TemporaryDirectory() as tmp:
         # NORMAL: generating the log is setup, not what is measured (a rebuild commits a
         # few large transactions, where fsync hardly counts).
         async with SqliteEventStore(Path(tmp) / "bench.db", synchronous="NORMAL") as store:
-            return await _measure(store)
+            return await _measure(store, projection)
 
 
-async def _postgres() -> float:
+async def _postgres(projection: Projection) -> float:
     import asyncpg
 
     from magasin.eventstore.postgres import PostgresEventStore
@@ -121,7 +122,7 @@ async def _postgres() -> float:
 
     try:
         async with PostgresEventStore(url, schema=schema) as store:
-            return await _measure(store, analyze)
+            return await _measure(store, projection, analyze)
     finally:
         await stats.close()
         conn = await asyncpg.connect(url)
@@ -131,9 +132,10 @@ async def _postgres() -> float:
             await conn.close()
 
 
-def rebuild_throughput(kind: str) -> float:
-    """Events per second of one full rebuild; `kind` is "sqlite" or "postgres"."""
+def rebuild_throughput(kind: str, projection: Projection) -> float:
+    """Events per second of one full rebuild of `projection` (the caller names it: this
+    package knows no bounded context); `kind` is "sqlite" or "postgres"."""
     runs = {"sqlite": _sqlite, "postgres": _postgres}
     if kind not in runs:
         raise ValueError(f"kind must be one of {sorted(runs)}, not {kind!r}")
-    return asyncio.run(runs[kind]())
+    return asyncio.run(runs[kind](projection))

@@ -1,0 +1,17 @@
+"""The cost of one completed sale of the demo's mix, as budgets (issue 11).
+
+Counted, not timed: each figure is per sale, averaged over the sales of one run. Raising a
+budget is a reviewed decision with its reason in the commit message.
+"""
+
+from __future__ import annotations
+
+SALES = 100
+
+EMBEDDED = {
+    "business events appended": 10.0,
+    "audit records in the business log": 0.0,
+    "handler runs": 12.0,
+    "SQLite write transactions": 8.0,
+    "SQLite statements": 70.0,
+}
