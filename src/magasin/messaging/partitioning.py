@@ -1,0 +1,56 @@
+"""Partitioning of events by key (issue 12): a fixed hash, never Python's salted `hash()`.
+
+The partition of an event is `stable_hash(key) % N`: the same key lands in the same
+partition on every process, every run and every Python version, so all events of one
+key (the customer id, per the seed) are handled in publish order. The key and the
+partition travel in the envelope's metadata (`partition_key`, `partition`) so caused
+events inherit them through causation and the console/CLI can show them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+PARTITIONS_ENV = "MAGASIN_PARTITIONS"
+DEFAULT_PARTITIONS = 4
+KEY_FIELD = "partition_key"
+PARTITION_FIELD = "partition"
+
+
+def stable_hash(key: str) -> int:
+    """First 8 bytes of blake2b(key), big-endian: identical on every process and run."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def partition_of(key: str, partitions: int) -> int:
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    return stable_hash(key) % partitions
+
+
+def configured_partitions(environ: Mapping[str, str] | None = None) -> int:
+    """N from MAGASIN_PARTITIONS (default 4); a value below 1 is refused."""
+    raw = (os.environ if environ is None else environ).get(PARTITIONS_ENV, "")
+    value = int(raw) if raw.strip() else DEFAULT_PARTITIONS
+    if value < 1:
+        raise ValueError(f"{PARTITIONS_ENV} must be >= 1, got {value}")
+    return value
+
+
+def partition_metadata(key: str, partitions: int) -> dict[str, Any]:
+    """The metadata entries an event carries: its key and its partition number."""
+    return {KEY_FIELD: key, PARTITION_FIELD: partition_of(key, partitions)}
+
+
+def inherited(cause: Mapping[str, Any], partitions: int) -> dict[str, Any]:
+    """Partition metadata of an event caused by `cause` (same key, same partition).
+
+    Empty when the cause carries no key: such events are not partitioned.
+    """
+    key = cause.get(KEY_FIELD)
+    if not isinstance(key, str):
+        return {}
+    return partition_metadata(key, partitions)
