@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from magasin.eventstore.repository import Repository
+from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.shared.events import CompensationStarted, SaleLine
 from magasin.transactions.domain import Status, Transaction
 from magasin.transactions.orchestrator.domain import (
@@ -271,3 +274,23 @@ def test_a_cancelled_sale_keeps_no_money_and_no_stock(injected: Faults) -> None:
         assert books == (0, False, False)
     else:
         assert books == (500, True, True)
+
+
+async def test_decisions_survive_a_restart_through_the_event_store(harness: Any) -> None:
+    """The orchestrator's stream is stored like any aggregate's: a fresh process (no cache)
+    reloads the saga at its pending command, and its decisions are in the shared log."""
+    sagas = Repository(Orchestration)
+    async with harness.store.transaction() as uow:
+        saga = Orchestration.start("t1", 500, "EUR")
+        saga.reply("PaymentProcessed", "pay-1")
+        saga.reply("InventoryUnavailable")
+        sagas.save(uow, saga)
+    async with SqliteEventStore(harness.store.path) as reopened:
+        async with reopened.transaction() as uow:
+            loaded = await sagas.get(uow, "t1")
+        assert (loaded.pending_command, loaded.command_id, loaded.reason) == (
+            Command.REFUND_PAYMENT, "t1:3", "inventory_unavailable")
+        types = [e.type for e in await reopened.read_all(after=0, limit=100)]
+        assert types == ["OrchestrationStarted", "CommandIssued", "ReplyAccepted",
+                         "CommandIssued", "ReplyAccepted", "CompensationDecided",
+                         "CommandIssued"]

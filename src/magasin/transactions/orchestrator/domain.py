@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from magasin.shared.aggregate import Aggregate
+from magasin.shared.events import SCHEMAS
 
 
 class Command(StrEnum):
@@ -51,14 +52,14 @@ class Outcome(StrEnum):
 # -- the orchestrator's own events (its decisions) -----------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrchestrationStarted:
     transaction_id: str
     total: int
     currency: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CommandIssued:
     transaction_id: str
     command: str
@@ -66,7 +67,7 @@ class CommandIssued:
     """1, 2, ... per saga: `<transaction id>:<sequence>` identifies the command (inbox key)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReplyAccepted:
     transaction_id: str
     reply: str
@@ -74,7 +75,7 @@ class ReplyAccepted:
     """The id the reply carries (payment, reservation or order id), when it has one."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CompensationDecided:
     transaction_id: str
     reason: str
@@ -82,7 +83,7 @@ class CompensationDecided:
     release: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrchestrationEnded:
     transaction_id: str
     outcome: str
@@ -91,6 +92,9 @@ class OrchestrationEnded:
 
 EVENTS = (OrchestrationStarted, CommandIssued, ReplyAccepted, CompensationDecided,
           OrchestrationEnded)
+for _event_type in EVENTS:
+    # The orchestrator's stream is in the shared log like any other (audit, replay, traces).
+    SCHEMAS.register(_event_type.__name__, _event_type)
 
 
 class Orchestration(Aggregate):
