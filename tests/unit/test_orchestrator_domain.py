@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +17,7 @@ from magasin.transactions.orchestrator.domain import (
     Orchestration,
     Outcome,
 )
+from tests.unit.conftest import Harness
 
 LINES = (SaleLine("p1", 2, 250),)
 
@@ -276,7 +276,7 @@ def test_a_cancelled_sale_keeps_no_money_and_no_stock(injected: Faults) -> None:
         assert books == (500, True, True)
 
 
-async def test_decisions_survive_a_restart_through_the_event_store(harness: Any) -> None:
+async def test_decisions_survive_a_restart_through_the_event_store(harness: Harness) -> None:
     """The orchestrator's stream is stored like any aggregate's: a fresh process (no cache)
     reloads the saga at its pending command, and its decisions are in the shared log."""
     sagas = Repository(Orchestration)
