@@ -9,6 +9,7 @@ from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_hand
 from magasin.payments.domain import Payment
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
+from magasin.shared.commands import ChargePayment, RefundPayment
 from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
@@ -33,7 +34,9 @@ async def charge(
     gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork,
     deadline: ChargeDeadline | None = None,
 ) -> None:
-    created: TransactionCreated = SCHEMAS.validate(event)
+    """Charge a sale once, on its TransactionCreated (choreography) or its ChargePayment
+    command (orchestration): both carry what the charge needs."""
+    created: TransactionCreated | ChargePayment = SCHEMAS.validate(event)
     tid = created.transaction_id
     if (known := await payments.find(uow, tid)) is not None:
         if deadline is not None:
@@ -91,7 +94,16 @@ def handlers(
     """The payment consumer's registry: every event type it handles, and by what."""
 
     async def on_transaction_created(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if event.payload.get("saga_mode", "choreography") != "choreography":
+            return  # the orchestrator sends ChargePayment for this sale
         await charge(gateway, event, uow, deadline)
+
+    async def on_charge_payment(event: RecordedEvent, uow: UnitOfWork) -> None:
+        await charge(gateway, event, uow, deadline)
+
+    async def on_refund_payment(event: RecordedEvent, uow: UnitOfWork) -> None:
+        command: RefundPayment = SCHEMAS.validate(event)
+        await refund(gateway, uow, command.transaction_id, command.reason)
 
     async def on_inventory_unavailable(event: RecordedEvent, uow: UnitOfWork) -> None:
         unavailable: InventoryUnavailable = SCHEMAS.validate(event)
@@ -109,6 +121,8 @@ def handlers(
 
     return {
         "TransactionCreated": on_transaction_created,
+        "ChargePayment": on_charge_payment,
+        "RefundPayment": on_refund_payment,
         "InventoryUnavailable": on_inventory_unavailable,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         "InventoryReleased": on_inventory_released,
