@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from magasin.shared.commands import ChargePayment, RefundPayment, ReserveStock
+from magasin.eventstore.store import Causation
+from magasin.shared.commands import ChargePayment, RefundPayment, ReserveStock, orchestrated
 from magasin.shared.events import (
     InventoryUnavailable,
     MissingLine,
@@ -68,3 +69,20 @@ async def test_a_choreographed_sale_is_left_to_the_services(harness: Harness) ->
     await harness.deliver(CONSUMER, handlers, paid)
     assert await harness.emitted(ChargePayment, ReserveStock) == []
     assert await saga_of(harness, "t2") is None
+
+
+async def test_commands_carry_the_mode_and_what_they_cause_inherits_it(
+    harness: Harness,
+) -> None:
+    """The services tell an orchestrated saga's events from a choreographed one's by the
+    baggage every event caused by the orchestrator's command carries."""
+    handlers = orchestrator_handlers()
+    [sale] = await harness.given("transaction", "t3", created("t3", "orchestration"))
+    await harness.deliver(CONSUMER, handlers, sale)
+    commands = [e for e in await harness.store.read_all(after=0, limit=100)
+                if e.type == "ChargePayment"]
+    assert [orchestrated(e) for e in commands] == [True]
+    assert not orchestrated(sale)
+    caused = Causation.of(commands[0], consumer="payment")
+    assert caused.metadata == {"baggage": {"saga_mode": "orchestration"},
+                               "consumer": "payment"}

@@ -9,7 +9,7 @@ from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_hand
 from magasin.payments.domain import Payment
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
-from magasin.shared.commands import ChargePayment, RefundPayment
+from magasin.shared.commands import ChargePayment, RefundPayment, orchestrated
 from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
@@ -106,14 +106,20 @@ def handlers(
         await refund(gateway, uow, command.transaction_id, command.reason)
 
     async def on_inventory_unavailable(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends RefundPayment
         unavailable: InventoryUnavailable = SCHEMAS.validate(event)
         await refund(gateway, uow, unavailable.transaction_id, "inventory_unavailable")
 
     async def on_order_fulfillment_failed(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends RefundPayment
         failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
         await refund(gateway, uow, failed.transaction_id, "fulfillment_failed")
 
     async def on_inventory_released(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends RefundPayment
         released: InventoryReleased = SCHEMAS.validate(event)
         # Other releases follow a compensation payment handles from its own cause.
         if released.reason == "expired":

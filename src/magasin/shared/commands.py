@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from magasin.shared.events import SCHEMAS, SaleLine
+from magasin.shared.messages import RecordedEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +81,10 @@ ALL_COMMANDS: tuple[type, ...] = tuple(TARGETS)
 
 for _command_type in ALL_COMMANDS:
     SCHEMAS.register(_command_type.__name__, _command_type)
+
+
+def orchestrated(event: RecordedEvent) -> bool:
+    """An event of an orchestrated saga (its `baggage` metadata says so, from the
+    orchestrator's commands on): the services' choreographed reactions leave it alone."""
+    baggage = event.metadata.get("baggage") or {}
+    return bool(baggage.get("saga_mode") == "orchestration")

@@ -9,6 +9,8 @@ no orchestration stream: their events change nothing here.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.messaging.bus import Handler
@@ -18,7 +20,7 @@ from magasin.shared.messages import RecordedEvent
 from magasin.transactions.domain import Transaction
 from magasin.transactions.orchestrator.commands import pending_envelope
 from magasin.transactions.orchestrator.domain import REPLIES, Orchestration
-from magasin.transactions.orchestrator.routing import Mode
+from magasin.transactions.orchestrator.routing import SAGA_MODE, Mode
 
 CONSUMER = "transaction.orchestrator"
 COMMANDS = "saga_command"
@@ -47,6 +49,10 @@ async def on_created(event: RecordedEvent, uow: UnitOfWork) -> None:
     tid = created.transaction_id
     if await sagas.find(uow, tid) is not None:
         return  # a redelivery: the saga started already
+    # Everything this saga causes (commands, then the services' replies) carries its mode,
+    # so the services' choreographed reactions know to leave the sale alone.
+    uow.causation = replace(uow.causation, metadata={
+        **uow.causation.metadata, "baggage": {SAGA_MODE: Mode.ORCHESTRATION.value}})
     sale = await sales.get(uow, tid)
     saga = Orchestration.start(tid, created.total, created.currency)
     sagas.save(uow, saga)

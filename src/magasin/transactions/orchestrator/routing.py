@@ -15,6 +15,9 @@ from enum import StrEnum
 
 from magasin.shared.errors import InvalidInput
 
+SAGA_MODE = "saga_mode"
+"""Key of the mode in the `baggage` metadata every event of an orchestrated saga carries."""
+
 
 class Mode(StrEnum):
     CHOREOGRAPHY = "choreography"
