@@ -38,6 +38,14 @@ class Settings(BaseSettings):
         "", description="Comma-separated API keys; empty in embedded mode = one generated key."
     )
     currency: str = Field("CAD", pattern="^[A-Z]{3}$", description="Currency of the catalog.")
+    saga_mode: str = Field(
+        "choreography", pattern="^(choreography|orchestration)$",
+        description="How sales are coordinated: events (choreography) or the orchestrator.",
+    )
+    saga_orchestrate: str = Field(
+        "", description="Hybrid rule sending some sales to the orchestrator whatever the "
+        "mode, e.g. `store:S1,method:card,amount_over:500` (any term matches).",
+    )
     bank_latency_ms: float = Field(100.0, ge=0, description="Simulated bank call latency.")
     bank_concurrency: int = Field(
         32, ge=1, description="Bank calls (sales being charged or refunded) in flight at once."

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 
-from tests.e2e.conftest import Shop, eventually
+from magasin.bootstrap import Runtime
+from tests.e2e import conftest
+from tests.e2e.conftest import Shop, eventually, serving
+
+
+@pytest.fixture(params=["choreography", "orchestration"])
+async def shop(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Shop]:
+    """Every flow runs under both coordinations, with the same assertions on the outcome."""
+    settings = conftest.test_settings(tmp_path, saga_mode=request.param)
+    async with serving(Runtime.embedded(settings)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -118,3 +131,18 @@ async def test_a_store_that_cannot_fulfil_releases_refunds_and_cancels(
     assert types.index("OrderFulfillmentFailed") < types.index("TransactionCancelled")
     assert types.index("InventoryReleased") < types.index("TransactionCancelled")
     assert types.index("PaymentRefunded") < types.index("TransactionCancelled")
+
+
+async def test_the_sale_runs_under_the_configured_coordination(
+    shop: Shop, shelf: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    """Orchestrated: the trail holds the orchestrator's commands; choreographed: none."""
+    sale = await shop.sell(shelf["store"], [(shelf["milk"], 1)])
+    assert (await shop.final(sale["transaction_id"]))["status"] == "COMPLETED"
+    types = await event_types(shop, sale["transaction_id"])
+    commands = [t for t in types if t in ("ChargePayment", "ReserveStock", "PrepareOrder")]
+    if request.node.callspec.params["shop"] == "orchestration":
+        assert commands == ["ChargePayment", "ReserveStock", "PrepareOrder"]
+        assert "OrchestrationEnded" in types
+    else:
+        assert commands == [] and "OrchestrationStarted" not in types

@@ -11,6 +11,7 @@ import pytest
 from magasin.inventory.commands import expire_reservations, expiry_loop, restock
 from magasin.inventory.handlers import handlers
 from magasin.messaging.dispatch import Outcome, Result
+from magasin.shared.commands import ReleaseStock, ReserveStock
 from magasin.shared.errors import InvalidInput, NotFound
 from magasin.shared.events import (
     SCHEMAS,
@@ -26,6 +27,7 @@ from magasin.shared.events import (
     ReservationExpired,
     ReservationVoided,
     SagaAborted,
+    SaleLine,
     StockAdded,
     StockCommitted,
     StockLine,
@@ -35,6 +37,7 @@ from magasin.shared.events import (
     TransactionCancelled,
     TransactionCompleted,
 )
+from magasin.shared.messages import NewEvent
 from tests.unit.conftest import Harness, project_all
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
@@ -428,3 +431,25 @@ async def test_restocks_racing_reservations_all_count(harness: Harness) -> None:
     on_hand, reserved, _ = await stock(harness, "P1")
     assert on_hand == 10
     assert reserved == len(await harness.emitted(InventoryReserved))
+
+
+# -- orchestrated sales: the same reservation code, on the orchestrator's commands ----------
+
+
+async def test_reserve_and_release_stock_commands_hold_then_give_back(harness: Harness) -> None:
+    await stocked(harness, P1=5)
+    lines = (SaleLine("P1", 3, 250),)
+    await send(harness, "T9", ReserveStock("T9:2", "transaction", "T9", "S1", lines))
+    assert await stock(harness, "P1") == (5, 3, 2)
+    assert (await reservation(harness, "T9"))["status"] == "RESERVED"
+    await send(harness, "T9", ReleaseStock("T9:5", "transaction", "T9", "fulfillment_failed:x"))
+    assert await stock(harness, "P1") == (5, 0, 5)
+
+
+async def test_an_orchestrated_payment_reserves_nothing_by_itself(harness: Harness) -> None:
+    await stocked(harness, P1=5)
+    [event] = await harness.store.append("other-T8", [NewEvent(
+        "PaymentProcessed", SCHEMAS.dump(paid("T8", ("P1", 3))), correlation_id="T8",
+        metadata={"baggage": {"saga_mode": "orchestration"}})])
+    assert (await harness.deliver("inventory", INVENTORY, event)).outcome is Outcome.HANDLED
+    assert await stock(harness, "P1") == (5, 0, 5)

@@ -9,6 +9,7 @@ from magasin.messaging.dispatch import Outcome
 from magasin.payments.aborts import ChargeDeadline
 from magasin.payments.gateway import BankSimulator, Charge
 from magasin.payments.handlers import PAYMENTS, handlers
+from magasin.shared.commands import ChargePayment, RefundPayment
 from magasin.shared.events import (
     InventoryUnavailable,
     MissingLine,
@@ -259,3 +260,30 @@ async def test_concurrent_compensations_refund_once(harness: Harness) -> None:
     assert len(await harness.emitted(PaymentRefunded)) == 1
     assert len(bank.refunds) == 1
     assert bank.captured_total == 0
+
+
+# -- orchestrated sales: the same charge and refund, on the orchestrator's commands --------
+
+
+def orchestrated() -> TransactionCreated:
+    c = created()
+    return TransactionCreated(c.transaction_id, c.store_id, c.customer_id, c.lines, c.total,
+                              c.currency, c.payment_method, saga_mode="orchestration")
+
+
+async def test_orchestrated_sale_is_charged_on_its_command_not_on_its_creation(
+    harness: Harness,
+) -> None:
+    bank = CountingBank()
+    await deliver(harness, bank, orchestrated())
+    assert bank.charge_calls == 0 and await harness.emitted(PaymentProcessed) == []
+    c = created()
+    command = ChargePayment(f"{TX}:1", "transaction", TX, c.store_id, c.lines, c.total,
+                            c.currency, c.payment_method)
+    await deliver(harness, bank, command, command)  # redelivered: charged once
+    [processed] = await harness.emitted(PaymentProcessed)
+    assert (processed.transaction_id, processed.amount, bank.charge_calls) == (TX, 2500, 1)
+
+    await deliver(harness, bank, RefundPayment(f"{TX}:3", "transaction", TX, "no_stock"))
+    [refunded] = await harness.emitted(PaymentRefunded)
+    assert (refunded.amount, refunded.reason) == (2500, "no_stock")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from magasin.messaging.dispatch import Outcome
+from magasin.shared.commands import PrepareOrder
 from magasin.shared.events import (
+    SCHEMAS,
     InventoryReserved,
     OrderFulfilled,
     OrderFulfillmentFailed,
+    SaleLine,
     StockLine,
 )
+from magasin.shared.messages import NewEvent
 from magasin.stores import commands, readmodel
 from magasin.stores.handlers import handlers
 from tests.unit.conftest import Harness
@@ -123,5 +127,29 @@ async def test_two_reservation_messages_at_once_prepare_one_order(harness: Harne
     assert len(await harness.emitted(OrderFulfilled, OrderFulfillmentFailed)) == 1
 
 
-def test_the_store_consumer_handles_only_inventory_reserved() -> None:
-    assert set(handlers()) == {"InventoryReserved"}
+def test_the_store_consumer_handles_inventory_reserved_and_prepare_order() -> None:
+    assert set(handlers()) == {"InventoryReserved", "PrepareOrder"}
+
+
+# -- orchestrated sales: the same preparation, on the orchestrator's command ---------------
+
+
+async def test_prepare_order_command_fulfils_and_an_orchestrated_reservation_does_not(
+    harness: Harness,
+) -> None:
+    shop = await commands.register_store(harness.store, "Plateau", "Montréal", "1 rue A")
+    [by_itself] = await harness.store.append("reservation-r-t2", [NewEvent(
+        "InventoryReserved", SCHEMAS.dump(reserved("t2", shop["store_id"])),
+        correlation_id="t2", metadata={"baggage": {"saga_mode": "orchestration"}})])
+    await harness.deliver("store", handlers(), by_itself)
+    assert await harness.emitted(OrderFulfilled) == []
+
+    command = PrepareOrder("t2:3", "transaction", "t2", shop["store_id"], "r-t2",
+                           (SaleLine("p1", 2, 100), SaleLine("p2", 1, 100)))
+    [sent] = await harness.given("saga_command", "t2", command, correlation_id="t2")
+    await harness.deliver("store", handlers(), sent)
+    [fulfilled] = await harness.emitted(OrderFulfilled)
+    assert fulfilled.transaction_id == "t2"
+    doc = await harness.read_model(readmodel.ORDERS, "t2")
+    assert doc is not None and doc["lines"] == [{"product_id": "p1", "quantity": 2},
+                                                {"product_id": "p2", "quantity": 1}]

@@ -122,7 +122,10 @@ class Causation:
 
     @classmethod
     def of(cls, event: RecordedEvent, **metadata: Any) -> Causation:
-        """Events caused by handling `event` keep its correlation and trace."""
+        """Events caused by handling `event` keep its correlation, trace and baggage (the
+        metadata entry `baggage`: facts about the whole flow, like a W3C baggage header)."""
+        if (baggage := event.metadata.get("baggage")) and "baggage" not in metadata:
+            metadata = {"baggage": baggage, **metadata}
         return cls(event.correlation_id, event.event_id, event.traceparent, metadata)
 
 

@@ -27,6 +27,7 @@ from magasin.inventory.domain import (
 )
 from magasin.messaging.bus import Handler
 from magasin.shared.clock import utcnow
+from magasin.shared.commands import ReleaseStock, ReserveStock, orchestrated
 from magasin.shared.errors import NotFound
 from magasin.shared.events import (
     SCHEMAS,
@@ -35,6 +36,7 @@ from magasin.shared.events import (
     PaymentProcessed,
     ProductAdded,
     SagaAborted,
+    StockLine,
     StoreRegistered,
     TransactionCancelled,
     TransactionCompleted,
@@ -77,19 +79,38 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         raise ValueError("a reservation's time to live must be > 0 seconds")
     ttl = timedelta(seconds=ttl_s)
 
-    async def on_payment_processed(event: RecordedEvent, uow: UnitOfWork) -> None:
-        paid: PaymentProcessed = SCHEMAS.validate(event)
-        if await readmodel.reservations.find(uow, paid.transaction_id) is not None:
+    async def reserve(
+        uow: UnitOfWork, transaction_id: str, store_id: str, stock: Iterable[StockLine]
+    ) -> None:
+        """Reserve a sale's stock once (choreography: PaymentProcessed; orchestration:
+        ReserveStock); publishes InventoryReserved or InventoryUnavailable."""
+        if await readmodel.reservations.find(uow, transaction_id) is not None:
             return  # already reserved, refused, or voided by an earlier cancellation
-        reservation = Reservation(paid.transaction_id)
-        lines = merge_lines(paid.lines)
-        items = await load_items(uow, paid.store_id, (x.product_id for x in lines))
-        missing = reserve_all(items, lines, paid.transaction_id)
+        reservation = Reservation(transaction_id)
+        lines = merge_lines(stock)
+        items = await load_items(uow, store_id, (x.product_id for x in lines))
+        missing = reserve_all(items, lines, transaction_id)
         if missing:
-            reservation.refuse(paid.store_id, missing)
+            reservation.refuse(store_id, missing)
         else:
-            reservation.reserve(time_ordered_id(), paid.store_id, lines, clock() + ttl)
+            reservation.reserve(time_ordered_id(), store_id, lines, clock() + ttl)
         readmodel.save(uow, items.values(), reservation)
+
+    async def on_payment_processed(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends ReserveStock for this sale
+        paid: PaymentProcessed = SCHEMAS.validate(event)
+        await reserve(uow, paid.transaction_id, paid.store_id, paid.lines)
+
+    async def on_reserve_stock(event: RecordedEvent, uow: UnitOfWork) -> None:
+        command: ReserveStock = SCHEMAS.validate(event)
+        await reserve(uow, command.transaction_id, command.store_id,
+                      (StockLine(x.product_id, x.quantity) for x in command.lines))
+
+    async def on_release_stock(event: RecordedEvent, uow: UnitOfWork) -> None:
+        command: ReleaseStock = SCHEMAS.validate(event)
+        reservation = await _reservation_for(uow, command.transaction_id, "release")
+        await _release(uow, reservation, release_reason(command.reason))
 
     async def on_order_fulfilled(event: RecordedEvent, uow: UnitOfWork) -> None:
         done: OrderFulfilled = SCHEMAS.validate(event)
@@ -162,6 +183,8 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
 
     return {
         "PaymentProcessed": on_payment_processed,
+        "ReserveStock": on_reserve_stock,
+        "ReleaseStock": on_release_stock,
         "OrderFulfilled": on_order_fulfilled,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         "TransactionCompleted": on_transaction_completed,
@@ -170,6 +193,15 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         "ProductAdded": on_product_added,
         "StoreRegistered": on_store_registered,
     }
+
+
+def release_reason(saga_reason: str) -> str:
+    """The release reason the choreographed reaction to the same failure would give."""
+    if saga_reason.startswith("fulfillment_failed"):
+        return "fulfillment_failed"
+    if saga_reason.startswith("deadline") or saga_reason.startswith("forced"):
+        return "saga_aborted"
+    return "transaction_cancelled"
 
 
 async def _release(uow: UnitOfWork, reservation: Reservation, reason: str) -> None:

@@ -9,6 +9,7 @@ from magasin.payments.aborts import BANK_UNAVAILABLE, ChargeDeadline, abort_hand
 from magasin.payments.domain import Payment, PaymentStatus
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.payments.projection import PAYMENTS as PAYMENTS  # the read model, for callers
+from magasin.shared.commands import ChargePayment, RefundPayment, orchestrated
 from magasin.shared.errors import NotFound, Unavailable
 from magasin.shared.events import (
     SCHEMAS,
@@ -32,7 +33,9 @@ async def charge(
     gateway: BankGateway, event: RecordedEvent, uow: UnitOfWork,
     deadline: ChargeDeadline | None = None,
 ) -> None:
-    created: TransactionCreated = SCHEMAS.validate(event)
+    """Charge a sale once, on its TransactionCreated (choreography) or its ChargePayment
+    command (orchestration): both carry what the charge needs."""
+    created: TransactionCreated | ChargePayment = SCHEMAS.validate(event)
     tid = created.transaction_id
     if (known := await payments.find(uow, tid)) is not None:
         if deadline is not None:
@@ -97,18 +100,33 @@ def handlers(
     """The payment consumer's registry: every event type it handles, and by what."""
 
     async def on_transaction_created(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if event.payload.get("saga_mode", "choreography") != "choreography":
+            return  # the orchestrator sends ChargePayment for this sale
         await charge(gateway, event, uow, deadline)
 
+    async def on_charge_payment(event: RecordedEvent, uow: UnitOfWork) -> None:
+        await charge(gateway, event, uow, deadline)
+
+    async def on_refund_payment(event: RecordedEvent, uow: UnitOfWork) -> None:
+        command: RefundPayment = SCHEMAS.validate(event)
+        await refund(gateway, uow, command.transaction_id, command.reason)
+
     async def on_inventory_unavailable(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends RefundPayment
         unavailable: InventoryUnavailable = SCHEMAS.validate(event)
         await refund(gateway, uow, unavailable.transaction_id, "inventory_unavailable")
 
     async def on_order_fulfillment_failed(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends RefundPayment
         failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
         await refund(gateway, uow, failed.transaction_id, "fulfillment_failed")
 
     return {
         "TransactionCreated": on_transaction_created,
+        "ChargePayment": on_charge_payment,
+        "RefundPayment": on_refund_payment,
         "InventoryUnavailable": on_inventory_unavailable,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         **(abort_handlers(gateway, deadline, refund_key) if deadline is not None else {}),

@@ -98,6 +98,9 @@ class TransactionCreated:
     currency: str
     payment_method: str
     callback_url: str | None = None
+    saga_mode: str = "choreography"
+    """Which coordination runs this sale (`choreography` or `orchestration`), decided once
+    at creation; events stored before the orchestrator existed are choreographed."""
 
 
 @dataclass(frozen=True, slots=True)

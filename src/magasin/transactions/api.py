@@ -26,6 +26,7 @@ from magasin.shared.ids import time_ordered_id
 from magasin.transactions import readmodel, stats
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
 from magasin.transactions.feed import RELOAD, StatusFeed
+from magasin.transactions.orchestrator.routing import Routing
 from magasin.transactions.projection import new_document
 
 sales = Repository(Transaction)
@@ -113,8 +114,11 @@ class SagaStats(BaseModel):
     buckets: list[SagaBucket]
 
 
+CHOREOGRAPHY = Routing()
+
+
 async def create(
-    store: EventStore, body: NewTransaction, key: str | None
+    store: EventStore, body: NewTransaction, key: str | None, routing: Routing = CHOREOGRAPHY
 ) -> tuple[dict[str, Any], bool]:
     """Price the sale from the catalog replica and record it. Returns (view, created).
 
@@ -137,10 +141,13 @@ async def create(
         lines.append(SaleLine(item.product_id, item.quantity, product["unit_price"]))
     if len(currencies) > 1:
         raise BusinessRuleViolation(f"products are priced in several currencies: {currencies}")
+    total = sum(line.quantity * line.unit_price for line in lines)
     sale = Transaction.create(
         ident, store_id=body.store_id, customer_id=body.customer_id, lines=lines,
         currency=currencies.pop(), payment_method=body.payment_method,
         callback_url=str(body.callback_url) if body.callback_url else None,
+        # Decided once: a changed setting leaves this sale to the coordination it started in.
+        saga_mode=routing.mode_for(body.store_id, body.payment_method.strip(), total).value,
     )
     try:
         # The sale's trace starts at this HTTP request's span (when tracing is on).
@@ -176,6 +183,7 @@ async def _replay(store: EventStore, key: str, fingerprint: str) -> dict[str, An
 
 def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     store = ctx.store
+    routing = Routing.from_settings(ctx.settings.saga_mode, ctx.settings.saga_orchestrate)
     api = APIRouter(prefix="/api/transactions", tags=["transactions"])
 
     @api.post("", status_code=201, response_model=TransactionView,
@@ -189,7 +197,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         ] = None,
     ) -> dict[str, Any]:
         """Record a sale; the saga then runs asynchronously (follow it at `.../events`)."""
-        view, created = await create(store, body, idempotency_key)
+        view, created = await create(store, body, idempotency_key, routing)
         response.status_code = 201 if created else 200
         response.headers["Location"] = f"{api.prefix}/{view['transaction_id']}"
         return view

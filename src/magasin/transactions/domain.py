@@ -76,6 +76,7 @@ class Transaction(Aggregate):
         self.currency = ""
         self.payment_method = ""
         self.callback_url: str | None = None
+        self.saga_mode = "choreography"
         self.payment_id: str | None = None
         self.reservation_id: str | None = None
         self.order_id: str | None = None
@@ -121,6 +122,7 @@ class Transaction(Aggregate):
         currency: str,
         payment_method: str,
         callback_url: str | None = None,
+        saga_mode: str = "choreography",
     ) -> Transaction:
         if not lines:
             raise InvalidInput("a transaction needs at least one line")
@@ -143,7 +145,7 @@ class Transaction(Aggregate):
                 transaction_id=ident, store_id=store_id, customer_id=customer_id.strip(),
                 lines=tuple(lines), total=sum(li.quantity * li.unit_price for li in lines),
                 currency=currency, payment_method=payment_method.strip(),
-                callback_url=callback_url,
+                callback_url=callback_url, saga_mode=saga_mode,
             )
         )
         sale.passed.append(Status.PENDING)
@@ -305,6 +307,7 @@ class Transaction(Aggregate):
                 self.store_id, self.customer_id = event.store_id, event.customer_id
                 self.lines, self.total, self.currency = event.lines, event.total, event.currency
                 self.payment_method, self.callback_url = event.payment_method, event.callback_url
+                self.saga_mode = event.saga_mode
             case PaymentRecorded():
                 self.payment_id = event.payment_id
             case ReservationRecorded():

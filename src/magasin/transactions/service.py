@@ -11,6 +11,7 @@ from magasin.transactions import api, sagas, sagas_api, stats
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.feed import StatusFeed
 from magasin.transactions.handlers import catalog_handlers, notifier_handlers, saga_handlers
+from magasin.transactions.orchestrator import handlers as orchestrator
 from magasin.transactions.projection import projection
 
 
@@ -29,6 +30,7 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             "transaction.notifier": notifier_handlers(http),
             sagas.CONSUMER: sagas.index_handlers(deadlines),
             saga_metrics.CONSUMER: saga_metrics.handlers(),
+            orchestrator.CONSUMER: orchestrator.orchestrator_handlers(),
         },
         router=routes,
         loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s,

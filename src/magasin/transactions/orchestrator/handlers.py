@@ -1,0 +1,80 @@
+"""Consumer `transaction.orchestrator`: runs the orchestrated sales.
+
+On an orchestrated TransactionCreated it starts the saga and sends its first command; on
+each reply (the services' usual events) it advances the saga and sends the next command.
+Decisions (the saga's events) and the command envelope commit in one unit of work, so the
+outbox publishes the command exactly when the decision is stored. Choreographed sales have
+no orchestration stream: their events change nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from magasin.eventstore.repository import Repository
+from magasin.eventstore.store import UnitOfWork
+from magasin.messaging.bus import Handler
+from magasin.shared.events import SCHEMAS, TransactionCreated
+from magasin.shared.ids import stream_id
+from magasin.shared.messages import RecordedEvent
+from magasin.transactions.domain import Transaction
+from magasin.transactions.orchestrator.commands import pending_envelope
+from magasin.transactions.orchestrator.domain import REPLIES, Orchestration
+from magasin.transactions.orchestrator.routing import SAGA_MODE, Mode
+
+CONSUMER = "transaction.orchestrator"
+COMMANDS = "saga_command"
+"""Stream type of the command envelopes sent for a sale (one stream per sale)."""
+
+REFERENCES = {
+    "PaymentProcessed": "payment_id", "InventoryReserved": "reservation_id",
+    "OrderFulfilled": "order_id",
+}
+REASONS = ("PaymentFailed", "OrderFulfillmentFailed")
+
+sagas = Repository(Orchestration)
+sales = Repository(Transaction)
+
+
+def _send_pending(uow: UnitOfWork, saga: Orchestration, sale: Transaction) -> None:
+    envelope = pending_envelope(saga, sale)
+    name = type(envelope).__name__
+    uow.append(stream_id(COMMANDS, sale.id), [uow.new_event(name, SCHEMAS.dump(envelope))])
+
+
+async def on_created(event: RecordedEvent, uow: UnitOfWork) -> None:
+    created: TransactionCreated = SCHEMAS.validate(event)
+    if created.saga_mode != Mode.ORCHESTRATION:
+        return
+    tid = created.transaction_id
+    if await sagas.find(uow, tid) is not None:
+        return  # a redelivery: the saga started already
+    # Everything this saga causes (commands, then the services' replies) carries its mode,
+    # so the services' choreographed reactions know to leave the sale alone.
+    uow.causation = replace(uow.causation, metadata={
+        **uow.causation.metadata, "baggage": {SAGA_MODE: Mode.ORCHESTRATION.value}})
+    sale = await sales.get(uow, tid)
+    saga = Orchestration.start(tid, created.total, created.currency)
+    sagas.save(uow, saga)
+    _send_pending(uow, saga, sale)
+
+
+async def on_reply(event: RecordedEvent, uow: UnitOfWork) -> None:
+    reply = SCHEMAS.validate(event)
+    tid = reply.transaction_id
+    saga = await sagas.find(uow, tid)
+    if saga is None:
+        return  # a choreographed sale
+    sent = saga.command_id
+    reference = getattr(reply, REFERENCES[event.type]) if event.type in REFERENCES else None
+    reason = reply.reason if event.type in REASONS else None
+    if not saga.reply(event.type, reference, reason):
+        return  # a duplicate, or a reply to no pending command
+    sagas.save(uow, saga)
+    if saga.pending_command is not None and saga.command_id != sent:
+        _send_pending(uow, saga, await sales.get(uow, tid))
+
+
+def orchestrator_handlers() -> dict[str, Handler]:
+    replies = {name for names in REPLIES.values() for name in names}
+    return {"TransactionCreated": on_created, **dict.fromkeys(sorted(replies), on_reply)}
