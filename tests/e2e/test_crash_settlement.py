@@ -140,7 +140,10 @@ async def test_a_charge_stranded_by_a_killed_payment_process_is_reconciled_exact
     events = await query(cluster, 'SELECT type FROM "magasin_payment".events '
                          "WHERE stream_id = $1 ORDER BY stream_version", f"payment-{tid}")
     assert [e["type"] for e in events].count("ChargeReconciled") == 1
-    assert await reconcile_cli(cluster) == []  # nothing left to settle
+    # Nothing left to settle. A compensation retried meanwhile (the payment process was down
+    # past the compensation's deadline) may note the payment again: it is found settled.
+    again = await reconcile_cli(cluster)
+    assert all(s["action"] == "settled" for s in again), again
 
 
 async def test_a_store_back_from_a_crash_fulfils_late_and_is_refused(

@@ -125,7 +125,12 @@ class Magasin:
     async def final(self, transaction_id: str) -> dict[str, Any]:
         async def done() -> dict[str, Any] | None:
             url = f"{self.url}/api/transactions/{transaction_id}"
-            response = await self.client.get(url)
+            try:
+                response = await self.client.get(url)
+            except httpx.TransportError:
+                # The process answering was killed after its headers had left (the gateway
+                # can only retry on another process before that): poll again.
+                return None
             if response.status_code == 404:  # created, not projected into the read model yet
                 return None
             assert response.status_code == 200, response.text
