@@ -3,6 +3,7 @@ are free (or a clear refusal)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -26,10 +27,24 @@ def test_a_scale_that_means_nothing_is_refused(wrong: str) -> None:
         parse_scale(wrong)
 
 
+def free_block(size: int) -> int:
+    """The first of `size` consecutive free ports below Linux's ephemeral range (32768 up),
+    where client connections of other tests cannot take one between the probe and the plan
+    (a block probed from an ephemeral port failed so once in CI)."""
+    for base in range(20_000, 32_000, size):
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + size):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports below 32000")
+
+
 def test_each_process_gets_a_port_of_its_own_after_the_gateway_s(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+    base = free_block(7)
     settings = Settings(data_dir=tmp_path, api_keys="k")
 
     ports = plan(settings, "127.0.0.1", 0, parse_scale("payment=2"), base).ports
