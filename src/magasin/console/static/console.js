@@ -621,6 +621,13 @@ document.addEventListener("alpine:init", () => {
           ? `Asked again for the compensation of ${short(s.transaction_id)} (retry ${done.attempt}).`
           : `Compensating ${short(s.transaction_id)} (was waiting for its ${done.aborted_step}).`);
         await this.load();
+        // The list reads the saga index, which may lag behind this answer under load: the
+        // row shows what the force recorded until the index catches up.
+        const row = this.items.find((i) => i.transaction_id === s.transaction_id);
+        if (row && row.status !== done.status && !["COMPLETED", "CANCELLED"].includes(row.status)) {
+          Object.assign(row, { status: done.status, step: "compensation", stuck: false,
+                               step_started_at: new Date(this.now).toISOString() });
+        }
       } catch (err) { report(err); }
     },
   }));
