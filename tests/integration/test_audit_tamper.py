@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from magasin.audit import log
+from magasin.audit import domain, log
 from magasin.eventstore.store import EventStore
 from magasin.messaging.dispatch import Outcome, deliver
 from magasin.shared.events import SCHEMAS, PaymentFailed, TransactionCreated
@@ -141,3 +142,74 @@ async def test_two_sequencers_at_once_chain_each_entry_exactly_once(store: Event
     assert report == {"ok": True, "checked": 20, "head": 20, "problems": []}
     chained_ids = [entry["event_id"] async for page in log.entries(store) for _, entry in page]
     assert sorted(chained_ids) == sorted(e.event_id for e in events)
+
+
+async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_problem(
+    store: EventStore,
+) -> None:
+    sales = 150
+    sequencer = log.Sequencer(store, batch=2, poll=0.01)
+    consumer = log.handlers(sequencer.wake, lambda kind, _: None)
+    chaining = asyncio.create_task(sequencer.run())
+    reports: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def sell() -> None:
+        for n in range(sales):
+            tid = f"t{n}"
+            created = TransactionCreated(tid, "s1", "alice", (), 1000, "CAD", "VISA")
+            failed = PaymentFailed(f"p{n}", tid, 1000, "CAD", "declined")
+            recorded = await store.append(f"transaction-{tid}", [
+                NewEvent(type(p).__name__, SCHEMAS.dump(p), correlation_id=tid)
+                for p in (created, failed)
+            ])
+            for event in recorded:
+                await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type], event)
+
+    async def verify_until_done() -> None:
+        while not done.is_set():
+            reports.append(await log.verify(store))
+            await asyncio.sleep(0)  # let the sales and the sequencer go on (SQLite is sync)
+
+    async def chained() -> bool:
+        return (await store.stream_version(log.LOG)) == 2 * sales
+
+    verifiers = [asyncio.create_task(verify_until_done()) for _ in range(2)]
+    try:
+        await sell()
+        async with asyncio.timeout(60):
+            while not await chained():
+                await asyncio.sleep(0.01)
+    finally:
+        done.set()
+        await asyncio.gather(*verifiers)
+        chaining.cancel()
+        await asyncio.gather(chaining, return_exceptions=True)
+    assert [r for r in reports if r["problems"]] == []
+    assert len({r["head"] for r in reports}) > 10
+    final = await log.verify(store)
+    assert final == {"ok": True, "checked": 2 * sales, "head": 2 * sales, "problems": []}
+
+
+async def test_a_relinked_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
+    await audited(store, 3)
+    # An intruder who edits entry 3 and recomputes its hash keeps entry 3 consistent, but
+    # entry 4 still links to the old hash.
+    (third,) = await store.read_stream(log.LOG, from_version=3, to_version=3)
+    edited = {**third.payload, "payload": {**third.payload["payload"], "amount": 1}}
+    edited["hash"] = domain.digest(edited)
+    await tamper("UPDATE events SET payload = $1 WHERE stream_id = $2 AND stream_version = 3",
+                 (orjson.dumps(edited).decode(), log.LOG))
+    report = await log.verify(store)
+    assert report["ok"] is False
+    (problem,) = report["problems"]
+    assert (problem["sequence"], problem["kind"]) == (4, "relinked")
+
+
+async def test_deleting_the_head_document_is_caught(store: EventStore) -> None:
+    await audited(store, 2)
+    async with store.transaction() as uow:
+        uow.delete_document(log.HEAD, log.LOG)
+    report = await log.verify(store)
+    assert report["ok"] is False
+    assert [(p["sequence"], p["kind"]) for p in report["problems"]] == [(4, "head_missing")]

@@ -83,7 +83,8 @@ class Problem:
     kind: str
     """`modified` (the entry's content does not match its hash), `deleted` (entries
     missing), `relinked` (its prev_hash is not the previous entry's hash), `truncated`
-    (entries missing at the end)."""
+    (entries missing at the end), `head_missing` (entries exist without the head document
+    that the end of the chain is checked against)."""
     detail: str
     event_id: str | None = None
 
@@ -134,6 +135,15 @@ class Verifier:
                 and head_hash != self.last_hash:
             self.problems.append(Problem(
                 head_sequence, "modified", "the last entry's hash is not the recorded head",
+            ))
+
+    def headless(self) -> None:
+        """The walk found entries but no head was recorded: the end cannot be checked."""
+        if self.checked:
+            self.problems.append(Problem(
+                self.last_sequence, "head_missing",
+                "entries exist but the chain's head document is missing; "
+                "entries removed at the end would go unnoticed",
             ))
 
     @property

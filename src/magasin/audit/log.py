@@ -179,14 +179,26 @@ async def verify(store: EventStore) -> dict[str, Any]:
     The head is read first and the walk stops at it: entries and head are committed
     together, so entries past a head read earlier were appended since (the sequencer keeps
     going while verify runs). Reading the head last, a live chain looked truncated whenever
-    an append landed between the walk and that read."""
+    an append landed between the walk and that read. Entries without any head mean the head
+    document was deleted: reported as `head_missing`, since the end of the chain can then no
+    longer be checked."""
     verifier = domain.Verifier()
     head = await store.get_document(HEAD, LOG)
-    end = int(head["sequence"]) if head is not None else None
-    async for page in entries(store):
-        verifier.feed(page if end is None else [(n, e) for n, e in page if n <= end])
-        if end is not None and page[-1][0] >= end:
-            break
+    if head is None:
+        # No head: an empty chain, or the first entries chained since that read (the head
+        # is there now), or a deleted head. The walk stops at the stream's version read
+        # now, so entries chained later are not taken for headless ones.
+        end = await store.stream_version(LOG)
+        head = await store.get_document(HEAD, LOG)
+    if head is not None:
+        end = int(head["sequence"])
+    if end > 0:
+        async for page in entries(store):
+            verifier.feed([(n, e) for n, e in page if n <= end])
+            if page[-1][0] >= end:
+                break
     if head is not None:
         verifier.finish(int(head["sequence"]), str(head["hash"]))
+    else:
+        verifier.headless()
     return verifier.report()
