@@ -478,10 +478,16 @@ class ReleaseStock:
 
 @dataclass(frozen=True, slots=True)
 class VoidPayment:
+    """The payment step passed its deadline (or was forced): void a charge not taken, refund
+    one that was. Carries what a void records (like SagaAborted does)."""
+
     command_id: str
     reply_to: str
     transaction_id: str
     reason: str
+    store_id: str
+    total: int
+    currency: str
 
 
 ALL_COMMANDS: tuple[type, ...] = (
