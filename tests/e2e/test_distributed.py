@@ -10,6 +10,8 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -32,12 +34,18 @@ TERMINAL = {"COMPLETED", "CANCELLED"}
 SAGA_TIMEOUT = 60.0
 GATEWAY_LIMITS = {"gateway_rate_per_s": 100_000, "gateway_burst": 100_000}
 """The tests poll hard (every 20 ms per sale in flight): no rate limit in their way."""
+COMMANDS = {"ChargePayment", "ReserveStock", "PrepareOrder", "RefundPayment", "ReleaseStock",
+            "VoidPayment"}
 SAGA_STEPS = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    pg_database: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+MODES = ("choreography", "orchestration")
+"""The saga coordinations; the seed flows and the crashes run under each, same assertions."""
+
+
+@contextmanager
+def distributed_cluster(
+    pg_database: str, amqp_url: str, workdir: Path, saga_mode: str
 ) -> Iterator[Cluster]:
     """The four services and the event store, one process each, on a database and a RabbitMQ
     namespace of their own (every service in its schema `magasin_<service>`), removed
@@ -49,14 +57,65 @@ def cluster(
         MAGASIN_BANK_DECLINE_RATE="0",
         MAGASIN_RETRY_ATTEMPTS=str(RETRY_ATTEMPTS),
         MAGASIN_RETRY_INITIAL_DELAY="0.05",
+        MAGASIN_SAGA_MODE=saga_mode,
         PYTHONUNBUFFERED="1",
     )
     with running_cluster(
-        pg_database, amqp_url, tmp_path_factory.mktemp("distributed"), kind="e2e",
+        pg_database, amqp_url, workdir, kind="e2e",
         services=(*SERVICES, "eventstore"), env=env, retry_attempts=RETRY_ATTEMPTS,
         gateway=GATEWAY_LIMITS,
     ) as running:
         yield running
+
+
+class Deployments:
+    """The deployment in one coordination at a time: two at once would take more
+    PostgreSQL connections than the shared server has. Tests parametrized over MODES with
+    module scope are grouped by mode, so each mode starts once per module."""
+
+    def __init__(self, pg_database: str, amqp_url: str,
+                 factory: pytest.TempPathFactory) -> None:
+        self._args = (pg_database, amqp_url)
+        self._factory = factory
+        self._running: tuple[str, Cluster, ExitStack] | None = None
+
+    def get(self, saga_mode: str) -> Cluster:
+        if self._running is not None and self._running[0] != saga_mode:
+            self.close()
+        if self._running is None:
+            stack = ExitStack()
+            workdir = self._factory.mktemp(saga_mode)
+            cluster = stack.enter_context(distributed_cluster(*self._args, workdir, saga_mode))
+            self._running = (saga_mode, cluster, stack)
+        return self._running[1]
+
+    def close(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            running[2].close()
+
+
+@pytest.fixture(scope="module")
+def deployments(
+    pg_database: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployments]:
+    running = Deployments(pg_database, amqp_url, tmp_path_factory)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def saga_mode() -> str:
+    """The coordination a test's deployment runs; the flows parametrize it over MODES."""
+    return "choreography"
+
+
+@pytest.fixture
+def cluster(deployments: Deployments, saga_mode: str) -> Cluster:
+    """The deployment running `saga_mode` (default: choreography)."""
+    return deployments.get(saga_mode)
 
 
 GATEWAY_GAVE_UP = {502, 503, 504}
@@ -234,6 +293,26 @@ async def event_types(cluster: Cluster, transaction_id: str) -> dict[str, list[s
     return found
 
 
+async def sale_stream(cluster: Cluster, transaction_id: str) -> list[str]:
+    """The events of the sale's own stream. Under orchestration the transaction service's
+    log also holds the orchestrator's stream of the sale, whose last decisions may commit
+    after the sale's TransactionCancelled (two consumers of one reply, in either order)."""
+    rows = await query(
+        cluster,
+        'SELECT type FROM "magasin_transaction".events WHERE stream_id = $1 '
+        "ORDER BY stream_version",
+        f"transaction-{transaction_id}",
+    )
+    return [row["type"] for row in rows]
+
+
+def assert_coordinated(saga_mode: str, types: dict[str, list[str]], *expected: str) -> None:
+    """The sale ran under `saga_mode`: orchestrated, the transaction service sent exactly
+    the `expected` commands, in order; choreographed, it sent none."""
+    sent = [t for t in types["transaction"] if t in COMMANDS]
+    assert sent == (list(expected) if saga_mode == "orchestration" else []), sent
+
+
 def assert_every_step_reported(sales: list[dict[str, Any]]) -> None:
     """Each completed sale's history lists every step of the saga, in order."""
     histories = [[h["status"] for h in s["history"]] for s in sales]
@@ -253,9 +332,11 @@ async def shelf(magasin: Magasin) -> dict[str, str]:
     return {"store": store, "coffee": coffee, "milk": milk}
 
 
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
 async def test_a_paid_sale_with_stock_completes_and_consumes_the_stock(
-    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+    magasin: Magasin, shelf: dict[str, str], saga_mode: str
 ) -> None:
+    cluster = magasin.cluster
     sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 2), (shelf["milk"], 1)])
     assert sale["status"] == "PENDING"
     assert sale["total"] == 2 * 1899 + 649
@@ -282,11 +363,14 @@ async def test_a_paid_sale_with_stock_completes_and_consumes_the_stock(
     assert "InventoryReserved" in types["inventory"] and "InventoryCommitted" in types["inventory"]
     assert "OrderFulfilled" in types["store"]
     assert_every_step_reported([final])
+    assert_coordinated(saga_mode, types, "ChargePayment", "ReserveStock", "PrepareOrder")
 
 
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
 async def test_a_declined_card_cancels_the_sale_without_touching_stock(
-    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+    magasin: Magasin, shelf: dict[str, str], saga_mode: str
 ) -> None:
+    cluster = magasin.cluster
     sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 1)], payment_method="FAIL_CARD")
 
     final = await magasin.final(sale["transaction_id"])
@@ -300,11 +384,14 @@ async def test_a_declined_card_cancels_the_sale_without_touching_stock(
     assert "PaymentFailed" in types["payment"]
     assert "TransactionCancelled" in types["transaction"]
     assert "InventoryReserved" not in types["inventory"]
+    assert_coordinated(saga_mode, types, "ChargePayment")
 
 
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
 async def test_inventory_unavailable_refunds_then_cancels(
-    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+    magasin: Magasin, shelf: dict[str, str], saga_mode: str
 ) -> None:
+    cluster = magasin.cluster
     sale = await magasin.sell(shelf["store"], [(shelf["milk"], 1), (shelf["coffee"], 11)])
 
     final = await magasin.final(sale["transaction_id"])
@@ -317,12 +404,15 @@ async def test_inventory_unavailable_refunds_then_cancels(
     types = await event_types(cluster, sale["transaction_id"])
     assert "InventoryUnavailable" in types["inventory"]
     assert "PaymentRefunded" in types["payment"]
-    assert types["transaction"][-1] == "TransactionCancelled"
+    assert (await sale_stream(cluster, sale["transaction_id"]))[-1] == "TransactionCancelled"
+    assert_coordinated(saga_mode, types, "ChargePayment", "ReserveStock", "RefundPayment")
 
 
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
 async def test_a_closed_store_releases_the_stock_refunds_and_cancels(
-    magasin: Magasin, shelf: dict[str, str], cluster: Cluster
+    magasin: Magasin, shelf: dict[str, str], saga_mode: str
 ) -> None:
+    cluster = magasin.cluster
     await magasin.ok("POST", f"/api/stores/{shelf['store']}/close",
                      json={"reason": "flood"})
     sale = await magasin.sell(shelf["store"], [(shelf["coffee"], 3)])
@@ -344,7 +434,10 @@ async def test_a_closed_store_releases_the_stock_refunds_and_cancels(
     assert "OrderFulfillmentFailed" in types["store"]
     assert "InventoryReleased" in types["inventory"]
     assert "PaymentRefunded" in types["payment"]
-    assert types["transaction"][-1] == "TransactionCancelled"
+    assert (await sale_stream(cluster, sale["transaction_id"]))[-1] == "TransactionCancelled"
+    # Orchestrated, the compensation runs in the order the seed draws: refund, then release.
+    assert_coordinated(saga_mode, types, "ChargePayment", "ReserveStock", "PrepareOrder",
+                       "RefundPayment", "ReleaseStock")
 
 
 async def test_the_event_store_service_archives_every_event_of_a_saga(
@@ -561,10 +654,12 @@ async def test_competing_consumers_never_promise_stock_or_charge_twice(
     assert outcomes["COMPLETED"] > 0 and outcomes["inventory_unavailable"] > 0, outcomes
 
 
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
 @pytest.mark.parametrize("victim", ["inventory", "payment", "store", "transaction"])
 async def test_a_service_killed_mid_flight_recovers_and_every_saga_ends(
-    magasin: Magasin, cluster: Cluster, victim: str
+    magasin: Magasin, victim: str
 ) -> None:
+    cluster = magasin.cluster
     store, stock, probe = await stock_up(magasin, f"Crash {victim}", {"A": 25, "B": 25})
     sales_to_post = random_sales(list(stock), 100, seed=3)
     posting = asyncio.gather(*(

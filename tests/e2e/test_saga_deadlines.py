@@ -1,5 +1,6 @@
 """Stuck sagas end to end (embedded): a sale the bank cannot charge, a sale the store never
-prepares, the list of sagas and their forced compensation by an administrator."""
+prepares, the list of sagas and their forced compensation by an administrator; under both
+coordinations (orchestrated, the deadline goes to the orchestrator, which compensates)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ from tests.e2e.conftest import test_settings as settings_for
 
 ADMIN_KEY = "e2e-admin-key"
 AppFactory = Callable[..., Any]
+MODES = ("choreography", "orchestration")
+
+
+@pytest.fixture(params=MODES)
+def saga_mode(request: pytest.FixtureRequest) -> str:
+    mode: str = request.param
+    return mode
 
 
 @asynccontextmanager
@@ -67,13 +75,24 @@ def store_never_prepares(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("the order preparation is broken")
 
     monkeypatch.setattr(store_handlers, "prepare_order", broken)
+    monkeypatch.setattr(store_handlers, "on_prepare_order", broken)
+
+
+async def commands_sent(shop: Shop, transaction_id: str) -> list[str]:
+    """The orchestrator's commands for the sale, in the order it sent them."""
+    after, sent = 0, []
+    while page := await shop.runtime.store.read_all(after=after, limit=1000):
+        sent += [e.type for e in page if e.correlation_id == transaction_id
+                 and e.stream_id.startswith("saga_command-")]
+        after = page[-1].global_position
+    return sent
 
 
 @pytest.mark.usefixtures("bank_down")
 async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
-    tmp_path: Path,
+    tmp_path: Path, saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path, deadline_payment_s=1.0) as shop:
+    async with running_shop(tmp_path, deadline_payment_s=1.0, saga_mode=saga_mode) as shop:
         store, coffee = await shelf(shop)
         sale = await shop.sell(store, [(coffee, 2)])
         final = await final_state(shop, sale["transaction_id"])
@@ -81,13 +100,16 @@ async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
         payment = await shop.ok("GET", f"/api/payments/{sale['transaction_id']}")
         assert (payment["status"], payment["reason"]) == ("FAILED", "bank_unavailable")
         assert (await shop.stock(store, coffee))["available"] == 10
+        if saga_mode == "orchestration":
+            assert await commands_sent(shop, sale["transaction_id"]) == [
+                "ChargePayment", "VoidPayment"]
 
 
 @pytest.mark.usefixtures("store_never_prepares")
 async def test_a_sale_stuck_at_fulfilment_is_released_refunded_and_cancelled(
-    tmp_path: Path,
+    tmp_path: Path, saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path, deadline_fulfilment_s=1.0) as shop:
+    async with running_shop(tmp_path, deadline_fulfilment_s=1.0, saga_mode=saga_mode) as shop:
         store, coffee = await shelf(shop)
         sale = await shop.sell(store, [(coffee, 3)])
         tid = sale["transaction_id"]
@@ -100,13 +122,18 @@ async def test_a_sale_stuck_at_fulfilment_is_released_refunded_and_cancelled(
         assert (line["on_hand"], line["reserved"], line["available"]) == (10, 0, 10)
         reservation = await shop.ok("GET", f"/api/reservations/{tid}")
         assert reservation["status"] == "RELEASED"
+        if saga_mode == "orchestration":  # the compensation's order is the orchestrator's
+            assert await commands_sent(shop, tid) == [
+                "ChargePayment", "ReserveStock", "PrepareOrder", "RefundPayment",
+                "ReleaseStock"]
 
 
 @pytest.mark.usefixtures("store_never_prepares")
 async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
-    tmp_path: Path,
+    tmp_path: Path, saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path) as shop:  # default deadlines: nothing aborts by itself
+    # Default deadlines: nothing aborts by itself.
+    async with running_shop(tmp_path, saga_mode=saga_mode) as shop:
         store, coffee = await shelf(shop)
         tid = (await shop.sell(store, [(coffee, 1)]))["transaction_id"]
         declined = (await shop.sell(store, [(coffee, 1)], "FAIL_CARD"))["transaction_id"]
@@ -146,5 +173,7 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
         again = await shop.client.post(url, headers=admin)
         assert again.status_code == 409  # it ended: nothing left to compensate
         assert (await shop.stock(store, coffee))["available"] == 10
+        if saga_mode == "orchestration":
+            assert (await commands_sent(shop, tid))[-2:] == ["RefundPayment", "ReleaseStock"]
         unknown = await shop.client.post("/api/sagas/nope/compensate", headers=admin)
         assert unknown.status_code == 404

@@ -1,6 +1,7 @@
 """A compensation that does not finish (embedded): the refund never answers. It is asked for
 again with backoff, then reported stuck (listing, metric) and an administrator can force it;
-the money is given back once."""
+the money is given back once. Under both coordinations (orchestrated, asking again is the
+orchestrator sending its pending RefundPayment once more)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from magasin.payments.gateway import REFUNDS, BankSimulator
 from magasin.shared.errors import Unavailable
 from tests.e2e.conftest import Shop, eventually, serving
 from tests.e2e.conftest import test_settings as settings_for
-from tests.e2e.test_saga_deadlines import ADMIN_KEY, final_state, shelf
+from tests.e2e.test_saga_deadlines import ADMIN_KEY, final_state, saga_mode, shelf
+
+__all__ = ["saga_mode"]  # the fixture: every test runs under both coordinations
 
 FAST = {
     "admin_api_keys": ADMIN_KEY, "deadline_sweep_s": 0.1, "metrics_sample_s": 0.1,
@@ -70,9 +73,10 @@ async def stuck_gauge(shop: Shop) -> float:
 
 
 async def test_a_refund_that_failed_until_dead_lettered_is_asked_for_again_and_ends_the_sale(
-    tmp_path: Path, refunds: dict[str, bool]
+    tmp_path: Path, refunds: dict[str, bool], saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path, compensation_max_attempts=1000) as shop:
+    async with running_shop(tmp_path, compensation_max_attempts=1000,
+                            saga_mode=saga_mode) as shop:
         tid = await an_unavailable_sale(shop)
 
         async def dead_lettered() -> bool:
@@ -93,9 +97,9 @@ async def test_a_refund_that_failed_until_dead_lettered_is_asked_for_again_and_e
 
 
 async def test_a_compensation_that_never_finishes_is_reported_stuck_and_can_be_forced(
-    tmp_path: Path, refunds: dict[str, bool]
+    tmp_path: Path, refunds: dict[str, bool], saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path, compensation_max_attempts=2) as shop:
+    async with running_shop(tmp_path, compensation_max_attempts=2, saga_mode=saga_mode) as shop:
         tid = await an_unavailable_sale(shop)
 
         async def stuck() -> list[dict[str, Any]] | None:

@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.sqlite import SqliteEventStore
-from magasin.shared.events import CompensationStarted, SaleLine
+from magasin.shared.events import CommandIssued, CompensationStarted, SaleLine
 from magasin.transactions.domain import Status, Transaction
 from magasin.transactions.orchestrator.domain import (
     Command,
-    CommandIssued,
     Orchestration,
     Outcome,
 )

@@ -22,7 +22,7 @@ def test_the_payment_consumer_handles_the_saga_events(harness: Harness) -> None:
     handled = set(service.consumers["payment"])
     assert handled == {
         "TransactionCreated", "InventoryUnavailable", "OrderFulfillmentFailed", "SagaAborted",
-        "ChargePayment", "RefundPayment",
+        "ChargePayment", "RefundPayment", "VoidPayment",
     }
     assert handled <= SCHEMAS.types
     assert service.router is not None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from magasin.shared.commands import (
@@ -86,3 +90,23 @@ def test_the_orchestrator_sends_each_step_as_the_command_of_its_target() -> None
     saga.reply("InventoryReleased")
     with pytest.raises(ValueError, match="waits on no command"):
         pending_envelope(saga, sale)
+
+
+def test_the_audit_and_event_store_processes_handle_the_orchestrator_s_messages() -> None:
+    """In distributed mode those processes import no transaction code: what they handle
+    comes from the shared registry alone (a fresh interpreter proves nothing else loaded)."""
+    probe = (
+        "import json; from magasin.audit import log; "
+        "from magasin.eventstore_service import archive; "
+        "print(json.dumps([sorted(log.handlers(lambda: None, lambda k, e: None)), "
+        "sorted(archive.handlers())]))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True).stdout
+    audit, archived = json.loads(out)
+    expected = {c.value for c in Command} | {
+        "OrchestrationStarted", "CommandIssued", "ReplyAccepted", "CompensationDecided",
+        "OrchestrationEnded",
+    }
+    assert expected <= set(audit)
+    assert expected <= set(archived)

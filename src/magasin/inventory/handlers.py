@@ -124,6 +124,8 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         readmodel.save(uow, (), reservation)
 
     async def on_order_fulfillment_failed(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends ReleaseStock once the refund is confirmed
         failed: OrderFulfillmentFailed = SCHEMAS.validate(event)
         reservation = await _reservation_for(uow, failed.transaction_id, "fulfilment failed")
         await _release(uow, reservation, "fulfillment_failed")
@@ -155,6 +157,8 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         await _release(uow, reservation, "transaction_cancelled")
 
     async def on_saga_aborted(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if orchestrated(event):
+            return  # the orchestrator sends ReleaseStock (TransactionCancelled voids the rest)
         aborted: SagaAborted = SCHEMAS.validate(event)
         reservation = await readmodel.reservations.find(uow, aborted.transaction_id)
         if reservation is None:

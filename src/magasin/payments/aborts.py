@@ -7,8 +7,8 @@ reason `bank_unavailable`, whichever side's deadline comes first:
 
 - a retry of the charge after the payment deadline records PaymentFailed(bank_unavailable)
   instead of trying again;
-- SagaAborted for a sale never charged records PaymentFailed (a void): a late
-  TransactionCreated then finds the payment recorded and never charges.
+- SagaAborted (VoidPayment, orchestrated) for a sale never charged records PaymentFailed
+  (a void): a late TransactionCreated then finds the payment recorded and never charges.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from magasin.messaging.bus import Handler
 from magasin.payments.domain import Payment, PaymentStatus
 from magasin.payments.gateway import BankGateway, Charge
 from magasin.shared.clock import utcnow
+from magasin.shared.commands import VoidPayment, orchestrated
 from magasin.shared.errors import Conflict
 from magasin.shared.events import SCHEMAS, SagaAborted
 from magasin.shared.ids import time_ordered_id
@@ -87,36 +88,49 @@ class ChargeDeadline:
                     "refunded at the bank (%s)", answer.reference, payment.id, reference)
 
 
+async def give_up(
+    gateway: BankGateway, deadline: ChargeDeadline, refund_key: Callable[[str], str],
+    uow: UnitOfWork, given_up: SagaAborted | VoidPayment,
+) -> None:
+    """The sale was given up: void its payment if it was never charged, refund it if it
+    was (choreography: on SagaAborted; orchestration: on VoidPayment)."""
+    tid = given_up.transaction_id
+    payment = await payments.find(uow, tid)
+    if payment is None:
+        if tid in deadline.uncommitted:
+            # This process holds an approval about to commit: refund it then.
+            raise Conflict(f"the charge of transaction {tid} is being recorded")
+        unreached = await uow.get_document(UNREACHED, tid)
+        payment = Payment(tid)
+        payment.fail(
+            payment_id=time_ordered_id(), amount=given_up.total, currency=given_up.currency,
+            reason=BANK_UNAVAILABLE if unreached is not None else given_up.reason,
+            store_id=given_up.store_id,
+        )
+        payments.save(uow, payment)
+        # A charge of this sale may be on its way (or was approved by a process that
+        # died before its commit): reconciliation will ask the bank.
+        unsettled(uow, payment, deadline.clock())
+        return
+    if not payment.refundable:
+        return  # failed (nothing taken; its PaymentFailed is on its way) or refunded
+    assert payment.bank_reference is not None
+    reference = await gateway.refund(refund_key(tid), payment.bank_reference, payment.amount)
+    payment.refund(payment.amount, given_up.reason, reference)
+    payments.save(uow, payment)
+
+
 def abort_handlers(
     gateway: BankGateway, deadline: ChargeDeadline, refund_key: Callable[[str], str]
 ) -> dict[str, Handler]:
-    """SagaAborted: void a payment never charged, refund one that was."""
+    """SagaAborted or VoidPayment: void a payment never charged, refund one that was."""
 
     async def on_saga_aborted(event: RecordedEvent, uow: UnitOfWork) -> None:
-        aborted: SagaAborted = SCHEMAS.validate(event)
-        tid = aborted.transaction_id
-        payment = await payments.find(uow, tid)
-        if payment is None:
-            if tid in deadline.uncommitted:
-                # This process holds an approval about to commit: refund it then.
-                raise Conflict(f"the charge of transaction {tid} is being recorded")
-            unreached = await uow.get_document(UNREACHED, tid)
-            payment = Payment(tid)
-            payment.fail(
-                payment_id=time_ordered_id(), amount=aborted.total, currency=aborted.currency,
-                reason=BANK_UNAVAILABLE if unreached is not None else aborted.reason,
-                store_id=aborted.store_id,
-            )
-            payments.save(uow, payment)
-            # A charge of this sale may be on its way (or was approved by a process that
-            # died before its commit): reconciliation will ask the bank.
-            unsettled(uow, payment, deadline.clock())
-            return
-        if not payment.refundable:
-            return  # failed (nothing taken; its PaymentFailed is on its way) or refunded
-        assert payment.bank_reference is not None
-        reference = await gateway.refund(refund_key(tid), payment.bank_reference, payment.amount)
-        payment.refund(payment.amount, aborted.reason, reference)
-        payments.save(uow, payment)
+        if orchestrated(event):
+            return  # the orchestrator sends VoidPayment or RefundPayment for this sale
+        await give_up(gateway, deadline, refund_key, uow, SCHEMAS.validate(event))
 
-    return {"SagaAborted": on_saga_aborted}
+    async def on_void_payment(event: RecordedEvent, uow: UnitOfWork) -> None:
+        await give_up(gateway, deadline, refund_key, uow, SCHEMAS.validate(event))
+
+    return {"SagaAborted": on_saga_aborted, "VoidPayment": on_void_payment}

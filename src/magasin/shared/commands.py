@@ -1,74 +1,29 @@
-"""Commands of the orchestrated saga: the contract between the orchestrator and services.
+"""Commands of the orchestrated saga: where each goes, and how a service tells an
+orchestrated sale's events from a choreographed one's.
 
-A command is an envelope like an event (stored in the orchestrator's log, sent through the
-outbox and the bus), addressed to one service and carrying where the reply goes. The reply
-is the event the service publishes anyway (PaymentProcessed, InventoryReserved, ...),
-correlated by transaction id. `command_id` (`<transaction id>:<sequence>`) is the inbox key
-that makes a redelivered command change nothing.
+The command models live with the events in `shared.events` (one published language, one
+registry every process loads: the audit trail and the event store know commands too).
+`command_id` (`<transaction id>:<sequence>`) is the inbox key that makes a redelivered
+command change nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from magasin.shared.events import SCHEMAS, SaleLine
+from magasin.shared.events import (
+    ALL_COMMANDS,
+    ChargePayment,
+    PrepareOrder,
+    RefundPayment,
+    ReleaseStock,
+    ReserveStock,
+    VoidPayment,
+)
 from magasin.shared.messages import RecordedEvent
 
-
-@dataclass(frozen=True, slots=True)
-class ChargePayment:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    store_id: str
-    lines: tuple[SaleLine, ...]
-    total: int
-    currency: str
-    payment_method: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveStock:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    store_id: str
-    lines: tuple[SaleLine, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PrepareOrder:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    store_id: str
-    reservation_id: str
-    lines: tuple[SaleLine, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RefundPayment:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseStock:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class VoidPayment:
-    command_id: str
-    reply_to: str
-    transaction_id: str
-    reason: str
-
+__all__ = [
+    "ALL_COMMANDS", "TARGETS", "ChargePayment", "PrepareOrder", "RefundPayment",
+    "ReleaseStock", "ReserveStock", "VoidPayment", "orchestrated",
+]
 
 TARGETS: dict[type, str] = {
     ChargePayment: "payment", RefundPayment: "payment", VoidPayment: "payment",
@@ -76,11 +31,6 @@ TARGETS: dict[type, str] = {
     PrepareOrder: "store",
 }
 """The service each command is addressed to (its consumer accepts it next to its events)."""
-
-ALL_COMMANDS: tuple[type, ...] = tuple(TARGETS)
-
-for _command_type in ALL_COMMANDS:
-    SCHEMAS.register(_command_type.__name__, _command_type)
 
 
 def orchestrated(event: RecordedEvent) -> bool:

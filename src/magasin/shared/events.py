@@ -381,6 +381,119 @@ class ReservationVoided:
     reason: str
 
 
+# -- the saga orchestrator (transaction service): its decisions, and its commands ---------
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestrationStarted:
+    """An orchestrated sale's saga starts (stream `saga_orchestration-<transaction id>`)."""
+
+    transaction_id: str
+    total: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandIssued:
+    transaction_id: str
+    command: str
+    sequence: int
+    """1, 2, ... per saga: `<transaction id>:<sequence>` identifies the command (inbox key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAccepted:
+    transaction_id: str
+    reply: str
+    reference: str | None = None
+    """The id the reply carries (payment, reservation or order id), when it has one."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationDecided:
+    transaction_id: str
+    reason: str
+    refund: bool
+    release: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestrationEnded:
+    transaction_id: str
+    outcome: str
+    reason: str | None = None
+
+
+# Commands are envelopes like events (stored in the sender's log, sent through its outbox,
+# deduplicated by the receiver's inbox), addressed to one service, with where the reply
+# goes. The reply is the event the service publishes anyway, correlated by transaction id.
+
+
+@dataclass(frozen=True, slots=True)
+class ChargePayment:
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    store_id: str
+    lines: tuple[SaleLine, ...]
+    total: int
+    currency: str
+    payment_method: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveStock:
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    store_id: str
+    lines: tuple[SaleLine, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareOrder:
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    store_id: str
+    reservation_id: str
+    lines: tuple[SaleLine, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RefundPayment:
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStock:
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoidPayment:
+    """The payment step passed its deadline (or was forced): void a charge not taken, refund
+    one that was. Carries what a void records (like SagaAborted does)."""
+
+    command_id: str
+    reply_to: str
+    transaction_id: str
+    reason: str
+    store_id: str
+    total: int
+    currency: str
+
+
+ALL_COMMANDS: tuple[type, ...] = (
+    ChargePayment, ReserveStock, PrepareOrder, RefundPayment, ReleaseStock, VoidPayment,
+)
+
 ALL_EVENTS: tuple[type, ...] = (
     StoreRegistered, StoreClosed, StoreReopened, ProductAdded, SkuClaimed, ProductPriceChanged,
     TransactionCreated, TransactionCompleted, TransactionCancelled,
@@ -393,8 +506,11 @@ ALL_EVENTS: tuple[type, ...] = (
     RefundRecorded, ReleaseRecorded,
     SagaAborted, CompensationStalled,
     StockReserved, StockReleased, StockCommitted, ReservationFulfilled, ReservationVoided,
+    OrchestrationStarted, CommandIssued, ReplyAccepted, CompensationDecided, OrchestrationEnded,
 )
 
 SCHEMAS = EventSchemas()
-for _event_type in ALL_EVENTS:
+for _event_type in (*ALL_EVENTS, *ALL_COMMANDS):
+    # Every process knows every message, commands included: the audit trail and the event
+    # store archive the orchestrator's decisions and commands like any other event.
     SCHEMAS.register(_event_type.__name__, _event_type)

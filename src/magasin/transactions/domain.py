@@ -205,10 +205,11 @@ class Transaction(Aggregate):
             self._record(ReleaseRecorded(self.id))
         self._settle()
 
-    def abort(self, reason: str, step: str | None = None) -> bool:
+    def abort(self, reason: str, step: str | None = None, release: bool | None = None) -> bool:
         """Stop waiting at the current step (only if it is `step`, when given) and compensate
         whatever may have happened: a refund always (a charge may be in flight at the payment
-        step; the payment voids it or refunds it), a release at the fulfilment step. False
+        step; the payment voids it or refunds it), a release at the fulfilment step (or as
+        `release` says: an orchestrated sale releases what its orchestrator releases). False
         when there is nothing to abort: the saga moved on, is compensating or ended."""
         current = self.step
         if current is None or (step is not None and step != current):
@@ -216,9 +217,10 @@ class Transaction(Aggregate):
         self._record(
             SagaAborted(self.id, current, reason, self.store_id, self.total, self.currency)
         )
-        self._record(CompensationStarted(
-            self.id, reason, needs_refund=True, needs_release=current == "fulfilment"
-        ))
+        if release is None:
+            release = current == "fulfilment"
+        self._record(CompensationStarted(self.id, reason, needs_refund=True,
+                                         needs_release=release))
         self._settle()
         return True
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,8 @@ from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions.deadlines import Deadlines, due_key, due_of
 from magasin.transactions.domain import COMPENSATION, Transaction
+from magasin.transactions.orchestrator import handlers as orchestrator
+from magasin.transactions.orchestrator.routing import Mode
 
 log = logging.getLogger("magasin.transactions.sagas")
 
@@ -99,7 +101,7 @@ async def _decide(
     store: EventStore,
     transaction_id: str,
     actor: str,
-    decision: Callable[[Transaction], bool],
+    decision: Callable[[UnitOfWork, Transaction], Awaitable[bool]],
     refusal: Callable[[Transaction], str],
 ) -> Transaction:
     """Load the sale, let `decision` record what it decides and save; Conflict (with
@@ -111,7 +113,7 @@ async def _decide(
         try:
             async with store.transaction(causation) as uow:
                 sale = await sales.get(uow, transaction_id)
-                if not decision(sale):
+                if not await decision(uow, sale):
                     raise Conflict(refusal(sale))
                 sales.save(uow, sale)
             return sale
@@ -120,6 +122,33 @@ async def _decide(
             if attempt == ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
+
+
+Decision = Callable[[UnitOfWork, Transaction], Awaitable[bool]]
+
+
+def _aborting(reason: str, step: str | None) -> Decision:
+    """Give the sale up; an orchestrated one through its orchestrator, which then sends
+    the compensation's commands in order."""
+
+    async def decide(uow: UnitOfWork, sale: Transaction) -> bool:
+        if sale.saga_mode == Mode.ORCHESTRATION:
+            return await orchestrator.abort(uow, sale, reason, step)
+        return sale.abort(reason, step)
+
+    return decide
+
+
+def _retrying(attempt: int | None) -> Decision:
+    """Ask again for the compensation; an orchestrated sale's orchestrator resends its
+    pending command."""
+
+    async def decide(uow: UnitOfWork, sale: Transaction) -> bool:
+        if sale.saga_mode == Mode.ORCHESTRATION:
+            return await orchestrator.retry(uow, sale, attempt)
+        return sale.retry_compensation(attempt)
+
+    return decide
 
 
 async def abort(
@@ -133,7 +162,7 @@ async def abort(
     compensation. Raises NotFound for an unknown sale and Conflict when there is nothing
     to abort (it compensates already, ended, or moved past `step`)."""
     return await _decide(
-        store, transaction_id, actor, lambda sale: sale.abort(reason, step),
+        store, transaction_id, actor, _aborting(reason, step),
         lambda sale: f"transaction {transaction_id} is {sale.status}: "
         + (f"not waiting for its {step}" if step else "nothing to compensate"),
     )
@@ -145,15 +174,18 @@ async def retry_compensation(
     """Ask again for the compensation of a CANCELLING sale (only after `attempt` retries,
     when given). Conflict when it is not compensating (any more) or was retried since."""
     return await _decide(
-        store, transaction_id, actor, lambda sale: sale.retry_compensation(attempt),
+        store, transaction_id, actor, _retrying(attempt),
         lambda sale: f"transaction {transaction_id} is {sale.status}: no compensation to retry",
     )
 
 
 async def stall(store: EventStore, transaction_id: str, attempt: int) -> Transaction:
     """Report the compensation of a sale stuck after `attempt` retries."""
+    async def stalled(uow: UnitOfWork, sale: Transaction) -> bool:
+        return sale.stall(attempt)
+
     return await _decide(
-        store, transaction_id, "deadline", lambda sale: sale.stall(attempt),
+        store, transaction_id, "deadline", stalled,
         lambda sale: f"transaction {transaction_id} is {sale.status}: not stuck",
     )
 
@@ -164,12 +196,12 @@ async def force(store: EventStore, transaction_id: str) -> tuple[Transaction, bo
     the sale and whether it was such a retry."""
     retried: list[bool] = []
 
-    def decision(sale: Transaction) -> bool:
+    async def decision(uow: UnitOfWork, sale: Transaction) -> bool:
         retried[:] = [False]
-        if sale.abort("forced"):
+        if await _aborting("forced", None)(uow, sale):
             return True
         retried[:] = [True]
-        return sale.retry_compensation()
+        return await _retrying(None)(uow, sale)
 
     sale = await _decide(
         store, transaction_id, "admin", decision,

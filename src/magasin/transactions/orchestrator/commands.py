@@ -38,4 +38,5 @@ def pending_envelope(saga: Orchestration, sale: Transaction, reply_to: str = REP
         case Command.RELEASE_STOCK:
             return ReleaseStock(command_id, reply_to, tid, saga.reason or "")
         case Command.VOID_PAYMENT:
-            return VoidPayment(command_id, reply_to, tid, saga.reason or "")
+            return VoidPayment(command_id, reply_to, tid, saga.reason or "", sale.store_id,
+                               sale.total, sale.currency)

@@ -10,11 +10,16 @@ command (late, duplicated, out of order) change nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 
 from magasin.shared.aggregate import Aggregate
-from magasin.shared.events import SCHEMAS
+from magasin.shared.events import (
+    CommandIssued,
+    CompensationDecided,
+    OrchestrationEnded,
+    OrchestrationStarted,
+    ReplyAccepted,
+)
 
 
 class Command(StrEnum):
@@ -47,54 +52,6 @@ STEPS = {
 class Outcome(StrEnum):
     COMPLETED = "COMPLETED"
     CANCELLED = "CANCELLED"
-
-
-# -- the orchestrator's own events (its decisions) -----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OrchestrationStarted:
-    transaction_id: str
-    total: int
-    currency: str
-
-
-@dataclass(frozen=True, slots=True)
-class CommandIssued:
-    transaction_id: str
-    command: str
-    sequence: int
-    """1, 2, ... per saga: `<transaction id>:<sequence>` identifies the command (inbox key)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyAccepted:
-    transaction_id: str
-    reply: str
-    reference: str | None = None
-    """The id the reply carries (payment, reservation or order id), when it has one."""
-
-
-@dataclass(frozen=True, slots=True)
-class CompensationDecided:
-    transaction_id: str
-    reason: str
-    refund: bool
-    release: bool
-
-
-@dataclass(frozen=True, slots=True)
-class OrchestrationEnded:
-    transaction_id: str
-    outcome: str
-    reason: str | None = None
-
-
-EVENTS = (OrchestrationStarted, CommandIssued, ReplyAccepted, CompensationDecided,
-          OrchestrationEnded)
-for _event_type in EVENTS:
-    # The orchestrator's stream is in the shared log like any other (audit, replay, traces).
-    SCHEMAS.register(_event_type.__name__, _event_type)
 
 
 class Orchestration(Aggregate):

@@ -42,6 +42,41 @@ def _send_pending(uow: UnitOfWork, saga: Orchestration, sale: Transaction) -> No
     uow.append(stream_id(COMMANDS, sale.id), [uow.new_event(name, SCHEMAS.dump(envelope))])
 
 
+def _orchestrated(uow: UnitOfWork) -> None:
+    """What this unit of work records belongs to an orchestrated saga: the services'
+    choreographed reactions (to SagaAborted, say) leave it to the orchestrator."""
+    uow.causation = replace(uow.causation, metadata={
+        **uow.causation.metadata, "baggage": {SAGA_MODE: Mode.ORCHESTRATION.value}})
+
+
+async def abort(uow: UnitOfWork, sale: Transaction, reason: str, step: str | None) -> bool:
+    """Give up an orchestrated sale (a deadline, an operator): the orchestrator decides the
+    compensation and sends its first command; the sale records the same decision. Both or
+    neither: False when either has nothing to abort (the saga ended or moved past `step`,
+    or the other side is about to end it)."""
+    saga = await sagas.get(uow, sale.id)
+    _orchestrated(uow)
+    if sale.step is None or saga.step is None or (step is not None and sale.step != step):
+        return False
+    saga.abort(reason)
+    if not sale.abort(reason, release=saga.to_release):
+        return False
+    sagas.save(uow, saga)
+    _send_pending(uow, saga, sale)
+    return True
+
+
+async def retry(uow: UnitOfWork, sale: Transaction, attempt: int | None) -> bool:
+    """Ask again for an orchestrated sale's compensation: the orchestrator sends its pending
+    command once more (each service's effect happens once); False if there is none."""
+    saga = await sagas.get(uow, sale.id)
+    _orchestrated(uow)
+    if saga.pending_command is None or not sale.retry_compensation(attempt):
+        return False
+    _send_pending(uow, saga, sale)
+    return True
+
+
 async def on_created(event: RecordedEvent, uow: UnitOfWork) -> None:
     created: TransactionCreated = SCHEMAS.validate(event)
     if created.saga_mode != Mode.ORCHESTRATION:
@@ -51,8 +86,7 @@ async def on_created(event: RecordedEvent, uow: UnitOfWork) -> None:
         return  # a redelivery: the saga started already
     # Everything this saga causes (commands, then the services' replies) carries its mode,
     # so the services' choreographed reactions know to leave the sale alone.
-    uow.causation = replace(uow.causation, metadata={
-        **uow.causation.metadata, "baggage": {SAGA_MODE: Mode.ORCHESTRATION.value}})
+    _orchestrated(uow)
     sale = await sales.get(uow, tid)
     saga = Orchestration.start(tid, created.total, created.currency)
     sagas.save(uow, saga)
