@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.messaging.partitioning import configured_partitions, inherited
 from magasin.observability import logging as logs
 from magasin.observability import metrics, tracing
 from magasin.shared.errors import AlreadyProcessed, ConcurrencyError, MalformedMessage
@@ -57,7 +58,11 @@ async def deliver(
 
 def _causation(event: RecordedEvent, consumer: str) -> Causation:
     """The handler's events continue the trace from its own span when tracing is on."""
-    causation = Causation.of(event, consumer=consumer)
+    # Caused events keep the cause's partition key (the customer of a sale): all the
+    # events of one sale, whoever writes them, land in one partition in order.
+    causation = Causation.of(
+        event, consumer=consumer, **inherited(event.metadata, configured_partitions())
+    )
     if (traceparent := tracing.current_traceparent()) is not None:
         causation = replace(causation, traceparent=traceparent)
     return causation
