@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import pytest
 from pydantic import BaseModel
 
 from magasin.eventstore.sqlite import SqliteEventStore
-from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
+from magasin.messaging.partitioning import configured_partitions, partition_of
 from magasin.observability.metrics import REGISTRY
 from magasin.shared.errors import Conflict, NotFound
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
@@ -604,11 +606,112 @@ async def test_a_consumer_with_concurrency_does_not_wait_for_one_slow_call_to_st
         uow.put_document("effects", event.event_id, {"sku": event.payload["sku"]})
 
     bus = await make({"slow": {"ItemAdded": bank_call}}, concurrency={"slow": 8})
-    burst: list[RecordedEvent] = []
-    for n in range(10):
-        burst += await produce(store, f"cart-{n}", added("flaky" if n == 3 else f"s{n}"))
+    # One commit: the consumer sees the ten at once (whatever lanes they fall in).
+    burst = await store.commit([
+        Append(f"cart-{n}", (added("flaky" if n == 3 else f"s{n}"),), ANY) for n in range(10)
+    ])
     await bus.publish(burst)
 
     await eventually(lambda: _count(store, 10))
     assert most == 8  # never more than asked, and not one 0.2 s call after another
     assert all(await asyncio.gather(*(store.is_processed("slow", e.event_id) for e in burst)))
+
+
+class KeyedLog:
+    """A handler whose effect is, per partition key, the list of the sequence numbers it
+    handled, in the order their units of work committed: a key's list is 0, 1, 2... when
+    its events took effect once each in publish order (a duplicate, a gap, a swap shows)."""
+
+    async def __call__(self, event: RecordedEvent, uow: UnitOfWork) -> None:
+        await asyncio.sleep(random.uniform(0, 0.002))  # let concurrent handlers interleave
+        key, seq = event.metadata["partition_key"], event.payload["qty"]
+        seen = await uow.get_document("keys", key) or {"seen": []}
+        uow.put_document("keys", key, {"seen": [*seen["seen"], seq]})
+        uow.put_document("effects", event.event_id, {"key": key, "seq": seq})
+
+
+async def keyed_effects(store: EventStore) -> dict[str, list[int]]:
+    return {key: doc["seen"] for key, doc in await store.find_documents("keys", limit=10_000)}
+
+
+async def keyed_burst(store: EventStore, keys: int, per_key: int) -> list[RecordedEvent]:
+    """per_key events of each key, interleaved, each in a stream of its own (so only the
+    key can keep them in order), stored in small commits as services would."""
+    sent: list[RecordedEvent] = []
+    order = [(k, n) for n in range(per_key) for k in range(keys)]
+    for start in range(0, len(order), 7):
+        sent += await store.commit([
+            Append(f"cart-{k}-{n}", (NewEvent("ItemAdded", {"sku": f"k{k}", "qty": n},
+                                              metadata={"partition_key": f"customer-{k}"}),),
+                   ANY)
+            for k, n in order[start:start + 7]
+        ])
+    return sent
+
+
+async def test_each_keys_events_are_handled_once_in_publish_order(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    handled = KeyedLog()
+    bus = await make({"carts": {"ItemAdded": handled}})
+    burst = await keyed_burst(store, keys=20, per_key=15)
+    for start in range(0, len(burst), 50):
+        await bus.publish(burst[start:start + 50])
+
+    await eventually(lambda: _count(store, len(burst)))
+    await asyncio.sleep(0.2)
+    assert await keyed_effects(store) == {f"customer-{k}": list(range(15)) for k in range(20)}
+
+
+async def test_a_consumer_stopped_mid_burst_resumes_each_key_in_order_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Stopped while handling (a deploy), restarted, and the burst published again (an
+    outbox repeating itself): every key's events still take effect once each, in order."""
+    store, make = bus_env
+    handled = KeyedLog()
+    first = await make({"carts": {"ItemAdded": handled}})
+    burst = await keyed_burst(store, keys=12, per_key=25)
+    await first.publish(burst)
+    await eventually(lambda: _count(store, 60))
+    await first.stop(grace=0.01)
+
+    second = await make({"carts": {"ItemAdded": handled}})
+    await second.publish(burst)
+    await eventually(lambda: _count(store, len(burst)))
+    await asyncio.sleep(0.2)
+    assert await keyed_effects(store) == {f"customer-{k}": list(range(25)) for k in range(12)}
+
+
+async def test_a_slow_key_does_not_hold_up_keys_of_other_partitions(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Partitions are handled concurrently: the first key's handler waits for an event of
+    a key in another partition, published after it, to be handled."""
+    store, make = bus_env
+    slow, fast = "customer-0", next(
+        f"customer-{n}" for n in range(1, 100)
+        if partition_of(f"customer-{n}", configured_partitions())
+        != partition_of("customer-0", configured_partitions())
+    )
+    other_done = asyncio.Event()
+    held_up: list[str] = []
+
+    async def handler(event: RecordedEvent, uow: UnitOfWork) -> None:
+        if event.metadata["partition_key"] == slow:
+            try:
+                await asyncio.wait_for(other_done.wait(), 3.0)
+            except TimeoutError:
+                held_up.append(event.event_id)
+                raise
+        else:
+            other_done.set()
+        uow.put_document("effects", event.event_id, {})
+
+    bus = await make({"carts": {"ItemAdded": handler}})
+    for key in (slow, fast):
+        await bus.publish(await produce(store, f"cart-{key}", NewEvent(
+            "ItemAdded", {"sku": "A", "qty": 1}, metadata={"partition_key": key})))
+    await eventually(lambda: _count(store, 2))
+    assert held_up == []

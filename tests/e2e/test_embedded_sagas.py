@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from magasin.bootstrap import Runtime
+from magasin.messaging.partitioning import configured_partitions, partition_of
 from tests.e2e import conftest
 from tests.e2e.conftest import Shop, eventually, serving
 
@@ -146,3 +147,22 @@ async def test_the_sale_runs_under_the_configured_coordination(
         assert "OrchestrationEnded" in types
     else:
         assert commands == [] and "OrchestrationStarted" not in types
+
+
+async def test_every_event_of_a_sale_carries_its_customers_partition(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    """Seed 6.8.1: the partition of a sale is stable_hash(customerId) % N, on every event
+    of the sale (the services' reactions inherit it), as the event store API shows it."""
+    paid = await shop.sell(shelf["store"], [(shelf["coffee"], 1)])
+    declined = await shop.sell(shelf["store"], [(shelf["milk"], 1)],
+                               payment_method="FAIL_CARD")
+    expected = partition_of("alice", configured_partitions())
+    for sale in (paid, declined):
+        await shop.final(sale["transaction_id"])
+        page = await shop.ok("GET", "/api/events",
+                             params={"correlation_id": sale["transaction_id"], "limit": 500})
+        stamps = {(e["type"], e["metadata"].get("partition_key"), e["metadata"].get("partition"))
+                  for e in page["items"] if e["type"] != "AuditEntryRecorded"}  # audit's own
+        assert len(stamps) >= 4  # created, then several services' reactions
+        assert {(key, part) for _, key, part in stamps} == {("alice", expected)}, stamps

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.messaging.partitioning import configured_partitions, inherited, key_of
 from magasin.observability import logging as logs
 from magasin.observability import metrics, tracing
 from magasin.shared.errors import AlreadyProcessed, ConcurrencyError, MalformedMessage
@@ -57,7 +58,11 @@ async def deliver(
 
 def _causation(event: RecordedEvent, consumer: str) -> Causation:
     """The handler's events continue the trace from its own span when tracing is on."""
-    causation = Causation.of(event, consumer=consumer)
+    # Caused events keep the cause's partition key (the customer of a sale): all the
+    # events of one sale, whoever writes them, land in one partition in order.
+    causation = Causation.of(
+        event, consumer=consumer, **inherited(event.metadata, configured_partitions())
+    )
     if (traceparent := tracing.current_traceparent()) is not None:
         causation = replace(causation, traceparent=traceparent)
     return causation
@@ -163,13 +168,18 @@ async def deliver_concurrently(
     handlers: Mapping[str, Handler],
     events: Sequence[RecordedEvent],
     extra: Callable[[UnitOfWork], None],
-    limit: int,
+    limit: int | asyncio.Semaphore,
 ) -> bool:
     """Like `deliver_batch` (one commit for all, False and nothing written if anything goes
-    wrong), but up to `limit` handlers run at once, each on a unit of work of its own: for
-    handlers that wait on an outside system. Their writes then commit together."""
+    wrong), but up to `limit` handlers run at once (a semaphore: shared with other callers),
+    each on a unit of work of its own: for handlers that wait on an outside system. Their
+    writes then commit together. Two events of one partition key are never handled at once
+    (nor in one such commit): False, so that the caller takes them one after the other."""
     started = time.perf_counter()
-    slots = asyncio.Semaphore(limit)
+    keys = [key_of(event) for event in events]
+    if len(set(keys)) < len(keys):
+        return False
+    slots = limit if isinstance(limit, asyncio.Semaphore) else asyncio.Semaphore(limit)
 
     async def handle(event: RecordedEvent) -> UnitOfWork:
         async with slots:

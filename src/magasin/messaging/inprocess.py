@@ -1,11 +1,18 @@
 """In-process event bus for embedded mode, durable because it is built on the event log.
 
-Each consumer is a subscription that tails the store's global log from a checkpoint. The
-checkpoint is committed in the same unit of work as the handler's effects and its inbox
-mark, so after a `kill -9` the consumer resumes exactly after the last event whose effects
-committed: nothing lost, nothing handled twice. A failing event becomes a retry document
-(also committed with the checkpoint) that a separate loop replays with backoff, so the
-events behind it keep flowing; after the last attempt it becomes a dead letter.
+Each consumer runs N lanes (the partitions, `MAGASIN_PARTITIONS`, default 4): lane i tails
+the store's global log from a checkpoint of its own and handles, in log order, the events
+whose key (`partitioning.key_of`: the customer of a sale) falls in partition i. Events of one
+key are handled in publish order; lanes run concurrently. A lane's checkpoint is committed
+in the same unit of work as the handler's effects and its inbox mark, so after a `kill -9`
+the lane resumes exactly after the last event whose effects committed: nothing lost,
+nothing handled twice. When N changes, the new lanes start from the slowest old lane: what
+the others handled already comes again and the inbox skips it, so no key's events reorder.
+
+A failing event becomes a retry document (also committed with the checkpoint) that a
+separate loop replays with backoff, so the events behind it keep flowing (a retried event
+is thus handled after later events of its key); after the last attempt it becomes a dead
+letter.
 """
 
 from __future__ import annotations
@@ -31,12 +38,15 @@ from magasin.messaging.dispatch import (
     deliver_batch,
     deliver_concurrently,
 )
+from magasin.messaging.partitioning import configured_partitions, event_partition, key_of
 from magasin.observability import metrics
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MagasinError
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 RETRIES = "bus.retries"
+LANES = "bus.lanes"
+"""One document per consumer: the number of lanes its checkpoints are for."""
 log = logging.getLogger("magasin.messaging.inprocess")
 
 
@@ -48,10 +58,31 @@ class _Subscription:
     concurrency: int | None = None
     retry_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     busy: set[asyncio.Task[None]] = field(default_factory=set)
+    slots: asyncio.Semaphore | None = None
+    """Shared by its lanes: at most `concurrency` handlers of the consumer at once."""
 
     @property
     def checkpoint(self) -> str:
+        """The checkpoint of the consumer before it had lanes (read once to start them)."""
         return f"bus:{self.consumer}"
+
+    def lane_checkpoint(self, lane: int, lanes: int) -> str:
+        return f"bus:{self.consumer}#{lane}/{lanes}"
+
+
+@dataclass(frozen=True)
+class _Lane:
+    sub: _Subscription
+    index: int
+    lanes: int
+
+    @property
+    def checkpoint(self) -> str:
+        return self.sub.lane_checkpoint(self.index, self.lanes)
+
+    def owns(self, event: RecordedEvent) -> bool:
+        return event.type in self.sub.handlers and event_partition(
+            event, self.lanes) == self.index
 
 
 class InProcessBus(EventBus):
@@ -67,8 +98,11 @@ class InProcessBus(EventBus):
         page_size: int = 500,
         batch_size: int = 64,
         seed: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.store = store
+        self.partitions = partitions or configured_partitions()
+        """Lanes per consumer (MAGASIN_PARTITIONS unless given)."""
         store.log_is_bus = True  # its commits are now publishes (see EventStore.log_is_bus)
         self.schemas = schemas
         self.retry = retry or RetryPolicy()
@@ -97,12 +131,15 @@ class InProcessBus(EventBus):
         check_handlers(consumer, table, self.schemas)
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        self._subs[consumer] = _Subscription(consumer, table, retry or self.retry, concurrency)
+        self._subs[consumer] = _Subscription(
+            consumer, table, retry or self.retry, concurrency,
+            slots=asyncio.Semaphore(concurrency) if concurrency else None,
+        )
 
     async def start(self) -> None:
         self._stopping = False
         for sub in self._subs.values():
-            self._tasks.append(asyncio.create_task(self._tail(sub), name=f"tail:{sub.consumer}"))
+            self._tasks.append(asyncio.create_task(self._open(sub), name=f"open:{sub.consumer}"))
             self._tasks.append(
                 asyncio.create_task(self._retries(sub), name=f"retry:{sub.consumer}")
             )
@@ -164,14 +201,54 @@ class InProcessBus(EventBus):
             sub.retry_wakeup.set()
         return requeued
 
-    # -- the tailing loop ---------------------------------------------------------------
+    # -- the lanes ----------------------------------------------------------------------
 
-    async def _tail(self, sub: _Subscription) -> None:
+    async def _open(self, sub: _Subscription) -> None:
+        """Ready the lanes' checkpoints, then start one tailing task per lane."""
+        while not await self._guard(self._prepare_lanes(sub), False):
+            pass
+        for index in range(self.partitions):
+            lane = _Lane(sub, index, self.partitions)
+            self._tasks.append(
+                asyncio.create_task(self._tail(lane), name=f"tail:{sub.consumer}#{index}")
+            )
+
+    async def _prepare_lanes(self, sub: _Subscription) -> bool:
+        """First start with N lanes (or with a new N): every lane starts where the slowest
+        old one stood (the consumer's checkpoint before it had lanes, the first time)."""
+        n = self.partitions
+        known = await self.store.get_document(LANES, sub.consumer)
+        if known is not None and known.get("partitions") == n:
+            return True
+        if known is None:
+            start = await self.store.get_checkpoint(sub.checkpoint)
+        else:
+            old = int(known["partitions"])
+            start = min([await self.store.get_checkpoint(sub.lane_checkpoint(i, old))
+                         for i in range(old)])
+        async with self.store.transaction() as uow:
+            for index in range(n):
+                uow.set_checkpoint(sub.lane_checkpoint(index, n), start)
+            uow.put_document(LANES, sub.consumer, {
+                "partitions": n, "started_at": start,
+                "previous": None if known is None else known["partitions"],
+            })
+        log.info("consumer %s runs %d lanes from position %d", sub.consumer, n, start)
+        return True
+
+    async def lane_positions(self, consumer: str) -> list[int]:
+        """Each lane's checkpoint (the last log position it is done with)."""
+        sub = self._subs[consumer]
+        return [await self.store.get_checkpoint(sub.lane_checkpoint(i, self.partitions))
+                for i in range(self.partitions)]
+
+    async def _tail(self, lane: _Lane) -> None:
         me = asyncio.current_task()
         assert me is not None
+        sub = lane.sub
         after: int | None = None
         while after is None:
-            after = await self._guard(self.store.get_checkpoint(sub.checkpoint), None)
+            after = await self._guard(self.store.get_checkpoint(lane.checkpoint), None)
         while not self._stopping:
             page = await self._guard(self._window.read(after, self._page), [])
             if not page:
@@ -179,14 +256,15 @@ class InProcessBus(EventBus):
                 continue
             sub.busy.add(me)
             try:
-                after = await self._handle_page(sub, page, after)
+                after = await self._handle_page(lane, page, after)
             finally:
                 sub.busy.discard(me)
 
     async def _handle_page(
-        self, sub: _Subscription, page: list[RecordedEvent], after: int
+        self, lane: _Lane, page: list[RecordedEvent], after: int
     ) -> int:
-        mine = [e for e in page if e.type in sub.handlers]
+        sub = lane.sub
+        mine = [e for e in page if lane.owns(e)]
         for start in range(0, len(mine), self._batch):
             if self._stopping:
                 return after
@@ -194,16 +272,16 @@ class InProcessBus(EventBus):
             last = chunk[-1].global_position
 
             def bookkeeping(uow: UnitOfWork, position: int = last) -> None:
-                uow.set_checkpoint(sub.checkpoint, position)
+                uow.set_checkpoint(lane.checkpoint, position)
 
             # One commit for the whole run of events; if anything in it goes wrong, nothing
             # was written and each event is delivered on its own to get its own outcome.
-            if sub.concurrency is not None:
+            if sub.slots is not None:
                 if not await deliver_concurrently(
                     self.store, self.schemas, sub.consumer, sub.handlers, chunk, bookkeeping,
-                    sub.concurrency,
+                    sub.slots,
                 ):
-                    after = await self._handle_concurrently(sub, chunk, last, after)
+                    after = await self._handle_concurrently(lane, chunk, last, after)
                     if after != last:
                         return after
             elif len(chunk) == 1 or not await deliver_batch(
@@ -212,22 +290,24 @@ class InProcessBus(EventBus):
                 for event in chunk:
                     if self._stopping:
                         return after
-                    await self._deliver_one(sub, event)
+                    await self._deliver_one(lane, event)
                     after = event.global_position
             after = last
         if page[-1].global_position > after:  # a tail of events this consumer ignores
             after = page[-1].global_position
-            await self._guard(self._save_checkpoint(sub, after), None)
+            await self._guard(self._save_checkpoint(lane, after), None)
         return after
 
     async def _handle_concurrently(
-        self, sub: _Subscription, mine: list[RecordedEvent], last: int, after: int
+        self, lane: _Lane, mine: list[RecordedEvent], last: int, after: int
     ) -> int:
-        """Up to `sub.concurrency` events at once, each committed on its own with its own
-        outcome (retry, dead letter); the checkpoint moves to `last` once all are settled.
-        Stopped halfway, it stays put: what did commit is in the inbox, and its pre-check
-        spares the handler's outside call when the events come again."""
-        slots = asyncio.Semaphore(sub.concurrency or 1)
+        """Up to `sub.concurrency` events at once (one key's events one after the other),
+        each committed on its own with its own outcome (retry, dead letter); the checkpoint
+        moves to `last` once all are settled. Stopped halfway, it stays put: what did commit
+        is in the inbox, and its pre-check spares the handler's outside call when the
+        events come again."""
+        sub = lane.sub
+        slots = sub.slots or asyncio.Semaphore(1)
 
         async def one(event: RecordedEvent) -> bool:
             async with slots:
@@ -245,32 +325,42 @@ class InProcessBus(EventBus):
                     return False
                 return True
 
-        settled = await asyncio.gather(*(one(event) for event in mine))
+        async def in_order(events: list[RecordedEvent]) -> bool:
+            for event in events:
+                if not await one(event):
+                    return False
+            return True
+
+        by_key: dict[str, list[RecordedEvent]] = {}
+        for event in mine:
+            by_key.setdefault(key_of(event), []).append(event)
+        settled = await asyncio.gather(*(in_order(events) for events in by_key.values()))
         if not all(settled):
             if not self._stopping:
                 await asyncio.sleep(min(self._poll, 1.0))
             return after
-        await self._guard(self._save_checkpoint(sub, last), None)
+        await self._guard(self._save_checkpoint(lane, last), None)
         return last
 
-    async def _deliver_one(self, sub: _Subscription, event: RecordedEvent) -> None:
+    async def _deliver_one(self, lane: _Lane, event: RecordedEvent) -> None:
+        sub = lane.sub
         position = event.global_position
 
         def bookkeeping(uow: UnitOfWork) -> None:
-            uow.set_checkpoint(sub.checkpoint, position)
+            uow.set_checkpoint(lane.checkpoint, position)
 
         result = await deliver(
             self.store, self.schemas, sub.consumer, sub.handlers[event.type], event,
             extra=bookkeeping, precheck=False,
         )
         if result.outcome is Outcome.DUPLICATE:
-            await self._guard(self._save_checkpoint(sub, position), None)
+            await self._guard(self._save_checkpoint(lane, position), None)
         elif result.outcome is not Outcome.HANDLED:
             await self._after_failure(sub, event, result, 1, bookkeeping)
 
-    async def _save_checkpoint(self, sub: _Subscription, position: int) -> None:
+    async def _save_checkpoint(self, lane: _Lane, position: int) -> None:
         async with self.store.transaction() as uow:
-            uow.set_checkpoint(sub.checkpoint, position)
+            uow.set_checkpoint(lane.checkpoint, position)
 
     # -- retries and dead letters -------------------------------------------------------
 

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from magasin.shared.messages import RecordedEvent
+
 PARTITIONS_ENV = "MAGASIN_PARTITIONS"
 DEFAULT_PARTITIONS = 4
 KEY_FIELD = "partition_key"
@@ -54,3 +56,14 @@ def inherited(cause: Mapping[str, Any], partitions: int) -> dict[str, Any]:
     if not isinstance(key, str):
         return {}
     return partition_metadata(key, partitions)
+
+
+def key_of(event: RecordedEvent) -> str:
+    """The key an event is partitioned by: the one in its metadata, else its stream's id
+    (an event outside any sale, a restock say, keeps its aggregate's order)."""
+    key = event.metadata.get(KEY_FIELD)
+    return key if isinstance(key, str) and key else event.stream_id
+
+
+def event_partition(event: RecordedEvent, partitions: int) -> int:
+    return partition_of(key_of(event), partitions)

@@ -18,6 +18,7 @@ from magasin.api.paging import Cursor, Limit, Order, Page, page_of
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
 from magasin.eventstore_service import history
+from magasin.messaging.partitioning import configured_partitions, partition_metadata
 from magasin.observability import tracing
 from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
@@ -152,7 +153,8 @@ async def create(
     try:
         # The sale's trace starts at this HTTP request's span (when tracing is on).
         causation = Causation(correlation_id=ident, traceparent=tracing.current_traceparent(),
-                              metadata={"service": "transaction"})
+                              metadata={"service": "transaction", **partition_metadata(
+                                  body.customer_id, configured_partitions())})
         async with store.transaction(causation) as uow:
             if key:
                 uow.mark_processed(IDEMPOTENCY, key)

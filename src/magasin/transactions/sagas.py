@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.messaging.partitioning import configured_partitions, partition_metadata
 from magasin.observability.sagas import STUCK
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
@@ -113,6 +115,11 @@ async def _decide(
         try:
             async with store.transaction(causation) as uow:
                 sale = await sales.get(uow, transaction_id)
+                # Its events join the sale's partition (the customer's), like every other.
+                uow.causation = replace(causation, metadata={
+                    **causation.metadata,
+                    **partition_metadata(sale.customer_id, configured_partitions()),
+                })
                 if not await decision(uow, sale):
                     raise Conflict(refusal(sale))
                 sales.save(uow, sale)
