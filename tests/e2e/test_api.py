@@ -633,6 +633,62 @@ async def test_listing_filters_and_pages_in_creation_order(shop: Shop) -> None:
     ]
 
 
+async def test_every_paged_list_refuses_a_cursor_it_did_not_hand_out(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    sale = await shop.sell(shelf["store"], [(shelf["coffee"], 1)])
+    await shop.final(sale["transaction_id"])
+    store = shelf["store"]
+    lists = ["/api/transactions", "/api/transactions?asOf=2100-01-01T00:00:00Z",
+             "/api/stores", "/api/products", "/api/orders", f"/api/stock/{store}",
+             f"/api/stock/{store}?asOf=2100-01-01T00:00:00Z", "/api/reservations",
+             "/api/payments", "/api/sagas", "/api/events", "/api/audit"]
+    products = await shop.ok("GET", "/api/products?limit=1")
+    of_another_list = products["next_cursor"]
+    assert of_another_list is not None
+    garbled = ["garbage", "", "%00", "x" * 5000, store, sale["transaction_id"],
+               of_another_list, of_another_list[:-1], "99999999", "-1"]
+    for url in lists:
+        # Each list still pages with its own cursors...
+        first = await shop.ok("GET", url, params={"limit": 1})
+        if first["next_cursor"] is not None:
+            await shop.ok("GET", url, params={"limit": 1, "cursor": first["next_cursor"]})
+        # ... and refuses any other, instead of an empty page that looks like the end.
+        for cursor in garbled:
+            if url == "/api/products" and cursor == of_another_list:
+                continue
+            response = await shop.client.get(url, params={"cursor": cursor})
+            assert response.status_code == 400, (url, cursor[:40], response.text)
+            assert response.json()["error"] == "invalid_input"
+            assert "cursor" in response.json()["detail"]
+
+
+async def test_a_422_echoes_at_most_the_start_of_each_input_and_20_problems(
+    shop: Shop, shelf: dict[str, str]
+) -> None:
+    huge = "é" * 100_000
+    body = {"store_id": shelf["store"], "customer_id": "bob", "payment_method": "VISA",
+            "items": [{"product_id": huge, "quantity": 0} for _ in range(30)]}
+    response = await shop.client.post("/api/transactions", json=body)
+    assert response.status_code == 422
+    answer = response.json()
+    assert answer["error"] == "invalid_input"
+    assert len(answer["detail"]) == 20
+    assert answer["more_problems"] > 0
+    assert len(response.content) < 20 * 1000
+    for problem in answer["detail"]:
+        echoed = json.dumps(problem["input"]) if not isinstance(problem["input"], str) \
+            else problem["input"]
+        assert len(echoed) < 300, problem
+    too_long = [p for p in answer["detail"] if p["type"] == "string_too_long"]
+    assert too_long and too_long[0]["input"] == "é" * 200 + "…(truncated, 100000 chars)"
+    # A short input is echoed whole, as before.
+    short = await shop.client.post("/api/transactions", json={**body, "items": [
+        {"product_id": shelf["coffee"], "quantity": 0}]})
+    (problem,) = short.json()["detail"]
+    assert problem["input"] == 0 and "more_problems" not in short.json()
+
+
 async def test_sales_created_with_an_idempotency_key_list_in_creation_order(
     shop: Shop, shelf: dict[str, str]
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -57,15 +59,44 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                         headers=exc.headers)
 
 
+MAX_ECHO = 200
+"""Characters of an offending input echoed back in a 422 (of its JSON when not a string)."""
+MAX_PROBLEMS = 20
+"""Problems listed in a 422; `more_problems` counts the rest."""
+
+
+def _echo(value: Any) -> Any:
+    """An offending input as a 422 shows it: whole when short, else its start and its
+    length, so that a huge field is not sent back whole (nor logged by every proxy)."""
+    text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    if len(text) <= MAX_ECHO:
+        return value
+    return f"{text[:MAX_ECHO]}…(truncated, {len(text)} chars)"
+
+
+def _problem(error: dict[str, Any]) -> dict[str, Any]:
+    problem = dict(error)
+    if "input" in problem:
+        problem["input"] = _echo(problem["input"])
+    if "ctx" in problem:
+        problem["ctx"] = {k: _echo(v) for k, v in problem["ctx"].items()}
+    return problem
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(
-        {"error": "invalid_input", "detail": jsonable_encoder(exc.errors())}, status_code=422
-    )
+    errors = jsonable_encoder(exc.errors())
+    body: dict[str, Any] = {"error": "invalid_input",
+                            "detail": [_problem(e) for e in errors[:MAX_PROBLEMS]]}
+    if len(errors) > MAX_PROBLEMS:
+        body["more_problems"] = len(errors) - MAX_PROBLEMS
+    return JSONResponse(body, status_code=422)
 
 
 def install(app: FastAPI) -> None:
-    """Every error answers `{"error": <code>, "detail": <message or list of problems>}`."""
+    """Every error answers `{"error": <code>, "detail": <message or list of problems>}`; a
+    422 lists at most MAX_PROBLEMS problems (`more_problems`: how many more) and echoes
+    each offending input cut to MAX_ECHO characters."""
     app.add_exception_handler(MagasinError, _magasin_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

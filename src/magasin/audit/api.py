@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from magasin.api.paging import Cursor, Limit
+from magasin.api.paging import Cursor, Limit, position_of
 from magasin.audit import log
 from magasin.eventstore.store import EventStore
 from magasin.shared.errors import InvalidInput
@@ -136,10 +136,7 @@ def router(store: EventStore) -> APIRouter:
         for moment in (start, end):
             if moment is not None and moment.tzinfo is None:
                 raise InvalidInput("from/to need a time zone (e.g. 2026-01-01T00:00:00Z)")
-        try:
-            after = int(cursor) if cursor else 0
-        except ValueError as exc:
-            raise InvalidInput(f"bad cursor {cursor!r}") from exc
+        after = position_of(cursor, await store.stream_version(log.LOG)) or 0
         types = set(type_ or ())
         as_csv = format_ == "csv" or (format_ is None and "text/csv" in (accept or ""))
         if as_csv:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 
-from magasin.api.paging import Cursor, Order
+from magasin.api.paging import Cursor, Order, position_of
 from magasin.eventstore.store import EventFilter, EventStore
 from magasin.eventstore_service import history
 from magasin.eventstore_service.replay import Replayer
@@ -56,12 +56,12 @@ def router(store: EventStore) -> APIRouter:
         `before` when descending), null on the last page."""
         descending = order == "desc"
         if cursor is not None:
-            if not cursor.isdigit():
-                raise InvalidInput(f"cursor must be a global position, got {cursor!r}")
+            position = position_of(cursor, await store.last_position())
+            assert position is not None
             if descending:
-                before = min(before or int(cursor), int(cursor))
+                before = min(before or position, position)
             else:
-                after = max(after, int(cursor))
+                after = max(after, position)
         where = EventFilter(
             stream_id=stream_id,
             aggregates=tuple(aggregate_type or ()),

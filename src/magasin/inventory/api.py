@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from magasin.api.paging import Cursor, Limit, Order, Page, page_of
+from magasin.api.paging import Cursor, Limit, Order, Page, cursor_of, key_of, page_of
 from magasin.eventstore_service import history
 from magasin.inventory import readmodel
 from magasin.inventory.commands import restock
@@ -72,8 +72,13 @@ def router(ctx: ServiceContext) -> APIRouter:
         await known_store(store_id)
         if as_of is not None:  # replayed from the log up to that moment
             lines = await history.stock_as_of(store, history.utc(as_of), store_id)
-            page = history.page(lines, "product_id", {}, cursor, limit)
-            docs, next_cursor = page["items"], page["next_cursor"]
+            # The read model's keys are `store:product`: the cursors of both lists agree.
+            after = key_of(readmodel.STOCK, cursor)
+            page = history.page(lines, "product_id", {},
+                                None if after is None else after.partition(":")[2], limit)
+            docs = page["items"]
+            next_cursor = cursor_of(readmodel.STOCK, None if page["next_cursor"] is None
+                                    else f"{store_id}:{page['next_cursor']}")
         else:
             docs, next_cursor = await page_of(
                 store, readmodel.STOCK, {"store_id": store_id}, cursor, limit

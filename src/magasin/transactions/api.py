@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from magasin.api.auth import STREAM_TOKEN_ALLOWED
-from magasin.api.paging import Cursor, Limit, Order, Page, page_of
+from magasin.api.paging import Cursor, Limit, Order, Page, cursor_of, key_of, page_of
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
 from magasin.eventstore_service import history
@@ -216,10 +216,13 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     ) -> dict[str, Any]:
         """Sales by id, which is in creation order (`order=desc`: newest first)."""
         if as_of is not None:  # the list as it was then, replayed from the log
-            return history.page(
+            # Same cursors as the read model's list: one list, seen at another moment.
+            page = history.page(
                 await history.transactions_as_of(store, history.utc(as_of)), "transaction_id",
                 {"store_id": store_id, "status": status.value if status else None,
-                 "customer_id": customer_id}, cursor, limit, descending=order == "desc")
+                 "customer_id": customer_id}, key_of(readmodel.TRANSACTIONS, cursor), limit,
+                descending=order == "desc")
+            return {**page, "next_cursor": cursor_of(readmodel.TRANSACTIONS, page["next_cursor"])}
         where: dict[str, str | int | bool] = {}
         if store_id:
             where["store_id"] = store_id

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from magasin.api.auth import AdminKey
-from magasin.api.paging import Cursor, Limit, Page
+from magasin.api.paging import Cursor, Limit, Page, cursor_of, key_of
 from magasin.service import ServiceContext
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import NotFound
@@ -86,7 +86,7 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         if stuck is not None:
             where["stuck"] = stuck
         rows = await store.find_documents(
-            sagas.SAGAS, where=where, after_key=cursor, limit=limit + 1
+            sagas.SAGAS, where=where, after_key=key_of(sagas.SAGAS, cursor), limit=limit + 1
         )
         more = len(rows) > limit
         rows = rows[:limit]
@@ -94,7 +94,8 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         items = [_saga(doc, now) for _, doc in rows]
         if older_than is not None:
             items = [s for s in items if s.age_s >= older_than]
-        return Page(items=items, next_cursor=rows[-1][0] if more and rows else None)
+        return Page(items=items,
+                    next_cursor=cursor_of(sagas.SAGAS, rows[-1][0] if more and rows else None))
 
     @api.get("/{transaction_id}")
     async def get_saga(transaction_id: str) -> Saga:
