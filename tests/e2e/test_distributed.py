@@ -858,6 +858,44 @@ async def test_a_sale_s_stream_follows_it_on_either_transaction_process(
     assert all(s and s[-1] == "COMPLETED" for s in streams), streams
 
 
+async def test_a_list_s_cursor_pages_on_any_process_and_a_garbled_one_is_400(
+    magasin: Magasin, cluster: Cluster
+) -> None:
+    """Cursors carry no process state: a page asked of one transaction process goes on at
+    another; a cursor no list handed out answers 400 through the gateway, not a last page."""
+    second = cluster.spawn("transaction")
+    await second.healthy()
+    processes = [cluster.first("transaction"), second]
+    try:
+        store, stock, probe = await stock_up(magasin, "Pages", {"A": 10})
+        (product,) = stock
+        made = [probe, *[await magasin.sell(store, [(product, 1)]) for _ in range(3)]]
+        expected = [s["transaction_id"] for s in made]
+
+        async def listed() -> list[str] | None:
+            seen: list[str] = []
+            cursor: str | None = None
+            for turn in range(len(expected) + 1):
+                query = {"store_id": store, "limit": "1", **({"cursor": cursor} if cursor else {})}
+                response = await magasin.client.get(
+                    f"{processes[turn % 2].url}/api/transactions", params=query)
+                assert response.status_code == 200, response.text
+                page = response.json()
+                seen += [s["transaction_id"] for s in page["items"]]
+                if (cursor := page["next_cursor"]) is None:
+                    break
+            return seen if seen == expected else None  # both replicas projected them all
+
+        await eventually(listed)
+    finally:
+        cluster.retire(second)
+    for path in ("/api/transactions", "/api/payments", "/api/stores", "/api/reservations",
+                 "/api/events"):
+        response = await magasin.client.get(magasin.url + path, params={"cursor": "x.y"})
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"] == "invalid_input"
+
+
 async def test_the_gateway_limits_each_api_key_to_its_rate(cluster: Cluster) -> None:
     """A burst above the limit gets 429 in the services' error shape with Retry-After;
     another key, under its limit, is never refused."""
