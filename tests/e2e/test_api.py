@@ -682,6 +682,12 @@ async def test_a_422_echoes_at_most_the_start_of_each_input_and_20_problems(
         assert len(echoed) < 300, problem
     too_long = [p for p in answer["detail"] if p["type"] == "string_too_long"]
     assert too_long and too_long[0]["input"] == "é" * 200 + "…(truncated, 100000 chars)"
+    # So is an unknown field's name.
+    odd = await shop.client.post("/api/stores", json={"name": "N", "district": "D",
+                                                      "address": "A", "k" * 50_000: 1})
+    (problem,) = odd.json()["detail"]
+    assert problem["loc"] == ["body", "k" * 200 + "…(truncated, 50000 chars)"]
+    assert len(odd.content) < 1000
     # A short input is echoed whole, as before.
     short = await shop.client.post("/api/transactions", json={**body, "items": [
         {"product_id": shelf["coffee"], "quantity": 0}]})

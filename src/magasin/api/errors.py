@@ -76,6 +76,8 @@ def _echo(value: Any) -> Any:
 
 def _problem(error: dict[str, Any]) -> dict[str, Any]:
     problem = dict(error)
+    # A field's name is input too (an unknown 100,000-character key is in `loc`).
+    problem["loc"] = [_echo(part) for part in problem.get("loc", ())]
     if "input" in problem:
         problem["input"] = _echo(problem["input"])
     if "ctx" in problem:
