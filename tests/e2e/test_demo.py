@@ -87,7 +87,7 @@ def rows(output: str) -> dict[str, int]:
 
 async def test_failed_calls_are_counted_and_the_run_goes_on(tmp_path: Path) -> None:
     runtime = Runtime.embedded(settings_for(tmp_path))
-    faults = Faults(create_app(runtime, frozenset({API_KEY})), slow_s=3.0)
+    faults = Faults(create_app(runtime, frozenset({API_KEY})), slow_s=5.0)
     async with served(faults) as url:
         assert await seed_if_empty(runtime.store, "CAD")
         status, output = await demo(url, "--count", "10", "--concurrency", "5")
@@ -96,7 +96,7 @@ async def test_failed_calls_are_counted_and_the_run_goes_on(tmp_path: Path) -> N
 
         faults.on = True
         status, output = await demo(url, "--count", "40", "--concurrency", "8",
-                                    "--timeout", "1", "--follow-timeout", "6")
+                                    "--timeout", "2", "--follow-timeout", "8")
     assert status == 1, output
     assert "Traceback" not in output, output
     table = rows(output)
@@ -104,8 +104,10 @@ async def test_failed_calls_are_counted_and_the_run_goes_on(tmp_path: Path) -> N
     assert table["failed call: GET /api/transactions/{id}: HTTP 500"] > 0, output
     assert table["failed call: GET /api/transactions/{id}: HTTP 502"] > 1, output
     assert table["failed call: GET /api/transactions/{id}: timeout"] > 0, output
-    assert table["NOT FOLLOWED (not created)"] == 8, output
-    assert table["NOT FOLLOWED (no final state read)"] == 1, output
+    # A POST slower than --timeout on a loaded machine is one more sale not followed.
+    slow_posts = table.get("failed call: POST /api/transactions: timeout", 0)
+    assert table["NOT FOLLOWED (not created)"] == 8 + slow_posts, output
+    assert table["NOT FOLLOWED (no final state read)"] >= 1, output  # the doomed one
     assert table["in flight"] == 0, output
     outcomes = {k: v for k, v in table.items() if not k.startswith(("failed call", "in flight"))}
     assert sum(outcomes.values()) == 40, output
