@@ -145,14 +145,24 @@ def demo(
     count: Annotated[int, typer.Option(min=1, help="How many sales to send.")] = 200,
     concurrency: Annotated[int, typer.Option(min=1, help="Sales in flight at once.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the random sales.")] = 1,
+    timeout: Annotated[float, typer.Option(
+        min=0.01, help="Seconds to wait for each answer before counting the call failed.")
+    ] = 30.0,
+    follow_timeout: Annotated[float, typer.Option(
+        min=0.01, help="Seconds to wait for each sale's final state.")] = 120.0,
 ) -> None:
-    """Drive realistic sales against a running magasin and show sagas end live."""
+    """Drive realistic sales against a running magasin and show sagas end live. A failed
+    call is counted in the table and the run goes on; the exit status is 1 if any failed."""
     key = api_key or sorted(api_keys(Settings(), "embedded"))[0]
     started = time.perf_counter()
-    stats = asyncio.run(drive(url, key, count, concurrency, seed, console))
+    stats = asyncio.run(drive(url, key, count, concurrency, seed, console, timeout,
+                              follow_timeout))
     elapsed = time.perf_counter() - started
     console.print(f"{sum(stats.outcomes.values())} sagas ended in {elapsed:.1f} s "
                   f"({sum(stats.outcomes.values()) / elapsed:.0f}/s)")
+    if stats.failed:
+        console.print(f"[red]{sum(stats.failed_calls.values())} calls failed[/red]")
+        raise typer.Exit(1)
 
 
 def _with_http(settings: Settings, host: str | None, port: int | None) -> Settings:

@@ -98,6 +98,13 @@ class DemoStats:
     started: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    failed_calls: Counter[str] = field(default_factory=Counter)
+    """Calls that failed (an HTTP error status, a timeout, a broken connection), by call
+    and cause: counted, never fatal."""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failed_calls)
 
     def table(self, total: int) -> Table:
         table = Table(title=f"magasin demo — {self.started}/{total} sales sent")
@@ -105,9 +112,15 @@ class DemoStats:
         table.add_column("sales", justify="right")
         for outcome, n in sorted(self.outcomes.items()):
             colour = "green" if outcome == "COMPLETED" else "yellow"
+            if outcome.startswith(UNFINISHED):
+                colour = "red"
             table.add_row(f"[{colour}]{outcome}[/{colour}]", str(n))
         in_flight = self.started - sum(self.outcomes.values())
         table.add_row("[cyan]in flight[/cyan]", str(in_flight))
+        if self.failed_calls:
+            table.add_section()
+            for call, n in sorted(self.failed_calls.items()):
+                table.add_row(f"[red]failed call: {call}[/red]", str(n))
         if self.latencies:
             ordered = sorted(self.latencies)
             p50 = ordered[len(ordered) // 2] * 1000
@@ -116,18 +129,58 @@ class DemoStats:
         return table
 
 
+UNFINISHED = "NOT FOLLOWED"
+"""Outcome prefix of a sale whose end the demo could not see (its POST failed, or no final
+state was read before the follow deadline)."""
+
+
+class _Calls:
+    """The demo's HTTP calls: a failed one is counted in the stats and answers None."""
+
+    def __init__(self, client: httpx.AsyncClient, stats: DemoStats) -> None:
+        self.client = client
+        self.stats = stats
+
+    async def json(self, method: str, path: str, label: str, **kw: Any) -> Any:
+        try:
+            answer = await self.client.request(method, path, **kw)
+        except httpx.TimeoutException:
+            cause = "timeout"
+        except httpx.TransportError as exc:
+            cause = type(exc).__name__
+        else:
+            if answer.is_success:
+                try:
+                    return answer.json()
+                except ValueError:
+                    cause = f"HTTP {answer.status_code}, not JSON"
+            else:
+                cause = f"HTTP {answer.status_code}"
+        self.stats.failed_calls[f"{method} {label}: {cause}"] += 1
+        return None
+
+
 async def drive(url: str, api_key: str, count: int, concurrency: int, seed: int,
-                console: Console) -> DemoStats:
+                console: Console, timeout: float = 30.0,
+                follow_timeout: float = 120.0) -> DemoStats:
     """Send `count` sales: mostly ordinary, some declined cards, some too large for the
-    stock, some over the bank's limit; follow each to its final state."""
+    stock, some over the bank's limit; follow each to its final state. A call that fails
+    (error status, `timeout` seconds without an answer, connection lost) is counted in the
+    stats and the run goes on; a sale not seen ending within `follow_timeout` seconds is
+    counted as not followed."""
     rng = random.Random(seed)
     stats = DemoStats()
     headers = {"X-API-Key": api_key}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
-        stores = (await client.get("/api/stores", params={"limit": 100})).raise_for_status()
-        products = (await client.get("/api/products", params={"limit": 100})).raise_for_status()
-        store_ids = [s["store_id"] for s in stores.json()["items"]]
-        catalog = products.json()["items"]
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+        calls = _Calls(client, stats)
+        stores = await calls.json("GET", "/api/stores", "/api/stores", params={"limit": 100})
+        products = await calls.json("GET", "/api/products", "/api/products",
+                                    params={"limit": 100})
+        if stores is None or products is None:
+            console.print(stats.table(count))
+            raise SystemExit(f"could not read the stores and products of {url}")
+        store_ids = [s["store_id"] for s in stores["items"]]
+        catalog = products["items"]
         if not store_ids or not catalog:
             raise SystemExit("the server has no stores or products: start it with demo data")
         ordinary = [p for p in catalog if p["unit_price"] < 100_000] or catalog
@@ -138,9 +191,16 @@ async def drive(url: str, api_key: str, count: int, concurrency: int, seed: int,
                 body = _sale(rng, i, store_ids, catalog, ordinary)
                 started = time.perf_counter()
                 stats.started += 1
-                created = (await client.post("/api/transactions", json=body)).raise_for_status()
-                sale = created.json()
-                final = await _follow(client, sale["transaction_id"], sale["version"])
+                sale = await calls.json("POST", "/api/transactions", "/api/transactions",
+                                        json=body)
+                if sale is None:
+                    stats.outcomes[f"{UNFINISHED} (not created)"] += 1
+                    return
+                final = await _follow(calls, sale["transaction_id"], sale["version"],
+                                      follow_timeout)
+                if final is None:
+                    stats.outcomes[f"{UNFINISHED} (no final state read)"] += 1
+                    return
                 stats.latencies.append(time.perf_counter() - started)
                 reason = final.get("reason") or ""
                 label = final["status"] + (f" ({reason})" if reason else "")
@@ -172,15 +232,17 @@ def _sale(rng: random.Random, i: int, store_ids: list[str], catalog: list[dict[s
             "items": items, "payment_method": method}
 
 
-async def _follow(client: httpx.AsyncClient, transaction_id: str,
-                  version: int) -> dict[str, Any]:
-    # min_version: read our own write even while the read model is behind it (distributed
-    # mode's projection may not have the sale yet when the POST answers).
+async def _follow(calls: _Calls, transaction_id: str, version: int,
+                  follow_timeout: float) -> dict[str, Any] | None:
+    """The sale once terminal; None if not read so within `follow_timeout` seconds (failed
+    polls are counted and polled again)."""
+    # min_version: read our own write, whatever the read model's lag.
     params = {"min_version": str(version)}
-    while True:
-        doc: dict[str, Any] = (
-            await client.get(f"/api/transactions/{transaction_id}", params=params)
-        ).raise_for_status().json()
-        if doc["status"] in ("COMPLETED", "CANCELLED"):
-            return doc
+    deadline = time.monotonic() + follow_timeout
+    while time.monotonic() < deadline:
+        doc = await calls.json("GET", f"/api/transactions/{transaction_id}",
+                               "/api/transactions/{id}", params=params)
+        if doc is not None and doc["status"] in ("COMPLETED", "CANCELLED"):
+            return dict(doc)
         await asyncio.sleep(0.05)
+    return None

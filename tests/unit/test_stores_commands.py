@@ -44,7 +44,7 @@ async def test_registering_a_store_records_it_and_its_document(store: EventStore
     doc = await commands.register_store(store, " Plateau ", "Montréal", "1 rue A")
     assert doc == {
         "store_id": doc["store_id"], "name": "Plateau", "district": "Montréal",
-        "address": "1 rue A", "open": True, "closed_reason": None,
+        "address": "1 rue A", "open": True, "closed_reason": None, "version": 1,
     }
     assert await projected(store, readmodel.STORES, doc["store_id"]) == doc
     [event] = await store.read_stream(f"store-{doc['store_id']}")
@@ -91,7 +91,7 @@ async def test_closing_twice_at_once_closes_once(store: EventStore) -> None:
 async def test_adding_a_product_indexes_its_sku(store: EventStore) -> None:
     doc = await commands.add_product(store, "SKU-1", "Café", 499, "CAD")
     assert doc == {"product_id": doc["product_id"], "sku": "SKU-1", "name": "Café",
-                   "unit_price": 499, "currency": "CAD"}
+                   "unit_price": 499, "currency": "CAD", "version": 1}
     assert await projected(store, readmodel.PRODUCTS, doc["product_id"]) == doc
     assert await store.get_document(readmodel.SKUS, "SKU-1") == {
         "sku": "SKU-1", "product_id": doc["product_id"]

@@ -1,4 +1,7 @@
-"""The store service's read models as projections: stores, products and orders."""
+"""The store service's read models as projections: stores, products and orders.
+
+Store and product documents carry the `version` of their stream they reflect, so that a
+read can tell a document behind its stream (see api.py: such a read replays instead)."""
 
 from __future__ import annotations
 
@@ -16,13 +19,15 @@ async def _store_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
         unit.put_document(STORES, p["store_id"], {
             "store_id": p["store_id"], "name": p["name"], "district": p["district"],
             "address": p["address"], "open": True, "closed_reason": None,
+            "version": event.stream_version,
         })
         return
     doc = await unit.get_document(STORES, p["store_id"])
     if doc is None:
         return  # registered first in the same stream: cannot happen in one log
     closed = event.type == "StoreClosed"
-    doc.update(open=not closed, closed_reason=p["reason"] if closed else None)
+    doc.update(open=not closed, closed_reason=p["reason"] if closed else None,
+               version=event.stream_version)
     unit.put_document(STORES, p["store_id"], doc)
 
 
@@ -32,11 +37,13 @@ async def _product_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
         unit.put_document(PRODUCTS, p["product_id"], {
             "product_id": p["product_id"], "sku": p["sku"], "name": p["name"],
             "unit_price": p["unit_price"], "currency": p["currency"],
+            "version": event.stream_version,
         })
         return
     doc = await unit.get_document(PRODUCTS, p["product_id"])
     if doc is not None:
-        doc.update(unit_price=p["unit_price"], currency=p["currency"])
+        doc.update(unit_price=p["unit_price"], currency=p["currency"],
+                   version=event.stream_version)
         unit.put_document(PRODUCTS, p["product_id"], doc)
 
 

@@ -16,10 +16,12 @@ __all__ = ["ORDERS", "PRODUCTS", "SKUS", "STORES", "product_document", "put_sku"
 
 
 def store_document(store: Store) -> dict[str, Any]:
-    """The read-model document of `store` (what its projection writes), from the aggregate."""
+    """The read-model document of `store` (what its projection writes), from the aggregate
+    (saved or rebuilt: its `version` is that of its last event)."""
     return {
         "store_id": store.id, "name": store.name, "district": store.district,
         "address": store.address, "open": store.open, "closed_reason": store.closed_reason,
+        "version": store.version,
     }
 
 
@@ -27,6 +29,7 @@ def product_document(product: Product) -> dict[str, Any]:
     return {
         "product_id": product.id, "sku": product.sku, "name": product.name,
         "unit_price": product.unit_price, "currency": product.currency,
+        "version": product.version,
     }
 
 

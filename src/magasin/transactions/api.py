@@ -183,6 +183,21 @@ async def _replay(store: EventStore, key: str, fingerprint: str) -> dict[str, An
     return doc
 
 
+async def current(
+    store: EventStore, transaction_id: str, min_version: int = 0
+) -> tuple[dict[str, Any] | None, str]:
+    """The sale as its stream has it now, and where that came from (`read-model` or
+    `replay`). Seed 6.2.2: the read model answers when it is up to date; when it has no row
+    yet (a sale created a moment ago, its projection lagging) or a row older than the
+    stream, the sale is rebuilt from its events instead, so that a client reads at once
+    what it was just told exists (the `Location` of a `201`). None: no such sale."""
+    doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id)
+    stream = sales.stream(transaction_id)
+    if doc is not None and doc["version"] >= max(await store.stream_version(stream), min_version):
+        return doc, "read-model"
+    return history.transaction_view(transaction_id, await store.read_stream(stream)), "replay"
+
+
 def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     store = ctx.store
     routing = Routing.from_settings(ctx.settings.saga_mode, ctx.settings.saga_orchestrate)
@@ -288,8 +303,8 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         response: Response,
         as_of: history.AsOf = None,
         min_version: Annotated[int | None, Query(
-            ge=1, description="The version you wrote (returned by POST): a read model "
-            "behind it is bypassed and the sale rebuilt from its events.")] = None,
+            ge=1, description="The version you wrote (returned by POST). Optional: a read "
+            "model behind the sale's stream is always bypassed.")] = None,
     ) -> dict[str, Any]:
         if as_of is not None:
             found = await history.transaction_as_of(store, transaction_id, history.utc(as_of))
@@ -297,15 +312,8 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
                 raise NotFound(f"no transaction {transaction_id} at {as_of.isoformat()}")
             response.headers[history.SOURCE] = "replay"
             return found
-        doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id)
-        if min_version is not None and (doc is None or doc["version"] < min_version):
-            # Seed 6.2.2: the read model is behind what the caller wrote, replay instead.
-            doc = history.transaction_view(
-                transaction_id, await store.read_stream(sales.stream(transaction_id))
-            )
-            response.headers[history.SOURCE] = "replay"
-        else:
-            response.headers[history.SOURCE] = "read-model"
+        doc, source = await current(store, transaction_id, min_version or 0)
+        response.headers[history.SOURCE] = source
         if doc is None:
             raise NotFound(f"no transaction {transaction_id}")
         return doc
