@@ -10,8 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
-from magasin.eventstore.postgres import PostgresEventStore
-from magasin.eventstore.store import ANY, Append
+from magasin.eventstore.postgres import (
+    _CLAIM_OUTBOX,
+    _READ_ALL,
+    _SELECT_EVENTS,
+    PostgresEventStore,
+)
+from magasin.eventstore.store import ANY, Append, MarkProcessed, PutDocument, SetCheckpoint
 from magasin.shared.errors import DuplicateEventError, StorageError, Unavailable
 from magasin.shared.messages import NewEvent, RecordedEvent
 
@@ -295,3 +300,147 @@ async def test_a_reader_in_another_process_sees_8_writers_events_once_in_order(
     assert positions == sorted(positions)
     assert len(set(positions)) == len(positions) == total, "an event was delivered twice"
     assert set(ids(seen)) == set(expected), "an event was skipped"
+
+
+# -- plans on a server without autovacuum (issue 10) -----------------------------------------
+
+LOAD_EVENTS = 50_000
+HOT_STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
+    # The two statements of magasin_append (sql/postgres.sql) that read a table.
+    "append: ids stored?": (
+        "SELECT count(*) FROM events WHERE event_id = ANY ($1::text[])", (["x", "y"],)),
+    "append: move a stream": (
+        "UPDATE streams AS s SET version = s.version + $3 WHERE s.stream_id = $1 "
+        "AND s.version = $2", ("sale-7", 10, 1)),
+    "retry: stored events": (
+        f"{_SELECT_EVENTS} WHERE event_id = ANY($1::text[]) ORDER BY global_position", (["x"],)),
+    "read_event": (f"{_SELECT_EVENTS} WHERE event_id = $1", ("x",)),
+    "read_stream": (
+        f"{_SELECT_EVENTS} WHERE stream_id = $1 AND stream_version >= $2 "
+        "ORDER BY stream_version", ("sale-7", 1)),
+    "read_all": (_READ_ALL, (25_000, 1000)),
+    "read_events by correlation": (
+        f"{_SELECT_EVENTS} WHERE global_position > $1 AND correlation_id = $2 "
+        "ORDER BY global_position LIMIT $3", (0, "c", 100)),
+    "last_position": ("SELECT coalesce(max(global_position), 0) FROM events", ()),
+    "stream_version": ("SELECT version FROM streams WHERE stream_id = $1", ("sale-7",)),
+    "outbox claim": (_CLAIM_OUTBOX, (500,)),
+    "outbox delete": ("DELETE FROM outbox WHERE global_position = ANY($1::bigint[])", ([1],)),
+    "inbox": ("SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", ("c", "x")),
+    "checkpoint, locked": (
+        "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE", ("p-1",)),
+    "document": (
+        "SELECT body FROM documents WHERE collection = $1 AND key = $2", ("orders", "o-7")),
+    "documents page": (
+        "SELECT key, body FROM documents WHERE collection = $1 AND key > $2 "
+        "ORDER BY key LIMIT $3", ("orders", "o-7", 100)),
+    "snapshot": (
+        "SELECT version FROM stream_snapshots WHERE stream_id = $1 "
+        "AND ($2::integer IS NULL OR version <= $2) ORDER BY version DESC LIMIT 1",
+        ("sale-7", None)),
+}
+
+
+async def _load(store: PostgresEventStore) -> None:
+    """LOAD_EVENTS events the way services write them: single appends (group-committed),
+    and a fifth in consumers' units (inbox mark, append, document, checkpoint)."""
+    gate = asyncio.Semaphore(64)
+
+    async def sale(i: int) -> None:
+        async with gate:
+            await store.append(f"sale-{i}", [ev(i=i, k=k) for k in range(10)])
+
+    async def consumed(i: int) -> None:
+        async with gate:
+            await store.commit([
+                MarkProcessed("c", f"in-{i}"),
+                Append(f"order-{i}", tuple(ev(i=i, k=k) for k in range(10)), ANY),
+                PutDocument("orders", f"o-{i}", {"i": i}),
+                SetCheckpoint(f"p-{i % 5}", i),
+            ])
+
+    units = LOAD_EVENTS // 10
+    await asyncio.gather(*(sale(i) for i in range(units * 4 // 5)),
+                         *(consumed(i) for i in range(units // 5)))
+
+
+def _literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(map(_literal, value))}]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
+
+
+async def _explain(conn: asyncpg.Connection, mode: str) -> dict[str, str]:
+    """The plan of each prepared hot statement under `mode` (plan_cache_mode)."""
+    plans = {}
+    await conn.execute(f"SET plan_cache_mode = {mode}")
+    try:
+        for i, (name, (_, args)) in enumerate(HOT_STATEMENTS.items()):
+            values = f"({', '.join(map(_literal, args))})" if args else ""
+            rows = await conn.fetch(f"EXPLAIN EXECUTE hot_{i}{values}")
+            plans[name] = "\n".join(r[0] for r in rows)
+    finally:
+        await conn.execute("RESET plan_cache_mode")
+    return plans
+
+
+async def _prepare(conn: asyncpg.Connection) -> None:
+    """Prepare every hot statement and have the session cache its generic plan, as a
+    session does once it ran a statement five times (asyncpg's statements, PL/pgSQL's)."""
+    for i, (sql, _) in enumerate(HOT_STATEMENTS.values()):
+        await conn.execute(f"PREPARE hot_{i} AS {sql}")
+    await _explain(conn, "force_generic_plan")
+
+
+async def _table_stats(conn: asyncpg.Connection, schema: str) -> dict[str, asyncpg.Record]:
+    rows = await conn.fetch(
+        "SELECT s.relname, s.seq_tup_read, s.n_tup_ins, s.last_analyze, c.reltuples "
+        "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+        "WHERE s.schemaname = $1", schema)
+    return {r["relname"]: r for r in rows}
+
+
+async def test_a_new_schema_gets_its_statistics_when_opened(
+    store: PostgresEventStore, pg_database: str, pg_schema: str
+) -> None:
+    conn = await asyncpg.connect(pg_database)
+    try:
+        stats = await _table_stats(conn, pg_schema)
+    finally:
+        await conn.close()
+    assert {"events", "streams", "outbox", "inbox", "checkpoints", "documents"} <= set(stats)
+    assert [name for name, row in stats.items() if row["last_analyze"] is None] == []
+
+
+async def test_after_a_large_load_on_a_new_schema_every_hot_statement_uses_an_index(
+    make_store: MakeStore, pg_database: str, pg_schema: str
+) -> None:
+    store = await make_store(outbox=True)
+    async with store._connection() as session:  # one of the store's own sessions
+        await _prepare(session)  # while the tables are empty
+        await _load(store)
+        plans = [await _explain(session, "force_generic_plan"),  # cached before the load
+                 await _explain(session, "force_custom_plan")]
+        await session.execute("DEALLOCATE ALL")
+    scanned = [f"{name}:\n{plan}" for both in plans for name, plan in both.items()
+               if "Seq Scan" in plan]
+    assert scanned == [], "\n\n".join(scanned)
+
+    await store.close()  # its sessions end, and report what they read
+    conn = await asyncpg.connect(pg_database)
+    try:
+        async with asyncio.timeout(10):
+            while (stats := await _table_stats(conn, pg_schema))["events"]["n_tup_ins"] \
+                    < LOAD_EVENTS:
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    events = stats["events"]
+    # Each append checking its ids by a sequential scan read the whole log each time.
+    assert events["seq_tup_read"] < LOAD_EVENTS, dict(events)
+    # Statistics followed the load: the planner knows the log is large.
+    assert events["reltuples"] >= LOAD_EVENTS / 2, dict(events)
