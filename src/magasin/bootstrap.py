@@ -51,7 +51,8 @@ def distributed_store(settings: Settings, service: str | None = None) -> EventSt
     schema = settings.database_schema or (f"magasin_{service}" if service else "public")
     # The event store service archives the events of the others: it publishes none.
     return PostgresEventStore(settings.database_url, schema=schema,
-                              outbox=service != "eventstore")
+                              outbox=service != "eventstore", pool_max=settings.pg_pool_max,
+                              cluster_processes=settings.pg_cluster_processes)
 
 
 _BUILDERS = {

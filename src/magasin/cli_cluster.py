@@ -42,16 +42,13 @@ def up(
         scales = cluster.parse_scale(scale)
         nginx.binary()
         cluster.ensure_servers(settings, lambda text: console.print(f"cluster: {text}"))
-        created, limit, used = asyncio.run(cluster.ensure_database(settings.database_url))
+        created, limits = asyncio.run(cluster.ensure_database(settings.database_url))
         if created:
             console.print(f"cluster: created the database of {settings.database_url}")
         the_plan = cluster.plan(settings, host, port, scales, service_ports)
-        wanted = the_plan.process_count * cluster.CONNECTIONS_PER_PROCESS
-        if wanted > limit - used:
-            console.print(
-                f"[yellow]cluster: {the_plan.process_count} processes may open {wanted} "
-                f"PostgreSQL connections; the server allows {limit} ({used} in use): "
-                "scale down or raise max_connections[/yellow]")
+        warning = cluster.check_connections(the_plan, settings.pg_pool_max, limits)
+        if warning is not None:
+            console.print(f"[yellow]cluster: {warning}[/yellow]")
         code = cluster.up(settings, the_plan, demo_data, os.environ)
     except MagasinError as exc:
         console.print(f"[red]error:[/red] {exc}")

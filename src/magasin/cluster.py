@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,12 +30,11 @@ from honcho.printer import Message
 
 from magasin.bootstrap import SERVICES, api_keys, distributed_store
 from magasin.config import Settings
+from magasin.eventstore.connections import ServerLimits, per_cluster, refusal, server_limits
 from magasin.gateway import nginx, render
 from magasin.shared.errors import ConfigurationError
 
 READY_TIMEOUT = 90.0
-CONNECTIONS_PER_PROCESS = 11
-"""PostgreSQL connections one service process may hold: its pool (10) and its listener."""
 _SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -144,8 +143,9 @@ def ensure_servers(settings: Settings, say: Any) -> None:
             raise ConfigurationError(f"{name} is unreachable at {urlsplit(url).netloc}")
 
 
-async def ensure_database(database_url: str) -> tuple[bool, int, int]:
-    """CREATE DATABASE when it does not exist; returns (created, max_connections, in use)."""
+async def ensure_database(database_url: str) -> tuple[bool, ServerLimits]:
+    """CREATE DATABASE when it does not exist; returns whether it did and the server's
+    connection limits (the connection asking them not counted as in use)."""
     import asyncpg
 
     name = urlsplit(database_url).path.lstrip("/") or "postgres"
@@ -155,11 +155,25 @@ async def ensure_database(database_url: str) -> tuple[bool, int, int]:
         if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             await admin.execute(f'CREATE DATABASE "{name}"')
             created = True
-        limit = int(await admin.fetchval("SHOW max_connections"))
-        used = int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity"))
-        return created, limit, used
+        limits = await server_limits(admin)
+        return created, replace(limits, in_use=limits.in_use - 1)
     finally:
         await admin.close()
+
+
+def check_connections(cluster_plan: Plan, pool_max: int, limits: ServerLimits) -> str | None:
+    """Refuse (ConfigurationError) a plan whose processes may open more PostgreSQL
+    connections than the server allows; a warning when other clients' connections leave
+    less than it needs right now, None otherwise."""
+    reason = refusal(cluster_plan.process_count, pool_max, limits)
+    if reason is not None:
+        raise ConfigurationError(f"--scale: {reason}")
+    needed = per_cluster(cluster_plan.process_count, pool_max)
+    if needed <= limits.free:
+        return None
+    return (f"{cluster_plan.process_count} processes may open {needed} PostgreSQL "
+            f"connections; other clients hold {limits.in_use} of the server's "
+            f"{limits.usable} now, leaving {limits.free}")
 
 
 async def _store_service_is_empty(settings: Settings) -> bool:
@@ -189,6 +203,8 @@ def commands(plan: Plan, conf: Path) -> list[tuple[str, str]]:
 def environment(plan: Plan, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env["MAGASIN_API_KEYS"] = ",".join(sorted(plan.keys))
+    # Each process checks at start-up that the server can serve the whole cluster.
+    env["MAGASIN_PG_CLUSTER_PROCESSES"] = str(plan.process_count)
     env.setdefault("MAGASIN_LOG_FORMAT", "console")  # read by a person, through honcho
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -21,6 +21,16 @@ class Settings(BaseSettings):
     database_schema: str = Field(
         "", description="PostgreSQL schema of the tables; empty = `magasin_<service>`."
     )
+    pg_pool_max: int = Field(
+        10, ge=1, description="PostgreSQL connections of a process's pool; the process holds "
+        "one more (its listener): `pg_pool_max + 1` per process.",
+    )
+    pg_cluster_processes: int = Field(
+        6, ge=1, description="Processes of the distributed deployment sharing the PostgreSQL "
+        "server (`cluster up` sets it to its plan's count): a process refuses to start when "
+        "`pg_cluster_processes × (pg_pool_max + 1)` exceeds the server's max_connections "
+        "minus its reserved connections.",
+    )
     amqp_url: str = Field(
         "amqp://guest:guest@127.0.0.1:5672/", description="RabbitMQ of distributed mode."
     )

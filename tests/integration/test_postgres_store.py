@@ -17,7 +17,12 @@ from magasin.eventstore.postgres import (
     PostgresEventStore,
 )
 from magasin.eventstore.store import ANY, Append, MarkProcessed, PutDocument, SetCheckpoint
-from magasin.shared.errors import DuplicateEventError, StorageError, Unavailable
+from magasin.shared.errors import (
+    ConfigurationError,
+    DuplicateEventError,
+    StorageError,
+    Unavailable,
+)
 from magasin.shared.messages import NewEvent, RecordedEvent
 
 pytestmark = pytest.mark.postgres
@@ -444,3 +449,26 @@ async def test_after_a_large_load_on_a_new_schema_every_hot_statement_uses_an_in
     assert events["seq_tup_read"] < LOAD_EVENTS, dict(events)
     # Statistics followed the load: the planner knows the log is large.
     assert events["reltuples"] >= LOAD_EVENTS / 2, dict(events)
+
+
+async def test_a_store_refuses_to_open_for_a_cluster_the_server_cannot_serve(
+    pg_database: str, pg_schema: str
+) -> None:
+    conn = await asyncpg.connect(pg_database)
+    try:
+        allowed = int(await conn.fetchval(
+            "SELECT current_setting('max_connections')::integer "
+            "- current_setting('superuser_reserved_connections')::integer "
+            "- coalesce(current_setting('reserved_connections', true)::integer, 0)"))
+    finally:
+        await conn.close()
+    fitting = allowed // 3  # processes of pool 2 (+ listener) the server can serve
+
+    over = PostgresEventStore(pg_database, schema=pg_schema, pool_max=2,
+                              cluster_processes=fitting + 1)
+    with pytest.raises(ConfigurationError, match=f"but the server allows {allowed} "):
+        await over.open()
+    within = PostgresEventStore(pg_database, schema=pg_schema, pool_max=2,
+                                cluster_processes=fitting)
+    await within.open()
+    await within.close()

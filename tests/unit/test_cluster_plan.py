@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from magasin.bootstrap import SERVICES
-from magasin.cluster import commands, parse_scale, plan
+from magasin.cluster import check_connections, commands, environment, parse_scale, plan
 from magasin.config import Settings
+from magasin.eventstore.connections import ServerLimits, per_cluster, refusal
 from magasin.shared.errors import ConfigurationError
 
 
@@ -73,3 +74,43 @@ def test_every_process_is_exec_ed_so_that_stopping_it_reaches_it(tmp_path: Path)
     assert set(named) == {*SERVICES, "store.1", "store.2", "gateway"} - {"store"}
     assert all(command.startswith("exec ") for command in named.values())
     assert "serve store" in named["store.2"] and "daemon off;" in named["gateway"]
+
+
+# -- the PostgreSQL connection budget -----------------------------------------------------
+
+DEFAULT_SERVER = ServerLimits(max_connections=100, reserved=3, in_use=0)
+
+
+def test_a_cluster_needs_pool_plus_listener_connections_per_process() -> None:
+    assert per_cluster(6, 10) == 66
+    assert refusal(6, 10, DEFAULT_SERVER) is None
+    assert refusal(9, 9, DEFAULT_SERVER) is None  # 90 of 97
+
+
+def test_a_cluster_over_the_server_s_connections_is_refused_with_the_pool_that_fits() -> None:
+    reason = refusal(9, 10, DEFAULT_SERVER)
+
+    assert reason is not None
+    assert "9 processes may open 9 × (10 + 1) = 99 PostgreSQL connections" in reason
+    assert "the server allows 97 (max_connections 100 − 3 reserved)" in reason
+    assert "set MAGASIN_PG_POOL_MAX to 9 or less" in reason
+
+
+def test_connections_other_clients_hold_do_not_refuse_a_plan() -> None:
+    busy = ServerLimits(max_connections=100, reserved=3, in_use=90)
+
+    assert refusal(6, 10, busy) is None
+
+
+def test_cluster_up_refuses_a_scale_the_server_cannot_serve(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_keys="k")
+    four = plan(settings, "127.0.0.1", 0, parse_scale("transaction=4"), 0)
+    small = ServerLimits(max_connections=50, reserved=3, in_use=0)
+
+    with pytest.raises(ConfigurationError, match=r"--scale: 9 processes may open .* = 99 "):
+        check_connections(four, 10, small)
+    assert check_connections(four, 4, small) is None  # 9 × 5 = 45 of 47
+    busy = ServerLimits(max_connections=50, reserved=3, in_use=10)
+    assert "leaving 37" in (check_connections(four, 4, busy) or "")
+    env = environment(four, {})
+    assert env["MAGASIN_PG_CLUSTER_PROCESSES"] == "9"

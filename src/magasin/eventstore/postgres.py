@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
@@ -33,6 +34,7 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
+from magasin.eventstore.connections import POOL_MAX_DEFAULT, refusal, server_limits, shortage
 from magasin.eventstore.rows import StoredEvent, collector_paused, dumps
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
@@ -51,6 +53,7 @@ from magasin.eventstore.store import (
 from magasin.shared.errors import (
     AlreadyProcessed,
     ConcurrencyError,
+    ConfigurationError,
     Conflict,
     DuplicateEventError,
     MagasinError,
@@ -281,13 +284,21 @@ class PostgresEventStore(EventStore):
         schema: str = "public",
         outbox: bool = False,
         pool_min: int = 2,
-        pool_max: int = 10,
+        pool_max: int = POOL_MAX_DEFAULT,
+        cluster_processes: int = 1,
     ) -> None:
+        """`pool_max` bounds the pool; the store holds one connection more, its listener.
+        `cluster_processes`: the processes, this one included, that the server must serve
+        at `pool_max + 1` connections each; open() refuses when max_connections cannot
+        (see magasin.eventstore.connections)."""
         self.dsn = dsn
         self.schema = schema
         self.outbox = outbox
-        self._pool_min = pool_min
+        self._pool_min = min(pool_min, pool_max)
         self._pool_max = pool_max
+        self._cluster_processes = cluster_processes
+        # Shown in pg_stat_activity: which process of which schema holds a connection.
+        self._application = f"magasin:{schema}:{os.getpid()}"[:63]
         # NOTIFY refuses channel names longer than an identifier (63 bytes).
         self._channel = f"magasin_events_{schema}".encode()[:63].decode(errors="ignore")
         self._pool: Any = None
@@ -317,6 +328,7 @@ class PostgresEventStore(EventStore):
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 server_settings={"search_path": _quote_ident(self.schema),
+                                 "application_name": self._application,
                                  **_SESSION_SETTINGS},
                 init=_init_connection,
                 reset=_keep_session,
@@ -326,6 +338,7 @@ class PostgresEventStore(EventStore):
         try:
             with _translated():
                 async with pool.acquire() as conn:
+                    await self._check_budget(conn, pool.get_size())
                     async with conn.transaction():
                         # Concurrent CREATE ... IF NOT EXISTS can still collide in the
                         # catalogs: processes opening the same schema take turns.
@@ -343,12 +356,7 @@ class PostgresEventStore(EventStore):
                     head = await conn.fetchval(
                         "SELECT coalesce(max(global_position), 0) FROM events"
                     )
-                # Synchronous commit buys nothing for a NOTIFY-only transaction.
-                listener = await asyncpg.connect(
-                    self.dsn,
-                    server_settings={"synchronous_commit": "off"},
-                    timeout=_CONNECT_TIMEOUT,
-                )
+                listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
         except BaseException:
@@ -362,6 +370,24 @@ class PostgresEventStore(EventStore):
             asyncio.create_task(self._commit_groups(), name=f"postgres-committer-{i}")
             for i in range(_COMMITTERS)
         ]
+
+    async def _check_budget(self, conn: Any, own: int) -> None:
+        """Refuse to open when the server cannot serve the configured cluster; warn when
+        the connections other clients hold leave too few for this process now."""
+        limits = await server_limits(conn)
+        reason = refusal(self._cluster_processes, self._pool_max, limits)
+        if reason is not None:
+            raise ConfigurationError(reason)
+        if (warning := shortage(own, self._pool_max, limits)) is not None:
+            log.warning("%s (schema %s)", warning, self.schema)
+
+    async def _connect_listener(self) -> Any:
+        # Synchronous commit buys nothing for a NOTIFY-only transaction.
+        return await asyncpg.connect(
+            self.dsn,
+            server_settings={"synchronous_commit": "off", "application_name": self._application},
+            timeout=_CONNECT_TIMEOUT,
+        )
 
     async def close(self) -> None:
         if self._pool is None:
@@ -735,10 +761,7 @@ class PostgresEventStore(EventStore):
         delay = 0.1
         while self._pool is not None:
             try:
-                listener = await asyncpg.connect(
-                    self.dsn, server_settings={"synchronous_commit": "off"},
-                    timeout=_CONNECT_TIMEOUT,
-                )
+                listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
             except (*_DRIVER_ERRORS, TimeoutError) as exc:
