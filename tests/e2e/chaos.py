@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,9 +350,71 @@ async def violations(
 
 # -- servers of the machine: restarted in place, always brought back ----------------------
 
+HEALTHY_WITHIN_S = 90.0
+"""How long a restarted server may take to serve real requests again."""
+PG_URL = os.environ.get("MAGASIN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("MAGASIN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-def restart_rabbitmq(down_s: float = 2.0) -> None:
-    """Stop the RabbitMQ application (connections drop), wait, start it again."""
+
+Probe = Callable[[], Coroutine[Any, Any, None]]
+"""One attempt at a real request to a server."""
+
+
+def _probe(attempt: Probe) -> None:
+    """Run one async probe to its end from sync code, whether or not this thread runs an
+    event loop (the restarts run in a worker thread, and from bench/soak.py)."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, attempt()).result()
+
+
+def wait_healthy(name: str, attempt: Probe,
+                 within: float = HEALTHY_WITHIN_S) -> None:
+    """Block until `attempt` (a real connection and request) succeeds; TimeoutError naming
+    the server and its last error after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            _probe(attempt)
+            return
+        except Exception as exc:  # refused, starting up, too many clients, timeout, ...
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not healthy {within:.0f} s after its restart: "
+                                   f"{exc!r}") from exc
+        time.sleep(0.2)
+
+
+def postgres_answers(url: str) -> Probe:
+    """A probe: a new connection to `url` runs a query."""
+    async def attempt() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    return attempt
+
+
+def rabbitmq_answers(url: str) -> Probe:
+    """A probe: a new connection to `url` opens a channel and declares a queue."""
+    async def attempt() -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(url, timeout=5)
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(exclusive=True, auto_delete=True)
+        finally:
+            await connection.close()
+
+    return attempt
+
+
+def restart_rabbitmq(down_s: float = 2.0, url: str = AMQP_URL) -> None:
+    """Stop the RabbitMQ application (connections drop), wait, start it again; returns once
+    a new connection to `url` works again."""
     try:
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True,
                        timeout=60)
@@ -360,10 +424,12 @@ def restart_rabbitmq(down_s: float = 2.0) -> None:
                        timeout=120)
         subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True,
                        timeout=120)
+        wait_healthy("RabbitMQ", rabbitmq_answers(url))
 
 
-def restart_postgres() -> None:
-    """Restart the PostgreSQL cluster (every connection drops); make sure it runs after."""
+def restart_postgres(url: str = PG_URL) -> None:
+    """Restart the PostgreSQL cluster (every connection drops); make sure it runs after,
+    and return once a new connection to `url` answers a query."""
     version, name = PG_CLUSTER
     try:
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, name,
@@ -374,3 +440,4 @@ def restart_postgres() -> None:
         if status.returncode != 0:
             subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, name,
                             "start"], check=True, capture_output=True, timeout=120)
+        wait_healthy("PostgreSQL", postgres_answers(url))

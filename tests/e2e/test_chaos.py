@@ -21,12 +21,15 @@ from tests.e2e.chaos import (
     Shelf,
     Shop,
     post_sales,
+    postgres_answers,
     postgres_effects,
+    rabbitmq_answers,
     restart_postgres,
     restart_rabbitmq,
     sqlite_effects,
     stock_up,
     violations,
+    wait_healthy,
 )
 from tests.e2e.processes import (
     SERVICES,
@@ -100,8 +103,9 @@ async def test_kills_and_broker_and_database_restarts_lose_no_sale_and_the_books
         shelf = await stock_up(shop, "Chaos", [("A", 150), ("B", 150), ("C", 100)])
         rounds: list[Callable[[], object]] = [
             *(lambda s=s: crash(cluster.first(s)) for s in SERVICES),  # type: ignore[misc]
-            lambda: asyncio.to_thread(restart_rabbitmq),
-            lambda: asyncio.to_thread(restart_postgres),
+            # Each returns once the server serves the cluster's own database/vhost again.
+            lambda: asyncio.to_thread(restart_rabbitmq, url=cluster.env["MAGASIN_AMQP_URL"]),
+            lambda: asyncio.to_thread(restart_postgres, cluster.env["MAGASIN_DATABASE_URL"]),
         ]
         for chaos in rounds:
             await under_load(shop, shelf, rng, chaos)
@@ -152,7 +156,7 @@ async def test_after_a_database_restart_a_commit_in_one_process_still_wakes_anot
 
     async with (PostgresEventStore(pg_database, schema=pg_schema) as reader,
                 PostgresEventStore(pg_database, schema=pg_schema) as writer):
-        await asyncio.to_thread(restart_postgres)
+        await asyncio.to_thread(restart_postgres, pg_database)  # returns once it answers
         async with asyncio.timeout(30):  # the pools reconnect on their own
             while True:
                 try:
@@ -167,6 +171,18 @@ async def test_after_a_database_restart_a_commit_in_one_process_still_wakes_anot
         # Woken by the writer's notification, not by the end of the minute's wait.
         await asyncio.wait_for(waiting, 20.0)
     await drop_schema(pg_database, pg_schema)
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+def test_the_health_wait_returns_once_a_server_answers_and_gives_up_at_its_deadline(
+    pg_database: str, amqp_url: str,
+) -> None:
+    wait_healthy("PostgreSQL", postgres_answers(pg_database), within=30)
+    wait_healthy("RabbitMQ", rabbitmq_answers(amqp_url), within=30)
+    with pytest.raises(TimeoutError, match="PostgreSQL not healthy 1 s after its restart"):
+        wait_healthy("PostgreSQL", postgres_answers("postgresql://postgres@127.0.0.1:1/x"),
+                     within=1)
 
 
 async def drop_schema(database_url: str, schema: str) -> None:
