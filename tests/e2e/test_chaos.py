@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from magasin.eventstore.postgres import PostgresEventStore
 from tests.e2e.chaos import (
     Shelf,
     Shop,
@@ -151,7 +152,6 @@ async def test_the_embedded_process_killed_under_load_restarts_and_the_books_bal
 async def test_after_a_database_restart_a_commit_in_one_process_still_wakes_another(
     pg_database: str, pg_schema: str,
 ) -> None:
-    from magasin.eventstore.postgres import PostgresEventStore
     from magasin.shared.messages import NewEvent
 
     async with (PostgresEventStore(pg_database, schema=pg_schema) as reader,
@@ -164,7 +164,9 @@ async def test_after_a_database_restart_a_commit_in_one_process_still_wakes_anot
                     break
                 except Exception:
                     await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # let both listeners get back
+        async with asyncio.timeout(30):  # until both listeners are back
+            while not (listening(reader) and listening(writer)):
+                await asyncio.sleep(0.05)
         waiting = asyncio.create_task(reader.wait_for_events(head.global_position, 60.0))
         await asyncio.sleep(0.1)
         await writer.append("s-1", [NewEvent("Ping", {})])
@@ -183,6 +185,12 @@ def test_the_health_wait_returns_once_a_server_answers_and_gives_up_at_its_deadl
     with pytest.raises(TimeoutError, match="PostgreSQL not healthy 1 s after its restart"):
         wait_healthy("PostgreSQL", postgres_answers("postgresql://postgres@127.0.0.1:1/x"),
                      within=1)
+
+
+def listening(store: PostgresEventStore) -> bool:
+    """Whether the store's LISTEN connection is up (not lost, not being reconnected)."""
+    listener = store._listener
+    return store._relisten is None and listener is not None and not listener.is_closed()
 
 
 async def drop_schema(database_url: str, schema: str) -> None:
