@@ -99,9 +99,9 @@ async def test_prometheus_receives_saga_metrics_from_the_running_app(
     url, runtime = magasin_url
     prometheus = prometheus_for(url.removeprefix("http://"))
     completed_before = local("magasin_sagas_finished_total", saga="transaction",
-                             outcome="completed")
+                             mode="choreography", outcome="completed")
     compensated_before = local("magasin_sagas_finished_total", saga="transaction",
-                               outcome="compensated")
+                               mode="choreography", outcome="compensated")
 
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": API_KEY}) as client:
         shop = Shop(client, runtime)

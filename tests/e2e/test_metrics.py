@@ -30,7 +30,7 @@ async def counted_once_finished(shop: Shop, before: Samples, outcome: str) -> Sa
     """The metrics once the saga-metrics consumer has seen the sale end: it runs beside the
     read model, so a sale can read as ended a moment before it is counted."""
     finished = ("magasin_sagas_finished_total", frozenset(
-        {"saga": "transaction", "outcome": outcome}.items()))
+        {"saga": "transaction", "outcome": outcome, "mode": "choreography"}.items()))
 
     async def counted() -> Samples | None:
         after = await scrape(shop.client)
@@ -60,10 +60,11 @@ async def test_a_completed_sale_is_counted_as_a_saga_and_as_events(shop: Shop) -
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grew("magasin_sagas_started_total", saga="transaction") == 1
-    assert grew("magasin_sagas_finished_total", saga="transaction", outcome="completed") == 1
-    assert grew("magasin_saga_duration_seconds_count", saga="transaction",
+    assert grew("magasin_sagas_started_total", saga="transaction", mode="choreography") == 1
+    assert grew("magasin_sagas_finished_total", saga="transaction", mode="choreography",
                 outcome="completed") == 1
+    assert grew("magasin_saga_duration_seconds_count", saga="transaction",
+                mode="choreography", outcome="completed") == 1
     assert grew("magasin_events_published_total", event_type="TransactionCreated",
                 service="transaction", outcome="ok") == 1
     assert grew("magasin_events_consumed_total", event_type="TransactionCreated",
@@ -89,8 +90,10 @@ async def test_a_declined_card_is_counted_as_a_compensated_saga(shop: Shop) -> N
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grew("magasin_sagas_finished_total", saga="transaction", outcome="compensated") == 1
-    assert grew("magasin_sagas_finished_total", saga="transaction", outcome="completed") == 0
+    assert grew("magasin_sagas_finished_total", saga="transaction", mode="choreography",
+                outcome="compensated") == 1
+    assert grew("magasin_sagas_finished_total", saga="transaction", mode="choreography",
+                outcome="completed") == 0
     assert grew("magasin_events_published_total", event_type="PaymentFailed",
                 service="payment", outcome="ok") == 1
 

@@ -145,6 +145,13 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
 
         (saga,) = await eventually(waiting_for_fulfilment)
         assert (saga["transaction_id"], saga["step"]) == (tid, "fulfilment")
+        assert saga["mode"] == saga_mode
+        if saga_mode == "orchestration":  # where the orchestrator stands, and on what
+            assert saga["orchestrator"] == {
+                "step": "fulfilment", "pending_command": "PrepareOrder",
+                "command_id": f"{tid}:3", "outcome": None}
+        else:
+            assert saga["orchestrator"] is None
         assert saga["age_s"] >= 0
         older = await shop.ok("GET", "/api/sagas", params={"older_than": 3600})
         assert older["items"] == []

@@ -105,3 +105,29 @@ def test_tracing_is_wanted_only_when_an_otel_variable_asks_for_it() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_each_handler_span_says_which_coordination_runs_the_sale(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """`magasin.saga.mode` on the spans of a sale: a dashboard splits the two apart."""
+    runtime = Runtime.embedded(e2e.test_settings(tmp_path),
+                               services=SAGA)
+    async with serving(runtime) as shop:
+        store_id = await shop.open_store()
+        product_id = await shop.add_product("SKU-MODE", 990)
+        await shop.restock(store_id, product_id, 3)
+        spans.clear()
+        choreographed = await shop.sell(store_id, [(product_id, 1)])
+        await shop.final(choreographed["transaction_id"])
+    orchestrated_settings = e2e.test_settings(tmp_path, saga_mode="orchestration")
+    async with serving(Runtime.embedded(orchestrated_settings, services=SAGA)) as shop:
+        orchestrated = await shop.sell(store_id, [(product_id, 1)])
+        await shop.final(orchestrated["transaction_id"])
+
+    def modes(transaction_id: str) -> set[object]:
+        return {s.attributes.get(tracing.SAGA_MODE) for s in spans.get_finished_spans()
+                if s.attributes and s.attributes.get("magasin.correlation_id") == transaction_id}
+
+    assert modes(choreographed["transaction_id"]) == {"choreography"}
+    assert modes(orchestrated["transaction_id"]) == {"orchestration"}

@@ -24,7 +24,10 @@ async def store(tmp_path: Path) -> AsyncIterator[EventStore]:
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, {"saga": "transaction", **labels}) or 0.0
+    if not name.startswith(("magasin_sagas_active", "magasin_sagas_stuck")):
+        labels = {"mode": "choreography", **labels}  # counted and timed by coordination
+    labels = {"saga": "transaction", **labels}
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def record(store: EventStore, saga: str, event_type: str, after_s: float) -> RecordedEvent:

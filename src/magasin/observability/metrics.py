@@ -94,20 +94,20 @@ PROJECTION_LAG_SECONDS = Gauge(
 # --- sagas ----------------------------------------------------------------------------------
 SAGAS_STARTED = Counter(
     "magasin_sagas_started_total",
-    "Sagas started (a TransactionCreated seen).",
-    ["saga"],
+    "Sagas started (a TransactionCreated seen), by coordination (mode).",
+    ["saga", "mode"],
     registry=REGISTRY,
 )
 SAGAS_FINISHED = Counter(
     "magasin_sagas_finished_total",
-    "Sagas finished, by outcome completed|compensated.",
-    ["saga", "outcome"],
+    "Sagas finished, by outcome completed|compensated and coordination (mode).",
+    ["saga", "outcome", "mode"],
     registry=REGISTRY,
 )
 SAGA_DURATION = Histogram(
     "magasin_saga_duration_seconds",
-    "Time from a saga's start event to its final event, by outcome.",
-    ["saga", "outcome"],
+    "Time from a saga's start event to its final event, by outcome and coordination.",
+    ["saga", "outcome", "mode"],
     buckets=SAGA_BUCKETS,
     registry=REGISTRY,
 )

@@ -19,6 +19,7 @@ from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
 from magasin.observability import metrics
 from magasin.shared.clock import to_micros
+from magasin.shared.commands import mode_of
 from magasin.shared.messages import RecordedEvent
 
 CONSUMER = "transaction.saga-metrics"
@@ -27,6 +28,7 @@ ENDS = "metrics.saga_ends"
 """One document per finished saga, keyed `<end micros, 20 digits>:<transaction id>` so a
 time range is a key range: {transaction_id, store_id, status, reason, ended_at, duration_s}."""
 SAGA = "transaction"
+CHOREOGRAPHY = "choreography"
 STUCK = "transaction.sagas_stuck"
 """Sagas whose compensation stays unconfirmed after its retries, kept by the transaction
 service's saga index: {transaction_id, status, attempts, since}."""
@@ -57,9 +59,11 @@ async def _on_step(event: RecordedEvent, uow: UnitOfWork) -> None:
     if event.type == "TransactionCreated":
         if doc is not None and doc.get("started_at"):
             return
-        doc = {**(doc or {"rank": rank, "step": step}), "started_at": event.occurred_at.isoformat()}
+        mode = mode_of(event) or CHOREOGRAPHY
+        doc = {**(doc or {"rank": rank, "step": step}),
+               "started_at": event.occurred_at.isoformat(), "mode": mode}
         uow.put_document(COLLECTION, saga_id, doc)
-        uow.after_commit(metrics.SAGAS_STARTED.labels(SAGA).inc)
+        uow.after_commit(metrics.SAGAS_STARTED.labels(SAGA, mode).inc)
         return
     if doc is None:
         # A step seen before the saga's start (a reordered delivery): remember the step;
@@ -74,13 +78,17 @@ async def _on_end(event: RecordedEvent, uow: UnitOfWork) -> None:
     outcome = OUTCOMES[event.type]
     doc = await uow.get_document(COLLECTION, saga_id)
     started: datetime | None = None
+    mode: str | None = None
     if doc is not None:
         uow.delete_document(COLLECTION, saga_id)
+        mode = doc.get("mode")
         if doc.get("started_at"):
             started = datetime.fromisoformat(str(doc["started_at"]))
-    if started is None:  # a saga begun before this consumer existed: its stream knows
+    if started is None or mode is None:
+        # A saga begun before this consumer (or its mode label) existed: its stream knows.
         first = await uow.read_stream(event.stream_id, to_version=1)
-        started = first[0].occurred_at if first else event.occurred_at
+        started = started or (first[0].occurred_at if first else event.occurred_at)
+        mode = (mode_of(first[0]) if first else None) or CHOREOGRAPHY
     seconds = max(0.0, (event.occurred_at - started).total_seconds())
     uow.put_document(ENDS, end_key(event.occurred_at, saga_id), {
         "transaction_id": saga_id, "store_id": event.payload.get("store_id"),
@@ -90,8 +98,8 @@ async def _on_end(event: RecordedEvent, uow: UnitOfWork) -> None:
     })
 
     def count() -> None:
-        metrics.SAGAS_FINISHED.labels(SAGA, outcome).inc()
-        metrics.SAGA_DURATION.labels(SAGA, outcome).observe(seconds)
+        metrics.SAGAS_FINISHED.labels(SAGA, outcome, mode).inc()
+        metrics.SAGA_DURATION.labels(SAGA, outcome, mode).observe(seconds)
 
     uow.after_commit(count)
 

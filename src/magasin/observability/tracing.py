@@ -21,12 +21,17 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from magasin.shared.commands import mode_of
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from magasin.shared.messages import RecordedEvent
+
+SAGA_MODE = "magasin.saga.mode"
+"""Span attribute: the coordination of the saga a message belongs to."""
 
 log = logging.getLogger("magasin.observability.tracing")
 
@@ -137,13 +142,16 @@ def handling(event: RecordedEvent, consumer: str) -> AbstractContextManager[str 
 def _handling(tracer: Tracer, event: RecordedEvent, consumer: str) -> Iterator[str | None]:
     from opentelemetry.trace import SpanKind
 
+    attributes = {
+        "messaging.operation.type": "process", "messaging.consumer.group.name": consumer,
+        "messaging.message.id": event.event_id, "magasin.event.type": event.type,
+        "magasin.correlation_id": event.correlation_id or "",
+    }
+    if (mode := mode_of(event)) is not None:
+        attributes[SAGA_MODE] = mode
     with tracer.start_as_current_span(
         f"handle {event.type}", context=_parent(event.traceparent), kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.operation.type": "process", "messaging.consumer.group.name": consumer,
-            "messaging.message.id": event.event_id, "magasin.event.type": event.type,
-            "magasin.correlation_id": event.correlation_id or "",
-        },
+        attributes=attributes,
     ) as span:
         yield traceparent_of(span)
 
@@ -170,7 +178,8 @@ def _publishing(
             f"publish {e.type}", context=_parent(e.traceparent), kind=SpanKind.PRODUCER,
             attributes={"messaging.system": system, "messaging.operation.type": "send",
                         "messaging.message.id": e.event_id,
-                        "messaging.destination.name": e.routing_key},
+                        "messaging.destination.name": e.routing_key,
+                        **({SAGA_MODE: mode} if (mode := mode_of(e)) else {})},
         )
         for e in events
     ]

@@ -22,7 +22,7 @@ from magasin.shared.messages import RecordedEvent
 
 __all__ = [
     "ALL_COMMANDS", "TARGETS", "ChargePayment", "PrepareOrder", "RefundPayment",
-    "ReleaseStock", "ReserveStock", "VoidPayment", "orchestrated",
+    "ReleaseStock", "ReserveStock", "VoidPayment", "mode_of", "orchestrated",
 ]
 
 TARGETS: dict[type, str] = {
@@ -38,3 +38,13 @@ def orchestrated(event: RecordedEvent) -> bool:
     orchestrator's commands on): the services' choreographed reactions leave it alone."""
     baggage = event.metadata.get("baggage") or {}
     return bool(baggage.get("saga_mode") == "orchestration")
+
+
+def mode_of(event: RecordedEvent) -> str | None:
+    """The coordination of the saga an event belongs to (`choreography`, `orchestration`),
+    for metrics and traces; None for an event of no saga (a catalog change, say)."""
+    if event.type == "TransactionCreated":
+        return str(event.payload.get("saga_mode") or "choreography")
+    if orchestrated(event):
+        return "orchestration"
+    return "choreography" if event.correlation_id else None

@@ -76,7 +76,7 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         at = event.occurred_at.isoformat()
         if doc is None:
             doc = {"transaction_id": tid, "store_id": sale.store_id, "created_at": at,
-                   "due_key": None}
+                   "due_key": None, "mode": sale.saga_mode}
         if doc["due_key"] is not None:
             uow.delete_document(DEADLINES, doc["due_key"])
         key = None
@@ -92,7 +92,7 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
                                           "attempts": attempts, "since": at})
         elif doc.get("stuck"):
             uow.delete_document(STUCK, tid)
-        doc.update(status=status, step=step, step_started_at=at, due_key=key,
+        doc.update(status=status, step=step, step_started_at=at, due_key=key, mode=sale.saga_mode,
                    reason=sale.failure, version=sale.version, attempts=attempts, stuck=stuck)
         uow.put_document(SAGAS, tid, doc)
 

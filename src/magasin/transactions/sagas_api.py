@@ -12,16 +12,33 @@ from pydantic import BaseModel
 
 from magasin.api.auth import AdminKey
 from magasin.api.paging import Cursor, Limit, Page, cursor_of, key_of
+from magasin.eventstore.store import EventStore
 from magasin.service import ServiceContext
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import NotFound
 from magasin.transactions import sagas
 from magasin.transactions.deadlines import due_of
 from magasin.transactions.domain import Status
+from magasin.transactions.orchestrator import handlers as orchestration
+
+
+class Orchestrator(BaseModel):
+    """Where the orchestrator of an orchestrated sale stands (its own decisions)."""
+
+    step: str | None
+    """The step it waits on (`payment`, `reservation`, `fulfilment`, `compensation`); None
+    once it ended."""
+    pending_command: str | None
+    """The command it sent and waits for the reply to (`ReserveStock`, `RefundPayment`...)."""
+    command_id: str | None
+    outcome: str | None
+    """COMPLETED or CANCELLED once it ended."""
 
 
 class Saga(BaseModel):
     transaction_id: str
+    mode: str = "choreography"
+    """The coordination that runs it: `choreography` or `orchestration`."""
     store_id: str
     status: Status
     step: str | None
@@ -39,6 +56,8 @@ class Saga(BaseModel):
     look at the payment and inventory dead letters, then force it."""
     due_at: str | None = None
     """When the deadline loop acts on it next (aborts it, or retries its compensation)."""
+    orchestrator: Orchestrator | None = None
+    """For an orchestrated sale, the orchestrator's current step and pending command."""
 
 
 class Compensation(BaseModel):
@@ -51,10 +70,20 @@ class Compensation(BaseModel):
     """For a retried compensation, which retry this is."""
 
 
-def _saga(doc: dict[str, Any], now: datetime) -> Saga:
+async def _saga(store: EventStore, doc: dict[str, Any], now: datetime) -> Saga:
     age = (now - datetime.fromisoformat(doc["step_started_at"])).total_seconds()
+    mode = doc.get("mode") or "choreography"
+    orchestrator = None
+    if mode == "orchestration":
+        state = await store.get_document(orchestration.STATE, doc["transaction_id"])
+        if state is not None:
+            orchestrator = Orchestrator(
+                step=state["step"], pending_command=state["pending_command"],
+                command_id=state["command_id"], outcome=state["outcome"],
+            )
     return Saga(
-        transaction_id=doc["transaction_id"], store_id=doc["store_id"], status=doc["status"],
+        transaction_id=doc["transaction_id"], mode=mode, orchestrator=orchestrator,
+        store_id=doc["store_id"], status=doc["status"],
         step=doc["step"], step_started_at=doc["step_started_at"], age_s=round(age, 3),
         created_at=doc["created_at"], reason=doc.get("reason"),
         attempts=doc.get("attempts", 0), stuck=doc.get("stuck", False),
@@ -91,7 +120,7 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         more = len(rows) > limit
         rows = rows[:limit]
         now = clock()
-        items = [_saga(doc, now) for _, doc in rows]
+        items = [await _saga(store, doc, now) for _, doc in rows]
         if older_than is not None:
             items = [s for s in items if s.age_s >= older_than]
         return Page(items=items,
@@ -102,7 +131,7 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         doc = await store.get_document(sagas.SAGAS, transaction_id)
         if doc is None:
             raise NotFound(f"no saga {transaction_id}")
-        return _saga(doc, clock())
+        return await _saga(store, doc, clock())
 
     @api.post("/{transaction_id}/compensate", status_code=202)
     async def compensate(transaction_id: str, _: AdminKey) -> Compensation:

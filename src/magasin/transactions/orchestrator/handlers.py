@@ -17,7 +17,7 @@ from magasin.messaging.bus import Handler
 from magasin.shared.events import SCHEMAS, TransactionCreated
 from magasin.shared.ids import stream_id
 from magasin.shared.messages import RecordedEvent
-from magasin.transactions.domain import Transaction
+from magasin.transactions.domain import COMPENSATION, Transaction
 from magasin.transactions.orchestrator.commands import pending_envelope
 from magasin.transactions.orchestrator.domain import REPLIES, Orchestration
 from magasin.transactions.orchestrator.routing import SAGA_MODE, Mode
@@ -32,8 +32,24 @@ REFERENCES = {
 }
 REASONS = ("PaymentFailed", "OrderFulfillmentFailed")
 
+STATE = "transaction.orchestrations"
+"""Where each orchestrated saga stands, written with its decisions (same commit), for the
+sagas API: {transaction_id, step, pending_command, command_id, outcome}."""
+
 sagas = Repository(Orchestration)
 sales = Repository(Transaction)
+
+
+def _save(uow: UnitOfWork, saga: Orchestration) -> None:
+    sagas.save(uow, saga)
+    pending = saga.pending_command
+    uow.put_document(STATE, saga.id, {
+        "transaction_id": saga.id,
+        "step": saga.step or (COMPENSATION if pending is not None else None),
+        "pending_command": pending.value if pending is not None else None,
+        "command_id": saga.command_id,
+        "outcome": saga.outcome.value if saga.outcome is not None else None,
+    })
 
 
 def _send_pending(uow: UnitOfWork, saga: Orchestration, sale: Transaction) -> None:
@@ -61,7 +77,7 @@ async def abort(uow: UnitOfWork, sale: Transaction, reason: str, step: str | Non
     saga.abort(reason)
     if not sale.abort(reason, release=saga.to_release):
         return False
-    sagas.save(uow, saga)
+    _save(uow, saga)
     _send_pending(uow, saga, sale)
     return True
 
@@ -89,7 +105,7 @@ async def on_created(event: RecordedEvent, uow: UnitOfWork) -> None:
     _orchestrated(uow)
     sale = await sales.get(uow, tid)
     saga = Orchestration.start(tid, created.total, created.currency)
-    sagas.save(uow, saga)
+    _save(uow, saga)
     _send_pending(uow, saga, sale)
 
 
@@ -104,7 +120,7 @@ async def on_reply(event: RecordedEvent, uow: UnitOfWork) -> None:
     reason = reply.reason if event.type in REASONS else None
     if not saga.reply(event.type, reference, reason):
         return  # a duplicate, or a reply to no pending command
-    sagas.save(uow, saga)
+    _save(uow, saga)
     if saga.pending_command is not None and saga.command_id != sent:
         _send_pending(uow, saga, await sales.get(uow, tid))
 
