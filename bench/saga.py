@@ -12,7 +12,17 @@ one process each, behind the gateway, which the client calls).
 `raw_http_sagas_per_s` is the same client's rate against an app that answers the same two
 calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts on a saga.
 
+`--saga orchestration` measures the embedded deployment under both coordinations in the
+same run, one after the other on fresh data ({"coordination": {"choreography": {...},
+"orchestration": {...}}}): besides sagas/s and latencies, what each saga costs the server
+over the throughput run and until it settles (every consumer done): `messages_per_saga`
+(events and commands appended, the audit chain's own records left out: in embedded mode
+each is a message on the bus), `deliveries_per_saga` (handler runs, audit's included),
+`commits_per_saga` (database transactions) and `cpu_ms_per_saga` (the server process's
+user + system CPU).
+
     python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
+                         [--saga choreography|orchestration]
 """
 
 from __future__ import annotations
@@ -49,13 +59,15 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def process(args: list[str], env: dict[str, str], log: Path) -> AsyncIterator[None]:
+async def process(
+    args: list[str], env: dict[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "magasin", *args, env=env, stdout=out, stderr=out
         )
         try:
-            yield
+            yield proc
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGINT)
@@ -164,10 +176,62 @@ async def latencies_at(url: str, store_id: str, products: list[str], rate: float
     return {"p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
 
 
+COUNTED = {
+    "messages": ("magasin_events_published_total", {"outcome": "ok"}),
+    "deliveries": ("magasin_events_consumed_total", {"outcome": "handled"}),
+    "commits": ("magasin_store_commits_total", {}),
+}
+"""What a saga costs the server, from its own /metrics: (sample name, labels to match)."""
+
+
+async def counters(url: str, pid: int) -> dict[str, float]:
+    """The server's counted work so far, and its CPU seconds (user + system)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    totals = dict.fromkeys(COUNTED, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("event_type") == "AuditEntryRecorded":
+                continue  # the audit chain's own records: the same in both modes per event
+            for what, (name, labels) in COUNTED.items():
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    totals[what] += sample.value
+    totals["cpu_s"] = cpu_seconds(pid)
+    return totals
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (Linux /proc; fields 14 and 15 of stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settled(url: str, pid: int) -> dict[str, float]:
+    """The counters once every consumer has caught up (no delivery for two seconds: idle
+    consumers of the in-process bus poll every half second)."""
+    last = await counters(url, pid)
+    while True:
+        await asyncio.sleep(2.0)
+        now = await counters(url, pid)
+        if now["deliveries"] == last["deliveries"]:
+            return now
+        last = now
+
+
 async def measure(url: str, store_id: str, products: list[str], seconds: float,
-                  concurrency: int) -> dict[str, float]:
+                  concurrency: int, pid: int | None = None) -> dict[str, float]:
+    before = await counters(url, pid) if pid is not None else None
+    started = time.perf_counter()
     rate = await max_rate(url, store_id, products, seconds, concurrency)
     result = {"sagas_per_s": round(rate, 1)}
+    if pid is not None and before is not None:
+        sagas = rate * (time.perf_counter() - started)
+        after = await settled(url, pid)
+        for what in COUNTED:
+            result[f"{what}_per_saga"] = round((after[what] - before[what]) / sagas, 2)
+        result["cpu_ms_per_saga"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / sagas, 2)
     result.update(await latencies_at(url, store_id, products, max(rate / 2, 1), seconds))
     result["latency_rate_per_s"] = round(max(rate / 2, 1), 1)
     return result
@@ -181,15 +245,18 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 async def embedded(
-    tmp: Path, seconds: float, concurrency: int, products_n: int
+    tmp: Path, seconds: float, concurrency: int, products_n: int,
+    saga_mode: str = "choreography", costs: bool = False,
 ) -> dict[str, float]:
     port = free_port()
-    env = base_env(MAGASIN_DATA_DIR=str(tmp / "embedded"), MAGASIN_HTTP_PORT=str(port))
+    env = base_env(MAGASIN_DATA_DIR=str(tmp / f"embedded-{saga_mode}"),
+                   MAGASIN_HTTP_PORT=str(port), MAGASIN_SAGA_MODE=saga_mode)
     url = f"http://127.0.0.1:{port}"
-    async with process(["up", "--no-demo-data"], env, tmp / "embedded.log"):
+    async with process(["up", "--no-demo-data"], env, tmp / f"embedded-{saga_mode}.log") as proc:
         await healthy(url)
         store_id, products = await seed(url, url, url, products_n)
-        return await measure(url, store_id, products, seconds, concurrency)
+        return await measure(url, store_id, products, seconds, concurrency,
+                             proc.pid if costs else None)
 
 
 async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
@@ -263,8 +330,20 @@ async def main() -> None:
     parser.add_argument("--only", "--mode", dest="only", choices=["embedded", "distributed"])
     parser.add_argument("--products", type=int, default=5,
                         help="products sold (one per sale, in turn): few means hot stock items")
+    parser.add_argument("--saga", choices=["choreography", "orchestration"],
+                        default="choreography",
+                        help="orchestration: also measure it, next to choreography (embedded)")
     args = parser.parse_args()
     out: dict[str, Any] = {}
+    if args.saga == "orchestration":
+        with tempfile.TemporaryDirectory() as tmp:
+            out["coordination"] = {
+                mode: await embedded(Path(tmp), args.seconds, args.concurrency, args.products,
+                                     saga_mode=mode, costs=True)
+                for mode in ("choreography", "orchestration")
+            }
+        print(json.dumps(out))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "embedded"):
             out["embedded"] = await embedded(

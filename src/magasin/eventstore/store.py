@@ -260,6 +260,7 @@ class EventStore(ABC):
             started = time.perf_counter()
             try:
                 uow.recorded = await self.commit(uow.operations)
+                metrics.STORE_COMMITS.inc()
             except (Unavailable, StorageError):
                 if self.log_is_bus:
                     metrics.published(_appended(uow.operations), "failed")

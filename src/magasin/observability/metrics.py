@@ -204,6 +204,13 @@ except ImportError:  # pragma: no cover - tracing not installed
     _current_span = None  # type: ignore[assignment]
 
 
+STORE_COMMITS = Counter(
+    "magasin_store_commits_total",
+    "Units of work committed to this process's event store (one database transaction each).",
+    registry=REGISTRY,
+)
+
+
 def published(
     events: Iterable[tuple[str, Mapping[str, Any]]], outcome: str, seconds: float | None = None
 ) -> None:
