@@ -13,7 +13,8 @@ one process each, behind the gateway, which the client calls).
 calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts on a saga.
 
 `--saga orchestration` measures the embedded deployment under both coordinations in the
-same run, one after the other on fresh data ({"coordination": {"choreography": {...},
+same run, one after the other on fresh data, latencies at the same rate for both
+(`--latency-rate`, default 20 sagas/s) ({"coordination": {"choreography": {...},
 "orchestration": {...}}}): besides sagas/s and latencies, what each saga costs the server
 over the throughput run and until it settles (every consumer done): `messages_per_saga`
 (events and commands appended, the audit chain's own records left out: in embedded mode
@@ -221,7 +222,8 @@ async def settled(url: str, pid: int) -> dict[str, float]:
 
 
 async def measure(url: str, store_id: str, products: list[str], seconds: float,
-                  concurrency: int, pid: int | None = None) -> dict[str, float]:
+                  concurrency: int, pid: int | None = None,
+                  latency_rate: float | None = None) -> dict[str, float]:
     before = await counters(url, pid) if pid is not None else None
     started = time.perf_counter()
     rate = await max_rate(url, store_id, products, seconds, concurrency)
@@ -232,8 +234,9 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
         for what in COUNTED:
             result[f"{what}_per_saga"] = round((after[what] - before[what]) / sagas, 2)
         result["cpu_ms_per_saga"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / sagas, 2)
-    result.update(await latencies_at(url, store_id, products, max(rate / 2, 1), seconds))
-    result["latency_rate_per_s"] = round(max(rate / 2, 1), 1)
+    at = latency_rate or max(rate / 2, 1)
+    result.update(await latencies_at(url, store_id, products, at, seconds))
+    result["latency_rate_per_s"] = round(at, 1)
     return result
 
 
@@ -246,7 +249,7 @@ def base_env(**extra: str) -> dict[str, str]:
 
 async def embedded(
     tmp: Path, seconds: float, concurrency: int, products_n: int,
-    saga_mode: str = "choreography", costs: bool = False,
+    saga_mode: str = "choreography", costs: bool = False, latency_rate: float | None = None,
 ) -> dict[str, float]:
     port = free_port()
     env = base_env(MAGASIN_DATA_DIR=str(tmp / f"embedded-{saga_mode}"),
@@ -256,7 +259,7 @@ async def embedded(
         await healthy(url)
         store_id, products = await seed(url, url, url, products_n)
         return await measure(url, store_id, products, seconds, concurrency,
-                             proc.pid if costs else None)
+                             proc.pid if costs else None, latency_rate)
 
 
 async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
@@ -333,13 +336,17 @@ async def main() -> None:
     parser.add_argument("--saga", choices=["choreography", "orchestration"],
                         default="choreography",
                         help="orchestration: also measure it, next to choreography (embedded)")
+    parser.add_argument("--latency-rate", type=float, default=20.0,
+                        help="with --saga orchestration: sagas/s (open loop) at which both "
+                        "coordinations' latencies are measured, the same load for both")
     args = parser.parse_args()
     out: dict[str, Any] = {}
     if args.saga == "orchestration":
         with tempfile.TemporaryDirectory() as tmp:
             out["coordination"] = {
                 mode: await embedded(Path(tmp), args.seconds, args.concurrency, args.products,
-                                     saga_mode=mode, costs=True)
+                                     saga_mode=mode, costs=True,
+                                     latency_rate=args.latency_rate)
                 for mode in ("choreography", "orchestration")
             }
         print(json.dumps(out))
