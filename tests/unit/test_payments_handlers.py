@@ -9,7 +9,7 @@ from magasin.messaging.dispatch import Outcome
 from magasin.payments.aborts import ChargeDeadline
 from magasin.payments.gateway import BankSimulator, Charge
 from magasin.payments.handlers import PAYMENTS, handlers
-from magasin.shared.commands import ChargePayment, RefundPayment
+from magasin.shared.commands import ChargePayment, RefundPayment, VoidPayment
 from magasin.shared.events import (
     InventoryUnavailable,
     MissingLine,
@@ -287,3 +287,29 @@ async def test_orchestrated_sale_is_charged_on_its_command_not_on_its_creation(
     await deliver(harness, bank, RefundPayment(f"{TX}:3", "transaction", TX, "no_stock"))
     [refunded] = await harness.emitted(PaymentRefunded)
     assert (refunded.amount, refunded.reason) == (2500, "no_stock")
+
+
+async def test_void_payment_fails_a_sale_never_charged_so_a_late_charge_takes_nothing(
+    harness: Harness,
+) -> None:
+    bank = CountingBank()
+    await deliver(harness, bank, VoidPayment(f"{TX}:2", "transaction", TX, "deadline:payment",
+                                             "store-1", 2500, "CAD"))
+    [failed] = await harness.emitted(PaymentFailed)
+    assert (failed.transaction_id, failed.reason) == (TX, "deadline:payment")
+    c = created()
+    late = ChargePayment(f"{TX}:1", "transaction", TX, c.store_id, c.lines, c.total,
+                         c.currency, c.payment_method)
+    await deliver(harness, bank, late)
+    assert bank.charge_calls == 0 and await harness.emitted(PaymentProcessed) == []
+
+
+async def test_void_payment_refunds_a_sale_charged_meanwhile(harness: Harness) -> None:
+    bank = CountingBank()
+    c = created()
+    await deliver(harness, bank, ChargePayment(f"{TX}:1", "transaction", TX, c.store_id,
+                                               c.lines, c.total, c.currency, c.payment_method))
+    await deliver(harness, bank, VoidPayment(f"{TX}:2", "transaction", TX, "forced",
+                                             "store-1", 2500, "CAD"))
+    [refunded] = await harness.emitted(PaymentRefunded)
+    assert (refunded.amount, refunded.reason) == (2500, "forced")

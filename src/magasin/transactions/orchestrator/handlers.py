@@ -70,8 +70,10 @@ async def abort(uow: UnitOfWork, sale: Transaction, reason: str, step: str | Non
     compensation and sends its first command; the sale records the same decision. Both or
     neither: False when either has nothing to abort (the saga ended or moved past `step`,
     or the other side is about to end it)."""
-    saga = await sagas.get(uow, sale.id)
+    saga = await sagas.find(uow, sale.id)
     _orchestrated(uow)
+    if saga is None:
+        return False  # the orchestrator has not started it yet: the next sweep will see
     if sale.step is None or saga.step is None or (step is not None and sale.step != step):
         return False
     saga.abort(reason)
@@ -85,9 +87,9 @@ async def abort(uow: UnitOfWork, sale: Transaction, reason: str, step: str | Non
 async def retry(uow: UnitOfWork, sale: Transaction, attempt: int | None) -> bool:
     """Ask again for an orchestrated sale's compensation: the orchestrator sends its pending
     command once more (each service's effect happens once); False if there is none."""
-    saga = await sagas.get(uow, sale.id)
+    saga = await sagas.find(uow, sale.id)
     _orchestrated(uow)
-    if saga.pending_command is None or not sale.retry_compensation(attempt):
+    if saga is None or saga.pending_command is None or not sale.retry_compensation(attempt):
         return False
     _send_pending(uow, saga, sale)
     return True
