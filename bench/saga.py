@@ -14,13 +14,14 @@ calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts o
 
 `--saga orchestration` measures the embedded deployment under both coordinations in the
 same run, one after the other on fresh data, latencies at the same rate for both
-(`--latency-rate`, default 20 sagas/s) ({"coordination": {"choreography": {...},
-"orchestration": {...}}}): besides sagas/s and latencies, what each saga costs the server
+(`--latency-rate`, default 20 sagas/s): {"coordination": {"choreography": {...},
+"orchestration": {...}}}. Besides sagas/s and latencies, what each saga costs the server
 over the throughput run and until it settles (every consumer done): `messages_per_saga`
 (events and commands appended, the audit chain's own records left out: in embedded mode
 each is a message on the bus), `deliveries_per_saga` (handler runs, audit's included),
 `commits_per_saga` (database transactions) and `cpu_ms_per_saga` (the server process's
-user + system CPU).
+user + system CPU). With `--mode distributed`, the distributed deployment instead
+({"coordination_distributed": ...}: sagas/s and latencies only).
 
     python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
                          [--saga choreography|orchestration]
@@ -285,14 +286,17 @@ async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
             await proc.wait()
 
 
-async def distributed(tmp: Path, seconds: float, concurrency: int,
-                      products_n: int) -> dict[str, float]:
+async def distributed(tmp: Path, seconds: float, concurrency: int, products_n: int,
+                      saga_mode: str = "choreography",
+                      latency_rate: float | None = None) -> dict[str, float]:
     """The whole deployment as `magasin cluster up` runs it (every service, one process
     each, behind the gateway), measured through the gateway's one URL."""
-    async with cluster_up(tmp, KEY, MAGASIN_BANK_LATENCY_MS="0") as deployment:
+    async with cluster_up(tmp, KEY, MAGASIN_BANK_LATENCY_MS="0",
+                          MAGASIN_SAGA_MODE=saga_mode) as deployment:
         url = deployment.url
         store_id, products = await seed(url, url, url, products_n)
-        return await measure(url, store_id, products, seconds, concurrency)
+        return await measure(url, store_id, products, seconds, concurrency,
+                             latency_rate=latency_rate)
 
 
 async def raw_broker_roundtrip(seconds: float, window: int = 64) -> float:
@@ -342,13 +346,22 @@ async def main() -> None:
     args = parser.parse_args()
     out: dict[str, Any] = {}
     if args.saga == "orchestration":
+        modes = ("choreography", "orchestration")
         with tempfile.TemporaryDirectory() as tmp:
-            out["coordination"] = {
-                mode: await embedded(Path(tmp), args.seconds, args.concurrency, args.products,
-                                     saga_mode=mode, costs=True,
-                                     latency_rate=args.latency_rate)
-                for mode in ("choreography", "orchestration")
-            }
+            if args.only != "distributed":
+                out["coordination"] = {
+                    mode: await embedded(Path(tmp), args.seconds, args.concurrency,
+                                         args.products, saga_mode=mode, costs=True,
+                                         latency_rate=args.latency_rate)
+                    for mode in modes
+                }
+            if args.only == "distributed":
+                out["coordination_distributed"] = {
+                    mode: await distributed(Path(tmp), args.seconds, args.concurrency,
+                                            args.products, saga_mode=mode,
+                                            latency_rate=args.latency_rate)
+                    for mode in modes
+                }
         print(json.dumps(out))
         return
     with tempfile.TemporaryDirectory() as tmp:
