@@ -340,7 +340,7 @@ async def test_a_dead_lettered_message_carries_why_who_how_often_and_where_from(
     assert letter.event == event
 
 
-async def test_competing_consumers_share_the_queue_with_one_effect_per_event(
+async def test_two_processes_share_the_partitions_with_one_effect_per_event(
     make_bus: MakeBus, consumer_store: SqliteEventStore, amqp_url: str, amqp_namespace: str
 ) -> None:
     seen: list[list[str]] = [[], []]
@@ -353,19 +353,28 @@ async def test_competing_consumers_share_the_queue_with_one_effect_per_event(
 
         return count
 
-    first = await make_bus({"carts": {"ItemAdded": counting(0)}}, prefetch=8)
-    second = await make_bus({"carts": {"ItemAdded": counting(1)}}, prefetch=8)
+    first = await make_bus({"carts": {"ItemAdded": counting(0)}}, prefetch=8, lease=0.6,
+                           partitions=4)
+    second = await make_bus({"carts": {"ItemAdded": counting(1)}}, prefetch=8, lease=0.6,
+                            partitions=4)
+
+    async def shared() -> bool:
+        return (len(first.owned_partitions("carts")), len(second.owned_partitions("carts"))) \
+            == (2, 2)
+
+    await eventually(shared)
     events = [item_added(f"sku-{i}") for i in range(200)]
     # Every event goes on the wire twice, as after a relay crash.
     await first.publish(events)
     await second.publish(events)
 
     await eventually(lambda: _stream_has(consumer_store, "tally-all", 200))
-    await eventually(lambda: _ready(amqp_url, f"{amqp_namespace}.carts", 0))
+    partitions = [f"{amqp_namespace}.carts.p{n}" for n in range(4)]
+    await eventually(lambda: _all_ready(amqp_url, partitions, 0))
     await first.stop(grace=5.0)
     await second.stop(grace=5.0)
 
-    assert await _ready(amqp_url, f"{amqp_namespace}.carts", 0), "messages were left over"
+    assert await _all_ready(amqp_url, partitions, 0), "messages were left over"
     tally = await consumer_store.read_stream("tally-all")
     assert sorted(e.payload["event_id"] for e in tally) == sorted(e.event_id for e in events)
     assert seen[0], "the first consumer got nothing"
@@ -384,12 +393,19 @@ async def _ready(url: str, queue: str, n: int) -> bool:
         return declared.declaration_result.message_count == n
 
 
+async def _all_ready(url: str, queues: list[str], n: int) -> bool:
+    return all([await _ready(url, queue, n) for queue in queues])
+
+
 async def test_delete_topology_removes_every_exchange_and_queue(
     make_bus: MakeBus, amqp_url: str, amqp_namespace: str
 ) -> None:
     bus = await make_bus({"carts": {"ItemAdded": Recorder()}})
     ns = amqp_namespace
-    queues = [f"{ns}.carts", f"{ns}.carts.retry.1", f"{ns}.carts.retry.2", f"{ns}.carts.dlq"]
+    queues = [f"{ns}.carts.dlq"] + [
+        name for n in range(bus.partitions)
+        for name in (f"{ns}.carts.p{n}", f"{ns}.carts.p{n}.retry.1", f"{ns}.carts.p{n}.retry.2")
+    ]
     exchanges = [f"{ns}.events", f"{ns}.dlx"]
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
@@ -399,11 +415,12 @@ async def test_delete_topology_removes_every_exchange_and_queue(
             await channel.declare_exchange(name, passive=True)
         # Expired retries go back to the work queue: re-declaring with other arguments fails.
         retry_args: dict[str, Any] = {
-            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{ns}.carts",
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{ns}.carts.p0",
         }
-        await channel.declare_queue(f"{ns}.carts.retry.1", durable=True, arguments=retry_args)
+        await channel.declare_queue(f"{ns}.carts.p0.retry.1", durable=True,
+                                    arguments=retry_args)
         with pytest.raises(ChannelPreconditionFailed):
-            await channel.declare_queue(f"{ns}.carts.retry.1", durable=True)
+            await channel.declare_queue(f"{ns}.carts.p0.retry.1", durable=True)
 
     await bus.stop()
     await bus.delete_topology()
@@ -469,7 +486,8 @@ async def test_a_backlog_is_handled_many_messages_per_commit(
     original = consumer_store.commit
 
     async def counting(operations: Any) -> list[RecordedEvent]:
-        commits.append(sum(1 for op in operations if type(op).__name__ == "MarkProcessed"))
+        if marks := sum(1 for op in operations if type(op).__name__ == "MarkProcessed"):
+            commits.append(marks)  # not the partition leases' renewals
         return await original(operations)
 
     monkeypatch.setattr(consumer_store, "commit", counting)

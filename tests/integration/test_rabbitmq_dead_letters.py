@@ -11,6 +11,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
 from magasin.eventstore.sqlite import SqliteEventStore
@@ -68,12 +69,18 @@ async def test_a_message_past_the_delivery_limit_becomes_a_dead_letter_not_a_los
         channel = await connection.channel()
         await channel.default_exchange.publish(
             aio_pika.Message(event.to_json(), message_id=event.event_id),
-            routing_key=f"{amqp_namespace}.carts",
+            routing_key=f"{amqp_namespace}.carts.p0",
         )
-        queue = await channel.get_queue(f"{amqp_namespace}.carts", ensure=False)
+        queue = await channel.get_queue(f"{amqp_namespace}.carts.p0", ensure=False)
+
+        async def refuse(message: AbstractIncomingMessage) -> None:
+            await message.nack(requeue=True)
+
+        await queue.consume(refuse)  # (no basic.get on a single-active-consumer queue)
         async with asyncio.timeout(WAIT):
-            while (message := await queue.get(fail=False)) is not None:
-                await message.nack(requeue=True)
+            while not (await channel.declare_queue(f"{amqp_namespace}.carts.dlq", passive=True)
+                       ).declaration_result.message_count:
+                await asyncio.sleep(0.05)
     finally:
         await connection.close()
 

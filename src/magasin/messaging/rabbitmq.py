@@ -1,8 +1,10 @@
-"""RabbitMQ adapter of the event bus: topic exchange, per-consumer work/retry/dead-letter queues."""
+"""RabbitMQ adapter of the event bus: topic exchange, per-consumer partitioned work queues,
+retry and dead-letter queues; partitions shared between a service's processes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections import deque
@@ -28,6 +30,13 @@ from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
+from magasin.messaging.ownership import DEFAULT_LEASE, Ownership, new_member_id
+from magasin.messaging.partitioning import (
+    configured_partitions,
+    event_partition,
+    key_of,
+    stable_hash,
+)
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConfigurationError, MalformedMessage, Unavailable
@@ -40,12 +49,15 @@ REASON = "x-magasin-reason"
 CONSUMER = "x-magasin-consumer"
 ORIGINAL_ROUTING_KEY = "x-magasin-original-routing-key"
 DEAD_LETTERED_AT = "x-magasin-dead-lettered-at"
+KEY_HEADER = "magasin-partition-key"
 
 _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
 _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for humans anyway
 _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
 
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
+Slot = tuple[int, str]
+"""(partition, key): the messages of one key are handled one at a time, in order."""
 
 
 def check_queue_arguments(queue: str, arguments: Mapping[str, Any] | None) -> None:
@@ -64,18 +76,34 @@ class _Consumer:
     name: str
     handlers: dict[str, Handler]
     queue: str
+    """The group's name: its partition queues are `<queue>.p<n>`."""
     retry: RetryPolicy
     workers: int
-    """Most tasks handling its messages at once."""
+    """Most messages (of distinct keys) the process handles at once."""
     batch: int
     """Most messages one task handles in one unit of work."""
+    partitions: int = 1
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
-    waiting: deque[AbstractIncomingMessage] = field(default_factory=deque)
-    """Messages of the work queue that no worker has taken yet."""
-    busy: int = 0
+    """Consumers of the dead-letter queue (every process records dead letters)."""
+    queues: dict[int, AbstractQueue] = field(default_factory=dict)
+    consuming: dict[int, str] = field(default_factory=dict)
+    """Partition -> consumer tag, for the partitions this process owns."""
+    waiting: dict[Slot, deque[AbstractIncomingMessage]] = field(default_factory=dict)
+    """Messages taken from the broker that no worker has handled yet, per key slot."""
+    running: set[Slot] = field(default_factory=set)
+    draining: set[int] = field(default_factory=set)
+    ownership: Ownership | None = None
+    slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+    """`workers` of them, shared by the partitions: the process's handlers at once."""
 
-    def retry_queue(self, level: int) -> str:
-        return f"{self.queue}.retry.{level}"
+    def partition_queue(self, partition: int) -> str:
+        return f"{self.queue}.p{partition}"
+
+    def retry_queue(self, partition: int, level: int) -> str:
+        return f"{self.partition_queue(partition)}.retry.{level}"
+
+    def idle(self, partition: int) -> bool:
+        return not any(slot[0] == partition for slot in self.running)
 
     def retry_level(self, failed: int) -> int:
         """Retries past the first delays all wait `max_delay`: they share the last queue."""
@@ -90,10 +118,16 @@ class RabbitMQBus(EventBus):
     """Event bus over RabbitMQ (distributed mode).
 
     Events go to the durable topic exchange `<ns>.events` with routing key
-    `<aggregate>.<EventType>`. Each consumer has a durable work queue `<ns>.<consumer>`.
-    A failed message is acked only once a copy sits in `<ns>.<consumer>.retry.<n>`, a queue
-    nobody consumes whose messages expire (per-message TTL) back into the work queue, so a
-    retry never holds up the messages behind it. A message given up on goes through the
+    `<aggregate>.<EventType>.<partition>`: the publisher computes the partition,
+    `stable_hash(key) % N` (`partitioning`), the same number the in-process lanes and the
+    event's metadata use. Each consumer has N durable work queues `<ns>.<consumer>.p<i>`
+    (`x-single-active-consumer`), each bound to its partition's routing keys; the processes
+    of a service share them through leases (`ownership`): one process consumes a partition
+    at a time, and within it one key's messages are handled one at a time, in order.
+    A failed message is acked only once a copy sits in `<partition queue>.retry.<n>`, a
+    queue nobody consumes whose messages expire (per-message TTL) back into the partition
+    queue, so a retry never holds up the messages behind it (nor, thus, later events of
+    its key). A message given up on goes through the
     direct exchange `<ns>.dlx` to `<ns>.<consumer>.dlq`, which the bus itself drains into
     the store's dead letters. A requeued dead letter is published straight into its
     consumer's work queue (the default exchange), without an attempt count.
@@ -112,6 +146,9 @@ class RabbitMQBus(EventBus):
         batch: int = 1,
         timeout: float = 10.0,
         work_queue_arguments: Mapping[str, Any] | None = None,
+        partitions: int | None = None,
+        lease: float = DEFAULT_LEASE,
+        member: str | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
@@ -134,6 +171,12 @@ class RabbitMQBus(EventBus):
         adds queueing latency and several collide on hot aggregates (docs/architecture)."""
         self.timeout = timeout
         """Seconds to wait for the broker: to connect, and for each batch's confirms."""
+        self.partitions = partitions or configured_partitions()
+        self.lease = lease
+        """Seconds a process's partitions stay its own without renewal (see ownership)."""
+        self.member = member or new_member_id()
+        """This process in the partition leases (host:pid:random by default)."""
+        self._balancer: asyncio.Task[None] | None = None
         self._consumers: dict[str, _Consumer] = {}
         self._connection: AbstractRobustConnection | None = None
         # The robust connection only holds its channels weakly (to restore them after a
@@ -174,6 +217,8 @@ class RabbitMQBus(EventBus):
         self._consumers[consumer] = _Consumer(
             consumer, table, self._queue_of(consumer), retry or self.retry,
             workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
+            partitions=self.partitions,
+            slots=asyncio.Semaphore(concurrency or self.workers),
         )
 
     def _queue_of(self, consumer: str) -> str:
@@ -184,6 +229,10 @@ class RabbitMQBus(EventBus):
             return
         for consumer in self._consumers.values():  # refused before anything is declared
             check_queue_arguments(consumer.queue, self.work_queue_arguments)
+            consumer.ownership = Ownership(
+                self.store, consumer.queue, self.partitions, member=self.member,
+                lease=self.lease,
+            )
         try:
             connection = await aio_pika.connect_robust(
                 self.url,
@@ -201,6 +250,9 @@ class RabbitMQBus(EventBus):
             raise
         connection.close_callbacks.add(self._connection_lost)
         connection.reconnect_callbacks.add(self._reconnected)
+        if self._consumers:
+            await self._rebalance()  # alone, a process consumes every partition at once
+            self._balancer = asyncio.create_task(self._balance(), name="bus:partitions")
         log.info("event bus connected to RabbitMQ, namespace %s", self.namespace)
 
     async def _declare(self, connection: AbstractRobustConnection) -> None:
@@ -219,24 +271,25 @@ class RabbitMQBus(EventBus):
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
             await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
-            work = await _declare_queue(channel, consumer.queue, self._work_arguments(consumer))
-            for event_type in consumer.handlers:
-                await work.bind(self._events, routing_key=f"*.{event_type}")
-            for level in range(1, consumer.retry.levels + 1):
-                await _declare_queue(
-                    channel,
-                    consumer.retry_queue(level),
-                    {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": consumer.queue},
-                )
+            for partition in range(consumer.partitions):
+                name = consumer.partition_queue(partition)
+                work = await _declare_queue(channel, name, self._work_arguments(consumer))
+                consumer.queues[partition] = work
+                for event_type in consumer.handlers:
+                    await work.bind(self._events, routing_key=f"*.{event_type}.{partition}")
+                for level in range(1, consumer.retry.levels + 1):
+                    await _declare_queue(
+                        channel,
+                        consumer.retry_queue(partition, level),
+                        {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": name},
+                    )
             dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
-            consumer.tags = [
-                (work, await work.consume(self._batcher(consumer))),
-                (dlq, await dlq.consume(self._spawner(consumer, self._record))),
-            ]
+            consumer.tags = [(dlq, await dlq.consume(self._spawner(consumer, self._record)))]
 
     def _work_arguments(self, consumer: _Consumer) -> dict[str, Any]:
-        arguments = dict(self.work_queue_arguments)
+        # One process at a time consumes a partition, whatever the leases say.
+        arguments = {**self.work_queue_arguments, "x-single-active-consumer": True}
         if arguments.get("x-dead-letter-exchange") == self.dead_letter_exchange:
             # What the broker dead-letters keeps its routing key unless told otherwise; the
             # consumer's name is what binds its dead-letter queue to our exchange.
@@ -247,6 +300,11 @@ class RabbitMQBus(EventBus):
         if self._connection is None:
             return
         self._stopping = True
+        if self._balancer is not None:
+            self._balancer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._balancer
+            self._balancer = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         try:
@@ -254,6 +312,8 @@ class RabbitMQBus(EventBus):
                 for consumer in self._consumers.values():
                     for queue, tag in consumer.tags:
                         await queue.cancel(tag)
+                    for partition, tag in list(consumer.consuming.items()):
+                        await consumer.queues[partition].cancel(tag)
         except _BROKER_ERRORS as exc:
             # Closing the connection below cancels the consumers anyway.
             log.warning("could not cancel RabbitMQ consumers cleanly: %r", exc)
@@ -267,6 +327,17 @@ class RabbitMQBus(EventBus):
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._close()
+        # Only now, with what it held back in the queues, may others take its partitions.
+        for consumer in self._consumers.values():
+            consumer.consuming.clear()
+            consumer.waiting.clear()
+            consumer.running.clear()
+            consumer.draining.clear()
+            if consumer.ownership is not None:
+                try:
+                    await consumer.ownership.leave()
+                except Exception as exc:  # its leases expire anyway
+                    log.warning("could not free the partitions of %s: %r", consumer.name, exc)
         log.info("event bus disconnected from RabbitMQ, namespace %s", self.namespace)
 
     async def _close(self) -> None:
@@ -275,6 +346,7 @@ class RabbitMQBus(EventBus):
         self._channels.clear()
         for consumer in self._consumers.values():
             consumer.tags = []
+            consumer.queues = {}
         if connection is not None:
             await connection.close()
 
@@ -294,9 +366,10 @@ class RabbitMQBus(EventBus):
         try:
             channel = await connection.channel()
             for consumer in self._consumers.values():
-                await channel.queue_delete(consumer.queue)
-                for level in range(1, consumer.retry.levels + 1):
-                    await channel.queue_delete(consumer.retry_queue(level))
+                for partition in range(consumer.partitions):
+                    await channel.queue_delete(consumer.partition_queue(partition))
+                    for level in range(1, consumer.retry.levels + 1):
+                        await channel.queue_delete(consumer.retry_queue(partition, level))
                 await channel.queue_delete(consumer.dead_letter_queue)
             await channel.exchange_delete(self.exchange)
             await channel.exchange_delete(self.dead_letter_exchange)
@@ -313,14 +386,18 @@ class RabbitMQBus(EventBus):
         # its publish span as traceparent (envelope and header): handlers are its children.
         with tracing.publishing(events, "rabbitmq") as sent:
             await self._confirmed(
-                [(exchange, _event_message(e), e.routing_key) for e in sent], mandatory=False
+                [(exchange, _event_message(e),
+                  f"{e.routing_key}.{event_partition(e, self.partitions)}") for e in sent],
+                mandatory=False,
             )
 
-    async def publish_raw(self, routing_key: str, body: bytes) -> None:
-        """Publish arbitrary bytes to the events exchange (tests inject bad messages so)."""
+    async def publish_raw(self, routing_key: str, body: bytes, partition: int = 0) -> None:
+        """Publish arbitrary bytes to the events exchange, to one partition (tests inject
+        bad messages so)."""
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         exchange = self._require(self._events)
-        await self._confirmed([(exchange, message, routing_key)], mandatory=False)
+        await self._confirmed([(exchange, message, f"{routing_key}.{partition}")],
+                              mandatory=False)
 
     def _require(self, exchange: AbstractExchange | None) -> AbstractExchange:
         if exchange is None:
@@ -370,37 +447,100 @@ class RabbitMQBus(EventBus):
 
         return spawn
 
-    def _batcher(
-        self, consumer: _Consumer
+    # -- partitions ---------------------------------------------------------------------
+
+    async def _balance(self) -> None:
+        """Renew this process's membership and leases, and follow the plan, every third of
+        a lease; a storage failure is retried at the next tick."""
+        while not self._stopping:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("could not renew partition leases: %r", exc)
+
+    async def _rebalance(self) -> None:
+        for consumer in self._consumers.values():
+            assert consumer.ownership is not None
+            acquire, release = await consumer.ownership.plan()
+            for partition in sorted(release - consumer.draining):
+                consumer.draining.add(partition)
+                task = asyncio.create_task(self._give_up(consumer, partition))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            for partition in sorted(acquire):
+                queue = consumer.queues[partition]
+                try:
+                    consumer.consuming[partition] = await queue.consume(
+                        self._arrival(consumer, partition)
+                    )
+                except BaseException:
+                    await consumer.ownership.released(partition)  # taken again next tick
+                    raise
+                log.info("consumer %s takes partition %d", consumer.name, partition)
+
+    async def _give_up(self, consumer: _Consumer, partition: int) -> None:
+        """Stop taking the partition's messages, handle those taken, then free its lease:
+        its next owner starts after the last message this process handled."""
+        try:
+            tag = consumer.consuming.pop(partition, None)
+            if tag is not None:
+                await consumer.queues[partition].cancel(tag)
+            while not consumer.idle(partition) and not self._stopping:
+                await asyncio.sleep(0.01)
+            if not self._stopping:
+                assert consumer.ownership is not None
+                await consumer.ownership.released(partition)
+                log.info("consumer %s gives partition %d up", consumer.name, partition)
+        finally:
+            consumer.draining.discard(partition)
+
+    def owned_partitions(self, consumer: str) -> list[int]:
+        """The partitions of `consumer` this process consumes now."""
+        return sorted(self._consumers[consumer].consuming)
+
+    def _arrival(
+        self, consumer: _Consumer, partition: int
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        """The work queue's consume callback. A message waits for one of the consumer's
-        `workers` tasks, which takes every message waiting (up to `batch`) and handles them
-        in one unit of work. Idle, each message gets a worker at once, so nothing waits;
-        busy, messages gather meanwhile and commit together, one round trip for many."""
+        """A partition queue's consume callback. A message joins its key's queue; each is
+        worked by one task at a time, which takes every message waiting there (up to
+        `batch`) in arrival order: one key's events are handled in order, other keys'
+        meanwhile (at most `workers` at once in the process)."""
 
         async def arrive(message: AbstractIncomingMessage) -> None:
             if self._stopping:
                 return  # left unacked: the broker delivers it again after we disconnect
-            consumer.waiting.append(message)
-            if consumer.busy < consumer.workers:
-                consumer.busy += 1
-                task = asyncio.create_task(self._work(consumer))
+            # Batching commits a run of a partition's messages in one unit of work: then
+            # one task per partition takes them (in order), whatever their keys.
+            slot = (partition, "" if consumer.batch > 1 else _message_key(message))
+            consumer.waiting.setdefault(slot, deque()).append(message)
+            if slot not in consumer.running:
+                consumer.running.add(slot)
+                task = asyncio.create_task(self._work(consumer, slot))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
 
         return arrive
 
-    async def _work(self, consumer: _Consumer) -> None:
+    async def _work(self, consumer: _Consumer, slot: Slot) -> None:
         try:
-            while consumer.waiting and not self._stopping:
-                take = min(len(consumer.waiting), consumer.batch)
-                messages = [consumer.waiting.popleft() for _ in range(take)]
-                if len(messages) == 1:
-                    await self._guarded(self._handle, consumer, messages[0])
-                else:
-                    await self._handle_batch(consumer, messages)
+            waiting = consumer.waiting[slot]
+            while waiting and not self._stopping:
+                async with consumer.slots:  # then take what gathered meanwhile
+                    if self._stopping:
+                        break
+                    take = min(len(waiting), consumer.batch)
+                    messages = [waiting.popleft() for _ in range(take)]
+                    if len(messages) == 1:
+                        await self._guarded(self._handle, consumer, messages[0])
+                    else:
+                        await self._handle_batch(consumer, messages)
         finally:
-            consumer.busy -= 1
+            consumer.running.discard(slot)
+            if not consumer.waiting.get(slot):
+                consumer.waiting.pop(slot, None)
 
     async def _handle_batch(
         self, consumer: _Consumer, messages: list[AbstractIncomingMessage]
@@ -418,14 +558,15 @@ class RabbitMQBus(EventBus):
             else:
                 together.append(message)
                 events.append(event)
-        # deliver_batch reports any failure as False, having written nothing.
-        if len(events) > 1 and await deliver_batch(
+        # deliver_batch reports any failure as False, having written nothing. Alone, the
+        # messages go in their arrival order (one key's order).
+        if not alone and await deliver_batch(
             self.store, self.schemas, consumer.name, consumer.handlers, events, _nothing_more
         ):
             for message in together:
                 await self._ack(message)
-            together = []
-        for message in together + alone:
+            return
+        for message in messages:
             await self._guarded(self._handle, consumer, message)
 
     async def _guarded(
@@ -478,7 +619,8 @@ class RabbitMQBus(EventBus):
         headers = _forwarded_headers(message)
         headers[ATTEMPTS] = failed
         copy = _copy(message, headers, expiration=delay)
-        queue = consumer.retry_queue(consumer.retry_level(failed))
+        queue = consumer.retry_queue(_partition_of_message(message, self.partitions),
+                                     consumer.retry_level(failed))
         try:
             await self._confirmed(
                 [(self._require(self._default), copy, queue)],
@@ -555,7 +697,8 @@ class RabbitMQBus(EventBus):
         requeued = await deadletters.claim_requeue(self.store, letter_id)
         event = requeued.event
         assert event is not None
-        headers: dict[str, Any] = {ORIGINAL_ROUTING_KEY: requeued.routing_key}
+        headers: dict[str, Any] = {ORIGINAL_ROUTING_KEY: requeued.routing_key,
+                                   KEY_HEADER: key_of(event)}
         if event.traceparent:
             headers["traceparent"] = event.traceparent
         message = aio_pika.Message(
@@ -563,8 +706,9 @@ class RabbitMQBus(EventBus):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event.event_id,
             type=event.type, correlation_id=event.correlation_id,
         )
+        queue = f"{self._queue_of(requeued.consumer)}.p{event_partition(event, self.partitions)}"
         try:
-            await self._send_to_queue(self._queue_of(requeued.consumer), message)
+            await self._send_to_queue(queue, message)
         except Unavailable:
             await deadletters.undo_requeue(self.store, requeued)
             raise
@@ -588,6 +732,9 @@ class RabbitMQBus(EventBus):
 
 
 def _event_message(event: RecordedEvent) -> aio_pika.Message:
+    headers: dict[str, Any] = {KEY_HEADER: key_of(event)}
+    if event.traceparent:
+        headers["traceparent"] = event.traceparent
     return aio_pika.Message(
         event.to_json(),
         content_type="application/json",
@@ -595,8 +742,33 @@ def _event_message(event: RecordedEvent) -> aio_pika.Message:
         message_id=event.event_id,
         type=event.type,
         correlation_id=event.correlation_id,
-        headers={"traceparent": event.traceparent} if event.traceparent else None,
+        headers=headers,
     )
+
+
+def _message_key(message: AbstractIncomingMessage) -> str:
+    """The partition key the publisher stamped (else the envelope's; "" if undecodable)."""
+    key = message.headers.get(KEY_HEADER)
+    if isinstance(key, str):
+        return key
+    try:
+        return key_of(decode_envelope(message.body))
+    except MalformedMessage:
+        return ""
+
+
+def _partition_of_message(message: AbstractIncomingMessage, partitions: int) -> int:
+    """The partition a message was routed to (its routing key's last word), else its key's."""
+    last = (message.routing_key or "").rsplit(".", 1)[-1]
+    if last.isdigit():
+        return int(last) % partitions
+    return stable_hash(_message_key(message)) % partitions
+
+
+def _event_routing_key(routing_key: str) -> str:
+    """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>`)."""
+    words = routing_key.split(".")
+    return ".".join(words[:2]) if len(words) == 3 and words[2].isdigit() else routing_key
 
 
 def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -607,7 +779,7 @@ def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
     }
     original = message.headers.get(ORIGINAL_ROUTING_KEY)
     headers[ORIGINAL_ROUTING_KEY] = (
-        original if isinstance(original, str) else message.routing_key or ""
+        original if isinstance(original, str) else _event_routing_key(message.routing_key or "")
     )
     return headers
 
@@ -641,7 +813,8 @@ def _letter(consumer: str, message: AbstractIncomingMessage) -> DeadLetter:
         consumer=consumer,
         reason=str(headers.get(REASON) or _broker_reason(headers)),
         attempts=_int_header(headers, ATTEMPTS, 1),
-        routing_key=str(headers.get(ORIGINAL_ROUTING_KEY, message.routing_key or "")),
+        routing_key=str(headers.get(ORIGINAL_ROUTING_KEY,
+                                    _event_routing_key(message.routing_key or ""))),
         dead_lettered_at=datetime.fromisoformat(at) if isinstance(at, str) else utcnow(),
         event=event,
         body=message.body.decode("utf-8", errors="replace"),
