@@ -22,6 +22,7 @@ import httpx
 from magasin.config import Settings
 from magasin.gateway import nginx, render
 from magasin.gateway.routes import SERVICES as ALL_SERVICES
+from magasin.messaging.partitioning import configured_partitions
 
 SERVICES = ("store", "inventory", "payment", "transaction")
 OPTIONAL_SERVICES = ("audit", "eventstore")
@@ -31,7 +32,7 @@ CONSUMERS = (
     "transaction.notifier", "transaction.sagas", "transaction.saga-metrics", "audit",
     "eventstore",
 )
-"""Every consumer the four services subscribe (one RabbitMQ work queue each)."""
+"""Every consumer the four services subscribe (N RabbitMQ partition queues each)."""
 HEALTH_TIMEOUT = 30.0
 
 
@@ -396,8 +397,11 @@ async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) ->
         names: set[str] = set()
         for consumer in CONSUMERS:
             queue = f"{namespace}.{consumer}"
-            names |= {queue, f"{queue}.dlq"}
-            names |= {f"{queue}.retry.{level}" for level in range(1, retry_attempts)}
+            names |= {f"{queue}.dlq"}
+            for partition in range(configured_partitions()):
+                names |= {f"{queue}.p{partition}"}
+                names |= {f"{queue}.p{partition}.retry.{level}"
+                          for level in range(1, retry_attempts)}
         # A consumer may have a longer retry policy of its own (payment does): ask the
         # broker for whatever else was declared under this namespace.
         names |= set(await _queues_named(f"{namespace}."))

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
+from magasin.messaging.partitioning import configured_partitions
 from tests.e2e.conftest import eventually
 from tests.e2e.processes import (
     SERVICES,
@@ -639,8 +640,15 @@ async def test_competing_consumers_never_promise_stock_or_charge_twice(
         await asyncio.gather(*(process.healthy() for process in extra))
         namespace = cluster.env["MAGASIN_AMQP_NAMESPACE"]
         for service in more:
-            queue = f"{namespace}.{service}"
-            assert await consumer_count(cluster.env["MAGASIN_AMQP_URL"], queue) == 2
+            # Each partition is consumed by exactly one of the processes at a time.
+            queues = [f"{namespace}.{service}.p{n}" for n in range(configured_partitions())]
+
+            async def one_each(queues: list[str] = queues) -> bool:
+                counts = [await consumer_count(cluster.env["MAGASIN_AMQP_URL"], queue)
+                          for queue in queues]
+                return counts == [1] * len(queues)
+
+            await eventually(one_each)
         store, stock, probe = await stock_up(magasin, "Concurrence", {"A": 20, "B": 15, "C": 10})
 
         posted = await asyncio.gather(*(
