@@ -142,6 +142,7 @@ async def test_each_keys_events_take_effect_once_in_order_while_processes_are_ki
     shared_store: PostgresEventStore,
     workers: Callable[[], Workers],
     publisher: tuple[SqliteEventStore, RabbitMQBus],
+    amqp_namespace: str,
 ) -> None:
     """4 processes, 2,000 events over 50 keys, a random process killed -9 (and started
     again) every 2 s until every event took effect."""
@@ -149,6 +150,12 @@ async def test_each_keys_events_take_effect_once_in_order_while_processes_are_ki
     pool = workers()
     for _ in range(4):
         pool.start()
+
+    async def shared_by_four() -> bool:  # their queues exist: nothing published is unrouted
+        owned = await owners(shared_store, amqp_namespace)
+        return len(owned) == PARTITIONS and shares(owned) == [1, 1, 1, 1]
+
+    await eventually(shared_by_four, timeout=30.0)
     burst = await keyed_burst(producer, keys=50, per_key=40)
     rng = random.Random(12)
     loop = asyncio.get_running_loop()
@@ -157,7 +164,7 @@ async def test_each_keys_events_take_effect_once_in_order_while_processes_are_ki
     async def publish() -> None:
         for start in range(0, len(burst), 100):
             await bus.publish(burst[start:start + 100])
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # 10 s of publishing: kills land mid-stream
 
     publishing = asyncio.create_task(publish())
     deadline = loop.time() + 50.0
