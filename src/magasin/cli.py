@@ -17,6 +17,7 @@ from magasin import __version__
 from magasin.bootstrap import SERVICES, Runtime, api_keys, distributed_store, embedded_store
 from magasin.cli_cluster import cluster_app, gateway_app
 from magasin.cli_deadletters import app as dead_letters_app
+from magasin.cli_partitions import partitions as partitions_command
 from magasin.cli_payments import app as payments_app
 from magasin.config import Settings
 from magasin.console import routes as console_routes
@@ -37,6 +38,7 @@ app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(payments_app, name="payments")
+app.command("partitions")(partitions_command)
 console = Console()
 
 Distributed = Annotated[

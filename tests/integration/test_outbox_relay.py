@@ -10,7 +10,7 @@ import pytest
 from yarl import URL
 
 from magasin.eventstore.store import EventStore
-from magasin.messaging.bus import DeadLetter, EventBus, Handler
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState
 from magasin.messaging.outbox import OutboxRelay
 from magasin.messaging.rabbitmq import RabbitMQBus
 from magasin.shared.errors import Unavailable
@@ -63,6 +63,9 @@ class SpyBus(EventBus):
 
     async def archive_dead_letter(self, letter_id: str) -> DeadLetter:
         return await self.inner.archive_dead_letter(letter_id)
+
+    async def partition_states(self) -> list[PartitionState]:
+        return await self.inner.partition_states()
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         async with asyncio.timeout(WAIT):

@@ -512,3 +512,10 @@ async def test_a_backlog_is_handled_many_messages_per_commit(
 
 async def _effects(store: SqliteEventStore, n: int) -> bool:
     return len(await store.find_documents("effects", limit=10_000)) >= n
+
+
+async def test_each_partition_shows_its_owner_and_depth(make_bus: MakeBus) -> None:
+    bus = await make_bus({"carts": {"ItemAdded": Recorder()}}, partitions=3)
+    states = await bus.partition_states()
+    assert [(s.consumer, s.partition, s.owner, s.depth) for s in states] == [
+        ("carts", p, bus.member, 0) for p in range(3)]

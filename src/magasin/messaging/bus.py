@@ -127,6 +127,19 @@ class DeadLetter:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """One partition of one consumer: who consumes it and how much waits in it."""
+
+    consumer: str
+    partition: int
+    owner: str | None
+    """The process consuming it (None: nobody holds it right now)."""
+    depth: int | None
+    """Events waiting: ready messages of its queue (RabbitMQ), or log events past its
+    lane's checkpoint (in-process). None when it could not be read."""
+
+
 class EventBus(ABC):
     """Port of the event bus. Adapters: `InProcessBus` (embedded), `RabbitMQBus`.
 
@@ -185,6 +198,10 @@ class EventBus(ABC):
         from magasin.messaging import deadletters
 
         return await deadletters.get(self.store, letter_id)
+
+    @abstractmethod
+    async def partition_states(self) -> list[PartitionState]:
+        """Every partition of every subscribed consumer, by consumer then partition."""
 
     @abstractmethod
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from typing import Any
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.eventstore.window import LogWindow
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState, RetryPolicy
 from magasin.messaging.dispatch import (
     Outcome,
     Result,
@@ -235,6 +236,15 @@ class InProcessBus(EventBus):
             })
         log.info("consumer %s runs %d lanes from position %d", sub.consumer, n, start)
         return True
+
+    async def partition_states(self) -> list[PartitionState]:
+        head = await self.store.last_position()
+        owner = f"embedded:{os.getpid()}"
+        found: list[PartitionState] = []
+        for consumer in sorted(self._subs):
+            for lane, position in enumerate(await self.lane_positions(consumer)):
+                found.append(PartitionState(consumer, lane, owner, max(0, head - position)))
+        return found
 
     async def lane_positions(self, consumer: str) -> list[int]:
         """Each lane's checkpoint (the last log position it is done with)."""

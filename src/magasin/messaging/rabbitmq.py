@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,9 +28,9 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging import deadletters
-from magasin.messaging.bus import DeadLetter, EventBus, Handler, RetryPolicy
+from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
-from magasin.messaging.ownership import DEFAULT_LEASE, Ownership, new_member_id
+from magasin.messaging.ownership import DEFAULT_LEASE, Ownership, leases, new_member_id
 from magasin.messaging.partitioning import (
     configured_partitions,
     event_partition,
@@ -496,6 +496,39 @@ class RabbitMQBus(EventBus):
                 log.info("consumer %s gives partition %d up", consumer.name, partition)
         finally:
             consumer.draining.discard(partition)
+
+    async def partition_states(self) -> list[PartitionState]:
+        """Owners from the leases; depths from the broker (None where a queue is missing,
+        say before any process of the service declared it)."""
+        found: list[PartitionState] = []
+        async with self._short_channel() as connection:
+            for consumer in sorted(self._consumers.values(), key=lambda c: c.name):
+                owners = {lease.partition: lease.owner
+                          for lease in await leases(self.store, consumer.queue)}
+                for partition in range(consumer.partitions):
+                    depth: int | None = None
+                    try:
+                        channel = await connection.channel()
+                        declared = await channel.declare_queue(
+                            consumer.partition_queue(partition), passive=True)
+                        depth = declared.declaration_result.message_count
+                        await channel.close()
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        pass
+                    found.append(PartitionState(consumer.name, partition,
+                                                owners.get(partition), depth))
+        return found
+
+    @contextlib.asynccontextmanager
+    async def _short_channel(self) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+        try:
+            connection = await aio_pika.connect(self.url, timeout=self.timeout)
+        except _BROKER_ERRORS as exc:
+            raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+        try:
+            yield connection
+        finally:
+            await connection.close()
 
     def owned_partitions(self, consumer: str) -> list[int]:
         """The partitions of `consumer` this process consumes now."""

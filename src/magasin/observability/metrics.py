@@ -72,6 +72,19 @@ DEAD_LETTERS = Counter(
     ["consumer", "reason_kind"],
     registry=REGISTRY,
 )
+PARTITION_DEPTH = Gauge(
+    "magasin_partition_depth",
+    "Events waiting in one partition of a consumer: ready messages of its RabbitMQ queue, "
+    "or log events past its lane's checkpoint in embedded mode (sampled).",
+    ["consumer", "partition"],
+    registry=REGISTRY,
+)
+PARTITION_OWNED = Gauge(
+    "magasin_partition_owned",
+    "1 for the process (owner) consuming a partition of a consumer now (sampled).",
+    ["consumer", "partition", "owner"],
+    registry=REGISTRY,
+)
 DEAD_LETTER_BACKLOG = Gauge(
     "magasin_dead_letters_pending",
     "Dead letters stored and not yet requeued or archived, by consumer (sampled).",

@@ -31,6 +31,7 @@ async def sample_once(runtime: Runtime) -> None:
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("dead letters", lambda: _dead_letters(runtime)),
         ("projection lag", lambda: _projection_lag(runtime)),
+        ("partitions", lambda: _partitions(runtime)),
     ]
     if runtime.store.outbox:
         steps.append(("outbox backlog", lambda: _outbox(runtime)))
@@ -54,6 +55,21 @@ async def _outbox(runtime: Runtime) -> None:
     backlog = await runtime.store.outbox_backlog()
     metrics.OUTBOX_BACKLOG.labels(_service_label(runtime)).set(backlog)
     runtime.last_sample["outbox_backlog"] = backlog
+
+
+async def _partitions(runtime: Runtime) -> None:
+    states = await runtime.bus.partition_states()
+    metrics.PARTITION_OWNED.clear()  # an owner that left must not stay at 1
+    for state in states:
+        label = str(state.partition)
+        if state.depth is not None:
+            metrics.PARTITION_DEPTH.labels(state.consumer, label).set(state.depth)
+        if state.owner is not None:
+            metrics.PARTITION_OWNED.labels(state.consumer, label, state.owner).set(1)
+    runtime.last_sample["partitions"] = [
+        {"consumer": s.consumer, "partition": s.partition, "owner": s.owner, "depth": s.depth}
+        for s in states
+    ]
 
 
 async def _dead_letters(runtime: Runtime) -> None:
