@@ -634,11 +634,13 @@ async def keyed_effects(store: EventStore) -> dict[str, list[int]]:
     return {key: doc["seen"] for key, doc in await store.find_documents("keys", limit=10_000)}
 
 
-async def keyed_burst(store: EventStore, keys: int, per_key: int) -> list[RecordedEvent]:
+async def keyed_burst(
+    store: EventStore, keys: int, per_key: int, first: int = 0
+) -> list[RecordedEvent]:
     """per_key events of each key, interleaved, each in a stream of its own (so only the
     key can keep them in order), stored in small commits as services would."""
     sent: list[RecordedEvent] = []
-    order = [(k, n) for n in range(per_key) for k in range(keys)]
+    order = [(k, n) for n in range(first, first + per_key) for k in range(keys)]
     for start in range(0, len(order), 7):
         sent += await store.commit([
             Append(f"cart-{k}-{n}", (NewEvent("ItemAdded", {"sku": f"k{k}", "qty": n},

@@ -23,6 +23,7 @@ from magasin.shared.clock import utcnow
 from magasin.shared.errors import Unavailable
 from magasin.shared.ids import new_id
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
+from tests.contracts.test_event_bus import KeyedLog, keyed_burst, keyed_effects
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -519,3 +520,29 @@ async def test_each_partition_shows_its_owner_and_depth(make_bus: MakeBus) -> No
     states = await bus.partition_states()
     assert [(s.consumer, s.partition, s.owner, s.depth) for s in states] == [
         ("carts", p, bus.member, 0) for p in range(3)]
+
+
+async def test_changing_the_number_of_partitions_after_a_drain_loses_and_reorders_nothing(
+    make_bus: MakeBus, consumer_store: SqliteEventStore
+) -> None:
+    """The documented procedure (README, "Changing N"): drain (every partition's depth
+    0), stop, switch MAGASIN_PARTITIONS, resume."""
+    handled = KeyedLog()
+    before = await make_bus({"keys": {"ItemAdded": handled}}, partitions=4)
+    await before.publish(await keyed_burst(consumer_store, keys=10, per_key=12))
+
+    async def drained() -> bool:
+        states = await before.partition_states()
+        return len(states) == 4 and all(s.depth == 0 for s in states) and len(
+            await consumer_store.find_documents("effects", limit=10_000)) == 120
+
+    await eventually(drained)
+    await before.stop()
+
+    after = await make_bus({"keys": {"ItemAdded": handled}}, partitions=2)
+    await after.publish(await keyed_burst(consumer_store, keys=10, per_key=12, first=12))
+    await eventually(lambda: _effects(consumer_store, 240))
+    await asyncio.sleep(0.2)
+    assert await keyed_effects(consumer_store) == {
+        f"customer-{k}": list(range(24)) for k in range(10)}
+    assert len(await consumer_store.find_documents("effects", limit=10_000)) == 240

@@ -506,15 +506,21 @@ class RabbitMQBus(EventBus):
                 owners = {lease.partition: lease.owner
                           for lease in await leases(self.store, consumer.queue)}
                 for partition in range(consumer.partitions):
-                    depth: int | None = None
-                    try:
-                        channel = await connection.channel()
-                        declared = await channel.declare_queue(
-                            consumer.partition_queue(partition), passive=True)
-                        depth = declared.declaration_result.message_count
-                        await channel.close()
-                    except aiormq.exceptions.ChannelNotFoundEntity:
-                        pass
+                    # What waits for a retry counts: it comes back to this partition.
+                    depth: int | None = 0
+                    for name in [consumer.partition_queue(partition)] + [
+                        consumer.retry_queue(partition, level)
+                        for level in range(1, consumer.retry.levels + 1)
+                    ]:
+                        try:
+                            channel = await connection.channel()
+                            declared = await channel.declare_queue(name, passive=True)
+                            depth = (depth or 0) + (declared.declaration_result.message_count
+                                                    or 0)
+                            await channel.close()
+                        except aiormq.exceptions.ChannelNotFoundEntity:
+                            depth = None
+                            break
                     found.append(PartitionState(consumer.name, partition,
                                                 owners.get(partition), depth))
         return found
