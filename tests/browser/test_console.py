@@ -246,7 +246,9 @@ def test_health_shows_services_breaker_and_projections(desk: Console) -> None:
     expect(process).to_contain_text("transaction, payment, inventory, store, audit, eventstore")
     expect(process.get_by_test_id("breaker")).to_contain_text("closed")
     expect(process).to_contain_text("transaction.transactions")
-    expect(process.get_by_test_id("partitions")).to_contain_text("No partitions reported")
+    # Issue 12: every consumer's partitions, with their owner and depth.
+    expect(process.get_by_test_id("partitions")).to_contain_text("owner")
+    expect(process.get_by_test_id("partitions")).to_contain_text("transaction.sagas")
     desk.shot("11-health")
 
 
