@@ -39,7 +39,12 @@ from magasin.messaging.partitioning import (
 )
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
-from magasin.shared.errors import ConfigurationError, MalformedMessage, Unavailable
+from magasin.shared.errors import (
+    ConfigurationError,
+    MagasinError,
+    MalformedMessage,
+    Unavailable,
+)
 from magasin.shared.messages import EventSchemas, RecordedEvent, decode_envelope
 
 log = logging.getLogger("magasin.messaging.rabbitmq")
@@ -251,7 +256,10 @@ class RabbitMQBus(EventBus):
         connection.close_callbacks.add(self._connection_lost)
         connection.reconnect_callbacks.add(self._reconnected)
         if self._consumers:
-            await self._rebalance()  # alone, a process consumes every partition at once
+            try:
+                await self._rebalance()  # alone, a process consumes every partition at once
+            except MagasinError as exc:  # the store: the balancer tries again in a moment
+                log.error("could not take partitions yet: %r", exc)
             self._balancer = asyncio.create_task(self._balance(), name="bus:partitions")
         log.info("event bus connected to RabbitMQ, namespace %s", self.namespace)
 
