@@ -60,7 +60,7 @@ async def handle(event: RecordedEvent, uow: UnitOfWork) -> None:
 
 
 async def worker(db: str, schema: str, namespace: str, partitions: int) -> None:
-    store = PostgresEventStore(db, schema=schema)
+    store = PostgresEventStore(db, schema=schema, pool_max=4)
     await store.open()
     bus = RabbitMQBus(AMQP_URL, store=store, schemas=SCHEMAS, namespace=namespace,
                       partitions=partitions, batch=2, lease=1.5)
@@ -103,7 +103,7 @@ async def floor(events: list[RecordedEvent]) -> float:
 async def run(db: str, events: list[RecordedEvent], keys: int, partitions: int,
               processes: int) -> dict[str, Any]:
     schema, namespace = f"p_{uuid.uuid4().hex[:10]}", f"bench-part-{uuid.uuid4().hex[:8]}"
-    store = PostgresEventStore(db, schema=schema)
+    store = PostgresEventStore(db, schema=schema, pool_max=4)
     await store.open()
     publisher_store = SqliteEventStore(Path(tempfile.mkdtemp()) / "p.db")
     await publisher_store.open()

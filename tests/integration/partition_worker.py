@@ -18,7 +18,7 @@ PARTITIONS = 4
 
 
 async def main(pg_url: str, schema: str, amqp_url: str, namespace: str, lease: float) -> None:
-    store = PostgresEventStore(pg_url, schema=schema)
+    store = PostgresEventStore(pg_url, schema=schema, pool_max=3)  # a shared server
     await store.open()
     bus = RabbitMQBus(amqp_url, store=store, schemas=SCHEMAS, namespace=namespace,
                       partitions=PARTITIONS, lease=lease, workers=16)

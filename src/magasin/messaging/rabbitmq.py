@@ -91,8 +91,11 @@ class _Consumer:
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
     """Consumers of the dead-letter queue (every process records dead letters)."""
     queues: dict[int, AbstractQueue] = field(default_factory=dict)
-    consuming: dict[int, str] = field(default_factory=dict)
-    """Partition -> consumer tag, for the partitions this process owns."""
+    consuming: dict[int, tuple[AbstractChannel, AbstractQueue, str]] = field(
+        default_factory=dict)
+    """Partition -> (its own channel, queue, consumer tag), for the partitions this
+    process owns. Giving one up closes its channel: the broker takes back at once every
+    message it had sent there and not been acked, even those still on the wire."""
     waiting: dict[Slot, deque[AbstractIncomingMessage]] = field(default_factory=dict)
     """Messages taken from the broker that no worker has handled yet, per key slot."""
     running: set[Slot] = field(default_factory=set)
@@ -320,8 +323,8 @@ class RabbitMQBus(EventBus):
                 for consumer in self._consumers.values():
                     for queue, tag in consumer.tags:
                         await queue.cancel(tag)
-                    for partition, tag in list(consumer.consuming.items()):
-                        await consumer.queues[partition].cancel(tag)
+                    for _, queue, tag in list(consumer.consuming.values()):
+                        await queue.cancel(tag)
         except _BROKER_ERRORS as exc:
             # Closing the connection below cancels the consumers anyway.
             log.warning("could not cancel RabbitMQ consumers cleanly: %r", exc)
@@ -479,23 +482,39 @@ class RabbitMQBus(EventBus):
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             for partition in sorted(acquire):
-                queue = consumer.queues[partition]
                 try:
-                    consumer.consuming[partition] = await queue.consume(
-                        self._arrival(consumer, partition)
-                    )
+                    connection = self._connection
+                    if connection is None:
+                        raise Unavailable("the RabbitMQ event bus is not started")
+                    channel = await connection.channel(publisher_confirms=False)
+                    await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
+                    # Declared (same arguments: a no-op) so that the robust channel
+                    # declares it and consumes again after a reconnection.
+                    queue = await _declare_queue(channel, consumer.partition_queue(partition),
+                                                 self._work_arguments(consumer))
+                    tag = await queue.consume(self._arrival(consumer, partition))
+                    consumer.consuming[partition] = (channel, queue, tag)
                 except BaseException:
                     await consumer.ownership.released(partition)  # taken again next tick
                     raise
                 log.info("consumer %s takes partition %d", consumer.name, partition)
 
     async def _give_up(self, consumer: _Consumer, partition: int) -> None:
-        """Stop taking the partition's messages, handle those taken, then free its lease:
-        its next owner starts after the last message this process handled."""
+        """Close the partition's channel (what it had not acked goes back to the queue, in
+        order, for the next owner), let what it was handling finish, then free its lease.
+        A handler finishing after the close commits or finds the next owner's inbox mark:
+        either way that event takes effect once, before the next owner moves past it."""
         try:
-            tag = consumer.consuming.pop(partition, None)
-            if tag is not None:
-                await consumer.queues[partition].cancel(tag)
+            taken = consumer.consuming.pop(partition, None)
+            if taken is not None:
+                try:
+                    await taken[0].close()
+                except _BROKER_ERRORS as exc:  # gone already: the broker took them back
+                    log.warning("closing partition %d of %s: %r", partition, consumer.name,
+                                exc)
+            for slot, waiting in consumer.waiting.items():
+                if slot[0] == partition:
+                    waiting.clear()  # not started: back in the queue for the next owner
             while not consumer.idle(partition) and not self._stopping:
                 await asyncio.sleep(0.01)
             if not self._stopping:
@@ -557,8 +576,10 @@ class RabbitMQBus(EventBus):
         meanwhile (at most `workers` at once in the process)."""
 
         async def arrive(message: AbstractIncomingMessage) -> None:
-            if self._stopping:
-                return  # left unacked: the broker delivers it again after we disconnect
+            if self._stopping or partition not in consumer.consuming:
+                # Left unacked: the broker delivers it again after we disconnect, or has
+                # taken it back already (the partition's channel is closed).
+                return
             # Batching commits a run of a partition's messages in one unit of work: then
             # one task per partition takes them (in order), whatever their keys.
             slot = (partition, "" if consumer.batch > 1 else _message_key(message))
