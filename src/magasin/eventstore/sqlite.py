@@ -323,18 +323,7 @@ class SqliteEventStore(EventStore):
                 if cur.rowcount == 0:
                     raise AlreadyProcessed(op.consumer, op.event_id)
             elif isinstance(op, SetCheckpoint):
-                if op.expected is not None:
-                    row = conn.execute(
-                        "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
-                    ).fetchone()
-                    actual = int(row[0]) if row else 0
-                    if actual != op.expected:
-                        raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
-                conn.execute(
-                    "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-                    (op.name, op.position),
-                )
+                self._set_checkpoint(conn, op)
             elif isinstance(op, DeleteDocument):
                 conn.execute(
                     "DELETE FROM documents WHERE collection = ? AND key = ?",
@@ -349,6 +338,42 @@ class SqliteEventStore(EventStore):
                     (op.target, op.source),
                 )
         return recorded
+
+    @staticmethod
+    def _set_checkpoint(conn: sqlite3.Connection, op: SetCheckpoint) -> None:
+        """One statement in the usual cases: a conditional UPDATE (or a check alone when
+        the value stays, as a projection's generation does); the row is read only to
+        tell the actual value of a conflict."""
+        if op.expected is None:
+            conn.execute(
+                "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (op.name, op.position),
+            )
+            return
+        if op.expected == op.position:
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
+            ).fetchone()
+            actual = int(row[0]) if row else 0
+            if actual != op.expected:
+                raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
+            return
+        moved = conn.execute(
+            "UPDATE checkpoints SET position = ? WHERE name = ? AND position = ?",
+            (op.position, op.name, op.expected),
+        ).rowcount == 1
+        if not moved and op.expected == 0:
+            moved = conn.execute(
+                "INSERT INTO checkpoints (name, position) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (op.name, op.position),
+            ).rowcount == 1
+        if not moved:
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
+            ).fetchone()
+            raise ConcurrencyError(f"checkpoint:{op.name}", op.expected,
+                                   int(row[0]) if row else 0)
 
     def _append(self, conn: sqlite3.Connection, op: Append) -> list[RecordedEvent]:
         ids = [e.event_id for e in op.events]
@@ -476,6 +501,9 @@ class SqliteEventStore(EventStore):
     async def last_position(self) -> int:
         rows = await self._read("SELECT COALESCE(MAX(global_position), 0) FROM events")
         return int(rows[0][0])
+
+    def known_head(self) -> int | None:
+        return self._last_position if self._queue is not None else None
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         if self._new_events is None or self._last_position > after:
