@@ -265,11 +265,36 @@ class SqliteEventStore(EventStore):
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
+        """Commit `jobs` in one transaction. Optimistically without savepoints (a failing
+        job is rare: a version conflict, a duplicate); if one fails, the transaction rolls
+        back and the jobs run again, each in its own SAVEPOINT, so the others commit."""
+        if len(jobs) > 1:
+            try:
+                outcomes = self._run_jobs(jobs, isolate=False)
+            except MagasinError:
+                outcomes = None
+            if outcomes is not None:
+                return outcomes, self._last_of(outcomes)
+        try:
+            outcomes = self._run_jobs(jobs, isolate=len(jobs) > 1)
+        except MagasinError as exc:
+            return [exc], 0
+        return outcomes, self._last_of(outcomes)
+
+    @staticmethod
+    def _last_of(outcomes: list[list[RecordedEvent] | MagasinError]) -> int:
+        return max(
+            (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
+        )
+
+    def _run_jobs(
+        self, jobs: list[Sequence[Operation]], *, isolate: bool
+    ) -> list[list[RecordedEvent] | MagasinError]:
+        """One transaction; without `isolate`, any job's MagasinError rolls it all back
+        and propagates."""
         conn = self._wconn
         assert conn is not None
         outcomes: list[list[RecordedEvent] | MagasinError] = []
-        # A lone job needs no savepoint: if it fails the whole transaction rolls back.
-        isolate = len(jobs) > 1
         conn.execute("BEGIN IMMEDIATE")
         try:
             for ops in jobs:
@@ -285,17 +310,11 @@ class SqliteEventStore(EventStore):
                 if isolate:
                     conn.execute("RELEASE job")
             conn.execute("COMMIT")
-        except MagasinError as exc:
-            conn.execute("ROLLBACK")
-            return [exc], 0
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        last = max(
-            (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
-        )
-        return outcomes, last
+        return outcomes
 
     def _apply(self, conn: sqlite3.Connection, ops: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
@@ -378,7 +397,13 @@ class SqliteEventStore(EventStore):
     def _append(self, conn: sqlite3.Connection, op: Append) -> list[RecordedEvent]:
         ids = [e.event_id for e in op.events]
         marks = ",".join("?" * len(ids))
-        if conn.execute(f"SELECT 1 FROM events WHERE event_id IN ({marks})", ids).fetchone():
+        # One statement for both: is any id stored already, and the stream's version.
+        stored, version = conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM events WHERE event_id IN ({marks})), "
+            "(SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?)",
+            [*ids, op.stream_id],
+        ).fetchone()
+        if stored:
             existing = conn.execute(
                 f"{_SELECT_EVENTS} WHERE event_id IN ({marks}) ORDER BY global_position", ids
             ).fetchall()
@@ -387,11 +412,7 @@ class SqliteEventStore(EventStore):
             raise DuplicateEventError(
                 f"append to {op.stream_id!r} mixes stored and new event ids"
             )
-        row = conn.execute(
-            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
-            (op.stream_id,),
-        ).fetchone()
-        version = int(row[0])
+        version = int(version)
         if op.expected_version is not None and op.expected_version != version:
             raise ConcurrencyError(op.stream_id, op.expected_version, version)
         recorded = []
