@@ -114,6 +114,9 @@ _INSERT_EVENT = (
     "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+ROWS_PER_STATEMENT = 200
+"""Rows of one multi-row INSERT or DELETE (3 parameters a row, well under SQLite's limit)."""
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 
@@ -317,37 +320,96 @@ class SqliteEventStore(EventStore):
         return outcomes
 
     def _apply(self, conn: sqlite3.Connection, ops: Sequence[Operation]) -> list[RecordedEvent]:
-        recorded: list[RecordedEvent] = []
-        now = to_micros(utcnow())
-        puts: list[tuple[str, str, str]] = []
-        for index, op in enumerate(ops):
+        """One job's operations. Without collection-wide operations, the job's statements
+        are grouped: its inbox marks first (one INSERT), its appends and checkpoints in
+        order, then the final state of each document it touched (one upsert, one DELETE)
+        — the same outcome, all or nothing, in far fewer statements."""
+        if any(isinstance(op, ClearCollection | ReplaceCollection) for op in ops):
+            return self._apply_in_order(conn, ops)
+        marks: list[tuple[str, str]] = []
+        documents: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+        rest: list[Append | SetCheckpoint] = []
+        for op in ops:
             if isinstance(op, PutDocument):
-                # A run of puts (a projection's batch) goes in one executemany.
-                puts.append((op.collection, op.key, dumps(op.body)))
-                if index + 1 == len(ops) or not isinstance(ops[index + 1], PutDocument):
-                    conn.executemany(
-                        "INSERT INTO documents (collection, key, body) VALUES (?, ?, ?) "
-                        "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
-                        puts,
-                    )
-                    puts = []
+                documents[op.collection, op.key] = op.body
+            elif isinstance(op, DeleteDocument):
+                documents[op.collection, op.key] = None
+            elif isinstance(op, MarkProcessed):
+                marks.append((op.consumer, op.event_id))
+            elif isinstance(op, Append | SetCheckpoint):
+                rest.append(op)
+        if marks:
+            self._mark(conn, marks)
+        recorded: list[RecordedEvent] = []
+        for op in rest:
+            if isinstance(op, Append):
+                recorded.extend(self._append(conn, op))
+            else:
+                self._set_checkpoint(conn, op)
+        if documents:
+            self._write_documents(conn, documents)
+        return recorded
+
+    @staticmethod
+    def _mark(conn: sqlite3.Connection, marks: list[tuple[str, str]]) -> None:
+        now = to_micros(utcnow())
+        for start in range(0, len(marks), ROWS_PER_STATEMENT):
+            chunk = marks[start:start + ROWS_PER_STATEMENT]
+            inserted = conn.execute(
+                "INSERT INTO inbox (consumer, event_id, processed_at) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk)) + " ON CONFLICT DO NOTHING",
+                [v for consumer, event_id in chunk for v in (consumer, event_id, now)],
+            ).rowcount
+            if inserted != len(chunk):
+                # Which one was processed already (or repeated within the job): say so.
+                seen: set[tuple[str, str]] = set()
+                for mark in chunk:
+                    if mark in seen or conn.execute(
+                        "SELECT processed_at != ? FROM inbox WHERE consumer = ? AND event_id = ?",
+                        (now, *mark),
+                    ).fetchone()[0]:
+                        raise AlreadyProcessed(*mark)
+                    seen.add(mark)
+                raise AlreadyProcessed(*chunk[0])
+
+    @staticmethod
+    def _write_documents(
+        conn: sqlite3.Connection, documents: dict[tuple[str, str], Mapping[str, Any] | None]
+    ) -> None:
+        puts = [(c, k, dumps(body)) for (c, k), body in documents.items() if body is not None]
+        gone = [(c, k) for (c, k), body in documents.items() if body is None]
+        for start in range(0, len(puts), ROWS_PER_STATEMENT):
+            chunk = puts[start:start + ROWS_PER_STATEMENT]
+            conn.execute(
+                "INSERT INTO documents (collection, key, body) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
+                [v for row in chunk for v in row],
+            )
+        for start in range(0, len(gone), ROWS_PER_STATEMENT):
+            chunk_keys = gone[start:start + ROWS_PER_STATEMENT]
+            conn.execute(
+                "DELETE FROM documents WHERE (collection, key) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(chunk_keys)) + ")",
+                [v for row in chunk_keys for v in row],
+            )
+
+    def _apply_in_order(
+        self, conn: sqlite3.Connection, ops: Sequence[Operation]
+    ) -> list[RecordedEvent]:
+        """Operations one by one, in order (a job that clears or replaces a collection)."""
+        recorded: list[RecordedEvent] = []
+        for op in ops:
+            if isinstance(op, PutDocument):
+                self._write_documents(conn, {(op.collection, op.key): op.body})
             elif isinstance(op, Append):
                 recorded.extend(self._append(conn, op))
             elif isinstance(op, MarkProcessed):
-                cur = conn.execute(
-                    "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (op.consumer, op.event_id, now),
-                )
-                if cur.rowcount == 0:
-                    raise AlreadyProcessed(op.consumer, op.event_id)
+                self._mark(conn, [(op.consumer, op.event_id)])
             elif isinstance(op, SetCheckpoint):
                 self._set_checkpoint(conn, op)
             elif isinstance(op, DeleteDocument):
-                conn.execute(
-                    "DELETE FROM documents WHERE collection = ? AND key = ?",
-                    (op.collection, op.key),
-                )
+                self._write_documents(conn, {(op.collection, op.key): None})
             elif isinstance(op, ClearCollection):
                 conn.execute("DELETE FROM documents WHERE collection = ?", (op.collection,))
             elif isinstance(op, ReplaceCollection):
