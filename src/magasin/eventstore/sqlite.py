@@ -341,6 +341,12 @@ class SqliteEventStore(EventStore):
         if marks:
             self._mark(conn, marks)
         recorded: list[RecordedEvent] = []
+        guards = [op for op in rest if isinstance(op, SetCheckpoint) and op.expected is not None
+                  and op.expected == op.position]
+        mover = next((op for op in rest if isinstance(op, SetCheckpoint)
+                      and op.expected is not None and op.expected != op.position), None)
+        if mover is not None and guards and self._move_guarded(conn, mover, guards):
+            rest = [op for op in rest if op is not mover and op not in guards]
         for op in rest:
             if isinstance(op, Append):
                 recorded.extend(self._append(conn, op))
@@ -349,6 +355,21 @@ class SqliteEventStore(EventStore):
         if documents:
             self._write_documents(conn, documents)
         return recorded
+
+    @staticmethod
+    def _move_guarded(
+        conn: sqlite3.Connection, mover: SetCheckpoint, guards: list[SetCheckpoint]
+    ) -> bool:
+        """Move `mover` and check that each guard stands at its value, in one UPDATE (a
+        projection's checkpoint and its generation); False when it did not apply, and the
+        caller then runs them one by one to learn which failed."""
+        sql = ("UPDATE checkpoints SET position = ? WHERE name = ? AND position = ?"
+               + " AND COALESCE((SELECT position FROM checkpoints WHERE name = ?), 0) = ?"
+               * len(guards))
+        params: list[Any] = [mover.position, mover.name, mover.expected]
+        for guard in guards:
+            params += [guard.name, guard.expected]
+        return bool(conn.execute(sql, params).rowcount == 1)
 
     @staticmethod
     def _mark(conn: sqlite3.Connection, marks: list[tuple[str, str]]) -> None:
