@@ -29,7 +29,8 @@ def tamper(store_factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -
 
         async def on_sqlite(sql: str, args: tuple[Any, ...]) -> None:
             with sqlite3.connect(tmp_path / "magasin.db") as conn:
-                conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+                conn.execute(sql.replace("$1", "?").replace("$2", "?").replace("$3", "?"),
+                             args)
 
         return on_sqlite
     import asyncpg
@@ -173,7 +174,7 @@ async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_p
             await asyncio.sleep(0)  # let the sales and the sequencer go on (SQLite is sync)
 
     async def chained() -> bool:
-        return (await store.stream_version(log.LOG)) == 2 * sales
+        return (await log.length(store)) == 2 * sales
 
     verifiers = [asyncio.create_task(verify_until_done()) for _ in range(2)]
     try:
@@ -196,11 +197,12 @@ async def test_a_relinked_entry_is_located_by_verify(store: EventStore, tamper: 
     await audited(store, 3)
     # An intruder who edits entry 3 and recomputes its hash keeps entry 3 consistent, but
     # entry 4 still links to the old hash.
-    (third,) = await store.read_stream(log.LOG, from_version=3, to_version=3)
-    edited = {**third.payload, "payload": {**third.payload["payload"], "amount": 1}}
+    third = await store.get_document(log.ENTRIES, log.entry_key(3))
+    assert third is not None
+    edited = {**third, "payload": {**third["payload"], "amount": 1}}
     edited["hash"] = domain.digest(edited)
-    await tamper("UPDATE events SET payload = $1 WHERE stream_id = $2 AND stream_version = 3",
-                 (orjson.dumps(edited).decode(), log.LOG))
+    await tamper("UPDATE documents SET body = $1 WHERE collection = $2 AND key = $3",
+                 (orjson.dumps(edited).decode(), log.ENTRIES, log.entry_key(3)))
     report = await log.verify(store)
     assert report["ok"] is False
     (problem,) = report["problems"]

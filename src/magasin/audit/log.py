@@ -133,14 +133,15 @@ class Sequencer:
                     continue
             except ConcurrencyError:
                 # Another sequencer chained first: start over from its head, after a little
-                # jitter. Conflicts that never end mean the head and the stream disagree
-                # (rows deleted by hand): say so, and keep trying at the poll pace.
+                # jitter. Conflicts that never end mean the head and the checkpoint
+                # audit:chain disagree (rows changed by hand): say so, and keep trying at
+                # the poll pace.
                 conflicts += 1
                 if conflicts < MAX_CONFLICTS:
                     await asyncio.sleep(random.uniform(0, 0.01 * conflicts))
                     continue
-                log.error("audit chain head does not match the stream %s; "
-                          "GET /api/audit/verify tells where", LOG)
+                log.error("audit chain head does not match the checkpoint %s; "
+                          "GET /api/audit/verify tells where", CHAIN)
             except Exception:
                 log.exception("audit sequencer step failed; retrying")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
@@ -151,11 +152,15 @@ class Sequencer:
 
     async def step(self) -> int:
         """Chain one batch of pending entries; returns how many (0: none was pending)."""
+        # The head before the pending entries: an entry another sequencer chained after
+        # this head was read then fails this one's commit (the checkpoint moved), while
+        # read the other way round, a head read after that chaining let entries read
+        # pending before it be chained a second time.
+        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                             "hash": domain.GENESIS}
         pending = await self.store.find_documents(PENDING, limit=self.batch)
         if not pending:
             return 0
-        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
-                                                             "hash": domain.GENESIS}
         sequence, last = int(head["sequence"]), str(head["hash"])
         async with self.store.transaction() as uow:
             for key, entry in pending:
@@ -222,9 +227,10 @@ async def verify(store: EventStore) -> dict[str, Any]:
     head = await store.get_document(HEAD, LOG)
     if head is None:
         # No head: an empty chain, or the first entries chained since that read (the head
-        # is there now), or a deleted head. The walk stops at the stream's version read
-        # now, so entries chained later are not taken for headless ones.
-        end = await store.stream_version(LOG)
+        # is there now), or a deleted head. The walk stops at the last entry read now, so
+        # entries chained later are not taken for headless ones.
+        last = await store.find_documents(ENTRIES, limit=1, descending=True)
+        end = int(last[0][0]) if last else 0
         head = await store.get_document(HEAD, LOG)
     if head is not None:
         end = int(head["sequence"])
