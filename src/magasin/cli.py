@@ -4,6 +4,7 @@ inspect and write the event log."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -176,6 +177,22 @@ def _with_http(settings: Settings, host: str | None, port: int | None) -> Settin
     return settings.model_copy(update=update)
 
 
+GC_GEN0 = 10_000
+"""Allocations between young-generation collections once serving (CPython's default: 700)."""
+
+
+def _tune_collector() -> None:
+    """Once the server is up: freeze what start-up made (modules, app, services: the cyclic
+    collector never walks it again) and collect the young generation less often. Measured
+    in-process, 200 sales of the demo mix, 16 in flight: collector time 0.49 -> 0.09 ms and
+    CPU 10.8 -> 9.3 ms per sale (issue 11). Not in Runtime.start: a test process starts
+    many runtimes, and frozen objects are never collected."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0, gen1, gen2)
+
+
 def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
            ready: Callable[[], Awaitable[None]]) -> None:
     import uvicorn
@@ -200,6 +217,7 @@ def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
+            _tune_collector()
             await ready()
         await serving
 

@@ -282,8 +282,8 @@ def test_audit_verifies_green_then_red_after_a_tampered_row(
     desk.shot("13-audit-green")
 
     magasin.tamper(
-        "UPDATE events SET payload = json_set(payload, '$.payload.amount', 1) "
-        "WHERE stream_id = 'audit-log' AND stream_version = 3", (),
+        "UPDATE documents SET body = json_set(body, '$.payload.amount', 1) "
+        "WHERE collection = 'audit.entries' AND key = '000000000003'", (),
     )
     page.get_by_test_id("verify").click()
     expect(verdict).to_have_attribute("data-ok", "false")

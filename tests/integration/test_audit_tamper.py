@@ -29,7 +29,8 @@ def tamper(store_factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -
 
         async def on_sqlite(sql: str, args: tuple[Any, ...]) -> None:
             with sqlite3.connect(tmp_path / "magasin.db") as conn:
-                conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+                conn.execute(sql.replace("$1", "?").replace("$2", "?").replace("$3", "?"),
+                             args)
 
         return on_sqlite
     import asyncpg
@@ -40,8 +41,8 @@ def tamper(store_factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -
     async def on_postgres(sql: str, args: tuple[Any, ...]) -> None:
         conn = await asyncpg.connect(url, server_settings={"search_path": schema})
         try:
-            await conn.execute(sql.replace("json_set(payload, '$.payload.amount', 1)",
-                                           "jsonb_set(payload, '{payload,amount}', '1')"), *args)
+            await conn.execute(sql.replace("json_set(body, '$.payload.amount', 1)",
+                                           "jsonb_set(body, '{payload,amount}', '1')"), *args)
         finally:
             await conn.close()
 
@@ -87,7 +88,8 @@ async def test_entries_appended_while_verify_runs_do_not_look_like_tampering(
     await audited(store, 2)
     # An append committing after verify read the head: its entry is past that head (this
     # one is not even a valid entry; a verify that walked past the head would flag it).
-    await store.append(log.LOG, [NewEvent("AuditEntryRecorded", {"sequence": 5})])
+    async with store.transaction() as uow:
+        uow.put_document(log.ENTRIES, log.entry_key(5), {"sequence": 5})
     report = await log.verify(store)
     assert report == {"ok": True, "checked": 4, "head": 4, "problems": []}
 
@@ -95,8 +97,8 @@ async def test_entries_appended_while_verify_runs_do_not_look_like_tampering(
 async def test_a_modified_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
     await audited(store, 3)
     await tamper(
-        "UPDATE events SET payload = json_set(payload, '$.payload.amount', 1) "
-        "WHERE stream_id = $1 AND stream_version = $2", (log.LOG, 4),
+        "UPDATE documents SET body = json_set(body, '$.payload.amount', 1) "
+        "WHERE collection = $1 AND key = $2", (log.ENTRIES, log.entry_key(4)),
     )
     report = await log.verify(store)
     assert report["ok"] is False
@@ -107,8 +109,8 @@ async def test_a_modified_entry_is_located_by_verify(store: EventStore, tamper: 
 
 async def test_a_deleted_entry_is_located_by_verify(store: EventStore, tamper: Tamper) -> None:
     await audited(store, 3)
-    await tamper("DELETE FROM events WHERE stream_id = $1 AND stream_version = $2",
-                 (log.LOG, 2))
+    await tamper("DELETE FROM documents WHERE collection = $1 AND key = $2",
+                 (log.ENTRIES, log.entry_key(2)))
     report = await log.verify(store)
     assert report["ok"] is False
     assert [(p["sequence"], p["kind"]) for p in report["problems"]] == [(2, "deleted")]
@@ -116,8 +118,8 @@ async def test_a_deleted_entry_is_located_by_verify(store: EventStore, tamper: T
 
 async def test_deleting_the_last_entries_is_caught_too(store: EventStore, tamper: Tamper) -> None:
     await audited(store, 3)
-    await tamper("DELETE FROM events WHERE stream_id = $1 AND stream_version > $2",
-                 (log.LOG, 4))
+    await tamper("DELETE FROM documents WHERE collection = $1 AND key > $2",
+                 (log.ENTRIES, log.entry_key(4)))
     report = await log.verify(store)
     assert [(p["sequence"], p["kind"]) for p in report["problems"]] == [(5, "truncated")]
 
@@ -128,7 +130,7 @@ async def test_two_sequencers_at_once_chain_each_entry_exactly_once(store: Event
     loops = [asyncio.create_task(s.run()) for s in (first, second)]
 
     async def chained() -> bool:
-        return (await store.stream_version(log.LOG)) == len(events)
+        return (await log.length(store)) == len(events)
 
     try:
         async with asyncio.timeout(20):
@@ -172,7 +174,7 @@ async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_p
             await asyncio.sleep(0)  # let the sales and the sequencer go on (SQLite is sync)
 
     async def chained() -> bool:
-        return (await store.stream_version(log.LOG)) == 2 * sales
+        return (await log.length(store)) == 2 * sales
 
     verifiers = [asyncio.create_task(verify_until_done()) for _ in range(2)]
     try:
@@ -195,11 +197,12 @@ async def test_a_relinked_entry_is_located_by_verify(store: EventStore, tamper: 
     await audited(store, 3)
     # An intruder who edits entry 3 and recomputes its hash keeps entry 3 consistent, but
     # entry 4 still links to the old hash.
-    (third,) = await store.read_stream(log.LOG, from_version=3, to_version=3)
-    edited = {**third.payload, "payload": {**third.payload["payload"], "amount": 1}}
+    third = await store.get_document(log.ENTRIES, log.entry_key(3))
+    assert third is not None
+    edited = {**third, "payload": {**third["payload"], "amount": 1}}
     edited["hash"] = domain.digest(edited)
-    await tamper("UPDATE events SET payload = $1 WHERE stream_id = $2 AND stream_version = 3",
-                 (orjson.dumps(edited).decode(), log.LOG))
+    await tamper("UPDATE documents SET body = $1 WHERE collection = $2 AND key = $3",
+                 (orjson.dumps(edited).decode(), log.ENTRIES, log.entry_key(3)))
     report = await log.verify(store)
     assert report["ok"] is False
     (problem,) = report["problems"]

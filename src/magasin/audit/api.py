@@ -136,7 +136,7 @@ def router(store: EventStore) -> APIRouter:
         for moment in (start, end):
             if moment is not None and moment.tzinfo is None:
                 raise InvalidInput("from/to need a time zone (e.g. 2026-01-01T00:00:00Z)")
-        after = position_of(cursor, await store.stream_version(log.LOG)) or 0
+        after = position_of(cursor, await log.length(store)) or 0
         types = set(type_ or ())
         as_csv = format_ == "csv" or (format_ is None and "text/csv" in (accept or ""))
         if as_csv:

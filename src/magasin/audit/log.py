@@ -1,12 +1,21 @@
-"""The audit log in the event store: the consumer that takes in every event, the sequencer
-that chains them, and the reads (trail, range, verification).
+"""The audit log in the event store, outside the business log: the consumer and sequencer
+that chain entries (distributed), the projection that does it in embedded mode, and the
+reads (trail, range, verification).
 
-Two steps, so that the chain is strictly sequential without making concurrent handlers
-fight over it: the consumer (which the RabbitMQ bus runs concurrently) only stages each
-event as a pending document, idempotently through the inbox; one sequencer loop then
-appends the pending entries, hash-chained, to the stream `audit-log` with an expected
-version. Two sequencers (two audit processes) conflict on that version and the loser
-starts over from the new head: an entry is chained exactly once, in one place.
+The chain is not in the event log: its entries are documents of `audit.entries` (key: the
+zero-padded sequence number), with the head (sequence and hash of the last entry) in
+`audit.head`, committed with them. No business consumer, projection or `read_all` ever
+sees an entry, and the audit publishes nothing.
+
+Distributed, in two steps, so that the chain is strictly sequential without making
+concurrent handlers fight over it: the consumer (which the RabbitMQ bus runs concurrently)
+only stages each event as a pending document, idempotently through the inbox; one
+sequencer loop then chains the pending entries, moving the checkpoint `audit:chain` from
+the head's sequence (a conditional write). Two sequencers (two audit processes) conflict on
+it and the loser starts over from the new head: an entry is chained exactly once.
+
+Embedded, every event is in this process's log already: a projection chains them in log
+order, a batch per commit with its checkpoint, and no event is staged or delivered.
 """
 
 from __future__ import annotations
@@ -21,21 +30,32 @@ from typing import Any
 from magasin.audit import domain
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging.bus import Handler
+from magasin.projections import Projection, ProjectionUnit
 from magasin.shared.errors import ConcurrencyError
 from magasin.shared.events import SCHEMAS
-from magasin.shared.messages import NewEvent, RecordedEvent
+from magasin.shared.messages import RecordedEvent
 
 LOG = "audit-log"
-"""The stream of chained entries; its version is the entry's sequence number."""
-ENTRY = "AuditEntryRecorded"
+"""The key of the chain's head document."""
+ENTRIES = "audit.entries"
+"""The chained entries, one document each, keyed by `entry_key(sequence)`."""
 PENDING = "audit.pending"
 HEAD = "audit.head"
 TRAILS = "audit.trails"
 """One document per correlation id: the sequence numbers of its entries."""
+CHAIN = "audit:chain"
+"""The sequencer's checkpoint: the head's sequence, moved conditionally."""
 CONSUMER = "audit"
+PROJECTION = "audit.chain"
 MAX_CONFLICTS = 20
 
 log = logging.getLogger("magasin.audit")
+
+Alert = Callable[[str, RecordedEvent], None]
+
+
+def entry_key(sequence: int) -> str:
+    return f"{sequence:012d}"
 
 
 def entry_of(event: RecordedEvent) -> dict[str, Any]:
@@ -71,6 +91,26 @@ def handlers(
     return dict.fromkeys(sorted(SCHEMAS.types), stage)
 
 
+def projection(alert: Alert) -> Projection:
+    """Embedded: the chain as a projection of the log, every event in log order."""
+
+    async def link(event: RecordedEvent, unit: ProjectionUnit) -> None:
+        head = await unit.get_document(HEAD, LOG) or {"sequence": 0, "hash": domain.GENESIS}
+        sequence = int(head["sequence"]) + 1
+        linked = domain.chain(entry_of(event), sequence, str(head["hash"]))
+        unit.put_document(ENTRIES, entry_key(sequence), linked)
+        if cid := event.correlation_id:
+            trail = await unit.get_document(TRAILS, cid) or {"sequences": []}
+            unit.put_document(TRAILS, cid, {"sequences": [*trail["sequences"], sequence]})
+        unit.put_document(HEAD, LOG, {"sequence": sequence, "hash": linked["hash"]})
+        kind = domain.ALERTS.get(event.type)
+        if kind is not None:
+            unit.after_commit(lambda: alert(kind, event))
+
+    return Projection(PROJECTION, dict.fromkeys(sorted(SCHEMAS.types), link),
+                      (ENTRIES, HEAD, TRAILS))
+
+
 class Sequencer:
     """Appends pending entries to the chain, in key order, a batch per commit."""
 
@@ -93,14 +133,15 @@ class Sequencer:
                     continue
             except ConcurrencyError:
                 # Another sequencer chained first: start over from its head, after a little
-                # jitter. Conflicts that never end mean the head and the stream disagree
-                # (rows deleted by hand): say so, and keep trying at the poll pace.
+                # jitter. Conflicts that never end mean the head and the checkpoint
+                # audit:chain disagree (rows changed by hand): say so, and keep trying at
+                # the poll pace.
                 conflicts += 1
                 if conflicts < MAX_CONFLICTS:
                     await asyncio.sleep(random.uniform(0, 0.01 * conflicts))
                     continue
-                log.error("audit chain head does not match the stream %s; "
-                          "GET /api/audit/verify tells where", LOG)
+                log.error("audit chain head does not match the checkpoint %s; "
+                          "GET /api/audit/verify tells where", CHAIN)
             except Exception:
                 log.exception("audit sequencer step failed; retrying")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
@@ -111,27 +152,27 @@ class Sequencer:
 
     async def step(self) -> int:
         """Chain one batch of pending entries; returns how many (0: none was pending)."""
+        # The head before the pending entries: an entry another sequencer chained after
+        # this head was read then fails this one's commit (the checkpoint moved), while
+        # read the other way round, a head read after that chaining let entries read
+        # pending before it be chained a second time.
+        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                             "hash": domain.GENESIS}
         pending = await self.store.find_documents(PENDING, limit=self.batch)
         if not pending:
             return 0
-        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
-                                                             "hash": domain.GENESIS}
         sequence, last = int(head["sequence"]), str(head["hash"])
         async with self.store.transaction() as uow:
-            events = []
             for key, entry in pending:
                 sequence += 1
                 linked = domain.chain(entry, sequence, last)
                 last = linked["hash"]
-                events.append(NewEvent(
-                    ENTRY, linked, correlation_id=entry.get("correlation_id"),
-                    causation_id=entry.get("event_id"), metadata={"service": "audit"},
-                ))
+                uow.put_document(ENTRIES, entry_key(sequence), linked)
                 uow.delete_document(PENDING, key)
                 if cid := entry.get("correlation_id"):
                     trail = await uow.get_document(TRAILS, cid) or {"sequences": []}
                     uow.put_document(TRAILS, cid, {"sequences": [*trail["sequences"], sequence]})
-            uow.append(LOG, events, expected_version=int(head["sequence"]))
+            uow.set_checkpoint(CHAIN, sequence, expected=int(head["sequence"]))
             uow.put_document(HEAD, LOG, {"sequence": sequence, "hash": last})
         return len(pending)
 
@@ -149,17 +190,18 @@ class Sequencer:
 async def entries(
     store: EventStore, after: int = 0, page: int = 500
 ) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
-    """Pages of (sequence in the stream, entry) after sequence `after`, in order."""
-    while True:
-        events = await store.read_stream(LOG, from_version=after + 1, to_version=after + page)
-        if not events:
-            last = await store.stream_version(LOG)
-            if last <= after:
-                return
-            after += page  # a hole of a whole page (deleted rows): keep going past it
-            continue
-        yield [(e.stream_version, dict(e.payload)) for e in events]
-        after = events[-1].stream_version
+    """Pages of (sequence, entry) after sequence `after`, in order (a deleted entry is
+    simply absent)."""
+    key = entry_key(after)
+    while found := await store.find_documents(ENTRIES, after_key=key, limit=page):
+        yield [(int(k), body) for k, body in found]
+        key = found[-1][0]
+
+
+async def length(store: EventStore) -> int:
+    """How many entries the chain holds (its head's sequence)."""
+    head = await store.get_document(HEAD, LOG)
+    return 0 if head is None else int(head["sequence"])
 
 
 async def trail(store: EventStore, correlation_id: str) -> list[dict[str, Any]]:
@@ -167,9 +209,8 @@ async def trail(store: EventStore, correlation_id: str) -> list[dict[str, Any]]:
     doc = await store.get_document(TRAILS, correlation_id)
     if not doc or not doc["sequences"]:
         return []
-    wanted = set(doc["sequences"])
-    events = await store.read_stream(LOG, from_version=min(wanted), to_version=max(wanted))
-    found = [dict(e.payload) for e in events if e.stream_version in wanted]
+    found = [entry for n in doc["sequences"]
+             if (entry := await store.get_document(ENTRIES, entry_key(int(n)))) is not None]
     return sorted(found, key=lambda entry: (entry["occurred_at"], entry["sequence"]))
 
 
@@ -186,9 +227,10 @@ async def verify(store: EventStore) -> dict[str, Any]:
     head = await store.get_document(HEAD, LOG)
     if head is None:
         # No head: an empty chain, or the first entries chained since that read (the head
-        # is there now), or a deleted head. The walk stops at the stream's version read
-        # now, so entries chained later are not taken for headless ones.
-        end = await store.stream_version(LOG)
+        # is there now), or a deleted head. The walk stops at the last entry read now, so
+        # entries chained later are not taken for headless ones.
+        last = await store.find_documents(ENTRIES, limit=1, descending=True)
+        end = int(last[0][0]) if last else 0
         head = await store.get_document(HEAD, LOG)
     if head is not None:
         end = int(head["sequence"])

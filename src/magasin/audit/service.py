@@ -1,11 +1,12 @@
-"""Builds the audit service: its consumer of every event, its sequencer loop and routes."""
+"""Builds the audit service: embedded, a projection chaining the log's events; distributed,
+a consumer of every published event and its sequencer loop. The routes in both."""
 
 from __future__ import annotations
 
 import logging
 
 from magasin.audit import api
-from magasin.audit.log import CONSUMER, Sequencer, handlers
+from magasin.audit.log import CONSUMER, Sequencer, handlers, projection
 from magasin.service import Service, ServiceContext
 from magasin.shared.messages import RecordedEvent
 
@@ -25,6 +26,10 @@ def alert(kind: str, event: RecordedEvent) -> None:
 
 
 def build(ctx: ServiceContext) -> Service:
+    if ctx.mode == "embedded":
+        # Every event is in this process's log: chain it there, no delivery, no staging.
+        return Service(name="audit", consumers={}, router=api.router(ctx.store),
+                       projections=(projection(alert),))
     sequencer = Sequencer(ctx.store)
     return Service(
         name="audit",

@@ -114,6 +114,9 @@ _INSERT_EVENT = (
     "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+ROWS_PER_STATEMENT = 200
+"""Rows of one multi-row INSERT or DELETE (3 parameters a row, well under SQLite's limit)."""
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 
@@ -265,11 +268,36 @@ class SqliteEventStore(EventStore):
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
+        """Commit `jobs` in one transaction. Optimistically without savepoints (a failing
+        job is rare: a version conflict, a duplicate); if one fails, the transaction rolls
+        back and the jobs run again, each in its own SAVEPOINT, so the others commit."""
+        if len(jobs) > 1:
+            try:
+                outcomes = self._run_jobs(jobs, isolate=False)
+            except MagasinError:
+                outcomes = None
+            if outcomes is not None:
+                return outcomes, self._last_of(outcomes)
+        try:
+            outcomes = self._run_jobs(jobs, isolate=len(jobs) > 1)
+        except MagasinError as exc:
+            return [exc], 0
+        return outcomes, self._last_of(outcomes)
+
+    @staticmethod
+    def _last_of(outcomes: list[list[RecordedEvent] | MagasinError]) -> int:
+        return max(
+            (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
+        )
+
+    def _run_jobs(
+        self, jobs: list[Sequence[Operation]], *, isolate: bool
+    ) -> list[list[RecordedEvent] | MagasinError]:
+        """One transaction; without `isolate`, any job's MagasinError rolls it all back
+        and propagates."""
         conn = self._wconn
         assert conn is not None
         outcomes: list[list[RecordedEvent] | MagasinError] = []
-        # A lone job needs no savepoint: if it fails the whole transaction rolls back.
-        isolate = len(jobs) > 1
         conn.execute("BEGIN IMMEDIATE")
         try:
             for ops in jobs:
@@ -285,61 +313,124 @@ class SqliteEventStore(EventStore):
                 if isolate:
                     conn.execute("RELEASE job")
             conn.execute("COMMIT")
-        except MagasinError as exc:
-            conn.execute("ROLLBACK")
-            return [exc], 0
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        last = max(
-            (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
-        )
-        return outcomes, last
+        return outcomes
 
     def _apply(self, conn: sqlite3.Connection, ops: Sequence[Operation]) -> list[RecordedEvent]:
-        recorded: list[RecordedEvent] = []
-        now = to_micros(utcnow())
-        puts: list[tuple[str, str, str]] = []
-        for index, op in enumerate(ops):
+        """One job's operations. Without collection-wide operations, the job's statements
+        are grouped: its inbox marks first (one INSERT), its appends and checkpoints in
+        order, then the final state of each document it touched (one upsert, one DELETE)
+        — the same outcome, all or nothing, in far fewer statements."""
+        if any(isinstance(op, ClearCollection | ReplaceCollection) for op in ops):
+            return self._apply_in_order(conn, ops)
+        marks: list[tuple[str, str]] = []
+        documents: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+        rest: list[Append | SetCheckpoint] = []
+        for op in ops:
             if isinstance(op, PutDocument):
-                # A run of puts (a projection's batch) goes in one executemany.
-                puts.append((op.collection, op.key, dumps(op.body)))
-                if index + 1 == len(ops) or not isinstance(ops[index + 1], PutDocument):
-                    conn.executemany(
-                        "INSERT INTO documents (collection, key, body) VALUES (?, ?, ?) "
-                        "ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
-                        puts,
-                    )
-                    puts = []
+                documents[op.collection, op.key] = op.body
+            elif isinstance(op, DeleteDocument):
+                documents[op.collection, op.key] = None
+            elif isinstance(op, MarkProcessed):
+                marks.append((op.consumer, op.event_id))
+            elif isinstance(op, Append | SetCheckpoint):
+                rest.append(op)
+        if marks:
+            self._mark(conn, marks)
+        recorded: list[RecordedEvent] = []
+        guards = [op for op in rest if isinstance(op, SetCheckpoint) and op.expected is not None
+                  and op.expected == op.position]
+        mover = next((op for op in rest if isinstance(op, SetCheckpoint)
+                      and op.expected is not None and op.expected != op.position), None)
+        if mover is not None and guards and self._move_guarded(conn, mover, guards):
+            rest = [op for op in rest if op is not mover and op not in guards]
+        for op in rest:
+            if isinstance(op, Append):
+                recorded.extend(self._append(conn, op))
+            else:
+                self._set_checkpoint(conn, op)
+        if documents:
+            self._write_documents(conn, documents)
+        return recorded
+
+    @staticmethod
+    def _move_guarded(
+        conn: sqlite3.Connection, mover: SetCheckpoint, guards: list[SetCheckpoint]
+    ) -> bool:
+        """Move `mover` and check that each guard stands at its value, in one UPDATE (a
+        projection's checkpoint and its generation); False when it did not apply, and the
+        caller then runs them one by one to learn which failed."""
+        sql = ("UPDATE checkpoints SET position = ? WHERE name = ? AND position = ?"
+               + " AND COALESCE((SELECT position FROM checkpoints WHERE name = ?), 0) = ?"
+               * len(guards))
+        params: list[Any] = [mover.position, mover.name, mover.expected]
+        for guard in guards:
+            params += [guard.name, guard.expected]
+        return bool(conn.execute(sql, params).rowcount == 1)
+
+    @staticmethod
+    def _mark(conn: sqlite3.Connection, marks: list[tuple[str, str]]) -> None:
+        now = to_micros(utcnow())
+        for start in range(0, len(marks), ROWS_PER_STATEMENT):
+            chunk = marks[start:start + ROWS_PER_STATEMENT]
+            inserted = conn.execute(
+                "INSERT INTO inbox (consumer, event_id, processed_at) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk)) + " ON CONFLICT DO NOTHING",
+                [v for consumer, event_id in chunk for v in (consumer, event_id, now)],
+            ).rowcount
+            if inserted != len(chunk):
+                # Which one was processed already (or repeated within the job): say so.
+                seen: set[tuple[str, str]] = set()
+                for mark in chunk:
+                    if mark in seen or conn.execute(
+                        "SELECT processed_at != ? FROM inbox WHERE consumer = ? AND event_id = ?",
+                        (now, *mark),
+                    ).fetchone()[0]:
+                        raise AlreadyProcessed(*mark)
+                    seen.add(mark)
+                raise AlreadyProcessed(*chunk[0])
+
+    @staticmethod
+    def _write_documents(
+        conn: sqlite3.Connection, documents: dict[tuple[str, str], Mapping[str, Any] | None]
+    ) -> None:
+        puts = [(c, k, dumps(body)) for (c, k), body in documents.items() if body is not None]
+        gone = [(c, k) for (c, k), body in documents.items() if body is None]
+        for start in range(0, len(puts), ROWS_PER_STATEMENT):
+            chunk = puts[start:start + ROWS_PER_STATEMENT]
+            conn.execute(
+                "INSERT INTO documents (collection, key, body) VALUES "
+                + ",".join(["(?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
+                [v for row in chunk for v in row],
+            )
+        for start in range(0, len(gone), ROWS_PER_STATEMENT):
+            chunk_keys = gone[start:start + ROWS_PER_STATEMENT]
+            conn.execute(
+                "DELETE FROM documents WHERE (collection, key) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(chunk_keys)) + ")",
+                [v for row in chunk_keys for v in row],
+            )
+
+    def _apply_in_order(
+        self, conn: sqlite3.Connection, ops: Sequence[Operation]
+    ) -> list[RecordedEvent]:
+        """Operations one by one, in order (a job that clears or replaces a collection)."""
+        recorded: list[RecordedEvent] = []
+        for op in ops:
+            if isinstance(op, PutDocument):
+                self._write_documents(conn, {(op.collection, op.key): op.body})
             elif isinstance(op, Append):
                 recorded.extend(self._append(conn, op))
             elif isinstance(op, MarkProcessed):
-                cur = conn.execute(
-                    "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (op.consumer, op.event_id, now),
-                )
-                if cur.rowcount == 0:
-                    raise AlreadyProcessed(op.consumer, op.event_id)
+                self._mark(conn, [(op.consumer, op.event_id)])
             elif isinstance(op, SetCheckpoint):
-                if op.expected is not None:
-                    row = conn.execute(
-                        "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
-                    ).fetchone()
-                    actual = int(row[0]) if row else 0
-                    if actual != op.expected:
-                        raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
-                conn.execute(
-                    "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-                    (op.name, op.position),
-                )
+                self._set_checkpoint(conn, op)
             elif isinstance(op, DeleteDocument):
-                conn.execute(
-                    "DELETE FROM documents WHERE collection = ? AND key = ?",
-                    (op.collection, op.key),
-                )
+                self._write_documents(conn, {(op.collection, op.key): None})
             elif isinstance(op, ClearCollection):
                 conn.execute("DELETE FROM documents WHERE collection = ?", (op.collection,))
             elif isinstance(op, ReplaceCollection):
@@ -350,10 +441,52 @@ class SqliteEventStore(EventStore):
                 )
         return recorded
 
+    @staticmethod
+    def _set_checkpoint(conn: sqlite3.Connection, op: SetCheckpoint) -> None:
+        """One statement in the usual cases: a conditional UPDATE (or a check alone when
+        the value stays, as a projection's generation does); the row is read only to
+        tell the actual value of a conflict."""
+        if op.expected is None:
+            conn.execute(
+                "INSERT INTO checkpoints (name, position) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (op.name, op.position),
+            )
+            return
+        if op.expected == op.position:
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
+            ).fetchone()
+            actual = int(row[0]) if row else 0
+            if actual != op.expected:
+                raise ConcurrencyError(f"checkpoint:{op.name}", op.expected, actual)
+            return
+        moved = conn.execute(
+            "UPDATE checkpoints SET position = ? WHERE name = ? AND position = ?",
+            (op.position, op.name, op.expected),
+        ).rowcount == 1
+        if not moved and op.expected == 0:
+            moved = conn.execute(
+                "INSERT INTO checkpoints (name, position) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (op.name, op.position),
+            ).rowcount == 1
+        if not moved:
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE name = ?", (op.name,)
+            ).fetchone()
+            raise ConcurrencyError(f"checkpoint:{op.name}", op.expected,
+                                   int(row[0]) if row else 0)
+
     def _append(self, conn: sqlite3.Connection, op: Append) -> list[RecordedEvent]:
         ids = [e.event_id for e in op.events]
         marks = ",".join("?" * len(ids))
-        if conn.execute(f"SELECT 1 FROM events WHERE event_id IN ({marks})", ids).fetchone():
+        # One statement for both: is any id stored already, and the stream's version.
+        stored, version = conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM events WHERE event_id IN ({marks})), "
+            "(SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?)",
+            [*ids, op.stream_id],
+        ).fetchone()
+        if stored:
             existing = conn.execute(
                 f"{_SELECT_EVENTS} WHERE event_id IN ({marks}) ORDER BY global_position", ids
             ).fetchall()
@@ -362,11 +495,7 @@ class SqliteEventStore(EventStore):
             raise DuplicateEventError(
                 f"append to {op.stream_id!r} mixes stored and new event ids"
             )
-        row = conn.execute(
-            "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
-            (op.stream_id,),
-        ).fetchone()
-        version = int(row[0])
+        version = int(version)
         if op.expected_version is not None and op.expected_version != version:
             raise ConcurrencyError(op.stream_id, op.expected_version, version)
         recorded = []
@@ -476,6 +605,9 @@ class SqliteEventStore(EventStore):
     async def last_position(self) -> int:
         rows = await self._read("SELECT COALESCE(MAX(global_position), 0) FROM events")
         return int(rows[0][0])
+
+    def known_head(self) -> int | None:
+        return self._last_position if self._queue is not None else None
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         if self._new_events is None or self._last_position > after:

@@ -335,6 +335,12 @@ class EventStore(ABC):
     async def last_position(self) -> int:
         """Highest global position committed so far (0 for an empty log)."""
 
+    def known_head(self) -> int | None:
+        """The highest position this process saw committed, without a query, when the
+        adapter knows it (a single writer); None otherwise. Another process writing the
+        same store is not seen here: a reader may trust it only for a short while."""
+        return None
+
     @abstractmethod
     async def wait_for_events(self, after: int, timeout: float) -> None:
         """Return soon after an event past `after` may be readable, or after `timeout` s."""

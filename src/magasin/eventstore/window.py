@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 
 from magasin.eventstore.store import EventStore
 from magasin.shared.messages import RecordedEvent
+
+TRUST_EMPTY_S = 0.25
+"""How long a read that found the end of the log answers for the readers that follow."""
 
 
 class LogWindow:
@@ -24,6 +28,8 @@ class LogWindow:
         self.start = 0
         self.events: list[RecordedEvent] = []
         self._lock = asyncio.Lock()
+        self._nothing_after = (-1, 0.0)
+        """(position, when): a read past it found nothing then."""
 
     @property
     def end(self) -> int:
@@ -31,13 +37,26 @@ class LogWindow:
 
     async def read(self, after: int, limit: int) -> list[RecordedEvent]:
         if not self.start <= after < self.end:
+            if self._known_empty(after):
+                return []
             async with self._lock:  # one subscription reads for all of them
                 if not self.start <= after < self.end:
                     page = await self.store.read_all(after=after, limit=limit)
                     self._keep(after, page)
+                    if not page:
+                        self._nothing_after = (after, time.monotonic())
                     return page
         index = bisect.bisect_right(self.events, after, key=lambda e: e.global_position)
         return self.events[index:index + limit]
+
+    def _known_empty(self, after: int) -> bool:
+        """Nothing past `after`, known without a query: this process committed nothing
+        since a read found nothing there a moment ago (another process's commits are
+        seen by the next read, TRUST_EMPTY_S later at most)."""
+        head = self.store.known_head()
+        position, when = self._nothing_after
+        return (head is not None and head <= after == position
+                and time.monotonic() - when < TRUST_EMPTY_S)
 
     def _keep(self, after: int, page: list[RecordedEvent]) -> None:
         if not page:

@@ -113,6 +113,9 @@ class InProcessBus(EventBus):
         self._batch = batch_size
         self._rng = random.Random(seed)
         self._subs: dict[str, _Subscription] = {}
+        self._ignored: dict[str, tuple[int, float]] = {}
+        """By lane checkpoint: (position, since when) the checkpoint may move to over
+        events the lane ignores; it does once the log is quiet (see `_tail`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -262,6 +265,12 @@ class InProcessBus(EventBus):
         while not self._stopping:
             page = await self._guard(self._window.read(after, self._page), [])
             if not page:
+                ignored = self._ignored.get(lane.checkpoint)
+                if ignored is not None and time.monotonic() - ignored[1] >= self._poll:
+                    # Quiet for a while: move the checkpoint over the ignored events now
+                    # (lazily: replaying ignored events after a crash costs nothing).
+                    await self._guard(self._save_checkpoint(lane, ignored[0]), None)
+                    self._ignored.pop(lane.checkpoint, None)
                 await self.store.wait_for_events(after, self._poll)
                 continue
             sub.busy.add(me)
@@ -275,6 +284,8 @@ class InProcessBus(EventBus):
     ) -> int:
         sub = lane.sub
         mine = [e for e in page if lane.owns(e)]
+        if mine:
+            self._ignored.pop(lane.checkpoint, None)  # its commit moves the checkpoint past
         for start in range(0, len(mine), self._batch):
             if self._stopping:
                 return after
@@ -305,7 +316,8 @@ class InProcessBus(EventBus):
             after = last
         if page[-1].global_position > after:  # a tail of events this consumer ignores
             after = page[-1].global_position
-            await self._guard(self._save_checkpoint(lane, after), None)
+            since = self._ignored.get(lane.checkpoint, (0, time.monotonic()))[1]
+            self._ignored[lane.checkpoint] = (after, since)
         return after
 
     async def _handle_concurrently(

@@ -22,7 +22,10 @@ from magasin.shared.clock import to_micros
 from magasin.shared.commands import mode_of
 from magasin.shared.messages import RecordedEvent
 
-CONSUMER = "transaction.saga-metrics"
+CONSUMER = "transaction.sagas"
+"""The consumer running these handlers: the transaction service folds them into the
+delivery of its saga index (one inbox mark, one commit for both; it was a consumer of its
+own, `transaction.saga-metrics`, before issue 11)."""
 COLLECTION = "metrics.sagas"
 ENDS = "metrics.saga_ends"
 """One document per finished saga, keyed `<end micros, 20 digits>:<transaction id>` so a

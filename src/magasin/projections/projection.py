@@ -150,6 +150,11 @@ class ProjectionUnit:
                 return None if doc is None else _copy(doc)
             if cache.complete:
                 return None
+            # Only the projection writes its collections, and it reads only those: what it
+            # reads now stays true until its own next commit (a failed one drops the cache).
+            found = await self.store.get_document(*where)
+            cache.docs[where] = found
+            return None if found is None else _copy(found)
         return await self.store.get_document(*where)
 
     def put_document(self, collection: str, key: str, body: JsonDict) -> None:

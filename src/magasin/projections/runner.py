@@ -16,8 +16,9 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from magasin.eventstore.store import EventStore
+from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.projections.projection import (
+    DocumentCache,
     Projection,
     ProjectionUnit,
     generation_name,
@@ -112,23 +113,41 @@ class ProjectionRunner:
         return await self.store.get_checkpoint(projection.checkpoint), generation
 
     async def _run(self, tail: _Tail) -> None:
+        """Tail the log. Only batches with events the projection handles commit; a run of
+        events it ignores moves the checkpoint lazily, once the log has been quiet for a
+        poll interval (replaying ignored events after a crash costs nothing)."""
         projection = tail.projection
+        clock = asyncio.get_running_loop().time
         failures = 0
         position: tuple[int, int] | None = None
+        saved = 0  # the checkpoint as stored
+        saved_at = clock()
+        cache = DocumentCache(size=20_000)
         while not self._stopping:
             page: list[RecordedEvent] = []
             try:
                 if position is None:
+                    cache = DocumentCache(size=20_000)  # only this runner's commits are in it
                     position = await self._position(tail)
+                    saved, saved_at = position[0], clock()
                 after, generation = position
                 page = await self._read(after, self._page)
                 if not page:
+                    if after > saved and clock() - saved_at >= self._poll:
+                        await move_checkpoint(self.store, projection, saved, after, generation)
+                        saved, saved_at = after, clock()
+                        continue
                     tail.status = "caught_up"
                     await self.store.wait_for_events(after, self._poll)
                     continue
                 tail.status = "running"
-                await apply_batch(self.store, projection, page, after, generation)
-                position = (page[-1].global_position, generation)
+                end = page[-1].global_position
+                mine = [e for e in page if e.type in projection.handlers]
+                if mine:
+                    await apply_batch(self.store, projection, mine, saved, generation,
+                                      through=end, cache=cache)
+                    saved, saved_at = end, clock()
+                position = (end, generation)
                 failures = 0
             except ConcurrencyError:
                 # A swap or another process moved it: go on from there.
@@ -136,6 +155,9 @@ class ProjectionRunner:
                 if projection.elsewhere is not None and lost is not None and page:
                     with contextlib.suppress(Exception):
                         position = await self._projected_elsewhere(projection, lost, page)
+                        if position is not None:
+                            saved, saved_at = position[0], clock()
+                            cache = DocumentCache(size=20_000)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -147,7 +169,6 @@ class ProjectionRunner:
                 log.exception("projection %s failed; retrying", projection.name)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
-
 
     async def _projected_elsewhere(
         self, projection: Projection, lost: tuple[int, int], page: list[RecordedEvent],
@@ -183,16 +204,36 @@ async def apply_batch(
     events: list[RecordedEvent],
     after: int,
     generation: int,
+    *,
+    through: int | None = None,
+    cache: DocumentCache | None = None,
 ) -> None:
-    """Project `events` (those after `after`) and commit their documents with the
-    checkpoint; ConcurrencyError if the checkpoint or generation moved meanwhile."""
-    unit = ProjectionUnit(store)
+    """Project `events` (those after `after` up to `through`, default the last of them)
+    and commit their documents with the checkpoint; ConcurrencyError if the checkpoint or
+    generation moved meanwhile. `cache` holds the documents of this runner's earlier
+    commits (it is the only writer while the checkpoint holds)."""
+    unit = ProjectionUnit(store, cache=cache)
     await project(projection, events, unit)
     async with store.transaction() as uow:
         unit.stage(uow)
-        uow.set_checkpoint(projection.checkpoint, events[-1].global_position, expected=after)
-        name = generation_name(projection.name)
-        uow.set_checkpoint(name, generation, expected=generation)
+        _stage_checkpoint(uow, projection, after,
+                          events[-1].global_position if through is None else through, generation)
+    unit.committed()
+
+
+async def move_checkpoint(
+    store: EventStore, projection: Projection, after: int, position: int, generation: int
+) -> None:
+    """Move the checkpoint over events the projection ignores (no document changes)."""
+    async with store.transaction() as uow:
+        _stage_checkpoint(uow, projection, after, position, generation)
+
+
+def _stage_checkpoint(
+    uow: UnitOfWork, projection: Projection, after: int, position: int, generation: int
+) -> None:
+    uow.set_checkpoint(projection.checkpoint, position, expected=after)
+    uow.set_checkpoint(generation_name(projection.name), generation, expected=generation)
 
 
 async def catch_up(store: EventStore, projection: Projection, page_size: int = 1000) -> int:
