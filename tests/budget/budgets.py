@@ -15,3 +15,12 @@ EMBEDDED = {
     "SQLite write transactions": 8.0,
     "SQLite statements": 70.0,
 }
+
+DISTRIBUTED = {
+    "business events appended": 10.0,
+    "audit records in the business log": 0.0,
+    "broker deliveries": 14.0,
+    "units of work": 14.0,
+    "PostgreSQL statements": 90.0,
+}
+"""All six services, each its own process, on PostgreSQL and RabbitMQ."""
