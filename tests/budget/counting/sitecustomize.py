@@ -89,8 +89,8 @@ def install() -> None:
     Connection.execute = counted_execute
     Connection._execute = counted_prepared
     Connection._executemany = counted_many
-    PostgresEventStore.commit = counted_commit
-    PostgresEventStore.__init__ = capped_init
+    PostgresEventStore.commit = counted_commit  # type: ignore[method-assign]
+    PostgresEventStore.__init__ = capped_init  # type: ignore[method-assign]
 
 
 if os.environ.get("MAGASIN_BUDGET_COUNTING") == "1":
