@@ -48,6 +48,7 @@ import aio_pika
 import aiohttp
 import httpx
 from cluster_up import cluster_up
+from floors import add_floors_and_ratios
 
 KEY = "bench-key"
 AMQP_URL = os.environ.get("MAGASIN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -375,6 +376,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out["raw_http_sagas_per_s"] = round(
             await http_floor(Path(tmp), args.seconds / 2, args.concurrency), 1)
+    await add_floors_and_ratios(out, args.seconds / 2)
     print(json.dumps(out))
 
 
