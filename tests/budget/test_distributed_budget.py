@@ -8,9 +8,9 @@ What is counted, and from where:
 - audit records in the business log: `AuditEntryRecorded` events published on the bus or
   appended to any log but the audit service's own;
 - broker deliveries: `magasin_events_consumed_total` of every process, all outcomes;
-- units of work: the event store's non-empty commits in every process, and PostgreSQL
-  statements: what every process sent, both counted by tests/budget/counting (loaded into
-  the services through their PYTHONPATH; this server has no pg_stat_statements). The
+- units of work: `magasin_store_commits_total` of every process;
+- PostgreSQL statements: what every process sent, counted by tests/budget/counting (loaded
+  into the services through their PYTHONPATH; this server has no pg_stat_statements). The
   statements PL/pgSQL functions run inside the server (magasin_commit's) are not included.
 The test itself reads the database directly (its own connection, not counted) to tell
 when a sale is over, so no polling through the services adds to their counts.
@@ -58,7 +58,10 @@ def cluster(pg_database: str, amqp_url: str,
     env.update(
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0", MAGASIN_BANK_DECLINE_RATE="0",
         MAGASIN_RETRY_INITIAL_DELAY="0.05",
-        MAGASIN_BUDGET_COUNTING="1", MAGASIN_BUDGET_POOL_MAX="4",
+        MAGASIN_BUDGET_COUNTING="1",
+        # One sale at a time needs few connections; six processes at the default pool
+        # would take two thirds of the shared test server's.
+        MAGASIN_PG_POOL_MAX="4",
         PYTHONPATH=os.pathsep.join(filter(None, [str(COUNTING), os.environ.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
     )
@@ -111,7 +114,7 @@ class Counts:
                     elif s.name == "magasin_events_published_total":
                         if s.labels["outcome"] == "ok":
                             found["published"][s.labels["event_type"]] += value
-                    elif s.name == "magasin_budget_units_of_work_total":
+                    elif s.name == "magasin_store_commits_total":
                         found["units"][process.service] += value
                     elif s.name == "magasin_budget_pg_statements_total":
                         found["statements"][f"{process.service}: {s.labels['kind']}"] += value
