@@ -48,6 +48,7 @@ import aio_pika
 import aiohttp
 import httpx
 from cluster_up import cluster_up
+from cpu import Usage
 from floors import add_floors_and_ratios
 
 KEY = "bench-key"
@@ -296,8 +297,10 @@ async def distributed(tmp: Path, seconds: float, concurrency: int, products_n: i
                           MAGASIN_SAGA_MODE=saga_mode) as deployment:
         url = deployment.url
         store_id, products = await seed(url, url, url, products_n)
-        return await measure(url, store_id, products, seconds, concurrency,
-                             latency_rate=latency_rate)
+        usage = await Usage.start(deployment)
+        result = await measure(url, store_id, products, seconds, concurrency,
+                               latency_rate=latency_rate)
+        return result | await usage.per_saga()
 
 
 async def raw_broker_roundtrip(seconds: float, window: int = 64) -> float:

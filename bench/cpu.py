@@ -1,0 +1,133 @@
+"""CPU per saga of the distributed deployment, per process, from /proc (Linux): issue 11's
+"CPU per sale ≤ 15 ms in all processes".
+
+`Usage.start(deployment)` snapshots the CPU time of every `magasin serve` process of the
+deployment (found by the ports `bench/cluster_up.py` reports), of the PostgreSQL backends
+serving its database, and of the RabbitMQ broker, and the sagas the transaction service
+finished so far (`magasin_sagas_finished_total`); `per_saga()` returns the differences
+divided by the sagas finished in between. PostgreSQL backends that appeared or ended in
+between are counted from when they were seen; the broker is shared with whatever else
+uses it on this machine, so its share is an upper bound.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from cluster_up import Deployment
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def service_pids(deployment: Deployment) -> dict[str, int]:
+    """`service[:port]` -> pid of each `magasin serve` process of the deployment."""
+    wanted = {str(port): service for service, ports in deployment.ports.items()
+              for port in ports}
+    found: dict[str, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        args = _cmdline(pid)
+        if "serve" in args and "--port" in args:
+            port = args[args.index("--port") + 1]
+            if port in wanted:
+                several = len(deployment.ports[wanted[port]]) > 1
+                found[f"{wanted[port]}:{port}" if several else wanted[port]] = int(pid)
+    return found
+
+
+def broker_pid() -> int | None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if any(arg.endswith("beam.smp") for arg in _cmdline(pid)[:1]):
+            return int(pid)
+    return None
+
+
+def _database_url(pid: int) -> str:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for entry in env:
+        if entry.startswith(b"MAGASIN_DATABASE_URL="):
+            return entry.split(b"=", 1)[1].decode()
+    raise RuntimeError(f"process {pid} has no MAGASIN_DATABASE_URL")
+
+
+class Usage:
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.pids = service_pids(deployment)
+        self.broker = broker_pid()
+        self.database_url = _database_url(next(iter(self.pids.values())))
+        self.before: dict[str, float] = {}
+        self.backends: dict[int, float] = {}
+        self.sagas_before = 0.0
+
+    @classmethod
+    async def start(cls, deployment: Deployment) -> Usage:
+        usage = cls(deployment)
+        usage.before = usage._processes()
+        usage.backends = {pid: cpu_seconds(pid) for pid in await usage._backend_pids()}
+        usage.sagas_before = await usage._sagas_finished()
+        return usage
+
+    def _processes(self) -> dict[str, float]:
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        if self.broker is not None:
+            cpu["rabbitmq (shared)"] = cpu_seconds(self.broker)
+        return cpu
+
+    async def _backend_pids(self) -> list[int]:
+        name = self.database_url.rsplit("/", 1)[1]
+        conn = await asyncpg.connect(self.database_url.rsplit("/", 1)[0] + "/postgres")
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1", name)
+        finally:
+            await conn.close()
+        return [row["pid"] for row in rows]
+
+    async def _sagas_finished(self) -> float:
+        total = 0.0
+        async with httpx.AsyncClient(timeout=10) as client:
+            for port in self.deployment.ports.get("transaction", []):
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                for line in text.splitlines():
+                    if line.startswith("magasin_sagas_finished_total"):
+                        total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    async def per_saga(self) -> dict[str, Any]:
+        """CPU ms per saga finished since `start`, per process and in all."""
+        sagas = await self._sagas_finished() - self.sagas_before
+        after = self._processes()
+        backends_now = await self._backend_pids()
+        pg = sum(cpu_seconds(pid) - self.backends.get(pid, 0.0) for pid in backends_now)
+        spent = {name: after[name] - self.before.get(name, 0.0) for name in after}
+        spent["postgresql backends"] = pg
+        if sagas <= 0:
+            return {"cpu_sagas_counted": 0}
+        per = {name: round(s * 1000 / sagas, 2) for name, s in spent.items()}
+        return {
+            "cpu_sagas_counted": int(sagas),
+            "cpu_ms_per_saga_by_process": per,
+            "cpu_ms_per_saga": round(sum(s for n, s in spent.items()
+                                         if not n.endswith("(shared)")) * 1000 / sagas, 2),
+            "cpu_ms_per_saga_with_broker": round(sum(spent.values()) * 1000 / sagas, 2),
+        }
