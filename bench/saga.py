@@ -290,7 +290,7 @@ async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
 
 async def distributed(tmp: Path, seconds: float, concurrency: int, products_n: int,
                       saga_mode: str = "choreography",
-                      latency_rate: float | None = None) -> dict[str, float]:
+                      latency_rate: float | None = None) -> dict[str, Any]:
     """The whole deployment as `magasin cluster up` runs it (every service, one process
     each, behind the gateway), measured through the gateway's one URL."""
     async with cluster_up(tmp, KEY, MAGASIN_BANK_LATENCY_MS="0",
