@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
+from magasin.config import Settings
 from magasin.messaging.partitioning import configured_partitions
 from tests.e2e.conftest import eventually
 from tests.e2e.processes import (
@@ -744,6 +746,8 @@ async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magas
 
 # -- 3b. stuck sagas: deadlines and forced compensation ----------------------------------
 
+DEFAULT_FULFILMENT_S = Settings.model_fields["deadline_fulfilment_s"].default
+
 
 @asynccontextmanager
 async def restarted(process: ServiceProcess, **env: str) -> AsyncIterator[None]:
@@ -774,9 +778,11 @@ async def down(process: ServiceProcess) -> AsyncIterator[None]:
         await process.healthy()
 
 
-async def stuck_at_fulfilment(magasin: Magasin, store: str, product: str) -> dict[str, Any]:
-    """A sale of 3 `product` the store service (down) does not prepare: it waits,
-    reserved, for its fulfilment."""
+async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int]
+                              ) -> dict[str, Any]:
+    """A sale of 3 of the one product of `stock` the store service (down) does not
+    prepare: it waits, reserved, for its fulfilment."""
+    (product,) = stock
     sale = await magasin.sell(store, [(product, 3)])
 
     async def reserved() -> bool:
@@ -805,13 +811,17 @@ async def test_a_sale_the_store_never_prepares_is_compensated_at_its_deadline(
     short = {"MAGASIN_DEADLINE_FULFILMENT_S": "1", "MAGASIN_DEADLINE_SWEEP_S": "0.1"}
     async with restarted(cluster.first("transaction"), **short):
         store, stock, probe = await stock_up(magasin, "Délai", {"A": 10})
+        (product,) = stock
         async with down(cluster.first("store")):
-            sale = await stuck_at_fulfilment(magasin, store, *stock)
+            sale = await magasin.sell(store, [(product, 3)])
             tid = sale["transaction_id"]
             final = await magasin.final(tid)
             assert (final["status"], final["reason"]) == ("CANCELLED", "deadline:fulfilment")
-            statuses = [h["status"] for h in final["history"]]
-            assert statuses[-3:] == ["INVENTORY_RESERVED", "CANCELLING", "CANCELLED"]
+            steps = {h["status"]: datetime.fromisoformat(h["at"]) for h in final["history"]}
+            assert list(steps)[-3:] == ["INVENTORY_RESERVED", "CANCELLING", "CANCELLED"]
+            # Given up at the configured deadline (1 s), well before the default one (30 s).
+            waited = steps["CANCELLING"] - steps["INVENTORY_RESERVED"]
+            assert timedelta(seconds=1) <= waited < timedelta(seconds=DEFAULT_FULFILMENT_S)
         await refused_late(magasin, tid)
 
     outcomes = await assert_books_balance(magasin, store, stock, [probe, sale])
@@ -832,7 +842,7 @@ async def test_an_admin_forces_the_compensation_of_a_stuck_sale_through_the_gate
     cluster = magasin.cluster
     store, stock, probe = await stock_up(magasin, "Forcée", {"A": 10})
     async with down(cluster.first("store")):  # default deadlines: nothing aborts by itself
-        sale = await stuck_at_fulfilment(magasin, store, *stock)
+        sale = await stuck_at_fulfilment(magasin, store, stock)
         tid = sale["transaction_id"]
         saga = await magasin.ok("GET", f"/api/sagas/{tid}")
         assert (saga["step"], saga["mode"]) == ("fulfilment", saga_mode)
