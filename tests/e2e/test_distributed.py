@@ -785,11 +785,18 @@ async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int
     (product,) = stock
     sale = await magasin.sell(store, [(product, 3)])
 
+    tid = sale["transaction_id"]
+
     async def reserved() -> bool:
-        saga = await magasin.read(f"/api/sagas/{sale['transaction_id']}")
+        saga = await magasin.read(f"/api/sagas/{tid}")
         return bool(saga["status"] == "INVENTORY_RESERVED")
 
-    await eventually(reserved, timeout=SAGA_TIMEOUT)
+    try:
+        await eventually(reserved, timeout=SAGA_TIMEOUT)
+    except TimeoutError:
+        saga = await magasin.ok("GET", f"/api/sagas/{tid}")
+        types = await event_types(magasin.cluster, tid)
+        raise AssertionError(f"sale {tid} not reserved: {saga}; events: {types}") from None
     return sale
 
 
