@@ -784,7 +784,6 @@ async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int
     prepare: it waits, reserved, for its fulfilment."""
     (product,) = stock
     sale = await magasin.sell(store, [(product, 3)])
-
     tid = sale["transaction_id"]
 
     async def reserved() -> bool:
