@@ -33,6 +33,36 @@ class Deployment:
     """The gateway."""
     ports: dict[str, list[int]]
     """Each service's processes."""
+    pid: int
+    """`magasin cluster up`, parent of every process of the deployment."""
+    database: str
+    """The deployment's PostgreSQL database."""
+
+    async def pids(self) -> list[int]:
+        """Every process working for the deployment: `magasin cluster up` and all under it
+        (services, gateway), and the PostgreSQL backends connected to its database."""
+        admin = await asyncpg.connect(PG_URL)
+        try:
+            rows = await admin.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1", self.database)
+        finally:
+            await admin.close()
+        return descendants(self.pid) + [row["pid"] for row in rows]
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process under it (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(stat[1])
+    tree, frontier = [root], {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        tree.extend(frontier)
+    return tree
 
 
 def free_port() -> int:
@@ -70,7 +100,7 @@ async def cluster_up(workdir: Path, key: str, scale: str = "",
         for service, listed in re.findall(r"\|\s+(\w+)\s+(http://\S+(?:, http://\S+)*)", text):
             if service in SERVICES:
                 ports[service] = [int(u.rsplit(":", 1)[1]) for u in listed.split(", ")]
-        yield Deployment(f"http://127.0.0.1:{port}", ports)
+        yield Deployment(f"http://127.0.0.1:{port}", ports, proc.pid, database)
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)

@@ -12,16 +12,18 @@ one process each, behind the gateway, which the client calls).
 `raw_http_sagas_per_s` is the same client's rate against an app that answers the same two
 calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts on a saga.
 
-`--saga orchestration` measures the embedded deployment under both coordinations in the
-same run, one after the other on fresh data, latencies at the same rate for both
-(`--latency-rate`, default 20 sagas/s): {"coordination": {"choreography": {...},
-"orchestration": {...}}}. Besides sagas/s and latencies, what each saga costs the server
-over the throughput run and until it settles (every consumer done): `messages_per_saga`
-(events and commands appended, the audit chain's own records left out: in embedded mode
-each is a message on the bus), `deliveries_per_saga` (handler runs, audit's included),
-`commits_per_saga` (database transactions) and `cpu_ms_per_saga` (the server process's
-user + system CPU). With `--mode distributed`, the distributed deployment instead
-({"coordination_distributed": ...}: sagas/s and latencies only).
+`--saga orchestration` measures both coordinations in the same run, one after the other on
+fresh data, latencies at the same rate for both (`--latency-rate`, default 20 sagas/s):
+the embedded deployment ({"coordination": {"choreography": {...}, "orchestration": {...}}})
+or, with `--mode distributed`, the distributed one ({"coordination_distributed": ...}).
+Besides sagas/s and latencies, what each saga costs the deployment over the throughput
+run and until it settles (every consumer done): `messages_per_saga` (events and commands
+published, the audit chain's own records left out), `deliveries_per_saga` (handler runs,
+audit's included), `commits_per_saga` (database transactions), summed over the /metrics of
+every process, and `cpu_ms_per_saga` (user + system CPU, from /proc: embedded, the server
+process; distributed, `magasin cluster up` and every process under it, gateway included,
+and the PostgreSQL backends of the deployment's database; the shared RabbitMQ broker is
+not counted).
 
     python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
                          [--saga choreography|orchestration]
@@ -40,7 +42,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,21 +191,34 @@ COUNTED = {
 """What a saga costs the server, from its own /metrics: (sample name, labels to match)."""
 
 
-async def counters(url: str, pid: int) -> dict[str, float]:
-    """The server's counted work so far, and its CPU seconds (user + system)."""
+@dataclass(frozen=True)
+class Meter:
+    """Where a deployment's costs are read: the /metrics of each of its processes, and
+    the pids whose CPU time it uses (asked again at each reading)."""
+
+    metrics_urls: list[str]
+    pids: Callable[[], Awaitable[list[int]]]
+
+
+async def counters(meter: Meter) -> dict[str, float]:
+    """The deployment's counted work so far, summed over its processes, and its CPU
+    seconds (user + system) by pid under the key `cpu_s:<pid>`."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{url}/metrics")).text
     totals = dict.fromkeys(COUNTED, 0.0)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("event_type") == "AuditEntryRecorded":
-                continue  # the audit chain's own records: the same in both modes per event
-            for what, (name, labels) in COUNTED.items():
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    totals[what] += sample.value
-    totals["cpu_s"] = cpu_seconds(pid)
+    async with httpx.AsyncClient(timeout=10) as client:
+        for url in meter.metrics_urls:
+            text = (await client.get(f"{url}/metrics")).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.labels.get("event_type") == "AuditEntryRecorded":
+                        continue  # the audit chain's own records: the same in both modes
+                    for what, (name, labels) in COUNTED.items():
+                        if sample.name == name and labels.items() <= sample.labels.items():
+                            totals[what] += sample.value
+    for pid in await meter.pids():
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            totals[f"cpu_s:{pid}"] = cpu_seconds(pid)
     return totals
 
 
@@ -212,31 +228,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def settled(url: str, pid: int) -> dict[str, float]:
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds the processes used between two readings (one that started meanwhile
+    counts from zero)."""
+    return sum(t - before.get(k, 0.0) for k, t in after.items() if k.startswith("cpu_s:"))
+
+
+async def settled(meter: Meter) -> dict[str, float]:
     """The counters once every consumer has caught up (no delivery for two seconds: idle
     consumers of the in-process bus poll every half second)."""
-    last = await counters(url, pid)
+    last = await counters(meter)
     while True:
         await asyncio.sleep(2.0)
-        now = await counters(url, pid)
+        now = await counters(meter)
         if now["deliveries"] == last["deliveries"]:
             return now
         last = now
 
 
 async def measure(url: str, store_id: str, products: list[str], seconds: float,
-                  concurrency: int, pid: int | None = None,
+                  concurrency: int, meter: Meter | None = None,
                   latency_rate: float | None = None) -> dict[str, float]:
-    before = await counters(url, pid) if pid is not None else None
+    before = await counters(meter) if meter is not None else None
     started = time.perf_counter()
     rate = await max_rate(url, store_id, products, seconds, concurrency)
     result = {"sagas_per_s": round(rate, 1)}
-    if pid is not None and before is not None:
+    if meter is not None and before is not None:
         sagas = rate * (time.perf_counter() - started)
-        after = await settled(url, pid)
+        after = await settled(meter)
         for what in COUNTED:
             result[f"{what}_per_saga"] = round((after[what] - before[what]) / sagas, 2)
-        result["cpu_ms_per_saga"] = round((after["cpu_s"] - before["cpu_s"]) * 1000 / sagas, 2)
+        result["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
     at = latency_rate or max(rate / 2, 1)
     result.update(await latencies_at(url, store_id, products, at, seconds))
     result["latency_rate_per_s"] = round(at, 1)
@@ -261,8 +283,13 @@ async def embedded(
     async with process(["up", "--no-demo-data"], env, tmp / f"embedded-{saga_mode}.log") as proc:
         await healthy(url)
         store_id, products = await seed(url, url, url, products_n)
+        server = proc.pid
+
+        async def pids() -> list[int]:
+            return [server]
+
         return await measure(url, store_id, products, seconds, concurrency,
-                             proc.pid if costs else None, latency_rate)
+                             Meter([url], pids) if costs else None, latency_rate)
 
 
 async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
@@ -289,7 +316,7 @@ async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
 
 
 async def distributed(tmp: Path, seconds: float, concurrency: int, products_n: int,
-                      saga_mode: str = "choreography",
+                      saga_mode: str = "choreography", costs: bool = False,
                       latency_rate: float | None = None) -> dict[str, Any]:
     """The whole deployment as `magasin cluster up` runs it (every service, one process
     each, behind the gateway), measured through the gateway's one URL."""
@@ -297,9 +324,12 @@ async def distributed(tmp: Path, seconds: float, concurrency: int, products_n: i
                           MAGASIN_SAGA_MODE=saga_mode) as deployment:
         url = deployment.url
         store_id, products = await seed(url, url, url, products_n)
+        processes = [f"http://127.0.0.1:{port}"
+                     for ports in deployment.ports.values() for port in ports]
+        meter = Meter(processes, deployment.pids) if costs else None
         usage = await Usage.start(deployment)
-        result = await measure(url, store_id, products, seconds, concurrency,
-                               latency_rate=latency_rate)
+        result = await measure(url, store_id, products, seconds, concurrency, meter,
+                               latency_rate)
         return result | await usage.per_saga()
 
 
@@ -343,7 +373,7 @@ async def main() -> None:
                         help="products sold (one per sale, in turn): few means hot stock items")
     parser.add_argument("--saga", choices=["choreography", "orchestration"],
                         default="choreography",
-                        help="orchestration: also measure it, next to choreography (embedded)")
+                        help="orchestration: also measure it, next to choreography")
     parser.add_argument("--latency-rate", type=float, default=20.0,
                         help="with --saga orchestration: sagas/s (open loop) at which both "
                         "coordinations' latencies are measured, the same load for both")
@@ -362,7 +392,7 @@ async def main() -> None:
             if args.only == "distributed":
                 out["coordination_distributed"] = {
                     mode: await distributed(Path(tmp), args.seconds, args.concurrency,
-                                            args.products, saga_mode=mode,
+                                            args.products, saga_mode=mode, costs=True,
                                             latency_rate=args.latency_rate)
                     for mode in modes
                 }

@@ -10,7 +10,8 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ import asyncpg
 import httpx
 import pytest
 
+from magasin.config import Settings
 from magasin.messaging.partitioning import configured_partitions
 from tests.e2e.conftest import eventually
 from tests.e2e.processes import (
     SERVICES,
     Cluster,
+    ServiceProcess,
     consumer_count,
     running_cluster,
 )
@@ -30,6 +33,7 @@ from tests.e2e.processes import (
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
 API_KEY = "e2e-distributed-key"
+ADMIN_KEY = "e2e-distributed-admin-key"
 RETRY_ATTEMPTS = 3
 TERMINAL = {"COMPLETED", "CANCELLED"}
 SAGA_TIMEOUT = 60.0
@@ -54,6 +58,7 @@ def distributed_cluster(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
     env.update(
         MAGASIN_API_KEYS=API_KEY,
+        MAGASIN_ADMIN_API_KEYS=ADMIN_KEY,
         MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_BANK_DECLINE_RATE="0",
         MAGASIN_RETRY_ATTEMPTS=str(RETRY_ATTEMPTS),
@@ -737,6 +742,138 @@ async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magas
     finals = [await magasin.final(sale["transaction_id"]) for sale in posted]
     assert {sale["status"] for sale in finals} == {"COMPLETED"}
     assert_every_step_reported(finals)
+
+
+# -- 3b. stuck sagas: deadlines and forced compensation ----------------------------------
+
+DEFAULT_FULFILMENT_S = Settings.model_fields["deadline_fulfilment_s"].default
+
+
+@asynccontextmanager
+async def restarted(process: ServiceProcess, **env: str) -> AsyncIterator[None]:
+    """`process` restarted with `env` over its environment, and as it was afterwards."""
+    before = dict(process.env)
+    process.terminate()
+    process.env.update(env)
+    try:
+        process.start()
+        await process.healthy()
+        yield
+    finally:
+        process.terminate()
+        process.env = before
+        process.start()
+        await process.healthy()
+
+
+@asynccontextmanager
+async def down(process: ServiceProcess) -> AsyncIterator[None]:
+    """`process` killed (`kill -9`: what it had not consumed waits in its queue), then
+    started again."""
+    process.kill()
+    try:
+        yield
+    finally:
+        process.start()
+        await process.healthy()
+
+
+async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int]
+                              ) -> dict[str, Any]:
+    """A sale of 3 of the one product of `stock` the store service (down) does not
+    prepare: it waits, reserved, for its fulfilment."""
+    (product,) = stock
+    sale = await magasin.sell(store, [(product, 3)])
+    tid = sale["transaction_id"]
+
+    async def reserved() -> bool:
+        saga = await magasin.read(f"/api/sagas/{tid}")
+        return bool(saga["status"] == "INVENTORY_RESERVED")
+
+    try:
+        await eventually(reserved, timeout=SAGA_TIMEOUT)
+    except TimeoutError:
+        saga = await magasin.ok("GET", f"/api/sagas/{tid}")
+        types = await event_types(magasin.cluster, tid)
+        raise AssertionError(f"sale {tid} not reserved: {saga}; events: {types}") from None
+    return sale
+
+
+async def refused_late(magasin: Magasin, transaction_id: str) -> None:
+    """The store service, back, prepared the cancelled sale's order at last: the sale
+    refuses it (seed: the transaction decides) and stays cancelled."""
+
+    async def refused() -> bool:
+        return "FulfilmentRefused" in await sale_stream(magasin.cluster, transaction_id)
+
+    await eventually(refused, timeout=SAGA_TIMEOUT)
+
+
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
+async def test_a_sale_the_store_never_prepares_is_compensated_at_its_deadline(
+    magasin: Magasin, saga_mode: str
+) -> None:
+    cluster = magasin.cluster
+    short = {"MAGASIN_DEADLINE_FULFILMENT_S": "1", "MAGASIN_DEADLINE_SWEEP_S": "0.1"}
+    async with restarted(cluster.first("transaction"), **short):
+        store, stock, probe = await stock_up(magasin, "Délai", {"A": 10})
+        (product,) = stock
+        async with down(cluster.first("store")):
+            sale = await magasin.sell(store, [(product, 3)])
+            tid = sale["transaction_id"]
+            final = await magasin.final(tid)
+            assert (final["status"], final["reason"]) == ("CANCELLED", "deadline:fulfilment")
+            steps = {h["status"]: datetime.fromisoformat(h["at"]) for h in final["history"]}
+            assert list(steps)[-3:] == ["INVENTORY_RESERVED", "CANCELLING", "CANCELLED"]
+            # Given up at the configured deadline (1 s), well before the default one (30 s).
+            waited = steps["CANCELLING"] - steps["INVENTORY_RESERVED"]
+            assert timedelta(seconds=1) <= waited < timedelta(seconds=DEFAULT_FULFILMENT_S)
+        await refused_late(magasin, tid)
+
+    outcomes = await assert_books_balance(magasin, store, stock, [probe, sale])
+    assert outcomes == Counter({"declined": 1, "deadline:fulfilment": 1})
+    payment = await magasin.payment(tid)
+    assert (payment["status"], payment["reason"]) == ("REFUNDED", "deadline:fulfilment")
+    reservation = await magasin.read(f"/api/reservations/{tid}")
+    assert reservation["status"] == "RELEASED"
+    # Orchestrated, the deadline goes to the orchestrator, which compensates in order.
+    assert_coordinated(saga_mode, await event_types(cluster, tid), "ChargePayment",
+                       "ReserveStock", "PrepareOrder", "RefundPayment", "ReleaseStock")
+
+
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
+async def test_an_admin_forces_the_compensation_of_a_stuck_sale_through_the_gateway(
+    magasin: Magasin, saga_mode: str
+) -> None:
+    cluster = magasin.cluster
+    store, stock, probe = await stock_up(magasin, "Forcée", {"A": 10})
+    async with down(cluster.first("store")):  # default deadlines: nothing aborts by itself
+        sale = await stuck_at_fulfilment(magasin, store, stock)
+        tid = sale["transaction_id"]
+        saga = await magasin.ok("GET", f"/api/sagas/{tid}")
+        assert (saga["step"], saga["mode"]) == ("fulfilment", saga_mode)
+        if saga_mode == "orchestration":
+            assert saga["orchestrator"]["pending_command"] == "PrepareOrder"
+
+        url = f"{magasin.url}/api/sagas/{tid}/compensate"
+        assert (await magasin.client.post(url)).status_code == 403  # not an admin key
+        forced = await magasin.client.post(url, headers={"X-API-Key": ADMIN_KEY})
+        assert forced.status_code == 202, forced.text
+        assert (forced.json()["reason"], forced.json()["aborted_step"]) == (
+            "forced", "fulfilment")
+
+        final = await magasin.final(tid)
+        assert (final["status"], final["reason"]) == ("CANCELLED", "forced")
+        again = await magasin.client.post(url, headers={"X-API-Key": ADMIN_KEY})
+        assert again.status_code == 409  # it ended: nothing left to compensate
+    await refused_late(magasin, tid)
+
+    outcomes = await assert_books_balance(magasin, store, stock, [probe, sale])
+    assert outcomes == Counter({"declined": 1, "forced": 1})
+    payment = await magasin.payment(tid)
+    assert (payment["status"], payment["reason"]) == ("REFUNDED", "forced")
+    assert_coordinated(saga_mode, await event_types(cluster, tid), "ChargePayment",
+                       "ReserveStock", "PrepareOrder", "RefundPayment", "ReleaseStock")
 
 
 # -- 4. the gateway: failover, streams, rate limits ---------------------------------------
