@@ -19,13 +19,16 @@ from magasin.payments.handlers import charge, handlers, payments, refund_key
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import Unavailable
 from magasin.shared.events import (
+    SCHEMAS,
     CompensationStalled,
     CompensationStarted,
     InventoryReleased,
     PaymentFailed,
     PaymentProcessed,
+    PaymentRecorded,
     PaymentRefunded,
     ProductAdded,
+    ReservationRecorded,
     SagaAborted,
     SaleLine,
     StockLine,
@@ -33,6 +36,7 @@ from magasin.shared.events import (
     TransactionCancelled,
     TransactionCreated,
 )
+from magasin.shared.messages import NewEvent
 from magasin.transactions import sagas
 from magasin.transactions.deadlines import Deadlines, due_key, due_of
 from magasin.transactions.domain import Status, Transaction
@@ -221,6 +225,29 @@ async def test_a_lagging_index_entry_of_a_saga_that_moved_on_changes_nothing(
     assert doc is not None and (doc["status"], doc["step"]) == ("PAYMENT_PROCESSED", "reservation")
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     assert entry[1]["step"] == "reservation"
+
+
+async def test_an_index_that_lags_dates_a_step_from_the_event_that_started_it(
+    harness: Harness,
+) -> None:
+    sale = await start_sale(harness, "tx-1")
+    # Paid, then reserved 5 s later, both stored before the index sees either: when it
+    # reads the payment, the sale already waits for its fulfilment.
+    created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
+    paid_at, reserved_at = created + timedelta(seconds=1), created + timedelta(seconds=6)
+    await harness.store.append(sagas.sales.stream(sale.id), [
+        NewEvent("PaymentRecorded", SCHEMAS.dump(PaymentRecorded(sale.id, "pay-1", 1000)),
+                 occurred_at=paid_at),
+        NewEvent("ReservationRecorded", SCHEMAS.dump(ReservationRecorded(sale.id, "res-1")),
+                 occurred_at=reserved_at),
+    ])
+    await index_everything(harness)
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    # The fulfilment's 30 s run from the reservation, not from the payment before it.
+    assert (entry[1]["step"], due_of(entry[0])) == ("fulfilment",
+                                                    reserved_at + timedelta(seconds=30))
+    assert await sagas.abort_overdue(harness.store, paid_at + timedelta(seconds=31)) == 0
+    assert await sagas.abort_overdue(harness.store, reserved_at + timedelta(seconds=30)) == 1
 
 
 # -- payment's side ------------------------------------------------------------------------

@@ -64,6 +64,11 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         sale = await sales.find(uow, tid)
         if sale is None:
             raise NotFound(f"no transaction {tid}")
+        if sale.version > event.stream_version and await _indexed_later(uow, event):
+            # The sale moved on since this event (the index lags): its current step did
+            # not start at this event's time, so the later event that started it indexes
+            # the sale (a deadline dated from this one would fire early).
+            return
         doc = await uow.get_document(SAGAS, tid)
         step = sale.waits_for
         status = sale.status.value
@@ -97,6 +102,12 @@ def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
         uow.put_document(SAGAS, tid, doc)
 
     return dict.fromkeys(INDEXED, index)
+
+
+async def _indexed_later(uow: UnitOfWork, event: RecordedEvent) -> bool:
+    """Whether the sale's stream holds an indexed event after `event`."""
+    later = await uow.read_stream(event.stream_id, from_version=event.stream_version + 1)
+    return any(e.type in INDEXED for e in later)
 
 
 async def _decide(
