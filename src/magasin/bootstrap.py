@@ -92,6 +92,9 @@ class Runtime:
         self.services = services
         self.relay = relay
         self._loops: list[asyncio.Task[None]] = []
+        self.starting = False
+        """True while the process is up but not ready (its start-up work, the demo data
+        say, not yet readable): /health answers 503 `starting`."""
         self.last_sample: dict[str, Any] = {}
         """What the metrics sampler last read (outbox backlog, pending dead letters by
         consumer, projection lags, when), shown by /health."""
@@ -145,6 +148,11 @@ class Runtime:
         ))
         log.info("magasin %s runtime started: %s", self.mode,
                  ", ".join(s.name for s in self.services))
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until the read models include every event stored so far (False if they did
+        not within `timeout` seconds)."""
+        return await self.projections.reach(await self.store.last_position(), timeout)
 
     async def stop(self) -> None:
         for task in self._loops:

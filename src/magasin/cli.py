@@ -41,6 +41,9 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(payments_app, name="payments")
 app.command("partitions")(partitions_command)
 console = Console()
+STARTUP_SETTLE_S = 30.0
+"""How long `magasin up` waits for its read models to include what is stored before it
+reports ready."""
 
 Distributed = Annotated[
     bool, typer.Option("--distributed", help="Use PostgreSQL (MAGASIN_DATABASE_URL).")
@@ -103,6 +106,11 @@ def up(
     async def ready() -> None:
         if demo_data and await seed_if_empty(runtime.store, settings.currency):
             console.print("seeded demo stores, catalog and stock")
+        # Ready once what is stored (the demo data, or the tail a restart has to project)
+        # can be read: a client that saw /health answer 200 lists the demo stores.
+        if not await runtime.settle(STARTUP_SETTLE_S):
+            console.print(f"[yellow]read models still catching up after {STARTUP_SETTLE_S:g} s"
+                          "; serving anyway[/yellow]")
         base = f"http://{settings.http_host}:{settings.http_port}"
         console.print(
             f"[bold]magasin {__version__}[/bold] embedded: [cyan]{base}[/cyan] "
@@ -213,12 +221,14 @@ def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
     ))
 
     async def main() -> None:
+        runtime.starting = True  # /health answers 503 until ready() has run
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
             _tune_collector()
             await ready()
+            runtime.starting = False
         await serving
 
     try:

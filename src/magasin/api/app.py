@@ -64,6 +64,8 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
             body["event_log_position"] = await runtime.store.last_position()
         except MagasinError as exc:
             body.update(status="degraded", store_error=str(exc))
+        if runtime.starting:
+            body["status"] = "starting"
         # What services add (the bank's circuit breaker, say) informs, it does not fail the
         # check: an open breaker is the service coping with an outage, not a sick process.
         checks = {s.name: dict(s.health()) for s in runtime.services if s.health is not None}

@@ -56,6 +56,9 @@ class _Tail:
     projection: Projection
     status: str = "starting"
     """starting, running, caught_up, paused (a rebuild's swap), failing or stopped."""
+    position: int = 0
+    """The log position this process has projected up to (in memory; the stored
+    checkpoint may trail it over ignored events)."""
 
 
 class ProjectionRunner:
@@ -103,6 +106,17 @@ class ProjectionRunner:
             if mine.get(name) is tail:
                 del mine[name]
 
+    async def reach(self, position: int, timeout: float) -> bool:
+        """Wait until every projection has projected the log up to `position` (what a
+        client reads then includes it); False if one has not within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(t.position < position for t in self._tails.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def _position(self, tail: _Tail) -> tuple[int, int]:
         projection = tail.projection
 
@@ -131,6 +145,7 @@ class ProjectionRunner:
                     position = await self._position(tail)
                     saved, saved_at = position[0], clock()
                 after, generation = position
+                tail.position = after
                 page = await self._read(after, self._page)
                 if not page:
                     if after > saved and clock() - saved_at >= self._poll:
