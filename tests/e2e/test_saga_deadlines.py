@@ -101,8 +101,11 @@ async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
         assert (payment["status"], payment["reason"]) == ("FAILED", "bank_unavailable")
         assert (await shop.stock(store, coffee))["available"] == 10
         if saga_mode == "orchestration":
-            assert await commands_sent(shop, sale["transaction_id"]) == [
-                "ChargePayment", "VoidPayment"]
+            # Whichever deadline fires first gives the sale up: the orchestrator's (it voids
+            # the charge) or the payment service's own (the retried charge fails). Either
+            # way nothing is taken, and nothing but a void ever follows the charge.
+            first, *then = await commands_sent(shop, sale["transaction_id"])
+            assert first == "ChargePayment" and then in ([], ["VoidPayment"])
 
 
 @pytest.mark.usefixtures("store_never_prepares")
