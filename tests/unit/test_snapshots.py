@@ -91,6 +91,23 @@ async def test_a_snapshot_missing_an_attribute_of_the_class_is_ignored(
     assert rebuilt.aggregate.received == 12
 
 
+async def test_a_stock_snapshot_taken_before_issue_11_is_ignored(db: SqliteEventStore) -> None:
+    # Stock items kept on_hand and reserved then (snapshot version 1); their events say
+    # the same, read as received and available now.
+    configure_snapshots(db, 10)
+    await restock(db, 11)
+    snap = await db.load_snapshot("stock-s1:p1")
+    assert snap is not None and snap.schema_version == StockItem.snapshot_version == 2
+    old = {"store_id": snap.state["store_id"], "product_id": snap.state["product_id"],
+           "on_hand": 11, "reserved": 0}
+    await db.save_snapshot(type(snap)(snap.stream_id, 11, old, 1))
+
+    async with SqliteEventStore(db.path) as other:
+        rebuilt = await stock.rebuild(other, "s1:p1")
+    assert rebuilt is not None and rebuilt.snapshot_version is None
+    assert (rebuilt.aggregate.received, rebuilt.aggregate.available) == (11, 11)
+
+
 async def test_with_snapshots_off_none_is_taken(db: SqliteEventStore) -> None:
     configure_snapshots(db, 0)
     await restock(db, 30)
