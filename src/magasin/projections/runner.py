@@ -266,6 +266,11 @@ async def catch_up(
         page = await store.read_all(after=after, limit=limit)
         if until is not None:
             page = [e for e in page if e.global_position <= until]
+            if not page:
+                # A position before `until` is still being committed by another writer
+                # (the log is read gap-safe): wait for it rather than answer without it.
+                await store.wait_for_events(after, 0.05)
+                continue
         if not page:
             return after
         try:
