@@ -167,7 +167,8 @@ class Evidence:
     bank: list[dict[str, Any]]
     """The bank simulator's ledger of captured charges."""
     stock: dict[str, tuple[int, int]]
-    """(on_hand, reserved) per product, summed from the inventory's stock events."""
+    """(on_hand, reserved) per product, summed from the inventory's stock events and the
+    lines of its reservations' commits."""
     dead_letters: int = 0
     projection_lag: dict[str, int] = field(default_factory=dict)
     """Per service: events its slowest projection still had to read (diagnostic)."""
@@ -188,7 +189,7 @@ EFFECTS_SQL = {
                "WHERE type IN ('PaymentProcessed', 'PaymentRefunded') GROUP BY 1, 2, 3",
     "inventory": "SELECT type, stream_id, {sale}, count(*) FROM {events} "
                  "WHERE type IN ('StockReserved', 'StockCommitted', 'StockReleased', "
-                 "'InventoryReserved') GROUP BY 1, 2, 3",
+                 "'InventoryReserved', 'InventoryCommitted') GROUP BY 1, 2, 3",
 }
 
 
@@ -196,8 +197,22 @@ STOCK_SQL = (
     "SELECT {product}, type, sum(CAST({quantity} AS INTEGER)) FROM {events} WHERE type IN "
     "('StockAdded', 'StockReserved', 'StockReleased', 'StockCommitted') GROUP BY 1, 2"
 )
+# Since issue 11 a commit moves no stock item: the reservation's InventoryCommitted takes
+# its lines off on_hand and reserved (older events, with per_item_commits, moved nothing).
+COMMITS_SQL = {
+    "postgres": "SELECT x->>'product_id', e.type, sum(CAST(x->>'quantity' AS INTEGER)) "
+                "FROM {events} e, jsonb_array_elements(e.payload::jsonb -> 'lines') x "
+                "WHERE e.type = 'InventoryCommitted' AND NOT "
+                "coalesce(CAST(e.payload::jsonb->>'per_item_commits' AS BOOLEAN), true) "
+                "GROUP BY 1, 2",
+    "sqlite": "SELECT json_extract(x.value, '$.product_id'), e.type, "
+              "sum(json_extract(x.value, '$.quantity')) "
+              "FROM {events} e, json_each(e.payload, '$.lines') x "
+              "WHERE e.type = 'InventoryCommitted' "
+              "AND NOT coalesce(json_extract(e.payload, '$.per_item_commits'), 1) GROUP BY 1, 2",
+}
 MOVES = {"StockAdded": (1, 0), "StockReserved": (0, 1), "StockReleased": (0, -1),
-         "StockCommitted": (-1, -1)}
+         "StockCommitted": (-1, -1), "InventoryCommitted": (-1, -1)}
 LAG_SQL = (
     "SELECT (SELECT coalesce(max(global_position), 0) FROM {schema}.events) - "
     "coalesce((SELECT min(position) FROM {schema}.checkpoints WHERE name LIKE 'projection:%' "
@@ -233,6 +248,8 @@ async def postgres_effects(database_url: str) -> Evidence:
             events='"magasin_inventory".events', product="payload->>'product_id'",
             quantity="payload->>'quantity'",
         ))
+        stock += await conn.fetch(COMMITS_SQL["postgres"].format(
+            events='"magasin_inventory".events'))
         letters, lag = 0, {}
         for service in ("transaction", "payment", "inventory", "store"):
             schema = f'"magasin_{service}"'
@@ -263,6 +280,7 @@ async def sqlite_effects(path: Path) -> Evidence:
             events="events", product="json_extract(payload, '$.product_id')",
             quantity="json_extract(payload, '$.quantity')",
         )).fetchall()
+        stock += conn.execute(COMMITS_SQL["sqlite"].format(events="events")).fetchall()
         (letters,) = conn.execute(
             "SELECT count(*) FROM documents WHERE collection = 'bus.dead_letters'"
         ).fetchone()

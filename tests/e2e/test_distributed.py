@@ -617,7 +617,7 @@ async def assert_books_balance(
         magasin.cluster,
         "SELECT type, stream_id, payload->>'transaction_id' AS sale, count(*) AS n "
         'FROM "magasin_inventory".events '
-        "WHERE type IN ('StockReserved', 'StockCommitted', 'StockReleased') "
+        "WHERE type IN ('StockReserved', 'StockReleased', 'InventoryCommitted') "
         "AND payload->>'transaction_id' = ANY($1) GROUP BY 1, 2, 3",
         ids,
     )

@@ -10,17 +10,18 @@ from magasin.inventory.domain import (
     Reservation,
     ReservationStatus,
     StockItem,
-    commit_reservation,
     merge_lines,
     release_reservation,
     reserve_all,
 )
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
 from magasin.shared.events import (
+    InventoryCommitted,
     InventoryReleased,
     InventoryReserved,
     MissingLine,
     ReservationExpired,
+    ReservationFulfilled,
     StockAdded,
     StockCommitted,
     StockLine,
@@ -44,30 +45,39 @@ def held(transaction_id: str, *lines: StockLine, expires_at: datetime = NOW) -> 
     return reservation
 
 
-def test_stock_item_counts_on_hand_reserved_and_available() -> None:
+def test_stock_item_counts_what_it_received_and_what_is_available() -> None:
     item = stocked("P1", 10)
     item.reserve(3, "T1")
-    assert (item.on_hand, item.reserved, item.available) == (10, 3, 7)
-    item.commit(2, "T1")
-    assert (item.on_hand, item.reserved, item.available) == (8, 1, 7)
+    assert (item.received, item.taken, item.available) == (10, 3, 7)
     item.release(1, "T1")
-    assert (item.on_hand, item.reserved, item.available) == (8, 0, 8)
+    assert (item.received, item.taken, item.available) == (10, 2, 8)
 
 
 def test_stock_item_is_rebuilt_from_its_events() -> None:
+    events = [StockAdded("S1", "P1", 5), StockReserved("S1", "P1", 2, "T1")]
+    item = StockItem.replay("S1:P1", events, 2)
+    assert (item.store_id, item.product_id, item.received, item.available) == ("S1", "P1", 5, 3)
+
+
+def test_an_older_stock_log_with_per_item_commits_rebuilds_the_same_availability() -> None:
+    # Before issue 11 a commit recorded StockCommitted on the item: it moved on_hand and
+    # reserved alike, so what can be promised is what it is without it.
     events = [
         StockAdded("S1", "P1", 5),
         StockReserved("S1", "P1", 2, "T1"),
         StockCommitted("S1", "P1", 2, "T1"),
     ]
     item = StockItem.replay("S1:P1", events, 3)
-    assert (item.store_id, item.product_id, item.on_hand, item.reserved) == ("S1", "P1", 3, 0)
+    assert (item.received, item.available) == (5, 3)
+    item.reserve(3, "T2")  # all that is left can still be promised, and no more
+    with pytest.raises(BusinessRuleViolation, match="only 0 available"):
+        item.reserve(1, "T3")
 
 
 @pytest.mark.parametrize("quantity", [0, -1])
 def test_stock_quantities_must_be_positive(quantity: int) -> None:
     item = stocked("P1", 5)
-    for command in (item.add, item.reserve, item.release, item.commit):
+    for command in (item.add, item.reserve, item.release):
         with pytest.raises(InvalidInput, match="must be > 0"):
             command(quantity, "T1")
     assert item.pending == []
@@ -81,14 +91,12 @@ def test_never_reserves_more_than_available() -> None:
     assert item.available == 1
 
 
-def test_stock_never_goes_negative_by_release_or_commit() -> None:
+def test_stock_never_goes_above_what_was_received_by_release() -> None:
     item = stocked("P1", 5)
     item.reserve(2, "T1")
-    with pytest.raises(BusinessRuleViolation, match="only 2 reserved"):
+    with pytest.raises(BusinessRuleViolation, match="only 2 taken"):
         item.release(3, "T1")
-    with pytest.raises(BusinessRuleViolation, match="only 2 reserved"):
-        item.commit(3, "T1")
-    assert (item.on_hand, item.reserved) == (5, 2)
+    assert (item.received, item.available) == (5, 3)
 
 
 def test_duplicate_product_lines_are_merged_in_first_seen_order() -> None:
@@ -168,27 +176,49 @@ def test_only_a_held_reservation_can_be_released_or_committed() -> None:
     with pytest.raises(BusinessRuleViolation, match="it is RELEASED"):
         release_reservation(reservation, items, "transaction_cancelled")
     with pytest.raises(BusinessRuleViolation, match="it is RELEASED"):
-        commit_reservation(reservation, items)
-    assert (items["P1"].on_hand, items["P1"].reserved) == (5, 0)
+        reservation.commit()
+    assert (items["P1"].received, items["P1"].available) == (5, 5)
 
 
-def test_a_fulfilled_reservation_can_still_be_released() -> None:
+def test_commit_ends_the_reservation_in_one_event_and_leaves_the_stock_items_alone() -> None:
     items = {"P1": stocked("P1", 5)}
     reserve_all(items, [StockLine("P1", 2)], "T1")
+    for item in items.values():
+        item.pending.clear()
     reservation = held("T1", StockLine("P1", 2))
-    reservation.fulfil()
+    reservation.pending.clear()
+    reservation.commit()
+    [committed] = reservation.pending
+    assert committed == InventoryCommitted(
+        "T1", "R-T1", "S1", (StockLine("P1", 2),), per_item_commits=False
+    )
+    assert reservation.status is ReservationStatus.COMMITTED and reservation.fulfilled
+    assert items["P1"].pending == [] and items["P1"].available == 3
+    with pytest.raises(BusinessRuleViolation, match="it is COMMITTED"):
+        reservation.commit()
+
+
+def older_reservation(*after: object) -> Reservation:
+    reserved = InventoryReserved("T1", "R-T1", "S1", (StockLine("P1", 2),), NOW.isoformat())
+    return Reservation.replay("T1", [reserved, *after], 1 + len(after))
+
+
+def test_an_older_reservation_log_rebuilds_to_the_same_state() -> None:
+    committed = InventoryCommitted("T1", "R-T1", "S1", (StockLine("P1", 2),))
+    assert committed.per_item_commits  # what an event stored before issue 11 reads as
+    fulfilled = older_reservation(ReservationFulfilled("T1"), committed)
+    assert (fulfilled.status, fulfilled.fulfilled) == (ReservationStatus.COMMITTED, True)
+    # The order reported after the commit recorded nothing then: still not fulfilled.
+    unreported = older_reservation(committed)
+    assert (unreported.status, unreported.fulfilled) == (ReservationStatus.COMMITTED, False)
+
+
+def test_an_older_fulfilled_reservation_can_still_be_released() -> None:
+    items = {"P1": stocked("P1", 5)}
+    reserve_all(items, [StockLine("P1", 2)], "T1")
+    reservation = older_reservation(ReservationFulfilled("T1"))
     release_reservation(reservation, items, "transaction_cancelled")
     assert items["P1"].available == 5
-
-
-def test_commit_consumes_the_held_stock() -> None:
-    items = {"P1": stocked("P1", 5)}
-    reserve_all(items, [StockLine("P1", 2)], "T1")
-    reservation = held("T1", StockLine("P1", 2))
-    reservation.fulfil()
-    commit_reservation(reservation, items)
-    assert reservation.status is ReservationStatus.COMMITTED
-    assert (items["P1"].on_hand, items["P1"].reserved, items["P1"].available) == (3, 0, 3)
 
 
 def test_expiry_is_reported_once_past_due_and_keeps_the_stock_held() -> None:
@@ -210,16 +240,14 @@ def test_expiry_is_reported_once_past_due_and_keeps_the_stock_held() -> None:
     assert items["P1"].available == 5
 
 
-def test_a_fulfilled_reservation_never_expires() -> None:
-    reservation = held("T1", StockLine("P1", 2), expires_at=NOW)
-    reservation.fulfil()
+def test_an_older_fulfilled_reservation_never_expires() -> None:
+    reservation = older_reservation(ReservationFulfilled("T1"))
     assert not reservation.is_expired(NOW + timedelta(days=1))
     with pytest.raises(BusinessRuleViolation, match="no longer expires"):
         reservation.expire(NOW + timedelta(days=1))
 
 
-def test_a_reservation_is_fulfilled_once() -> None:
-    reservation = held("T1", StockLine("P1", 2))
-    reservation.fulfil()
-    with pytest.raises(BusinessRuleViolation, match="is fulfilled"):
-        reservation.fulfil()
+def test_a_committed_reservation_never_expires() -> None:
+    reservation = held("T1", StockLine("P1", 2), expires_at=NOW)
+    reservation.commit()
+    assert not reservation.is_expired(NOW + timedelta(days=1))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from magasin.eventstore_service import history
 from magasin.inventory.commands import expire_reservations, expiry_loop, restock
 from magasin.inventory.handlers import handlers
 from magasin.messaging.dispatch import Outcome, Result
@@ -20,11 +21,11 @@ from magasin.shared.events import (
     InventoryReserved,
     InventoryUnavailable,
     MissingLine,
-    OrderFulfilled,
     OrderFulfillmentFailed,
     PaymentProcessed,
     ProductAdded,
     ReservationExpired,
+    ReservationFulfilled,
     ReservationVoided,
     SagaAborted,
     SaleLine,
@@ -93,10 +94,6 @@ def completed(transaction_id: str) -> TransactionCompleted:
 
 def given_up(transaction_id: str) -> SagaAborted:
     return SagaAborted(transaction_id, "fulfilment", "reservation_expired", "S1", 1000, "CAD")
-
-
-def fulfilled(transaction_id: str) -> OrderFulfilled:
-    return OrderFulfilled(f"order-{transaction_id}", transaction_id, "S1")
 
 
 async def stock(harness: Harness, product: str) -> tuple[int, int, int]:
@@ -252,19 +249,81 @@ async def test_a_released_reservation_is_not_released_twice(harness: Harness) ->
     assert await stock(harness, "P1") == (5, 0, 5)
 
 
-async def test_completion_consumes_the_reserved_stock(harness: Harness) -> None:
+async def test_completion_consumes_the_reserved_stock_in_one_event(harness: Harness) -> None:
     await stocked(harness, P1=5, P2=3)
-    await send(
-        harness, "T1", paid("T1", ("P1", 2), ("P2", 1)), fulfilled("T1"), completed("T1"),
-        completed("T1"),
-    )
+    await send(harness, "T1", paid("T1", ("P1", 2), ("P2", 1)))
+    versions = [(await harness.store.read_stream(f"stock-S1:{p}"))[-1].stream_version
+                for p in ("P1", "P2")]
+    await send(harness, "T1", completed("T1"), completed("T1"))
     [committed] = await harness.emitted(InventoryCommitted)
     assert committed.lines == (StockLine("P1", 2), StockLine("P2", 1))
-    assert len(await harness.emitted(StockCommitted)) == 2
+    assert not committed.per_item_commits
+    # The units left `available` at the reservation: no stock item records the commit.
+    assert await harness.emitted(StockCommitted, ReservationFulfilled) == []
+    assert [(await harness.store.read_stream(f"stock-S1:{p}"))[-1].stream_version
+            for p in ("P1", "P2")] == versions
     assert await stock(harness, "P1") == (3, 0, 3)
     assert await stock(harness, "P2") == (2, 0, 2)
     doc = await reservation(harness, "T1")
     assert (doc["status"], doc["fulfilled"]) == ("COMMITTED", True)
+
+
+def test_the_inventory_leaves_the_stores_fulfilment_to_the_transaction() -> None:
+    # The transaction completes in the unit of work that records the order; its
+    # TransactionCompleted commits the stock (one event, one delivery fewer per sale).
+    assert "OrderFulfilled" not in INVENTORY
+
+
+async def test_an_older_log_with_per_item_commits_rebuilds_the_same_read_models(
+    harness: Harness,
+) -> None:
+    # As the inventory wrote a completed sale before issue 11: the order reported to the
+    # reservation, then a commit of the reservation and of each stock item.
+    await catalog(harness)
+    lines = (StockLine("P1", 2), StockLine("P2", 1))
+    for product, quantity in (("P1", 5), ("P2", 3)):
+        await harness.given("stock", f"S1:{product}", StockAdded("S1", product, quantity))
+    await harness.given(
+        "reservation", "T1",
+        InventoryReserved("T1", "R1", "S1", lines, NOW.isoformat()),
+        ReservationFulfilled("T1"),
+    )
+    for line in lines:
+        await harness.given(
+            "stock", f"S1:{line.product_id}", StockReserved("S1", line.product_id,
+                                                            line.quantity, "T1"),
+        )
+    committed = InventoryCommitted("T1", "R1", "S1", lines)
+    old = SCHEMAS.dump(committed)
+    del old["per_item_commits"]  # the field is new: older payloads lack it
+    async with harness.store.transaction() as uow:
+        uow.append("reservation-T1", [NewEvent("InventoryCommitted", old)], expected_version=2)
+        for line in lines:
+            key = f"stock-S1:{line.product_id}"
+            uow.append(key, [NewEvent("StockCommitted", SCHEMAS.dump(StockCommitted(
+                "S1", line.product_id, line.quantity, "T1")))], expected_version=2)
+    assert await stock(harness, "P1") == (3, 0, 3)
+    assert await stock(harness, "P2") == (2, 0, 2)
+    doc = await reservation(harness, "T1")
+    assert (doc["status"], doc["fulfilled"]) == ("COMMITTED", True)
+    assert await lines_as_of(harness) == [(3, 0, 3), (2, 0, 2)]
+
+    # The aggregates load from those streams, and go on: the stock left can be promised.
+    await send(harness, "T2", paid("T2", ("P1", 3), ("P2", 2)))
+    assert (await reservation(harness, "T2"))["status"] == "RESERVED"
+    await send(harness, "T3", paid("T3", ("P1", 1)))
+    assert (await reservation(harness, "T3"))["status"] == "UNAVAILABLE"
+    await send(harness, "T1", completed("T1"))  # a redelivery: committed already
+    await send(harness, "T2", completed("T2"))
+    assert await stock(harness, "P1") == (0, 0, 0)
+    assert await stock(harness, "P2") == (0, 0, 0)
+    assert await lines_as_of(harness) == [(0, 0, 0), (0, 0, 0)]
+
+
+async def lines_as_of(harness: Harness) -> list[tuple[int, int, int]]:
+    """The stock lines of S1 as time travel replays them from the log (now)."""
+    lines = await history.stock_as_of(harness.store, NOW + timedelta(days=3650), "S1")
+    return [(x["on_hand"], x["reserved"], x["available"]) for x in lines]
 
 
 async def test_a_cancellation_before_the_payment_voids_the_reservation(
@@ -294,8 +353,8 @@ async def test_completion_or_failed_fulfilment_before_the_reservation_is_retried
 ) -> None:
     await stocked(harness, P1=5)
     failure = OrderFulfillmentFailed("T1", "S1", "store_closed")
-    results = await send(harness, "T1", completed("T1"), failure, fulfilled("T1"))
-    assert [r.outcome for r in results] == [Outcome.FAILED] * 3
+    results = await send(harness, "T1", completed("T1"), failure)
+    assert [r.outcome for r in results] == [Outcome.FAILED] * 2
     assert "before its reservation" in results[0].reason
     assert await harness.read_model("inventory.reservations", "T1") is None
 
@@ -303,12 +362,12 @@ async def test_completion_or_failed_fulfilment_before_the_reservation_is_retried
 # -- expiry ---------------------------------------------------------------------------
 
 
-async def test_expiry_is_reported_only_for_unfulfilled_reservations_past_due(
+async def test_expiry_is_reported_only_for_held_reservations_past_due(
     harness: Harness,
 ) -> None:
     await stocked(harness, P1=10)
     await send(harness, "T1", paid("T1", ("P1", 1)))
-    await send(harness, "T2", paid("T2", ("P1", 2)), fulfilled("T2"))
+    await send(harness, "T2", paid("T2", ("P1", 2)), completed("T2"))
     later = handlers(TTL, clock=lambda: NOW + timedelta(hours=1))
     [event] = await harness.given("payment", "pay-T3", paid("T3", ("P1", 3)),
                                   correlation_id="T3")
@@ -327,13 +386,13 @@ async def test_expiry_is_reported_only_for_unfulfilled_reservations_past_due(
         "T1", "T1",
     ]
     # The stock stays held: the transaction decides (here: it gives the sale up).
-    assert await stock(harness, "P1") == (10, 6, 4)
+    assert await stock(harness, "P1") == (8, 4, 4)
     await send(harness, "T1", given_up("T1"))
     [released] = await harness.emitted(InventoryReleased)
     assert (released.transaction_id, released.reason) == ("T1", "expired")
-    assert await stock(harness, "P1") == (10, 5, 5)
+    assert await stock(harness, "P1") == (8, 3, 5)
     assert [(await reservation(harness, t))["status"] for t in ("T1", "T2", "T3")] == [
-        "RELEASED", "RESERVED", "RESERVED",
+        "RELEASED", "COMMITTED", "RESERVED",
     ]
 
 
@@ -344,7 +403,7 @@ async def test_an_expired_reservation_whose_sale_completed_first_is_committed(
     await send(harness, "T1", paid("T1", ("P1", 2)))
     await expire_reservations(harness.store, NOW + timedelta(days=1))
     # The store's fulfilment reached the transaction before the expiry did: it completed.
-    await send(harness, "T1", fulfilled("T1"), completed("T1"))
+    await send(harness, "T1", completed("T1"))
     assert await harness.emitted(InventoryReleased) == []
     assert await stock(harness, "P1") == (3, 0, 3)
 

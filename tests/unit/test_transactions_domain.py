@@ -7,7 +7,10 @@ import pytest
 from magasin.shared.errors import BusinessRuleViolation, InvalidInput
 from magasin.shared.events import (
     CompensationStarted,
+    FulfilmentRecorded,
     FulfilmentRefused,
+    PaymentRecorded,
+    ReservationRecorded,
     SagaAborted,
     SaleLine,
     TransactionCancelled,
@@ -71,6 +74,37 @@ def test_the_happy_path_completes_once_the_order_is_fulfilled() -> None:
         Status.PENDING, Status.PAYMENT_PROCESSED, Status.INVENTORY_RESERVED,
         Status.FULFILLED, Status.COMPLETED,
     ]
+
+
+def test_the_order_is_recorded_by_the_completion_itself() -> None:
+    sale = new_sale()
+    sale.payment_captured("pay-1", 4447)
+    sale.inventory_reserved("res-1")
+    sale.pending.clear()
+    sale.order_fulfilled("ord-1")
+    assert types(sale) == ["TransactionCompleted"]
+    assert sale.pending[-1] == TransactionCompleted("tx-1", "s-1", "alice", 4447, "CAD", "ord-1")
+    assert sale.order_id == "ord-1"
+    sale.pending.clear()
+    sale.order_fulfilled("ord-1")  # a redelivery
+    assert sale.pending == []
+
+
+def test_an_older_stream_with_a_fulfilment_record_rebuilds_to_the_same_sale() -> None:
+    created = new_sale().pending[0]
+    old = Transaction.replay("tx-1", [
+        created, PaymentRecorded("tx-1", "pay-1", 4447), ReservationRecorded("tx-1", "res-1"),
+        FulfilmentRecorded("tx-1", "ord-1"),
+        TransactionCompleted("tx-1", "s-1", "alice", 4447, "CAD"),  # no order id then
+    ], 5)
+    new = new_sale()
+    new.payment_captured("pay-1", 4447)
+    new.inventory_reserved("res-1")
+    new.order_fulfilled("ord-1")
+    assert (old.status, old.order_id) == (Status.COMPLETED, "ord-1")
+    skip = {"version", "passed"}
+    assert {k: v for k, v in old.state().items() if k not in skip} == {
+        k: v for k, v in new.state().items() if k not in skip}
 
 
 def test_steps_reported_out_of_order_still_show_every_status_once() -> None:

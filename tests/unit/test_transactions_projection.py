@@ -39,6 +39,22 @@ async def test_facts_recorded_out_of_order_still_show_every_step(harness: Harnes
     ]
 
 
+async def test_a_completion_carrying_its_order_shows_the_fulfilment_too(
+    harness: Harness,
+) -> None:
+    await harness.given(
+        "transaction", "tx-1", CREATED, PaymentRecorded("tx-1", "pay-1", 1000),
+        ReservationRecorded("tx-1", "res-1"),
+        TransactionCompleted("tx-1", "s-1", "alice", 1000, "CAD", "ord-1"),
+    )
+    assert await history(harness) == [
+        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
+    ]
+    doc = await harness.store.get_document(TRANSACTIONS, "tx-1")
+    assert doc is not None
+    assert (doc["status"], doc["order_id"], doc["version"]) == ("COMPLETED", "ord-1", 4)
+
+
 async def test_a_compensated_sale_shows_cancelling_then_cancelled_with_its_reason(
     harness: Harness,
 ) -> None:

@@ -16,7 +16,8 @@ Compliance scopes (why an entry matters to whom):
 | GDPR    | any event whose payload names a customer (`customer_id`): personal data      |
 | SOX     | money and stock movements that reach the books: captures (PaymentProcessed), |
 |         | refunds (PaymentRefunded), completed sales (TransactionCompleted) and stock  |
-|         | leaving the shelves for good (InventoryCommitted, StockCommitted)            |
+|         | leaving the shelves for good (InventoryCommitted; StockCommitted, in logs    |
+|         | written before issue 11)                                                     |
 """
 
 from __future__ import annotations

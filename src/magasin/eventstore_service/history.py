@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import Query
 
 from magasin.eventstore.store import EventFilter, EventStore
-from magasin.inventory.domain import StockItem
+from magasin.inventory.projection import STOCK_EVENTS, empty_line, move, stock_moves
 from magasin.shared.events import SCHEMAS
 from magasin.shared.ids import stream_id
 from magasin.shared.messages import RecordedEvent
@@ -131,24 +131,20 @@ async def transactions_as_of(store: EventStore, as_of: datetime) -> list[dict[st
     return sorted((v for v in views if v is not None), key=lambda v: v["transaction_id"])
 
 
-def stock_view(ident: str, events: Iterable[RecordedEvent]) -> dict[str, Any]:
-    """A stock line as the live read model shows one."""
-    item = StockItem(ident)
-    for event in events:
-        item.apply(SCHEMAS.validate(event))
-    return {"store_id": item.store_id, "product_id": item.product_id, "on_hand": item.on_hand,
-            "reserved": item.reserved, "available": item.available}
-
-
 async def stock_as_of(
     store: EventStore, as_of: datetime, store_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """Stock lines (one per store and product) at `as_of`, by store then product."""
-    found = await streams(store, StockItem.stream_type, as_of)
-    lines = [stock_view(key.split("-", 1)[1], events) for key, events in found.items()]
-    if store_id is not None:
-        lines = [line for line in lines if line["store_id"] == store_id]
-    return sorted(lines, key=lambda line: (line["store_id"], line["product_id"]))
+    """Stock lines (one per store and product) at `as_of`, by store then product: the
+    stock items' events and the reservations' commits, folded as the live projection
+    folds them."""
+    lines: dict[str, dict[str, Any]] = {}
+    async for event in scan(store, EventFilter(types=STOCK_EVENTS, until=as_of)):
+        for store_of, product_id, on_hand, reserved in stock_moves(event):
+            key = f"{store_of}:{product_id}"
+            line = lines.get(key) or lines.setdefault(key, empty_line(store_of, product_id))
+            move(line, on_hand, reserved)
+    found = [line for line in lines.values() if store_id is None or line["store_id"] == store_id]
+    return sorted(found, key=lambda line: (line["store_id"], line["product_id"]))
 
 
 async def state_as_of(store: EventStore, as_of: datetime) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from magasin.eventstore.store import Causation, EventStore
 from magasin.inventory import readmodel
 from magasin.inventory.domain import StockItem, stock_key
 from magasin.inventory.handlers import Clock
+from magasin.inventory.projection import stock_projection
+from magasin.projections import catch_up
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, InvalidInput, MagasinError, NotFound
 
@@ -39,19 +41,26 @@ async def restock(
     if await store.get_document(readmodel.PRODUCTS, product_id) is None:
         raise NotFound(f"no product {product_id}")
     causation = Causation(metadata={"service": "inventory", "actor": "restock"})
+    key = stock_key(store_id, product_id)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             async with store.transaction(causation) as uow:
-                item = await readmodel.stock_items.find(uow, stock_key(store_id, product_id))
+                item = await readmodel.stock_items.find(uow, key)
                 item = item or StockItem.create(store_id, product_id)
                 item.add(quantity, reason)
                 readmodel.save(uow, (item,))
-            return readmodel.stock_document(item)
+            break
         except ConcurrencyError:
             # A reservation moved this item meanwhile: add on top of the fresh state.
             if attempt == ATTEMPTS:
                 raise
-    raise AssertionError("unreachable")
+    # The stock item knows what is available, not how much of what it let go was sold
+    # (the reservations' commits say that): answer with the read model, brought up to
+    # this restock at least.
+    await catch_up(store, stock_projection(), until=uow.recorded[-1].global_position)
+    line = await store.get_document(readmodel.STOCK, key)
+    assert line is not None
+    return line
 
 
 async def expire_reservations(store: EventStore, now: datetime) -> int:

@@ -1,9 +1,14 @@
 """Stock items and reservations: the inventory's aggregates and its all-or-nothing rule.
 
-A `StockItem` is one product on the shelves of one store: `on_hand` units, of which
-`reserved` are promised to paid transactions, so `available = on_hand - reserved` can be
-promised again. A `Reservation` is what one transaction holds; it moves the stock of its
-lines between those counters, always in the same unit of work as the stock items.
+A `StockItem` is one product on the shelves of one store. Its one rule is never to promise
+more than it has: `available` units can be reserved, and a reservation takes them out of
+`available` until it is released (they come back) or committed (they leave for good, and
+the stock item records nothing: its `available` does not change). A `Reservation` is what
+one transaction holds; it moves the stock of its lines, reserving and releasing them on
+the stock items in the same unit of work.
+
+The read models split the units taken out of `available` into `reserved` and sold (gone
+from `on_hand`) from the reservations' events (`inventory/projection.py`).
 """
 
 from __future__ import annotations
@@ -46,15 +51,20 @@ def _positive(quantity: int, what: str) -> None:
 
 
 class StockItem(Aggregate):
-    """One product in one store. Invariant: 0 <= reserved <= on_hand."""
+    """One product in one store. Invariant: 0 <= available <= received.
+
+    `received` counts every unit ever added; `taken` (received - available) the units
+    reserved and not given back, whether still held or sold since."""
 
     stream_type = "stock"
+    snapshot_version = 2
+    """2 since issue 11 (`received`, `available`; was `on_hand`, `reserved`)."""
 
     def __init__(self, ident: str) -> None:
         super().__init__(ident)
         self.store_id, _, self.product_id = ident.partition(":")
-        self.on_hand = 0
-        self.reserved = 0
+        self.received = 0
+        self.available = 0
 
     @classmethod
     def create(cls, store_id: str, product_id: str) -> StockItem:
@@ -64,8 +74,8 @@ class StockItem(Aggregate):
         return item
 
     @property
-    def available(self) -> int:
-        return self.on_hand - self.reserved
+    def taken(self) -> int:
+        return self.received - self.available
 
     def add(self, quantity: int, reason: str = "restock") -> None:
         _positive(quantity, "restock")
@@ -82,35 +92,27 @@ class StockItem(Aggregate):
 
     def release(self, quantity: int, transaction_id: str) -> None:
         _positive(quantity, "released")
-        if quantity > self.reserved:
+        if quantity > self.taken:
             raise BusinessRuleViolation(
                 f"cannot release {quantity} of {self.product_id} in store {self.store_id}: "
-                f"only {self.reserved} reserved"
+                f"only {self.taken} taken"
             )
         self._record(StockReleased(self.store_id, self.product_id, quantity, transaction_id))
-
-    def commit(self, quantity: int, transaction_id: str) -> None:
-        """Reserved units leave the shelves for good: on_hand and reserved both drop."""
-        _positive(quantity, "committed")
-        if quantity > self.reserved:
-            raise BusinessRuleViolation(
-                f"cannot commit {quantity} of {self.product_id} in store {self.store_id}: "
-                f"only {self.reserved} reserved"
-            )
-        self._record(StockCommitted(self.store_id, self.product_id, quantity, transaction_id))
 
     def apply(self, event: object) -> None:
         match event:
             case StockAdded(store_id=store, product_id=product, quantity=q):
                 self.store_id, self.product_id = store, product
-                self.on_hand += q
+                self.received += q
+                self.available += q
             case StockReserved(quantity=q):
-                self.reserved += q
+                self.available -= q
             case StockReleased(quantity=q):
-                self.reserved -= q
-            case StockCommitted(quantity=q):
-                self.on_hand -= q
-                self.reserved -= q
+                self.available += q
+            case StockCommitted():
+                # Older logs: reserved units left on_hand and reserved alike, so what can
+                # still be promised did not change.
+                pass
 
 
 class ReservationStatus(enum.StrEnum):
@@ -135,6 +137,7 @@ class Reservation(Aggregate):
         self.missing: tuple[MissingLine, ...] = ()
         self.expires_at: datetime | None = None
         self.fulfilled = False
+        """Its order was prepared (committed, or reported by the store in older logs)."""
         self.expired = False
         """Its expiry was reported to the transaction, which decides what happens to it."""
         self.reason: str | None = None
@@ -181,12 +184,6 @@ class Reservation(Aggregate):
         self._require_new("void the reservation")
         self._record(ReservationVoided(self.id, reason))
 
-    def fulfil(self) -> None:
-        self._require_reserved("fulfil")
-        if self.fulfilled:
-            raise BusinessRuleViolation(f"the reservation of transaction {self.id} is fulfilled")
-        self._record(ReservationFulfilled(self.id))
-
     def release(self, reason: str) -> None:
         """Give the stock back; the caller releases each line on its stock item."""
         if reason not in RELEASE_REASONS:
@@ -199,11 +196,14 @@ class Reservation(Aggregate):
         )
 
     def commit(self) -> None:
-        """The stock leaves for good; the caller commits each line on its stock item."""
+        """The transaction completed: the stock leaves for good (no stock item records it:
+        its units left `available` when they were reserved)."""
         self._require_reserved("commit")
         assert self.reservation_id is not None
         assert self.store_id is not None
-        self._record(InventoryCommitted(self.id, self.reservation_id, self.store_id, self.lines))
+        self._record(InventoryCommitted(
+            self.id, self.reservation_id, self.store_id, self.lines, per_item_commits=False
+        ))
 
     def is_expired(self, now: datetime) -> bool:
         """Its time is up and nobody was told yet."""
@@ -252,7 +252,9 @@ class Reservation(Aggregate):
                 self.reason = reason
             case InventoryCommitted():
                 self.status = ReservationStatus.COMMITTED
-            case ReservationFulfilled():
+                if not event.per_item_commits:
+                    self.fulfilled = True  # its sale completed: its order was prepared
+            case ReservationFulfilled():  # older logs: the order was reported first
                 self.fulfilled = True
             case ReservationExpired():
                 self.expired = True
@@ -308,11 +310,3 @@ def release_reservation(
     reservation.release(reason)
     for line in reservation.lines:
         items[line.product_id].release(line.quantity, reservation.id)
-
-
-
-def commit_reservation(reservation: Reservation, items: Mapping[str, StockItem]) -> None:
-    """The transaction completed: the held stock leaves on_hand for good."""
-    reservation.commit()
-    for line in reservation.lines:
-        items[line.product_id].commit(line.quantity, reservation.id)

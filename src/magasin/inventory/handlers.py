@@ -19,7 +19,6 @@ from magasin.inventory.domain import (
     Reservation,
     ReservationStatus,
     StockItem,
-    commit_reservation,
     merge_lines,
     release_reservation,
     reserve_all,
@@ -31,7 +30,6 @@ from magasin.shared.commands import ReleaseStock, ReserveStock, orchestrated
 from magasin.shared.errors import NotFound
 from magasin.shared.events import (
     SCHEMAS,
-    OrderFulfilled,
     OrderFulfillmentFailed,
     PaymentProcessed,
     ProductAdded,
@@ -112,17 +110,6 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         reservation = await _reservation_for(uow, command.transaction_id, "release")
         await _release(uow, reservation, release_reason(command.reason))
 
-    async def on_order_fulfilled(event: RecordedEvent, uow: UnitOfWork) -> None:
-        done: OrderFulfilled = SCHEMAS.validate(event)
-        reservation = await _reservation_for(uow, done.transaction_id, "order fulfilled")
-        if reservation.status is not ReservationStatus.RESERVED or reservation.fulfilled:
-            if reservation.status is not ReservationStatus.RESERVED:
-                log.warning("order of transaction %s fulfilled while its reservation is %s",
-                            done.transaction_id, reservation.status)
-            return
-        reservation.fulfil()
-        readmodel.save(uow, (), reservation)
-
     async def on_order_fulfillment_failed(event: RecordedEvent, uow: UnitOfWork) -> None:
         if orchestrated(event):
             return  # the orchestrator sends ReleaseStock once the refund is confirmed
@@ -142,9 +129,9 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
             log.error("transaction %s completed while its reservation is %s: nothing to commit",
                       completed.transaction_id, reservation.status)
             return
-        items = await _held(uow, reservation)
-        commit_reservation(reservation, items)
-        readmodel.save(uow, items.values(), reservation)
+        # The units left `available` when they were reserved: no stock item changes.
+        reservation.commit()
+        readmodel.save(uow, (), reservation)
 
     async def on_transaction_cancelled(event: RecordedEvent, uow: UnitOfWork) -> None:
         cancelled: TransactionCancelled = SCHEMAS.validate(event)
@@ -189,7 +176,6 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         "PaymentProcessed": on_payment_processed,
         "ReserveStock": on_reserve_stock,
         "ReleaseStock": on_release_stock,
-        "OrderFulfilled": on_order_fulfilled,
         "OrderFulfillmentFailed": on_order_fulfillment_failed,
         "TransactionCompleted": on_transaction_completed,
         "TransactionCancelled": on_transaction_cancelled,

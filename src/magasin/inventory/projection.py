@@ -12,31 +12,59 @@ STOCK = "inventory.stock"
 RESERVATIONS = "inventory.reservations"
 """Key transaction_id: {reservation_id, transaction_id, store_id, lines, status, ...}."""
 
-_MOVES = {
-    # event type: (change of on_hand, change of reserved) per unit
+_ITEM_MOVES = {
+    # event type of a stock item: (change of on_hand, change of reserved) per unit
     "StockAdded": (1, 0),
     "StockReserved": (0, 1),
     "StockReleased": (0, -1),
-    "StockCommitted": (-1, -1),
+    "StockCommitted": (-1, -1),  # older logs, see InventoryCommitted
 }
+STOCK_EVENTS = (*_ITEM_MOVES, "InventoryCommitted")
+"""The events that move a stock line: its stock item's, and the commit of a reservation."""
+
+Move = tuple[str, str, int, int]
+"""(store_id, product_id, change of on_hand, change of reserved)."""
+
+
+def stock_moves(event: RecordedEvent) -> list[Move]:
+    """How one of STOCK_EVENTS moves the stock lines it touches.
+
+    A committed reservation's units leave `on_hand` and `reserved` together: since issue 11
+    its InventoryCommitted says so for every line (the stock items record nothing); in
+    older logs each stock item recorded a StockCommitted, and the reservation's event
+    moves nothing (`per_item_commits`)."""
+    p = event.payload
+    if event.type == "InventoryCommitted":
+        if p.get("per_item_commits", True):
+            return []
+        return [(p["store_id"], x["product_id"], -x["quantity"], -x["quantity"])
+                for x in p["lines"]]
+    on_hand, reserved = _ITEM_MOVES[event.type]
+    q = p["quantity"]
+    return [(p["store_id"], p["product_id"], on_hand * q, reserved * q)]
+
+
+def empty_line(store_id: str, product_id: str) -> JsonDict:
+    return {"store_id": store_id, "product_id": product_id,
+            "on_hand": 0, "reserved": 0, "available": 0}
+
+
+def move(doc: JsonDict, on_hand: int, reserved: int) -> None:
+    doc["on_hand"] += on_hand
+    doc["reserved"] += reserved
+    doc["available"] = doc["on_hand"] - doc["reserved"]
 
 
 async def _stock_moved(event: RecordedEvent, unit: ProjectionUnit) -> None:
-    p = event.payload
-    key = f"{p['store_id']}:{p['product_id']}"
-    doc = await unit.get_document(STOCK, key) or {
-        "store_id": p["store_id"], "product_id": p["product_id"],
-        "on_hand": 0, "reserved": 0, "available": 0,
-    }
-    on_hand, reserved = _MOVES[event.type]
-    doc["on_hand"] += on_hand * p["quantity"]
-    doc["reserved"] += reserved * p["quantity"]
-    doc["available"] = doc["on_hand"] - doc["reserved"]
-    unit.put_document(STOCK, key, doc)
+    for store_id, product_id, on_hand, reserved in stock_moves(event):
+        key = f"{store_id}:{product_id}"
+        doc = await unit.get_document(STOCK, key) or empty_line(store_id, product_id)
+        move(doc, on_hand, reserved)
+        unit.put_document(STOCK, key, doc)
 
 
 def stock_projection() -> Projection:
-    return Projection("inventory.stock", dict.fromkeys(_MOVES, _stock_moved), (STOCK,))
+    return Projection("inventory.stock", dict.fromkeys(STOCK_EVENTS, _stock_moved), (STOCK,))
 
 
 def _empty(transaction_id: str) -> JsonDict:
@@ -69,6 +97,8 @@ async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> No
             doc.update(status="RELEASED", reason=p["reason"])
         case "InventoryCommitted":
             doc["status"] = "COMMITTED"
+            if not p.get("per_item_commits", True):
+                doc["fulfilled"] = True  # its sale completed: its order was prepared
         case "ReservationFulfilled":
             doc["fulfilled"] = True
         case "ReservationExpired":

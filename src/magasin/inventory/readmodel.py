@@ -8,7 +8,7 @@ from typing import Any
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
 from magasin.inventory.domain import Reservation, StockItem
-from magasin.inventory.projection import RESERVATIONS, STOCK
+from magasin.inventory.projection import RESERVATIONS, STOCK, empty_line
 
 __all__ = ["PRODUCTS", "RESERVATIONS", "STOCK", "STORES", "reservations", "save", "stock_items"]
 
@@ -21,16 +21,6 @@ STORES = "inventory.stores"
 
 stock_items: Repository[StockItem] = Repository(StockItem)
 reservations: Repository[Reservation] = Repository(Reservation)
-
-
-def stock_document(item: StockItem) -> dict[str, Any]:
-    return {
-        "store_id": item.store_id,
-        "product_id": item.product_id,
-        "on_hand": item.on_hand,
-        "reserved": item.reserved,
-        "available": item.available,
-    }
 
 
 def reservation_document(reservation: Reservation) -> dict[str, Any]:
@@ -51,7 +41,7 @@ def reservation_document(reservation: Reservation) -> dict[str, Any]:
 
 
 def empty_stock_document(store_id: str, product_id: str) -> dict[str, Any]:
-    return stock_document(StockItem.create(store_id, product_id))
+    return empty_line(store_id, product_id)
 
 
 def save(

@@ -251,13 +251,26 @@ def _stage_checkpoint(
     uow.set_checkpoint(generation_name(projection.name), generation, expected=generation)
 
 
-async def catch_up(store: EventStore, projection: Projection, page_size: int = 1000) -> int:
-    """Project every event past the checkpoint, now, in this task; returns the checkpoint.
-    (Tests, and tools that need the read model current without running a runner.)"""
+async def catch_up(
+    store: EventStore, projection: Projection, page_size: int = 1000, until: int | None = None
+) -> int:
+    """Project every event past the checkpoint (up to position `until`, when given), now,
+    in this task; returns the checkpoint. (Tests, tools that need the read model current
+    without running a runner, and a command answering with the read model it changed.)"""
     while True:
         generation = await live_generation(store, projection.name, 0.05)
         after = await store.get_checkpoint(projection.checkpoint)
-        page = await store.read_all(after=after, limit=page_size)
+        if until is not None and after >= until:
+            return after
+        limit = page_size if until is None else min(page_size, until - after)
+        page = await store.read_all(after=after, limit=limit)
+        if until is not None:
+            page = [e for e in page if e.global_position <= until]
+            if not page:
+                # A position before `until` is still being committed by another writer
+                # (the log is read gap-safe): wait for it rather than answer without it.
+                await store.wait_for_events(after, 0.05)
+                continue
         if not page:
             return after
         try:

@@ -105,11 +105,17 @@ class TransactionCreated:
 
 @dataclass(frozen=True, slots=True)
 class TransactionCompleted:
+    """The sale is done: its order was prepared (`order_id`) and its payment captured.
+
+    Since issue 11 this one event records the fulfilment too; before, a FulfilmentRecorded
+    came just before it in the same unit of work (and `order_id` is empty here)."""
+
     transaction_id: str
     store_id: str
     customer_id: str
     total: int
     currency: str
+    order_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,12 +215,21 @@ class ReservationExpired:
 
 @dataclass(frozen=True, slots=True)
 class InventoryCommitted:
-    """The reserved stock left the shelves for good: the transaction completed."""
+    """The reserved stock left the shelves for good: the transaction completed (its order
+    was prepared, so the reservation is fulfilled too).
+
+    The stock items record nothing at commit (their units left `available` when they were
+    reserved): the read models take each line off `on_hand` and `reserved` from this event.
+    Before issue 11 (`per_item_commits`, true in those events) a ReservationFulfilled came
+    first and each stock item recorded a StockCommitted, which is what moved its counts."""
 
     transaction_id: str
     reservation_id: str
     store_id: str
     lines: tuple[StockLine, ...]
+    per_item_commits: bool = True
+    """Whether each line's stock item recorded its own StockCommitted (events stored before
+    issue 11, which lack the field); new events say False."""
 
 
 # -- order preparation (store service) ----------------------------------------------------
@@ -277,6 +292,9 @@ class ReservationRecorded:
 
 @dataclass(frozen=True, slots=True)
 class FulfilmentRecorded:
+    """No longer recorded (issue 11: TransactionCompleted carries the order id); kept so
+    that older logs replay."""
+
     transaction_id: str
     order_id: str
 
@@ -360,6 +378,10 @@ class StockReleased:
 
 @dataclass(frozen=True, slots=True)
 class StockCommitted:
+    """No longer recorded (issue 11: InventoryCommitted says it for the whole reservation,
+    and a stock item's `available` does not change when reserved units leave); kept so that
+    older logs replay."""
+
     store_id: str
     product_id: str
     quantity: int
@@ -368,7 +390,11 @@ class StockCommitted:
 
 @dataclass(frozen=True, slots=True)
 class ReservationFulfilled:
-    """The order was prepared: the reservation no longer expires, it awaits commit."""
+    """The order was prepared: the reservation no longer expires, it awaits commit.
+
+    No longer recorded (issue 11): the transaction completes in the same unit of work as it
+    learns of the order, and the commit that follows marks the reservation fulfilled; kept
+    so that older logs replay."""
 
     transaction_id: str
 

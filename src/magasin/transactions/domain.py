@@ -178,7 +178,10 @@ class Transaction(Aggregate):
 
     def order_fulfilled(self, order_id: str) -> None:
         if self.order_id is None and self.failure is None and not self.status.terminal:
-            self._record(FulfilmentRecorded(self.id, order_id))
+            # Nothing else is awaited once the order is prepared: one event records the
+            # fulfilment and completes the sale (a FulfilmentRecorded came first before
+            # issue 11).
+            self._complete(order_id)
         elif self.order_id is None and self.failure is not None and not self.fulfilment_refused:
             # Late: the sale was given up first (its reservation expired, a deadline passed)
             # and its compensation gives the money and the stock back. The transaction is
@@ -267,11 +270,12 @@ class Transaction(Aggregate):
                     TransactionCancelled(self.id, self.store_id, self.customer_id, self.failure)
                 )
         elif self.order_id is not None:
-            self._record(
-                TransactionCompleted(
-                    self.id, self.store_id, self.customer_id, self.total, self.currency
-                )
-            )
+            self._complete(self.order_id)  # an older log's FulfilmentRecorded
+
+    def _complete(self, order_id: str) -> None:
+        self._record(TransactionCompleted(
+            self.id, self.store_id, self.customer_id, self.total, self.currency, order_id
+        ))
 
     # -- state --------------------------------------------------------------------------
 
@@ -314,7 +318,7 @@ class Transaction(Aggregate):
                 self.payment_id = event.payment_id
             case ReservationRecorded():
                 self.reservation_id = event.reservation_id
-            case FulfilmentRecorded():
+            case FulfilmentRecorded():  # older logs
                 self.order_id = event.order_id
             case CompensationStarted():
                 self.failure = event.reason
@@ -334,6 +338,8 @@ class Transaction(Aggregate):
                 self.fulfilment_refused = True
             case TransactionCompleted():
                 self.completed = True
+                if event.order_id:  # empty in older logs: FulfilmentRecorded said it
+                    self.order_id = event.order_id
             case TransactionCancelled():
                 self.cancelled = True
             case _:

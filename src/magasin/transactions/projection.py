@@ -94,6 +94,8 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         if recorded is not None:
             doc[recorded] = p[recorded]
         elif kind == "TransactionCompleted":
+            if p.get("order_id"):  # empty in older logs: FulfilmentRecorded said it
+                doc["order_id"] = p["order_id"]
             doc["status"] = _COMPLETED
         elif kind == "TransactionCancelled":
             doc["status"] = _CANCELLED
