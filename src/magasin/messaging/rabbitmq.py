@@ -37,6 +37,7 @@ from magasin.messaging.partitioning import (
     key_of,
     stable_hash,
 )
+from magasin.messaging.tags import binding_key, carries, check_tag, routing_key, tags_of
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import (
@@ -103,6 +104,9 @@ class _Consumer:
     ownership: Ownership | None = None
     slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
     """`workers` of them, shared by the partitions: the process's handlers at once."""
+    requires: str | None = None
+    """The routing tag its queues are bound for (see `tags`): the broker sends it only
+    the events that carry it."""
 
     def partition_queue(self, partition: int) -> str:
         return f"{self.queue}.p{partition}"
@@ -126,10 +130,12 @@ class RabbitMQBus(EventBus):
     """Event bus over RabbitMQ (distributed mode).
 
     Events go to the durable topic exchange `<ns>.events` with routing key
-    `<aggregate>.<EventType>.<partition>`: the publisher computes the partition,
+    `<aggregate>.<EventType>.<partition>[.<tag>...]`: the publisher computes the partition,
     `stable_hash(key) % N` (`partitioning`), the same number the in-process lanes and the
-    event's metadata use. Each consumer has N durable work queues `<ns>.<consumer>.p<i>`
-    (`x-single-active-consumer`), each bound to its partition's routing keys; the processes
+    event's metadata use, and appends the event's routing tags, sorted (`tags`). Each
+    consumer has N durable work queues `<ns>.<consumer>.p<i>` (`x-single-active-consumer`),
+    each bound to its partition's routing keys, `*.<EventType>.<i>.#` (any tags), or
+    `*.<EventType>.<i>.#.<tag>.#` for a consumer that requires a tag; the processes
     of a service share them through leases (`ownership`): one process consumes a partition
     at a time, and within it one key's messages are handled one at a time, in order.
     A failed message is acked only once a copy sits in `<partition queue>.retry.<n>`, a
@@ -213,6 +219,7 @@ class RabbitMQBus(EventBus):
         retry: RetryPolicy | None = None,
         *,
         concurrency: int | None = None,
+        requires: str | None = None,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -227,6 +234,7 @@ class RabbitMQBus(EventBus):
             workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
             partitions=self.partitions,
             slots=asyncio.Semaphore(concurrency or self.workers),
+            requires=None if requires is None else check_tag(requires),
         )
 
     def _queue_of(self, consumer: str) -> str:
@@ -287,7 +295,18 @@ class RabbitMQBus(EventBus):
                 work = await _declare_queue(channel, name, self._work_arguments(consumer))
                 consumer.queues[partition] = work
                 for event_type in consumer.handlers:
-                    await work.bind(self._events, routing_key=f"*.{event_type}.{partition}")
+                    await work.bind(self._events, routing_key=binding_key(
+                        event_type, partition, consumer.requires))
+                    # Bound (above) before unbound: no moment without a binding. Queues
+                    # declared before routing tags had `*.<type>.<i>`, which the tagged
+                    # routing keys no longer match (and would feed a consumer that requires
+                    # a tag the others); a consumer that now requires a tag drops its
+                    # binding to every tag. Unbinding what is not there is a no-op.
+                    stale = [f"*.{event_type}.{partition}"]
+                    if consumer.requires is not None:
+                        stale.append(binding_key(event_type, partition, None))
+                    for key in stale:
+                        await work.unbind(self._events, routing_key=key)
                 for level in range(1, consumer.retry.levels + 1):
                     await _declare_queue(
                         channel,
@@ -398,7 +417,8 @@ class RabbitMQBus(EventBus):
         with tracing.publishing(events, "rabbitmq") as sent:
             await self._confirmed(
                 [(exchange, _event_message(e),
-                  f"{e.routing_key}.{event_partition(e, self.partitions)}") for e in sent],
+                  routing_key(e.routing_key, event_partition(e, self.partitions),
+                              tags_of(e.metadata))) for e in sent],
                 mandatory=False,
             )
 
@@ -655,6 +675,10 @@ class RabbitMQBus(EventBus):
             metrics.consumed(consumer.name, "<undecodable>", "malformed", 0.0)
             await self._dead_letter(consumer, message, str(exc), failed_before + 1)
             return
+        if not carries(event.metadata, consumer.requires):
+            # Not meant for it (an old binding routed it here, say): nothing to do.
+            await self._ack(message)
+            return
         handler = consumer.handlers.get(event.type)
         if handler is None:
             metrics.consumed(consumer.name, event.type, "malformed", 0.0)
@@ -826,17 +850,18 @@ def _message_key(message: AbstractIncomingMessage) -> str:
 
 
 def _partition_of_message(message: AbstractIncomingMessage, partitions: int) -> int:
-    """The partition a message was routed to (its routing key's last word), else its key's."""
-    last = (message.routing_key or "").rsplit(".", 1)[-1]
-    if last.isdigit():
-        return int(last) % partitions
+    """The partition a message was routed to (its routing key's third word, when the events
+    exchange routed it), else its key's."""
+    words = (message.routing_key or "").split(".")
+    if message.exchange and len(words) >= 3 and words[2].isdigit():
+        return int(words[2]) % partitions
     return stable_hash(_message_key(message)) % partitions
 
 
 def _event_routing_key(routing_key: str) -> str:
-    """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>`)."""
+    """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>[.<tag>...]`)."""
     words = routing_key.split(".")
-    return ".".join(words[:2]) if len(words) == 3 and words[2].isdigit() else routing_key
+    return ".".join(words[:2]) if len(words) >= 3 and words[2].isdigit() else routing_key
 
 
 def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -919,7 +944,9 @@ def _first_delivery(consumer: _Consumer, message: AbstractIncomingMessage) -> Re
         event = decode_envelope(message.body)
     except MalformedMessage:
         return None
-    return event if event.type in consumer.handlers else None
+    if event.type not in consumer.handlers or not carries(event.metadata, consumer.requires):
+        return None
+    return event
 
 
 def _nothing_more(_: UnitOfWork) -> None:
