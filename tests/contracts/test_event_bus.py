@@ -765,3 +765,23 @@ def test_a_required_tag_must_be_one_routing_key_word(tmp_path: Path) -> None:
     for word in ("tier=gold.plus", "*", "#", "", "tier gold"):
         with pytest.raises(ValueError, match="routing tag"):
             bus.subscribe(f"c-{len(word)}", {"ItemAdded": Recorder()}, requires=word)
+
+
+async def test_a_tagged_event_is_retried_and_dead_lettered_like_any_other(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Retries come back to the consumer requiring the tag (RabbitMQ: through its retry
+    queues, not the exchange); the letter names the event's routing key without the
+    partition and the tags."""
+    store, make = bus_env
+    flaky, broken = Recorder(fail_times=2), Recorder(fail_times=99)
+    bus = await make({"flaky": {"ItemAdded": flaky}, "broken": {"ItemAdded": broken}},
+                     requires={"flaky": "tier=gold", "broken": "tier=gold"})
+    (event,) = await produce(store, "cart-1", tagged("X", tier="gold", zone="eu"))
+    await bus.publish([event])
+
+    await flaky.wait_for(lambda: len(flaky.calls) == 3)
+    (letter,) = await eventually(lambda: bus.dead_letters("broken"))
+    assert (letter.attempts, letter.routing_key) == (3, "cart.ItemAdded")
+    assert letter.event is not None and letter.event.event_id == event.event_id
+    assert await eventually(lambda: store.get_document("effects", event.event_id)) == {"n": 1}
