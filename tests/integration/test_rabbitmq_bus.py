@@ -610,3 +610,24 @@ async def test_queues_bound_before_a_consumer_required_a_tag_lose_their_other_bi
     await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
                              with_baggage(item_added("s"), tier="silver")])
     assert await depths(after) == {"gold": 1}
+
+
+async def test_a_consumer_that_requires_another_tag_or_none_is_rebound_accordingly(
+    make_bus: MakeBus,
+) -> None:
+    gold = await make_bus({"c": {"ItemAdded": Recorder()}}, requires={"c": "tier=gold"})
+    await gold.stop()
+    silver = await make_bus({"c": {"ItemAdded": Recorder()}}, requires={"c": "tier=silver"})
+    await silver.stop()
+    publisher = await make_bus({})
+    await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
+                             with_baggage(item_added("s"), tier="silver")])
+    assert await depths(silver) == {"c": 1}
+
+    waiting = Recorder()
+    every = await make_bus({"c": {"ItemAdded": waiting}})
+    await waiting.wait_for(lambda: len(waiting.calls) == 1)  # the silver one, handled
+    await every.stop()
+    await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
+                             with_baggage(item_added("s"), tier="silver")])
+    assert await depths(every) == {"c": 3}

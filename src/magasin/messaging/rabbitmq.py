@@ -56,6 +56,11 @@ CONSUMER = "x-magasin-consumer"
 ORIGINAL_ROUTING_KEY = "x-magasin-original-routing-key"
 DEAD_LETTERED_AT = "x-magasin-dead-lettered-at"
 KEY_HEADER = "magasin-partition-key"
+BINDINGS = "bus.bindings"
+"""One document per consumer (by queue group): the binding scheme and the routing tag its
+queues were last bound for, so that a start removes stale bindings only after a change."""
+SCHEME = 2
+"""1: `*.<type>.<i>` (before routing tags); 2: `*.<type>.<i>.#[.<tag>.#]`."""
 
 _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
 _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for humans anyway
@@ -290,6 +295,7 @@ class RabbitMQBus(EventBus):
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
             await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
+            bound = await self._bound_before(consumer)
             for partition in range(consumer.partitions):
                 name = consumer.partition_queue(partition)
                 work = await _declare_queue(channel, name, self._work_arguments(consumer))
@@ -297,15 +303,8 @@ class RabbitMQBus(EventBus):
                 for event_type in consumer.handlers:
                     await work.bind(self._events, routing_key=binding_key(
                         event_type, partition, consumer.requires))
-                    # Bound (above) before unbound: no moment without a binding. Queues
-                    # declared before routing tags had `*.<type>.<i>`, which the tagged
-                    # routing keys no longer match (and would feed a consumer that requires
-                    # a tag the others); a consumer that now requires a tag drops its
-                    # binding to every tag. Unbinding what is not there is a no-op.
-                    stale = [f"*.{event_type}.{partition}"]
-                    if consumer.requires is not None:
-                        stale.append(binding_key(event_type, partition, None))
-                    for key in stale:
+                    # Bound (above) before unbound: no moment without a binding.
+                    for key in _stale_bindings(bound, consumer, event_type, partition):
                         await work.unbind(self._events, routing_key=key)
                 for level in range(1, consumer.retry.levels + 1):
                     await _declare_queue(
@@ -316,6 +315,24 @@ class RabbitMQBus(EventBus):
             dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
             consumer.tags = [(dlq, await dlq.consume(self._spawner(consumer, self._record)))]
+            if bound != _binding_scheme(consumer):
+                await self._remember_bindings(consumer)
+
+    async def _bound_before(self, consumer: _Consumer) -> dict[str, Any] | None:
+        """How this consumer's queues were bound by the last start that recorded it (None:
+        never recorded, or unreadable: then every stale binding is removed, to be sure)."""
+        try:
+            return await self.store.get_document(BINDINGS, consumer.queue)
+        except MagasinError as exc:
+            log.warning("could not read how %s was bound: %r", consumer.name, exc)
+            return None
+
+    async def _remember_bindings(self, consumer: _Consumer) -> None:
+        try:
+            async with self.store.transaction() as uow:
+                uow.put_document(BINDINGS, consumer.queue, _binding_scheme(consumer))
+        except MagasinError as exc:  # the next start removes the stale bindings again
+            log.warning("could not record how %s is bound: %r", consumer.name, exc)
 
     def _work_arguments(self, consumer: _Consumer) -> dict[str, Any]:
         # One process at a time consumes a partition, whatever the leases say.
@@ -928,6 +945,30 @@ async def _declare_queue(
     """Every queue this bus declares goes through here, so none escapes the argument check."""
     check_queue_arguments(name, arguments)
     return await channel.declare_queue(name, durable=True, arguments=dict(arguments or {}))
+
+
+def _binding_scheme(consumer: _Consumer) -> dict[str, Any]:
+    return {"scheme": SCHEME, "requires": consumer.requires}
+
+
+def _stale_bindings(
+    bound: Mapping[str, Any] | None, consumer: _Consumer, event_type: str, partition: int
+) -> list[str]:
+    """Bindings an older start may have left on a partition queue that would now send the
+    consumer events it does not want: those of queues declared before routing tags
+    (`*.<type>.<i>`, which tagged routing keys do not match either), the binding to every
+    tag when the consumer now requires one, and that of the tag it required before.
+    Nothing when the last recorded start bound it as now. Unbinding a binding that is not
+    there is a no-op (RabbitMQ >= 3.2)."""
+    if bound == _binding_scheme(consumer):
+        return []
+    stale = [f"*.{event_type}.{partition}"]
+    if consumer.requires is not None:
+        stale.append(binding_key(event_type, partition, None))
+    before = (bound or {}).get("requires")
+    if isinstance(before, str) and before != consumer.requires:
+        stale.append(binding_key(event_type, partition, before))
+    return stale
 
 
 def _int_header(headers: HeadersType, name: str, default: int) -> int:
