@@ -52,8 +52,14 @@ def tags_of(metadata: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def carries(metadata: Mapping[str, Any], required: str | None) -> bool:
-    """Whether an event with this metadata is meant for a consumer requiring `required`."""
-    return required is None or required in tags_of(metadata)
+    """Whether an event with this metadata is meant for a consumer requiring `required`
+    (a checked tag): `required in tags_of(metadata)`, without building them all."""
+    if required is None:
+        return True
+    baggage = metadata.get(BAGGAGE)
+    return isinstance(baggage, Mapping) and any(
+        isinstance(key, str) and isinstance(value, str) and f"{key}={value}" == required
+        for key, value in baggage.items())
 
 
 def routing_key(event_key: str, partition: int, tags: tuple[str, ...]) -> str:
