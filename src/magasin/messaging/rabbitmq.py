@@ -693,7 +693,9 @@ class RabbitMQBus(EventBus):
             await self._dead_letter(consumer, message, str(exc), failed_before + 1)
             return
         if not carries(event.metadata, consumer.requires):
-            # Not meant for it (an old binding routed it here, say): nothing to do.
+            # Not meant for it (a binding an older version left, say): nothing to do but
+            # count the delivery, so that the broker's routing can be checked.
+            metrics.consumed(consumer.name, event.type, "untagged", 0.0)
             await self._ack(message)
             return
         handler = consumer.handlers.get(event.type)
