@@ -102,7 +102,8 @@ class Runtime:
         for service in services:
             for consumer, handlers in service.consumers.items():
                 bus.subscribe(consumer, handlers, service.retry.get(consumer),
-                              concurrency=service.concurrency.get(consumer))
+                              concurrency=service.concurrency.get(consumer),
+                              requires=service.requires.get(consumer))
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each

@@ -48,5 +48,8 @@ class Service:
     concurrency: Mapping[str, int] = field(default_factory=dict)
     """Consumers whose handlers wait on an outside system, and how many events each may
     handle at once (see EventBus.subscribe)."""
+    requires: Mapping[str, str] = field(default_factory=dict)
+    """Consumers meant only for the events carrying a routing tag, and the tag (see
+    `messaging.tags`): the bus never delivers them the others."""
     health: Callable[[], Mapping[str, Any]] | None = None
     """Details `/health` shows under `checks.<service>` (a circuit breaker's state, say)."""

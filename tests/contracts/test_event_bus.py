@@ -16,6 +16,7 @@ from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import ANY, Append, EventStore, UnitOfWork
 from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus, Handler, RetryPolicy
 from magasin.messaging.partitioning import configured_partitions, partition_of
+from magasin.messaging.tags import tag
 from magasin.observability.metrics import REGISTRY
 from magasin.shared.errors import Conflict, NotFound
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
@@ -59,6 +60,7 @@ async def bus_env(
         start: bool = True,
         retries: dict[str, RetryPolicy] | None = None,
         concurrency: dict[str, int] | None = None,
+        requires: dict[str, str] | None = None,
     ) -> EventBus:
         bus: EventBus
         if kind == "inprocess":
@@ -71,7 +73,8 @@ async def bus_env(
             bus = RabbitMQBus(url, store=store, schemas=SCHEMAS, namespace=namespace, retry=retry)
         for consumer, handlers in subscriptions.items():
             bus.subscribe(consumer, handlers, (retries or {}).get(consumer),
-                          concurrency=(concurrency or {}).get(consumer))
+                          concurrency=(concurrency or {}).get(consumer),
+                          requires=(requires or {}).get(consumer))
         if not start:  # what a CLI holds: a bus to operate dead letters, not to consume
             return bus
         await bus.start()
@@ -717,3 +720,68 @@ async def test_a_slow_key_does_not_hold_up_keys_of_other_partitions(
             "ItemAdded", {"sku": "A", "qty": 1}, metadata={"partition_key": key})))
     await eventually(lambda: _count(store, 2))
     assert held_up == []
+
+
+def tagged(sku: str, **baggage: str) -> NewEvent:
+    """An ItemAdded of the key `customer-1` whose flow carries `baggage` (its routing tags)."""
+    return NewEvent("ItemAdded", {"sku": sku, "qty": 1},
+                    metadata={"partition_key": "customer-1", "baggage": baggage})
+
+
+async def test_a_consumer_requiring_a_tag_gets_only_the_events_that_carry_it(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Untagged and otherwise tagged events never reach it (no handler run, no inbox mark),
+    while an ordinary consumer gets every event, tagged or not. All of one key: had the
+    others been dispatched to it, they would have been before the last one, in order."""
+    store, make = bus_env
+    gold, every = Recorder(), Recorder()
+    bus = await make({"gold": {"ItemAdded": gold}, "every": {"ItemAdded": every}},
+                     requires={"gold": tag("tier", "gold")})
+    sent = await store.commit([Append(f"cart-{n}", (event,), ANY) for n, event in enumerate([
+        tagged("plain"),
+        tagged("g1", tier="gold"),
+        tagged("silver", tier="silver"),
+        tagged("other", channel="web"),
+        tagged("g2", channel="web", tier="gold"),  # another tag, sorted before its own
+        tagged("plain-2"),
+    ])])
+    sent += await produce(store, "cart-last", tagged("g3", tier="gold", zone="eu"))
+    await bus.publish(sent)
+
+    await every.wait_for(lambda: len(every.calls) == len(sent))
+    await gold.wait_for(lambda: any(e.payload["sku"] == "g3" for e in gold.calls))
+    assert [e.payload["sku"] for e in gold.calls] == ["g1", "g2", "g3"]
+    not_gold = [e for e in sent if e.payload["sku"] not in ("g1", "g2", "g3")]
+    for event in not_gold:
+        assert not await store.is_processed("gold", event.event_id)
+        assert await store.is_processed("every", event.event_id)
+
+
+def test_a_required_tag_must_be_one_routing_key_word(tmp_path: Path) -> None:
+    from magasin.messaging.inprocess import InProcessBus
+
+    bus = InProcessBus(SqliteEventStore(tmp_path / "bus.db"), SCHEMAS)
+    for word in ("tier=gold.plus", "*", "#", "", "tier gold"):
+        with pytest.raises(ValueError, match="routing tag"):
+            bus.subscribe(f"c-{len(word)}", {"ItemAdded": Recorder()}, requires=word)
+
+
+async def test_a_tagged_event_is_retried_and_dead_lettered_like_any_other(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    """Retries come back to the consumer requiring the tag (RabbitMQ: through its retry
+    queues, not the exchange); the letter names the event's routing key without the
+    partition and the tags."""
+    store, make = bus_env
+    flaky, broken = Recorder(fail_times=2), Recorder(fail_times=99)
+    bus = await make({"flaky": {"ItemAdded": flaky}, "broken": {"ItemAdded": broken}},
+                     requires={"flaky": "tier=gold", "broken": "tier=gold"})
+    (event,) = await produce(store, "cart-1", tagged("X", tier="gold", zone="eu"))
+    await bus.publish([event])
+
+    await flaky.wait_for(lambda: len(flaky.calls) == 3)
+    (letter,) = await eventually(lambda: bus.dead_letters("broken"))
+    assert (letter.attempts, letter.routing_key) == (3, "cart.ItemAdded")
+    assert letter.event is not None and letter.event.event_id == event.event_id
+    assert await eventually(lambda: store.get_document("effects", event.event_id)) == {"n": 1}

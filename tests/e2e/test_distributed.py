@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from magasin.config import Settings
 from magasin.messaging.partitioning import configured_partitions
@@ -29,6 +30,7 @@ from tests.e2e.processes import (
     consumer_count,
     running_cluster,
 )
+from tests.e2e.test_api import Hook
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 
@@ -165,9 +167,9 @@ class Magasin:
         await eventually(attempt)
 
     async def sell(self, store_id: str, items: list[tuple[str, int]],
-                   payment_method: str = "VISA") -> dict[str, Any]:
+                   payment_method: str = "VISA", **extra: Any) -> dict[str, Any]:
         body = {"store_id": store_id, "customer_id": "alice", "payment_method": payment_method,
-                "items": [{"product_id": p, "quantity": q} for p, q in items]}
+                "items": [{"product_id": p, "quantity": q} for p, q in items], **extra}
         url = f"{self.url}/api/transactions"
         key = {"Idempotency-Key": uuid.uuid4().hex}
 
@@ -445,6 +447,50 @@ async def test_a_closed_store_releases_the_stock_refunds_and_cancels(
     # Orchestrated, the compensation runs in the order the seed draws: refund, then release.
     assert_coordinated(saga_mode, types, "ChargePayment", "ReserveStock", "PrepareOrder",
                        "RefundPayment", "ReleaseStock")
+
+
+async def deliveries(magasin: Magasin, *consumers: str) -> Counter[str]:
+    """Broker deliveries to these consumers so far, all outcomes (the processes' /metrics)."""
+    found: Counter[str] = Counter()
+    for process in magasin.cluster.processes:
+        text = (await magasin.client.get(f"{process.url}/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "magasin_events_consumed_total"
+                        and sample.labels["consumer"] in consumers):
+                    found[sample.labels["consumer"]] += int(sample.value)
+    return found
+
+
+@pytest.mark.parametrize("saga_mode", MODES, scope="module")
+async def test_the_orchestrator_and_the_notifier_are_sent_only_the_sales_meant_for_them(
+    magasin: Magasin, shelf: dict[str, str], saga_mode: str
+) -> None:
+    """Routing tags (issue 11): the broker sends the notifier the final event of the sale
+    with a callback_url only, and the orchestrator the events of orchestrated sales only
+    (its TransactionCreated and the replies to its three commands)."""
+    hook = Hook()
+    server = await asyncio.start_server(hook.serve_one, "127.0.0.1", 0)
+    hook.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/sales"
+    async with server:
+        watched = ("transaction.orchestrator", "transaction.notifier")
+        before = await deliveries(magasin, *watched)
+        plain = await magasin.sell(shelf["store"], [(shelf["milk"], 1)])
+        await magasin.final(plain["transaction_id"])
+        hooked = await magasin.sell(shelf["store"], [(shelf["milk"], 1)],
+                                    callback_url=hook.url)
+        assert (await magasin.final(hooked["transaction_id"]))["status"] == "COMPLETED"
+        await eventually(hook.arrived(1))
+        expected = Counter({"transaction.notifier": 1})
+        if saga_mode == "orchestration":
+            expected["transaction.orchestrator"] = 2 * 4
+
+        async def counted() -> Counter[str] | None:
+            got = await deliveries(magasin, *watched) - before
+            return got if all(got[c] >= n for c, n in expected.items()) else None
+
+        assert await eventually(counted) == expected
+    assert [r.body["transaction_id"] for r in hook.requests] == [hooked["transaction_id"]]
 
 
 async def test_the_event_store_service_archives_every_event_of_a_saga(

@@ -199,6 +199,7 @@ async def make_bus(
         *,
         retry: RetryPolicy = FAST_RETRY,
         url: str = amqp_url,
+        requires: dict[str, str] | None = None,
         **options: Any,
     ) -> RabbitMQBus:
         bus = RabbitMQBus(
@@ -206,7 +207,7 @@ async def make_bus(
             retry=retry, **options,
         )
         for consumer, handlers in subscriptions.items():
-            bus.subscribe(consumer, handlers)
+            bus.subscribe(consumer, handlers, requires=(requires or {}).get(consumer))
         made.append(bus)
         await bus.start()
         return bus
@@ -546,3 +547,87 @@ async def test_changing_the_number_of_partitions_after_a_drain_loses_and_reorder
     assert await keyed_effects(consumer_store) == {
         f"customer-{k}": list(range(24)) for k in range(10)}
     assert len(await consumer_store.find_documents("effects", limit=10_000)) == 240
+
+
+def with_baggage(event: RecordedEvent, **baggage: str) -> RecordedEvent:
+    event.metadata = {**event.metadata, "baggage": baggage}
+    return event
+
+
+async def depths(bus: RabbitMQBus) -> dict[str, int]:
+    """Messages waiting in each consumer's partition queues (nobody consuming them)."""
+    found: dict[str, int] = {}
+    for state in await bus.partition_states():
+        found[state.consumer] = found.get(state.consumer, 0) + (state.depth or 0)
+    return found
+
+
+async def test_the_broker_sends_a_consumer_requiring_a_tag_only_the_events_carrying_it(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    """Not a filter in the consumer: the queues of the consumer requiring `tier=gold` are
+    never sent the others (counted in its queues while nobody consumes them), and the
+    tags travel sorted after the partition in the routing key."""
+    consumers = await make_bus({"gold": {"ItemAdded": Recorder()},
+                                "every": {"ItemAdded": Recorder()}},
+                               requires={"gold": "tier=gold"})
+    await consumers.stop()  # its queues and bindings stay; nobody takes their messages
+    publisher = await make_bus({})
+    sent = [item_added("plain"), with_baggage(item_added("g1"), tier="gold"),
+            with_baggage(item_added("silver"), tier="silver"),
+            with_baggage(item_added("g2"), zone="eu", channel="web", tier="gold")]
+    async with Tap(amqp_url, f"{amqp_namespace}.events", "#") as tap:
+        await publisher.publish(sent)
+        keys = sorted((m.routing_key or "") for m in await tap.take(4))
+
+    assert await depths(consumers) == {"gold": 2, "every": 4}
+    words = [key.split(".") for key in keys]
+    assert all(w[:2] == ["cart", "ItemAdded"] and w[2].isdigit() for w in words)
+    assert sorted(tuple(w[3:]) for w in words) == [
+        (), ("channel=web", "tier=gold", "zone=eu"), ("tier=gold",), ("tier=silver",)]
+
+
+async def test_queues_bound_before_a_consumer_required_a_tag_lose_their_other_bindings(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    """An upgrade: the queues of a consumer that took every event, bound as before routing
+    tags (`*.<type>.<partition>`) and as an ordinary consumer now (`....#`), keep only the
+    tagged binding once it requires a tag, so the broker stops sending it the others."""
+    before = await make_bus({"gold": {"ItemAdded": Recorder()}})
+    await before.stop()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for partition in range(before.partitions):
+            queue = await channel.get_queue(f"{amqp_namespace}.gold.p{partition}")
+            await queue.bind(f"{amqp_namespace}.events", f"*.ItemAdded.{partition}")
+    finally:
+        await connection.close()
+    after = await make_bus({"gold": {"ItemAdded": Recorder()}}, requires={"gold": "tier=gold"})
+    await after.stop()
+
+    publisher = await make_bus({})
+    await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
+                             with_baggage(item_added("s"), tier="silver")])
+    assert await depths(after) == {"gold": 1}
+
+
+async def test_a_consumer_that_requires_another_tag_or_none_is_rebound_accordingly(
+    make_bus: MakeBus,
+) -> None:
+    gold = await make_bus({"c": {"ItemAdded": Recorder()}}, requires={"c": "tier=gold"})
+    await gold.stop()
+    silver = await make_bus({"c": {"ItemAdded": Recorder()}}, requires={"c": "tier=silver"})
+    await silver.stop()
+    publisher = await make_bus({})
+    await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
+                             with_baggage(item_added("s"), tier="silver")])
+    assert await depths(silver) == {"c": 1}
+
+    waiting = Recorder()
+    every = await make_bus({"c": {"ItemAdded": waiting}})
+    await waiting.wait_for(lambda: len(waiting.calls) == 1)  # the silver one, handled
+    await every.stop()
+    await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
+                             with_baggage(item_added("s"), tier="silver")])
+    assert await depths(every) == {"c": 3}

@@ -157,12 +157,15 @@ class EventBus(ABC):
         retry: RetryPolicy | None = None,
         *,
         concurrency: int | None = None,
+        requires: str | None = None,
     ) -> None:
         """Register a consumer before `start()`; every handled type must have a schema.
         `retry` replaces the bus's retry policy for this consumer. By default the bus may
         handle several events in one unit of work; `concurrency=n` is for handlers that
         wait on something outside (a bank): up to n events at once, each in a unit of
-        work of its own, so that one slow call does not hold up the others."""
+        work of its own, so that one slow call does not hold up the others. `requires=tag`
+        (see `tags`): the consumer gets only the events carrying that routing tag; the
+        others never reach it (no handler run, no inbox mark, no broker delivery)."""
 
     @abstractmethod
     async def start(self) -> None:

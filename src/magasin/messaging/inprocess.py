@@ -8,6 +8,9 @@ in the same unit of work as the handler's effects and its inbox mark, so after a
 the lane resumes exactly after the last event whose effects committed: nothing lost,
 nothing handled twice. When N changes, the new lanes start from the slowest old lane: what
 the others handled already comes again and the inbox skips it, so no key's events reorder.
+A lane skips the events its consumer does not handle: other types, and, for a consumer that
+requires a routing tag (`tags`), the events without it (no handler run, no inbox mark; the
+checkpoint moves over them lazily, once the log is quiet, with no commit of its own before).
 
 A failing event becomes a retry document (also committed with the checkpoint) that a
 separate loop replays with backoff, so the events behind it keep flowing (a retried event
@@ -40,6 +43,7 @@ from magasin.messaging.dispatch import (
     deliver_concurrently,
 )
 from magasin.messaging.partitioning import configured_partitions, event_partition, key_of
+from magasin.messaging.tags import carries, check_tag
 from magasin.observability import metrics
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import MagasinError
@@ -61,6 +65,8 @@ class _Subscription:
     busy: set[asyncio.Task[None]] = field(default_factory=set)
     slots: asyncio.Semaphore | None = None
     """Shared by its lanes: at most `concurrency` handlers of the consumer at once."""
+    requires: str | None = None
+    """The routing tag an event must carry to be dispatched to it (see `tags`)."""
 
     @property
     def checkpoint(self) -> str:
@@ -82,8 +88,11 @@ class _Lane:
         return self.sub.lane_checkpoint(self.index, self.lanes)
 
     def owns(self, event: RecordedEvent) -> bool:
-        return event.type in self.sub.handlers and event_partition(
-            event, self.lanes) == self.index
+        """Its consumer handles the event's type, the event carries the tag the consumer
+        requires, and it falls in this lane's partition; the lane skips the others."""
+        return (event.type in self.sub.handlers
+                and carries(event.metadata, self.sub.requires)
+                and event_partition(event, self.lanes) == self.index)
 
 
 class InProcessBus(EventBus):
@@ -126,6 +135,7 @@ class InProcessBus(EventBus):
         retry: RetryPolicy | None = None,
         *,
         concurrency: int | None = None,
+        requires: str | None = None,
     ) -> None:
         if self._tasks:
             raise RuntimeError("subscribe before start()")
@@ -138,6 +148,7 @@ class InProcessBus(EventBus):
         self._subs[consumer] = _Subscription(
             consumer, table, retry or self.retry, concurrency,
             slots=asyncio.Semaphore(concurrency) if concurrency else None,
+            requires=None if requires is None else check_tag(requires),
         )
 
     async def start(self) -> None:

@@ -37,6 +37,7 @@ from magasin.messaging.partitioning import (
     key_of,
     stable_hash,
 )
+from magasin.messaging.tags import binding_key, carries, check_tag, routing_key, tags_of
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import (
@@ -55,6 +56,11 @@ CONSUMER = "x-magasin-consumer"
 ORIGINAL_ROUTING_KEY = "x-magasin-original-routing-key"
 DEAD_LETTERED_AT = "x-magasin-dead-lettered-at"
 KEY_HEADER = "magasin-partition-key"
+BINDINGS = "bus.bindings"
+"""One document per consumer (by queue group): the binding scheme and the routing tag its
+queues were last bound for, so that a start removes stale bindings only after a change."""
+SCHEME = 2
+"""1: `*.<type>.<i>` (before routing tags); 2: `*.<type>.<i>.#[.<tag>.#]`."""
 
 _BROKER_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
 _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for humans anyway
@@ -103,6 +109,9 @@ class _Consumer:
     ownership: Ownership | None = None
     slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
     """`workers` of them, shared by the partitions: the process's handlers at once."""
+    requires: str | None = None
+    """The routing tag its queues are bound for (see `tags`): the broker sends it only
+    the events that carry it."""
 
     def partition_queue(self, partition: int) -> str:
         return f"{self.queue}.p{partition}"
@@ -126,10 +135,12 @@ class RabbitMQBus(EventBus):
     """Event bus over RabbitMQ (distributed mode).
 
     Events go to the durable topic exchange `<ns>.events` with routing key
-    `<aggregate>.<EventType>.<partition>`: the publisher computes the partition,
+    `<aggregate>.<EventType>.<partition>[.<tag>...]`: the publisher computes the partition,
     `stable_hash(key) % N` (`partitioning`), the same number the in-process lanes and the
-    event's metadata use. Each consumer has N durable work queues `<ns>.<consumer>.p<i>`
-    (`x-single-active-consumer`), each bound to its partition's routing keys; the processes
+    event's metadata use, and appends the event's routing tags, sorted (`tags`). Each
+    consumer has N durable work queues `<ns>.<consumer>.p<i>` (`x-single-active-consumer`),
+    each bound to its partition's routing keys, `*.<EventType>.<i>.#` (any tags), or
+    `*.<EventType>.<i>.#.<tag>.#` for a consumer that requires a tag; the processes
     of a service share them through leases (`ownership`): one process consumes a partition
     at a time, and within it one key's messages are handled one at a time, in order.
     A failed message is acked only once a copy sits in `<partition queue>.retry.<n>`, a
@@ -213,6 +224,7 @@ class RabbitMQBus(EventBus):
         retry: RetryPolicy | None = None,
         *,
         concurrency: int | None = None,
+        requires: str | None = None,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -227,6 +239,7 @@ class RabbitMQBus(EventBus):
             workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
             partitions=self.partitions,
             slots=asyncio.Semaphore(concurrency or self.workers),
+            requires=None if requires is None else check_tag(requires),
         )
 
     def _queue_of(self, consumer: str) -> str:
@@ -282,12 +295,17 @@ class RabbitMQBus(EventBus):
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
             await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
+            bound = await self._bound_before(consumer)
             for partition in range(consumer.partitions):
                 name = consumer.partition_queue(partition)
                 work = await _declare_queue(channel, name, self._work_arguments(consumer))
                 consumer.queues[partition] = work
                 for event_type in consumer.handlers:
-                    await work.bind(self._events, routing_key=f"*.{event_type}.{partition}")
+                    await work.bind(self._events, routing_key=binding_key(
+                        event_type, partition, consumer.requires))
+                    # Bound (above) before unbound: no moment without a binding.
+                    for key in _stale_bindings(bound, consumer, event_type, partition):
+                        await work.unbind(self._events, routing_key=key)
                 for level in range(1, consumer.retry.levels + 1):
                     await _declare_queue(
                         channel,
@@ -297,6 +315,24 @@ class RabbitMQBus(EventBus):
             dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
             consumer.tags = [(dlq, await dlq.consume(self._spawner(consumer, self._record)))]
+            if bound != _binding_scheme(consumer):
+                await self._remember_bindings(consumer)
+
+    async def _bound_before(self, consumer: _Consumer) -> dict[str, Any] | None:
+        """How this consumer's queues were bound by the last start that recorded it (None:
+        never recorded, or unreadable: then every stale binding is removed, to be sure)."""
+        try:
+            return await self.store.get_document(BINDINGS, consumer.queue)
+        except MagasinError as exc:
+            log.warning("could not read how %s was bound: %r", consumer.name, exc)
+            return None
+
+    async def _remember_bindings(self, consumer: _Consumer) -> None:
+        try:
+            async with self.store.transaction() as uow:
+                uow.put_document(BINDINGS, consumer.queue, _binding_scheme(consumer))
+        except MagasinError as exc:  # the next start removes the stale bindings again
+            log.warning("could not record how %s is bound: %r", consumer.name, exc)
 
     def _work_arguments(self, consumer: _Consumer) -> dict[str, Any]:
         # One process at a time consumes a partition, whatever the leases say.
@@ -398,7 +434,8 @@ class RabbitMQBus(EventBus):
         with tracing.publishing(events, "rabbitmq") as sent:
             await self._confirmed(
                 [(exchange, _event_message(e),
-                  f"{e.routing_key}.{event_partition(e, self.partitions)}") for e in sent],
+                  routing_key(e.routing_key, event_partition(e, self.partitions),
+                              tags_of(e.metadata))) for e in sent],
                 mandatory=False,
             )
 
@@ -655,6 +692,12 @@ class RabbitMQBus(EventBus):
             metrics.consumed(consumer.name, "<undecodable>", "malformed", 0.0)
             await self._dead_letter(consumer, message, str(exc), failed_before + 1)
             return
+        if not carries(event.metadata, consumer.requires):
+            # Not meant for it (a binding an older version left, say): nothing to do but
+            # count the delivery, so that the broker's routing can be checked.
+            metrics.consumed(consumer.name, event.type, "untagged", 0.0)
+            await self._ack(message)
+            return
         handler = consumer.handlers.get(event.type)
         if handler is None:
             metrics.consumed(consumer.name, event.type, "malformed", 0.0)
@@ -826,17 +869,18 @@ def _message_key(message: AbstractIncomingMessage) -> str:
 
 
 def _partition_of_message(message: AbstractIncomingMessage, partitions: int) -> int:
-    """The partition a message was routed to (its routing key's last word), else its key's."""
-    last = (message.routing_key or "").rsplit(".", 1)[-1]
-    if last.isdigit():
-        return int(last) % partitions
+    """The partition a message was routed to (its routing key's third word, when the events
+    exchange routed it), else its key's."""
+    words = (message.routing_key or "").split(".")
+    if message.exchange and len(words) >= 3 and words[2].isdigit():
+        return int(words[2]) % partitions
     return stable_hash(_message_key(message)) % partitions
 
 
 def _event_routing_key(routing_key: str) -> str:
-    """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>`)."""
+    """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>[.<tag>...]`)."""
     words = routing_key.split(".")
-    return ".".join(words[:2]) if len(words) == 3 and words[2].isdigit() else routing_key
+    return ".".join(words[:2]) if len(words) >= 3 and words[2].isdigit() else routing_key
 
 
 def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -905,6 +949,30 @@ async def _declare_queue(
     return await channel.declare_queue(name, durable=True, arguments=dict(arguments or {}))
 
 
+def _binding_scheme(consumer: _Consumer) -> dict[str, Any]:
+    return {"scheme": SCHEME, "requires": consumer.requires}
+
+
+def _stale_bindings(
+    bound: Mapping[str, Any] | None, consumer: _Consumer, event_type: str, partition: int
+) -> list[str]:
+    """Bindings an older start may have left on a partition queue that would now send the
+    consumer events it does not want: those of queues declared before routing tags
+    (`*.<type>.<i>`, which tagged routing keys do not match either), the binding to every
+    tag when the consumer now requires one, and that of the tag it required before.
+    Nothing when the last recorded start bound it as now. Unbinding a binding that is not
+    there is a no-op (RabbitMQ >= 3.2)."""
+    if bound == _binding_scheme(consumer):
+        return []
+    stale = [f"*.{event_type}.{partition}"]
+    if consumer.requires is not None:
+        stale.append(binding_key(event_type, partition, None))
+    before = (bound or {}).get("requires")
+    if isinstance(before, str) and before != consumer.requires:
+        stale.append(binding_key(event_type, partition, before))
+    return stale
+
+
 def _int_header(headers: HeadersType, name: str, default: int) -> int:
     value = headers.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
@@ -919,7 +987,9 @@ def _first_delivery(consumer: _Consumer, message: AbstractIncomingMessage) -> Re
         event = decode_envelope(message.body)
     except MalformedMessage:
         return None
-    return event if event.type in consumer.handlers else None
+    if event.type not in consumer.handlers or not carries(event.metadata, consumer.requires):
+        return None
+    return event
 
 
 def _nothing_more(_: UnitOfWork) -> None:

@@ -24,7 +24,7 @@ from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
-from magasin.transactions import readmodel, stats
+from magasin.transactions import readmodel, stats, tags
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
 from magasin.transactions.feed import RELOAD, StatusFeed
 from magasin.transactions.orchestrator.routing import Routing
@@ -160,6 +160,7 @@ async def create(
                 uow.mark_processed(IDEMPOTENCY, key)
                 uow.put_document(IDEMPOTENCY, key, {"transaction_id": ident,
                                                     "fingerprint": fingerprint})
+            tags.stamp(uow, sale)  # its mode and callback route its events (tags.py)
             sales.save(uow, sale)  # a new aggregate is at version 0: the stream must not exist
     except AlreadyProcessed:  # the same key, a moment earlier
         replay = await _replay(store, key or "", fingerprint)

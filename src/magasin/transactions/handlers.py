@@ -19,7 +19,7 @@ from magasin.shared.events import (
     StoreRegistered,
 )
 from magasin.shared.messages import RecordedEvent
-from magasin.transactions import readmodel
+from magasin.transactions import readmodel, tags
 from magasin.transactions.domain import Transaction
 
 sales = Repository(Transaction)
@@ -37,6 +37,7 @@ def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
             # a message for a sale this service never had: retry, then dead-letter.
             raise NotFound(f"no transaction {payload.transaction_id}")
         step(sale, payload)
+        tags.stamp(uow, sale)
         sales.save(uow, sale)
 
     return handle
@@ -116,7 +117,8 @@ def catalog_handlers() -> dict[str, Handler]:
 def notifier_handlers(client: httpx.AsyncClient) -> dict[str, Handler]:
     """Consumer `transaction.notifier`: POSTs the final state to the sale's callback_url.
     A failing endpoint raises, so the bus retries with backoff and finally dead-letters;
-    the saga never waits for it."""
+    the saga never waits for it. It requires the routing tag `notify=webhook`
+    (`transactions.tags`): the final events of sales without a callback never reach it."""
 
     async def notify(event: RecordedEvent, uow: UnitOfWork) -> None:
         # From the aggregate, not the read model: the projection may not have caught up.

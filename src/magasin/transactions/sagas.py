@@ -30,6 +30,7 @@ from magasin.observability.sagas import STUCK
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
 from magasin.shared.messages import RecordedEvent
+from magasin.transactions import tags
 from magasin.transactions.deadlines import Deadlines, due_key, due_of
 from magasin.transactions.domain import COMPENSATION, Transaction
 from magasin.transactions.orchestrator import handlers as orchestrator
@@ -131,6 +132,7 @@ async def _decide(
                     **causation.metadata,
                     **partition_metadata(sale.customer_id, configured_partitions()),
                 })
+                tags.stamp(uow, sale)  # and carry its routing tags (tags.py)
                 if not await decision(uow, sale):
                     raise Conflict(refusal(sale))
                 sales.save(uow, sale)

@@ -10,7 +10,7 @@ from magasin.messaging.bus import Handler
 from magasin.observability import sagas as saga_metrics
 from magasin.service import Service, ServiceContext
 from magasin.shared.messages import RecordedEvent
-from magasin.transactions import api, sagas, sagas_api, stats
+from magasin.transactions import api, sagas, sagas_api, stats, tags
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.feed import StatusFeed
 from magasin.transactions.handlers import catalog_handlers, notifier_handlers, saga_handlers
@@ -51,6 +51,9 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             sagas.CONSUMER: folded(sagas.index_handlers(deadlines), saga_metrics.handlers()),
             orchestrator.CONSUMER: orchestrator.orchestrator_handlers(),
         },
+        # Meant for some sales only: the bus never delivers them the others' events.
+        requires={orchestrator.CONSUMER: tags.ORCHESTRATED,
+                  "transaction.notifier": tags.WEBHOOK},
         router=routes,
         loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s,
                                   deadlines=deadlines),

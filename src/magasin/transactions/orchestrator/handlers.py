@@ -3,13 +3,12 @@
 On an orchestrated TransactionCreated it starts the saga and sends its first command; on
 each reply (the services' usual events) it advances the saga and sends the next command.
 Decisions (the saga's events) and the command envelope commit in one unit of work, so the
-outbox publishes the command exactly when the decision is stored. Choreographed sales have
-no orchestration stream: their events change nothing here.
+outbox publishes the command exactly when the decision is stored. The consumer requires the
+routing tag `saga_mode=orchestration` (`transactions.tags`): the events of choreographed
+sales never reach it (those would find no orchestration stream and change nothing).
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import UnitOfWork
@@ -17,6 +16,7 @@ from magasin.messaging.bus import Handler
 from magasin.shared.events import SCHEMAS, TransactionCreated
 from magasin.shared.ids import stream_id
 from magasin.shared.messages import RecordedEvent
+from magasin.transactions import tags
 from magasin.transactions.domain import COMPENSATION, Transaction
 from magasin.transactions.orchestrator.commands import pending_envelope
 from magasin.transactions.orchestrator.domain import REPLIES, Orchestration
@@ -60,9 +60,9 @@ def _send_pending(uow: UnitOfWork, saga: Orchestration, sale: Transaction) -> No
 
 def _orchestrated(uow: UnitOfWork) -> None:
     """What this unit of work records belongs to an orchestrated saga: the services'
-    choreographed reactions (to SagaAborted, say) leave it to the orchestrator."""
-    uow.causation = replace(uow.causation, metadata={
-        **uow.causation.metadata, "baggage": {SAGA_MODE: Mode.ORCHESTRATION.value}})
+    choreographed reactions (to SagaAborted, say) leave it to the orchestrator, whose
+    consumer gets only such events (`tags.ORCHESTRATED`). Other baggage is kept."""
+    tags.add_baggage(uow, {SAGA_MODE: Mode.ORCHESTRATION.value})
 
 
 async def abort(uow: UnitOfWork, sale: Transaction, reason: str, step: str | None) -> bool:
