@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from magasin.eventstore.repository import Repository
-from magasin.eventstore.store import UnitOfWork
+from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.observability import sagas as saga_metrics
 from magasin.observability.sagas import STUCK
 from magasin.shared.messages import NewEvent
@@ -124,3 +124,24 @@ async def _created_at(uow: UnitOfWork, sale: Transaction, default: datetime) -> 
     before the index existed): its stream's first event says."""
     first = await uow.read_stream(sales.stream(sale.id), to_version=1)
     return first[0].occurred_at if first else default
+
+
+async def repair(
+    store: EventStore, transaction_id: str, entry_key: str,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
+) -> None:
+    """After the sale refused what a deadline entry asked: drop the entry if the index no
+    longer points at it, and bring in step an index that is behind the sale (one left by
+    the consumer that kept the index before issue 11, stopped short of the sale's last
+    events), dated from the last indexed event of its stream."""
+    async with store.transaction() as uow:
+        doc = await uow.get_document(SAGAS, transaction_id)
+        if doc is None or doc.get("due_key") != entry_key:
+            uow.delete_document(DEADLINES, entry_key)
+        sale = await sales.find(uow, transaction_id)
+        if sale is None or (doc is not None and doc.get("version") == sale.version):
+            return
+        events = await uow.read_stream(sales.stream(transaction_id))
+        indexed = [e for e in events if e.type in INDEXED]
+        if indexed:
+            await _index(uow, sale, indexed[-1].occurred_at, False, deadlines)

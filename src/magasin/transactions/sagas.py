@@ -185,7 +185,8 @@ async def abort_overdue(
     for again, `deadlines.retry_attempts` times with growing delays, and is then reported
     stuck. Reads the deadline index in due order and stops at the first entry not due
     yet. The index is written with the sale, so an entry read just before the saga moved
-    on (or was acted on by another process) meets a refusal and changes nothing.
+    on (or was acted on by another process) meets a refusal, changes nothing and is
+    dropped (`saga_index.repair`).
     """
     acted = 0
     after: str | None = None
@@ -208,6 +209,7 @@ async def abort_overdue(
                     log.error("compensation of saga %s still not confirmed after %d retries: "
                               "reported stuck", tid, attempt)
             except (Conflict, NotFound):
+                await saga_index.repair(store, tid, key, deadlines)
                 continue
             acted += 1
         if len(rows) < PAGE:
