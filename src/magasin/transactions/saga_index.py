@@ -136,9 +136,9 @@ async def repair(
     events), dated from the last indexed event of its stream."""
     async with store.transaction() as uow:
         doc = await uow.get_document(SAGAS, transaction_id)
-        if doc is None or doc.get("due_key") != entry_key:
-            uow.delete_document(DEADLINES, entry_key)
         sale = await sales.find(uow, transaction_id)
+        if sale is None or doc is None or doc.get("due_key") != entry_key:
+            uow.delete_document(DEADLINES, entry_key)
         if sale is None or (doc is not None and doc.get("version") == sale.version):
             return
         events = await uow.read_stream(sales.stream(transaction_id))
