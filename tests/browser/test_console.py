@@ -248,7 +248,7 @@ def test_health_shows_services_breaker_and_projections(desk: Console) -> None:
     expect(process).to_contain_text("transaction.transactions")
     # Issue 12: every consumer's partitions, with their owner and depth.
     expect(process.get_by_test_id("partitions")).to_contain_text("owner")
-    expect(process.get_by_test_id("partitions")).to_contain_text("transaction.sagas")
+    expect(process.get_by_test_id("partitions")).to_contain_text("transaction.catalog")
     desk.shot("11-health")
 
 

@@ -29,8 +29,7 @@ OPTIONAL_SERVICES = ("audit", "eventstore")
 """Services a test may spawn on top of the four of the saga."""
 CONSUMERS = (
     "store", "inventory", "payment", "transaction", "transaction.catalog",
-    "transaction.notifier", "transaction.sagas", "transaction.saga-metrics", "audit",
-    "eventstore",
+    "transaction.notifier", "transaction.orchestrator", "audit", "eventstore",
 )
 """Every consumer the four services subscribe (N RabbitMQ partition queues each)."""
 HEALTH_TIMEOUT = 30.0

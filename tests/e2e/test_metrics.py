@@ -27,8 +27,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def counted_once_finished(shop: Shop, before: Samples, outcome: str) -> Samples:
-    """The metrics once the saga-metrics consumer has seen the sale end: it runs beside the
-    read model, so a sale can read as ended a moment before it is counted."""
+    """The metrics once the sale's end has committed: counters move in after-commit hooks,
+    beside the read model, so a sale can read as ended a moment before it is counted."""
     finished = ("magasin_sagas_finished_total", frozenset(
         {"saga": "transaction", "outcome": outcome, "mode": "choreography"}.items()))
 

@@ -89,6 +89,21 @@ async def commands_sent(shop: Shop, transaction_id: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("bank_down")
+async def test_a_saga_is_indexed_with_its_deadline_by_the_commit_that_creates_the_sale(
+    tmp_path: Path, saga_mode: str
+) -> None:
+    async with running_shop(tmp_path, saga_mode=saga_mode) as shop:
+        # No consumer follows the transaction's own events to keep the index any more.
+        consumers = {c for service in shop.runtime.services for c in service.consumers}
+        assert "transaction.sagas" not in consumers
+        store, coffee = await shelf(shop)
+        tid = (await shop.sell(store, [(coffee, 1)]))["transaction_id"]
+        saga = await shop.ok("GET", f"/api/sagas/{tid}")  # at once: no wait, no retry
+        assert (saga["status"], saga["step"], saga["mode"]) == ("PENDING", "payment", saga_mode)
+        assert saga["due_at"] is not None and saga["created_at"] == saga["step_started_at"]
+
+
+@pytest.mark.usefixtures("bank_down")
 async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
     tmp_path: Path, saga_mode: str
 ) -> None:

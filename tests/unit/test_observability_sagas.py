@@ -1,9 +1,10 @@
-"""Saga metrics: counted at start, timed at the end, in flight by the furthest step reached."""
+"""Saga metrics: counted at start, timed at the end, in flight by step, from plain facts;
+and as the transaction service hands them over, in the unit of work that saves the sale."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import EventStore
 from magasin.observability import metrics, sagas
-from magasin.shared.messages import NewEvent, RecordedEvent
+from magasin.shared.events import SaleLine
+from magasin.transactions import saga_index
+from magasin.transactions.domain import Transaction
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -23,23 +26,11 @@ async def store(tmp_path: Path) -> AsyncIterator[EventStore]:
         yield opened
 
 
-def sample(name: str, **labels: str) -> float:
+def sample(name: str, mode: str = "choreography", **labels: str) -> float:
     if not name.startswith(("magasin_sagas_active", "magasin_sagas_stuck")):
-        labels = {"mode": "choreography", **labels}  # counted and timed by coordination
+        labels = {"mode": mode, **labels}  # counted and timed by coordination
     labels = {"saga": "transaction", **labels}
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def record(store: EventStore, saga: str, event_type: str, after_s: float) -> RecordedEvent:
-    """Append a saga event `after_s` seconds after T0 (the consumer reads only its id)."""
-    event = NewEvent(type=event_type, payload={"transaction_id": saga},
-                     occurred_at=T0 + timedelta(seconds=after_s))
-    return (await store.append(f"transaction-{saga}", [event]))[0]
-
-
-async def consume(store: EventStore, event: RecordedEvent) -> None:
-    async with store.transaction() as uow:
-        await sagas.handlers()[event.type](event, uow)
 
 
 async def test_a_saga_counts_when_it_starts_and_is_timed_when_it_completes(
@@ -49,54 +40,49 @@ async def test_a_saga_counts_when_it_starts_and_is_timed_when_it_completes(
         "magasin_sagas_finished_total", outcome="completed")
     timed = sample("magasin_saga_duration_seconds_sum", outcome="completed")
 
-    await consume(store, await record(store, "s1", "TransactionCreated", 0))
+    async with store.transaction() as uow:
+        sagas.started(uow, "s1", "choreography")
     assert sample("magasin_sagas_started_total") == started + 1
     assert await sagas.active_by_step(store) == {"PENDING": 1}
 
-    await consume(store, await record(store, "s1", "PaymentRecorded", 1.5))
+    async with store.transaction() as uow:
+        sagas.moved(uow, "s1", "PAYMENT_PROCESSED")
     assert await sagas.active_by_step(store) == {"PAYMENT_PROCESSED": 1}
 
-    await consume(store, await record(store, "s1", "TransactionCompleted", 4.25))
+    async with store.transaction() as uow:
+        sagas.ended(uow, "s1", completed=True, mode="choreography", started_at=T0,
+                    ended_at=T0 + timedelta(seconds=4.25), store_id="st-1")
     assert sample("magasin_sagas_finished_total", outcome="completed") == completed + 1
     assert sample("magasin_saga_duration_seconds_sum", outcome="completed") == timed + 4.25
     assert await sagas.active_by_step(store) == {}
+    ((key, record),) = await store.find_documents(sagas.ENDS)
+    assert key == sagas.end_key(T0 + timedelta(seconds=4.25), "s1")
+    assert (record["status"], record["store_id"], record["duration_s"]) == (
+        "COMPLETED", "st-1", 4.25)
 
 
-async def test_a_cancelled_saga_counts_as_compensated(store: EventStore) -> None:
-    compensated = sample("magasin_sagas_finished_total", outcome="compensated")
-    await consume(store, await record(store, "s2", "TransactionCreated", 0))
-    await consume(store, await record(store, "s2", "CompensationStarted", 1))
+async def test_a_cancelled_saga_counts_as_compensated_in_its_mode(store: EventStore) -> None:
+    compensated = sample("magasin_sagas_finished_total", "orchestration", outcome="compensated")
+    async with store.transaction() as uow:
+        sagas.started(uow, "s2", "orchestration")
+        sagas.moved(uow, "s2", "CANCELLING")
     assert await sagas.active_by_step(store) == {"CANCELLING": 1}
-    await consume(store, await record(store, "s2", "TransactionCancelled", 2))
-    assert sample("magasin_sagas_finished_total", outcome="compensated") == compensated + 1
-
-
-async def test_a_step_delivered_late_never_moves_a_saga_back(store: EventStore) -> None:
-    created = await record(store, "s3", "TransactionCreated", 0)
-    paid = await record(store, "s3", "PaymentRecorded", 1)
-    reserved = await record(store, "s3", "ReservationRecorded", 2)
-    for event in (reserved, created, paid):
-        await consume(store, event)
-    assert await sagas.active_by_step(store) == {"INVENTORY_RESERVED": 1}
-
-
-async def test_a_saga_begun_before_the_metrics_consumer_is_timed_from_its_stream(
-    store: EventStore,
-) -> None:
-    timed = sample("magasin_saga_duration_seconds_sum", outcome="completed")
-    await record(store, "s4", "TransactionCreated", 0)  # never consumed
-    await consume(store, await record(store, "s4", "TransactionCompleted", 7))
-    assert sample("magasin_saga_duration_seconds_sum", outcome="completed") == timed + 7
+    async with store.transaction() as uow:
+        sagas.ended(uow, "s2", completed=False, mode="orchestration", started_at=T0,
+                    ended_at=T0 + timedelta(seconds=2), reason="declined")
+    assert sample("magasin_sagas_finished_total", "orchestration",
+                  outcome="compensated") == compensated + 1
+    ((_, record),) = await store.find_documents(sagas.ENDS)
+    assert (record["status"], record["reason"]) == ("CANCELLED", "declined")
 
 
 async def test_nothing_is_counted_when_the_unit_of_work_does_not_commit(
     store: EventStore,
 ) -> None:
     started = sample("magasin_sagas_started_total")
-    created = await record(store, "s5", "TransactionCreated", 0)
     with pytest.raises(RuntimeError):
         async with store.transaction() as uow:
-            await sagas.handlers()["TransactionCreated"](created, uow)
+            sagas.started(uow, "s5", "choreography")
             raise RuntimeError("the handler's commit fails")
     assert sample("magasin_sagas_started_total") == started
     assert await sagas.active_by_step(store) == {}
@@ -106,3 +92,42 @@ def test_the_active_gauge_reports_every_step_even_when_none_is_in_flight() -> No
     sagas.sample_active(Counter({"FULFILLED": 2}))
     assert sample("magasin_sagas_active", step="FULFILLED") == 2
     assert sample("magasin_sagas_active", step="PENDING") == 0
+
+
+# -- as the transaction service saves its sales --------------------------------------------
+
+
+async def save(store: EventStore, ident: str, change: Callable[[Transaction], object]) -> None:
+    async with store.transaction() as uow:
+        sale = await saga_index.sales.get(uow, ident)
+        change(sale)
+        await saga_index.save(uow, sale)
+
+
+async def test_a_sale_saved_through_its_steps_is_counted_once_at_each_end(
+    store: EventStore,
+) -> None:
+    started = sample("magasin_sagas_started_total", "orchestration")
+    completed = sample("magasin_sagas_finished_total", "orchestration", outcome="completed")
+    sale = Transaction.create("tx-1", store_id="s-1", customer_id="c", currency="CAD",
+                              payment_method="VISA", lines=[SaleLine("p-1", 1, 500)],
+                              saga_mode="orchestration")
+    async with store.transaction() as uow:
+        await saga_index.save(uow, sale)
+    assert sample("magasin_sagas_started_total", "orchestration") == started + 1
+    assert await sagas.active_by_step(store) == {"PENDING": 1}
+    await save(store, "tx-1", lambda s: s.payment_captured("pay-1", 500))
+    await save(store, "tx-1", lambda s: s.payment_captured("pay-1", 500))  # redelivered
+    assert await sagas.active_by_step(store) == {"PAYMENT_PROCESSED": 1}
+    await save(store, "tx-1", lambda s: s.inventory_reserved("res-1"))
+    await save(store, "tx-1", lambda s: s.order_fulfilled("ord-1"))
+    await save(store, "tx-1", lambda s: s.order_fulfilled("ord-1"))  # redelivered
+    assert sample("magasin_sagas_started_total", "orchestration") == started + 1
+    assert sample("magasin_sagas_finished_total", "orchestration",
+                  outcome="completed") == completed + 1
+    assert await sagas.active_by_step(store) == {}
+    events = await store.read_stream("transaction-tx-1")
+    ((_, record),) = await store.find_documents(sagas.ENDS)
+    assert record["duration_s"] == round(
+        (events[-1].occurred_at - events[0].occurred_at).total_seconds(), 6)
+    assert record["ended_at"] == events[-1].occurred_at.isoformat()

@@ -1,8 +1,10 @@
-"""Saga deadlines: the policy, the Transaction's abort decision, the saga index and the
-loop that aborts overdue sagas (with an injected clock), and payment's reaction."""
+"""Saga deadlines: the policy, the Transaction's abort decision, the saga index written with
+the sale and the loop that aborts overdue sagas (with an injected clock), and payment's
+reaction."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -37,7 +39,7 @@ from magasin.shared.events import (
     TransactionCreated,
 )
 from magasin.shared.messages import NewEvent
-from magasin.transactions import sagas
+from magasin.transactions import saga_index, sagas
 from magasin.transactions.deadlines import Deadlines, due_key, due_of
 from magasin.transactions.domain import Status, Transaction
 from tests.unit.conftest import Harness
@@ -167,23 +169,73 @@ def test_only_a_compensating_sale_has_its_compensation_asked_for_again() -> None
 # -- the index and the loop, with an injected clock -------------------------------------------
 
 
-async def start_sale(harness: Harness, ident: str) -> Transaction:
+async def start_sale(harness: Harness, ident: str, deadlines: Deadlines = DEADLINES) -> Transaction:
     sale = Transaction.create(ident, store_id="s-1", customer_id="c", currency="CAD",
                               payment_method="VISA", lines=[SaleLine("p-1", 2, 500)])
     async with harness.store.transaction(Causation(correlation_id=ident)) as uow:
-        sagas.sales.save(uow, sale)
-    for event in uow.recorded:
-        assert (await harness.deliver(sagas.CONSUMER, INDEX, event)).outcome is Outcome.HANDLED
+        await saga_index.save(uow, sale, deadlines)
     return sale
 
 
-INDEX = sagas.index_handlers(DEADLINES)
+async def step(harness: Harness, ident: str, change: Callable[[Transaction], object],
+               deadlines: Deadlines = DEADLINES) -> None:
+    """A saga step as the transaction's handlers take it: load, change, save (and index)."""
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, ident)
+        change(sale)
+        await saga_index.save(uow, sale, deadlines)
 
 
-async def index_everything(harness: Harness) -> None:
-    for event in await harness.store.read_all(after=0, limit=1000):
-        if event.type in INDEX:
-            await harness.deliver(sagas.CONSUMER, INDEX, event)
+async def test_the_index_is_in_step_with_the_sale_as_soon_as_it_commits(
+    harness: Harness,
+) -> None:
+    # No consumer runs here: the unit of work that saves the sale writes its index.
+    await start_sale(harness, "tx-1")
+    (created,) = await harness.store.read_all(after=0, limit=10)
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None
+    assert (doc["status"], doc["step"], doc["mode"], doc["created_at"]) == (
+        "PENDING", "payment", "choreography", created.occurred_at.isoformat())
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert (entry[1]["step"], due_of(entry[0])) == (
+        "payment", created.occurred_at + timedelta(seconds=60))
+
+    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000))
+    paid = (await harness.store.read_all(after=created.global_position, limit=10))[-1]
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["step"], doc["version"]) == (
+        "PAYMENT_PROCESSED", "reservation", 2)
+    # The step is dated from the event that started it, as the log has it.
+    assert doc["step_started_at"] == paid.occurred_at.isoformat()
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert (entry[1]["step"], due_of(entry[0])) == (
+        "reservation", paid.occurred_at + timedelta(seconds=30))
+
+
+async def test_a_step_that_does_not_commit_leaves_the_index_as_it_was(harness: Harness) -> None:
+    await start_sale(harness, "tx-1")
+    with pytest.raises(RuntimeError):
+        async with harness.store.transaction() as uow:
+            sale = await sagas.sales.get(uow, "tx-1")
+            sale.payment_captured("pay-1", 1000)
+            await saga_index.save(uow, sale, DEADLINES)
+            raise RuntimeError("the step's commit fails")
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["step"]) == ("PENDING", "payment")
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert entry[1]["step"] == "payment"
+
+
+async def test_a_save_that_changes_nothing_writes_nothing(harness: Harness) -> None:
+    await start_sale(harness, "tx-1")
+    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000))
+    before = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    async with harness.store.transaction() as uow:
+        sale = await sagas.sales.get(uow, "tx-1")
+        sale.payment_captured("pay-1", 1000)  # a redelivered PaymentProcessed
+        assert await saga_index.save(uow, sale, DEADLINES) == []
+        assert uow.operations == []
+    assert await harness.store.get_document(sagas.SAGAS, "tx-1") == before
 
 
 async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Harness) -> None:
@@ -191,14 +243,15 @@ async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Har
     await start_sale(harness, "tx-2")
     created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
 
-    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=59)) == 0
-    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=61)) == 2
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=59),
+                                     DEADLINES) == 0
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=61),
+                                     DEADLINES) == 2
     aborted = await harness.emitted(SagaAborted)
     assert sorted((a.transaction_id, a.reason) for a in aborted) == [
         ("tx-1", "deadline:payment"), ("tx-2", "deadline:payment"),
     ]
-    # Once the index has seen the compensation, the sagas wait for it, with its deadline.
-    await index_everything(harness)
+    # The abort saved the sagas with their index: they wait for the compensation now.
     entries = await harness.store.find_documents(sagas.DEADLINES)
     assert [(e["step"], e["attempt"]) for _, e in entries] == [("compensation", 0)] * 2
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
@@ -208,31 +261,32 @@ async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Har
     )
 
 
-async def test_a_lagging_index_entry_of_a_saga_that_moved_on_changes_nothing(
+async def test_a_deadline_entry_of_a_saga_that_moved_on_changes_nothing_and_goes(
     harness: Harness,
 ) -> None:
-    sale = await start_sale(harness, "tx-1")
+    policy = Deadlines(payment_s=60, reservation_s=600)
+    await start_sale(harness, "tx-1", policy)
+    (stale,) = await harness.store.find_documents(sagas.DEADLINES)
+    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000), policy)
+    # An entry read just before the payment landed (another process's sweep, say): the
+    # sale, which waits for its stock now, refuses the abort and the entry is dropped.
     async with harness.store.transaction() as uow:
-        found = await sagas.sales.get(uow, sale.id)
-        found.payment_captured("pay-1", 1000)
-        sagas.sales.save(uow, found)
-    # The index still says "payment" (not caught up): the loop must not abort the sale.
+        uow.put_document(sagas.DEADLINES, stale[0], stale[1])
     later = datetime.now(UTC) + timedelta(seconds=61)
-    assert await sagas.abort_overdue(harness.store, later) == 0
+    assert await sagas.abort_overdue(harness.store, later, policy) == 0
     assert await harness.emitted(SagaAborted) == []
-    await index_everything(harness)
-    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
-    assert doc is not None and (doc["status"], doc["step"]) == ("PAYMENT_PROCESSED", "reservation")
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     assert entry[1]["step"] == "reservation"
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["step"]) == ("PAYMENT_PROCESSED", "reservation")
 
 
-async def test_an_index_that_lags_dates_a_step_from_the_event_that_started_it(
+async def test_an_index_left_behind_by_the_old_consumer_is_brought_in_step_by_the_loop(
     harness: Harness,
 ) -> None:
     sale = await start_sale(harness, "tx-1")
-    # Paid, then reserved 5 s later, both stored before the index sees either: when it
-    # reads the payment, the sale already waits for its fulfilment.
+    # Paid, then reserved 5 s later, both stored without their index (as the consumer that
+    # kept it before issue 11 may have left them): the index still says "payment".
     created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
     paid_at, reserved_at = created + timedelta(seconds=1), created + timedelta(seconds=6)
     await harness.store.append(sagas.sales.stream(sale.id), [
@@ -241,13 +295,51 @@ async def test_an_index_that_lags_dates_a_step_from_the_event_that_started_it(
         NewEvent("ReservationRecorded", SCHEMAS.dump(ReservationRecorded(sale.id, "res-1")),
                  occurred_at=reserved_at),
     ])
-    await index_everything(harness)
+    # The payment's deadline passes: the sale refuses, and the loop re-indexes it.
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=60),
+                                     DEADLINES) == 0
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     # The fulfilment's 30 s run from the reservation, not from the payment before it.
     assert (entry[1]["step"], due_of(entry[0])) == ("fulfilment",
                                                     reserved_at + timedelta(seconds=30))
-    assert await sagas.abort_overdue(harness.store, paid_at + timedelta(seconds=31)) == 0
-    assert await sagas.abort_overdue(harness.store, reserved_at + timedelta(seconds=30)) == 1
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["version"]) == ("INVENTORY_RESERVED", 3)
+    assert await sagas.abort_overdue(harness.store, reserved_at + timedelta(seconds=30),
+                                     DEADLINES) == 1
+
+
+async def test_several_steps_in_one_save_date_the_deadline_from_the_last_one(
+    harness: Harness,
+) -> None:
+    await start_sale(harness, "tx-1")
+
+    def paid_and_reserved(sale: Transaction) -> None:
+        sale.payment_captured("pay-1", 1000)
+        sale.inventory_reserved("res-1")
+
+    await step(harness, "tx-1", paid_and_reserved)
+    reserved = (await harness.store.read_all(after=0, limit=10))[-1]
+    assert reserved.type == "ReservationRecorded"
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert (entry[1]["step"], due_of(entry[0])) == (
+        "fulfilment", reserved.occurred_at + timedelta(seconds=30))
+    assert await sagas.abort_overdue(
+        harness.store, reserved.occurred_at + timedelta(seconds=29), DEADLINES) == 0
+    assert await sagas.abort_overdue(
+        harness.store, reserved.occurred_at + timedelta(seconds=30), DEADLINES) == 1
+
+
+async def test_a_sale_begun_before_the_index_existed_keeps_its_creation_time(
+    harness: Harness,
+) -> None:
+    sale = new_sale()
+    created_at = T0
+    await harness.store.append(sagas.sales.stream(sale.id), [NewEvent(
+        "TransactionCreated", SCHEMAS.dump(created_event()), occurred_at=created_at)])
+    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000))
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None
+    assert (doc["created_at"], doc["status"]) == (created_at.isoformat(), "PAYMENT_PROCESSED")
 
 
 # -- payment's side ------------------------------------------------------------------------
@@ -351,21 +443,15 @@ async def test_a_compensation_not_confirmed_in_time_is_retried_then_reported_stu
     harness: Harness,
 ) -> None:
     policy = Deadlines(compensation_s=10, retry_multiplier=2, retry_attempts=2)
-    index = sagas.index_handlers(policy)
-    await start_sale(harness, "tx-1")
-    async with harness.store.transaction() as uow:
-        sale = await sagas.sales.get(uow, "tx-1")
+    await start_sale(harness, "tx-1", policy)
+
+    def unavailable(sale: Transaction) -> None:
         sale.payment_captured("pay-1", 1000)
         sale.inventory_unavailable()  # the refund it needs never comes
-        sagas.sales.save(uow, sale)
 
-    async def index_all() -> None:
-        for event in await harness.store.read_all(after=0, limit=1000):
-            if event.type in index:
-                await harness.deliver(sagas.CONSUMER, index, event)
+    await step(harness, "tx-1", unavailable, policy)
 
     async def sweep(at: datetime) -> int:
-        await index_all()
         return await sagas.abort_overdue(harness.store, at, policy)
 
     started = (await harness.emitted(CompensationStarted))[0]
@@ -387,15 +473,10 @@ async def test_a_compensation_not_confirmed_in_time_is_retried_then_reported_stu
     assert doc is not None and (doc["stuck"], doc["attempts"], doc["due_key"]) == (True, 2, None)
     assert await harness.store.find_documents(STUCK) != []
     # An operator forces it: asked again, no longer stuck, and the refund then ends it.
-    _, retried = await sagas.force(harness.store, "tx-1")
+    _, retried = await sagas.force(harness.store, "tx-1", policy)
     assert retried
-    await index_all()
     assert await harness.store.find_documents(STUCK) == []
-    async with harness.store.transaction() as uow:
-        sale = await sagas.sales.get(uow, "tx-1")
-        sale.payment_refunded(1000)
-        sagas.sales.save(uow, sale)
-    await index_all()
+    await step(harness, "tx-1", lambda s: s.payment_refunded(1000), policy)
     assert await harness.store.find_documents(sagas.DEADLINES) == []
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
     assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)
@@ -433,28 +514,17 @@ async def test_a_stuck_saga_that_ends_after_all_is_no_longer_reported_stuck(
     harness: Harness,
 ) -> None:
     policy = Deadlines(compensation_s=10, retry_attempts=0)
-    index = sagas.index_handlers(policy)
-    await start_sale(harness, "tx-1")
-    async with harness.store.transaction() as uow:
-        sale = await sagas.sales.get(uow, "tx-1")
+    await start_sale(harness, "tx-1", policy)
+
+    def unavailable(sale: Transaction) -> None:
         sale.payment_captured("pay-1", 1000)
         sale.inventory_unavailable()
-        sagas.sales.save(uow, sale)
 
-    async def index_all() -> None:
-        for event in await harness.store.read_all(after=0, limit=1000):
-            if event.type in index:
-                await harness.deliver(sagas.CONSUMER, index, event)
-
-    await index_all()
+    await step(harness, "tx-1", unavailable, policy)
     assert await sagas.abort_overdue(harness.store, utcnow() + timedelta(days=1), policy) == 1
-    await index_all()
     assert [key for key, _ in await harness.store.find_documents(STUCK)] == ["tx-1"]
-    async with harness.store.transaction() as uow:  # its refund's dead letter was requeued
-        sale = await sagas.sales.get(uow, "tx-1")
-        sale.payment_refunded(1000)
-        sagas.sales.save(uow, sale)
-    await index_all()
+    # Its refund's dead letter was requeued.
+    await step(harness, "tx-1", lambda s: s.payment_refunded(1000), policy)
     assert await harness.store.find_documents(STUCK) == []
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
     assert doc is not None and (doc["status"], doc["stuck"]) == ("CANCELLED", False)

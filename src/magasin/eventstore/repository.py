@@ -220,12 +220,14 @@ class Repository(Generic[A]):
             raise NotFound(f"no {self.cls.stream_type} {ident}")
         return aggregate
 
-    def save(self, uow: UnitOfWork, aggregate: A) -> None:
-        """Stage the aggregate's pending events, expecting the version it was loaded at."""
+    def save(self, uow: UnitOfWork, aggregate: A) -> list[NewEvent]:
+        """Stage the aggregate's pending events, expecting the version it was loaded at;
+        returns them as staged (none when nothing changed), for what must be written with
+        them in the same unit of work."""
         key = self.stream(aggregate.id)
         uow.identity[key] = aggregate
         if not aggregate.pending:
-            return
+            return []
         names = [self.schemas.name_of(type(e)) for e in aggregate.pending]
         events = [uow.new_event(name, self.schemas.dump(e), self.schemas.version_of(name))
                   for name, e in zip(names, aggregate.pending, strict=True)]
@@ -234,6 +236,7 @@ class Repository(Generic[A]):
         uow.after_commit(lambda: _remember(store, key, aggregate, loaded_at, event_at))
         aggregate.version += len(aggregate.pending)
         aggregate.pending = []
+        return events
 
 
 __all__ = ["NewEvent", "Repository"]

@@ -70,7 +70,7 @@ answers into the one embedded mode gives (deploy/gateway's njs script)."""
 
 def consumer_service(consumer: str) -> str | None:
     """The service that runs `consumer`: consumers are named after their service
-    (`transaction`, `transaction.sagas`, ...), and a dead letter's id starts with its
+    (`transaction`, `transaction.notifier`, ...), and a dead letter's id starts with its
     consumer (`<consumer>:<message id>`), so the gateway routes both by this rule."""
     head = consumer.split(":", 1)[0].split(".", 1)[0]
     return head if head in SERVICES else None

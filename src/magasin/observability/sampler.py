@@ -35,7 +35,7 @@ async def sample_once(runtime: Runtime) -> None:
     ]
     if runtime.store.outbox:
         steps.append(("outbox backlog", lambda: _outbox(runtime)))
-    if any(sagas.CONSUMER in s.consumers for s in runtime.services):
+    if any(s.name == sagas.SERVICE for s in runtime.services):
         steps.append(("active sagas", lambda: _active_sagas(runtime)))
         steps.append(("stuck sagas", lambda: _stuck_sagas(runtime)))
     for what, step in steps:

@@ -24,7 +24,8 @@ from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
-from magasin.transactions import readmodel, stats, tags
+from magasin.transactions import readmodel, saga_index, stats, tags
+from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
 from magasin.transactions.feed import RELOAD, StatusFeed
 from magasin.transactions.orchestrator.routing import Routing
@@ -119,7 +120,8 @@ CHOREOGRAPHY = Routing()
 
 
 async def create(
-    store: EventStore, body: NewTransaction, key: str | None, routing: Routing = CHOREOGRAPHY
+    store: EventStore, body: NewTransaction, key: str | None, routing: Routing = CHOREOGRAPHY,
+    deadlines: Deadlines = saga_index.DEFAULT_DEADLINES,
 ) -> tuple[dict[str, Any], bool]:
     """Price the sale from the catalog replica and record it. Returns (view, created).
 
@@ -161,7 +163,9 @@ async def create(
                 uow.put_document(IDEMPOTENCY, key, {"transaction_id": ident,
                                                     "fingerprint": fingerprint})
             tags.stamp(uow, sale)  # its mode and callback route its events (tags.py)
-            sales.save(uow, sale)  # a new aggregate is at version 0: the stream must not exist
+            # A new aggregate is at version 0: the stream must not exist. Its saga index,
+            # payment deadline and metrics are written with it.
+            await saga_index.save(uow, sale, deadlines)
     except AlreadyProcessed:  # the same key, a moment earlier
         replay = await _replay(store, key or "", fingerprint)
         if replay is None:
@@ -202,6 +206,7 @@ async def current(
 def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     store = ctx.store
     routing = Routing.from_settings(ctx.settings.saga_mode, ctx.settings.saga_orchestrate)
+    deadlines = Deadlines.of(ctx.settings)
     api = APIRouter(prefix="/api/transactions", tags=["transactions"])
 
     @api.post("", status_code=201, response_model=TransactionView,
@@ -215,7 +220,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         ] = None,
     ) -> dict[str, Any]:
         """Record a sale; the saga then runs asynchronously (follow it at `.../events`)."""
-        view, created = await create(store, body, idempotency_key, routing)
+        view, created = await create(store, body, idempotency_key, routing, deadlines)
         response.status_code = 201 if created else 200
         response.headers["Location"] = f"{api.prefix}/{view['transaction_id']}"
         return view

@@ -19,15 +19,17 @@ from magasin.shared.events import (
     StoreRegistered,
 )
 from magasin.shared.messages import RecordedEvent
-from magasin.transactions import readmodel, tags
+from magasin.transactions import readmodel, saga_index, tags
+from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.domain import Transaction
 
 sales = Repository(Transaction)
 
 
-def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
-    """A handler that loads the sale the event is about, applies `step` and saves (the
-    `transaction.transactions` projection then turns the new events into the read model)."""
+def _saga_step(step: Callable[[Transaction, Any], None], deadlines: Deadlines) -> Handler:
+    """A handler that loads the sale the event is about, applies `step` and saves it with
+    its saga index (the `transaction.transactions` projection then turns the new events
+    into the read model)."""
 
     async def handle(event: RecordedEvent, uow: UnitOfWork) -> None:
         payload = SCHEMAS.validate(event)
@@ -38,7 +40,7 @@ def _saga_step(step: Callable[[Transaction, Any], None]) -> Handler:
             raise NotFound(f"no transaction {payload.transaction_id}")
         step(sale, payload)
         tags.stamp(uow, sale)
-        sales.save(uow, sale)
+        await saga_index.save(uow, sale, deadlines)
 
     return handle
 
@@ -50,7 +52,7 @@ def _released(sale: Transaction, e: InventoryReleased) -> None:
         sale.reservation_expired()
 
 
-def saga_handlers() -> dict[str, Handler]:
+def saga_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[str, Handler]:
     """Consumer `transaction`: every saga step reported by the other services."""
     steps: dict[str, Callable[[Transaction, Any], None]] = {
         "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
@@ -63,7 +65,7 @@ def saga_handlers() -> dict[str, Handler]:
         "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
         "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),
     }
-    return {name: _saga_step(step) for name, step in steps.items()}
+    return {name: _saga_step(step, deadlines) for name, step in steps.items()}
 
 
 # -- catalog replica: prices come from the catalog, which the store service owns ---------

@@ -1,13 +1,12 @@
-"""Stuck sagas: an index of where each saga waits and since when, the loop that compensates
-the ones past their step's deadline (and asks again for a compensation that does not finish,
-then reports it stuck), and the commands that abort or retry one (deadline or admin).
+"""Stuck sagas: the loop that compensates the sagas past their step's deadline (and asks
+again for a compensation that does not finish, then reports it stuck), and the commands
+that abort or retry one (deadline or admin).
 
-The index is a projection (consumer `transaction.sagas`) of the transaction's own events:
+The loop reads the saga index that `saga_index.save` writes with every sale it saves:
 
 - `transaction.sagas/<transaction id>`: status, current step (`compensation` while
   CANCELLING), when that step started, compensation retries, stuck or not;
-- `transaction.sagas_stuck/<transaction id>`: the sagas reported stuck (a small
-  collection, so the metric sampler counts them without reading every saga);
+- `transaction.sagas_stuck/<transaction id>`: the sagas reported stuck;
 - `transaction.saga_deadlines/<due micros>:<transaction id>`: one entry per waiting saga,
   keyed by the moment its step is due, so the loop reads only the head of the index that
   is due (never every saga) and stops at the first entry in the future.
@@ -22,93 +21,27 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore, UnitOfWork
-from magasin.messaging.bus import Handler
 from magasin.messaging.partitioning import configured_partitions, partition_metadata
-from magasin.observability.sagas import STUCK
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
-from magasin.shared.messages import RecordedEvent
-from magasin.transactions import tags
-from magasin.transactions.deadlines import Deadlines, due_key, due_of
+from magasin.transactions import saga_index, tags
+from magasin.transactions.deadlines import Deadlines, due_of
 from magasin.transactions.domain import COMPENSATION, Transaction
 from magasin.transactions.orchestrator import handlers as orchestrator
 from magasin.transactions.orchestrator.routing import Mode
 
 log = logging.getLogger("magasin.transactions.sagas")
 
-SAGAS = "transaction.sagas"
-DEADLINES = "transaction.saga_deadlines"
-CONSUMER = "transaction.sagas"
+SAGAS = saga_index.SAGAS
+DEADLINES = saga_index.DEADLINES
 PAGE = 100
 ATTEMPTS = 10
 """Tries of an abort that keeps losing version races with the saga's own handlers."""
 
 Clock = Callable[[], datetime]
-DEFAULT_DEADLINES = Deadlines()
-sales = Repository(Transaction)
-
-INDEXED = (
-    "TransactionCreated", "PaymentRecorded", "ReservationRecorded", "FulfilmentRecorded",
-    "CompensationStarted", "SagaAborted", "CompensationStalled", "TransactionCompleted",
-    "TransactionCancelled",
-)
-"""The transaction's own events after which its status (hence its step) may change."""
-
-
-def index_handlers(deadlines: Deadlines) -> dict[str, Handler]:
-    """Consumer `transaction.sagas`: keeps the saga index in step with the aggregate."""
-
-    async def index(event: RecordedEvent, uow: UnitOfWork) -> None:
-        tid = event.payload["transaction_id"]
-        sale = await sales.find(uow, tid)
-        if sale is None:
-            raise NotFound(f"no transaction {tid}")
-        if sale.version > event.stream_version and await _indexed_later(uow, event):
-            # The sale moved on since this event (the index lags): its current step did
-            # not start at this event's time, so the later event that started it indexes
-            # the sale (a deadline dated from this one would fire early).
-            return
-        doc = await uow.get_document(SAGAS, tid)
-        step = sale.waits_for
-        status = sale.status.value
-        # A stuck saga that ends after all (a requeued dead letter) is no longer stuck.
-        attempts, stuck = sale.compensation_attempts, sale.stalled and step is not None
-        if doc is not None and (
-            doc["status"], doc["step"], doc.get("attempts", 0), doc.get("stuck", False)
-        ) == (status, step, attempts, stuck):
-            return  # a redelivery, or an event that changed no status
-        at = event.occurred_at.isoformat()
-        if doc is None:
-            doc = {"transaction_id": tid, "store_id": sale.store_id, "created_at": at,
-                   "due_key": None, "mode": sale.saga_mode}
-        if doc["due_key"] is not None:
-            uow.delete_document(DEADLINES, doc["due_key"])
-        key = None
-        if step is not None and not stuck:
-            # The step started when the event that led to it occurred (not when this
-            # projection caught up), so a lagging index never extends a deadline.
-            key = due_key(deadlines.due_at(step, event.occurred_at, attempts), tid)
-            uow.put_document(DEADLINES, key, {
-                "transaction_id": tid, "step": step, "attempt": attempts,
-            })
-        if stuck:
-            uow.put_document(STUCK, tid, {"transaction_id": tid, "status": status,
-                                          "attempts": attempts, "since": at})
-        elif doc.get("stuck"):
-            uow.delete_document(STUCK, tid)
-        doc.update(status=status, step=step, step_started_at=at, due_key=key, mode=sale.saga_mode,
-                   reason=sale.failure, version=sale.version, attempts=attempts, stuck=stuck)
-        uow.put_document(SAGAS, tid, doc)
-
-    return dict.fromkeys(INDEXED, index)
-
-
-async def _indexed_later(uow: UnitOfWork, event: RecordedEvent) -> bool:
-    """Whether the sale's stream holds an indexed event after `event`."""
-    later = await uow.read_stream(event.stream_id, from_version=event.stream_version + 1)
-    return any(e.type in INDEXED for e in later)
+DEFAULT_DEADLINES = saga_index.DEFAULT_DEADLINES
+sales = saga_index.sales
 
 
 async def _decide(
@@ -117,9 +50,11 @@ async def _decide(
     actor: str,
     decision: Callable[[UnitOfWork, Transaction], Awaitable[bool]],
     refusal: Callable[[Transaction], str],
+    deadlines: Deadlines,
 ) -> Transaction:
-    """Load the sale, let `decision` record what it decides and save; Conflict (with
-    `refusal`'s words) when it decides nothing. Redone on a version race."""
+    """Load the sale, let `decision` record what it decides and save it (its saga index
+    with it); Conflict (with `refusal`'s words) when it decides nothing. Redone on a
+    version race."""
     causation = Causation(
         correlation_id=transaction_id, metadata={"service": "transaction", "actor": actor}
     )
@@ -135,7 +70,7 @@ async def _decide(
                 tags.stamp(uow, sale)  # and carry its routing tags (tags.py)
                 if not await decision(uow, sale):
                     raise Conflict(refusal(sale))
-                sales.save(uow, sale)
+                await saga_index.save(uow, sale, deadlines)
             return sale
         except ConcurrencyError:
             # A saga step landed meanwhile: decide again on the fresh state.
@@ -177,6 +112,7 @@ async def abort(
     reason: str,
     step: str | None = None,
     actor: str = "deadline",
+    deadlines: Deadlines = DEFAULT_DEADLINES,
 ) -> Transaction:
     """Give up the saga at its current step (only at `step`, when given) and start its
     compensation. Raises NotFound for an unknown sale and Conflict when there is nothing
@@ -185,21 +121,27 @@ async def abort(
         store, transaction_id, actor, _aborting(reason, step),
         lambda sale: f"transaction {transaction_id} is {sale.status}: "
         + (f"not waiting for its {step}" if step else "nothing to compensate"),
+        deadlines,
     )
 
 
 async def retry_compensation(
-    store: EventStore, transaction_id: str, attempt: int | None = None, actor: str = "deadline"
+    store: EventStore, transaction_id: str, attempt: int | None = None, actor: str = "deadline",
+    deadlines: Deadlines = DEFAULT_DEADLINES,
 ) -> Transaction:
     """Ask again for the compensation of a CANCELLING sale (only after `attempt` retries,
     when given). Conflict when it is not compensating (any more) or was retried since."""
     return await _decide(
         store, transaction_id, actor, _retrying(attempt),
         lambda sale: f"transaction {transaction_id} is {sale.status}: no compensation to retry",
+        deadlines,
     )
 
 
-async def stall(store: EventStore, transaction_id: str, attempt: int) -> Transaction:
+async def stall(
+    store: EventStore, transaction_id: str, attempt: int,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
+) -> Transaction:
     """Report the compensation of a sale stuck after `attempt` retries."""
     async def stalled(uow: UnitOfWork, sale: Transaction) -> bool:
         return sale.stall(attempt)
@@ -207,10 +149,13 @@ async def stall(store: EventStore, transaction_id: str, attempt: int) -> Transac
     return await _decide(
         store, transaction_id, "deadline", stalled,
         lambda sale: f"transaction {transaction_id} is {sale.status}: not stuck",
+        deadlines,
     )
 
 
-async def force(store: EventStore, transaction_id: str) -> tuple[Transaction, bool]:
+async def force(
+    store: EventStore, transaction_id: str, deadlines: Deadlines = DEFAULT_DEADLINES
+) -> tuple[Transaction, bool]:
     """An operator's forced compensation: a waiting saga is given up at its step, a
     compensating one (stuck or not) has its compensation asked for again at once. Returns
     the sale and whether it was such a retry."""
@@ -226,6 +171,7 @@ async def force(store: EventStore, transaction_id: str) -> tuple[Transaction, bo
     sale = await _decide(
         store, transaction_id, "admin", decision,
         lambda sale: f"transaction {transaction_id} is {sale.status}: nothing to compensate",
+        deadlines,
     )
     return sale, retried[0]
 
@@ -238,8 +184,9 @@ async def abort_overdue(
     A waiting saga is aborted (compensated); a compensating one has its compensation asked
     for again, `deadlines.retry_attempts` times with growing delays, and is then reported
     stuck. Reads the deadline index in due order and stops at the first entry not due
-    yet. An entry the projection has not caught up with (the saga moved on, or was acted
-    on already) changes nothing and goes once the projection sees the saga's new state.
+    yet. The index is written with the sale, so an entry read just before the saga moved
+    on (or was acted on by another process) meets a refusal, changes nothing and is
+    dropped (`saga_index.repair`).
     """
     acted = 0
     after: str | None = None
@@ -251,17 +198,18 @@ async def abort_overdue(
             tid, step = entry["transaction_id"], entry["step"]
             try:
                 if step != COMPENSATION:
-                    await abort(store, tid, f"deadline:{step}", step)
+                    await abort(store, tid, f"deadline:{step}", step, deadlines=deadlines)
                     log.warning("saga %s passed its %s deadline: compensating it", tid, step)
                 elif (attempt := int(entry.get("attempt", 0))) < deadlines.retry_attempts:
-                    await retry_compensation(store, tid, attempt)
+                    await retry_compensation(store, tid, attempt, deadlines=deadlines)
                     log.warning("compensation of saga %s not confirmed in time: asking again "
                                 "(retry %d of %d)", tid, attempt + 1, deadlines.retry_attempts)
                 else:
-                    await stall(store, tid, attempt)
+                    await stall(store, tid, attempt, deadlines)
                     log.error("compensation of saga %s still not confirmed after %d retries: "
                               "reported stuck", tid, attempt)
             except (Conflict, NotFound):
+                await saga_index.repair(store, tid, key, deadlines)
                 continue
             acted += 1
         if len(rows) < PAGE:

@@ -17,7 +17,7 @@ from magasin.service import ServiceContext
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import NotFound
 from magasin.transactions import sagas
-from magasin.transactions.deadlines import due_of
+from magasin.transactions.deadlines import Deadlines, due_of
 from magasin.transactions.domain import Status
 from magasin.transactions.orchestrator import handlers as orchestration
 
@@ -93,6 +93,7 @@ async def _saga(store: EventStore, doc: dict[str, Any], now: datetime) -> Saga:
 
 def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRouter:
     store = ctx.store
+    deadlines = Deadlines.of(ctx.settings)
     api = APIRouter(prefix="/api/sagas", tags=["sagas"])
 
     @api.get("")
@@ -139,7 +140,7 @@ def router(ctx: ServiceContext, clock: Callable[[], datetime] = utcnow) -> APIRo
         passed deadline would, with reason `forced`; a saga already compensating (stuck or
         not) has its compensation asked for again at once. 409 when it ended already;
         403 without an admin key."""
-        sale, retried = await sagas.force(store, transaction_id)
+        sale, retried = await sagas.force(store, transaction_id, deadlines)
         assert sale.failure is not None
         return Compensation(
             transaction_id=sale.id, status=sale.status, reason=sale.failure,

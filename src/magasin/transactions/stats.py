@@ -1,8 +1,9 @@
 """Rolling saga statistics over the last minutes: how sagas ended (by outcome and reason),
 sagas per second, p50/p95 duration, per time bucket and in flight by step.
 
-Read from the records the saga-metrics consumer keeps of each finished saga (keyed by the
-moment it ended, so a window is one key range) and from its in-flight documents: the same
+Read from the records the transaction service keeps of each finished saga, written with
+the sale's last step (keyed by the moment it ended, so a window is one key range), and from
+its in-flight documents: the same
 answer from any process of the transaction service, before and after a restart.
 """
 
@@ -97,7 +98,7 @@ async def rolling(
         "per_s": round(len(records) / window_s, 3),
         "p50_ms": _ms(percentile(durations, 0.5)), "p95_ms": _ms(percentile(durations, 0.95)),
         "in_flight": None if in_flight is None else {
-            step: in_flight.get(step, 0) for _, step in saga_metrics.STEPS.values()
+            step: in_flight.get(step, 0) for step in saga_metrics.STEPS
         },
         "buckets": buckets,
     }
