@@ -103,7 +103,8 @@ class Runtime:
             for consumer, handlers in service.consumers.items():
                 bus.subscribe(consumer, handlers, service.retry.get(consumer),
                               concurrency=service.concurrency.get(consumer),
-                              requires=service.requires.get(consumer))
+                              requires=service.requires.get(consumer),
+                              linger=service.linger.get(consumer))
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each
@@ -131,7 +132,10 @@ class Runtime:
             settings.amqp_url, store=store, schemas=SCHEMAS,
             namespace=settings.amqp_namespace, retry=retry_policy(settings),
         )
-        relay = OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+        # A store without outbox (the event store service's archive) has nothing to relay:
+        # a relay there would only claim an empty outbox after every commit.
+        relay = (OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+                 if store.outbox else None)
         ctx = ServiceContext(store, settings, mode="distributed")
         return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)
 

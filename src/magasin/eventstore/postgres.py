@@ -100,10 +100,15 @@ _ATTEMPTS: Final = 3
 # split the groups, and bigger groups are what makes group commit pay.
 _COMMITTERS: Final = 2
 _GROUP_MAX: Final = 256
+# Claims and deletes in one statement: the deleted rows stay locked (other relays skip
+# them) until the transaction ends, and come back if it rolls back (the publish failed).
 _CLAIM_OUTBOX: Final = (
+    "WITH claimed AS (DELETE FROM outbox WHERE global_position IN ("
+    "SELECT global_position FROM outbox ORDER BY global_position LIMIT $1 "
+    "FOR UPDATE SKIP LOCKED) RETURNING global_position) "
     f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
-    "FROM outbox o JOIN events e ON e.global_position = o.global_position "
-    "ORDER BY o.global_position LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+    "FROM claimed o JOIN events e ON e.global_position = o.global_position "
+    "ORDER BY o.global_position"
 )
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
@@ -775,7 +780,9 @@ class PostgresEventStore(EventStore):
             self._advance(self._head)  # readers may have missed notifications meanwhile
             return
 
-    def _on_notification(self, conn: object, pid: int, channel: str, payload: str) -> None:
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if pid == conn.get_server_pid():
+            return  # this process's own NOTIFY: its commits woke the waiters already
         self._advance(int(payload) if payload.isdigit() else 0)
 
     async def _notify_loop(self) -> None:
@@ -794,6 +801,14 @@ class PostgresEventStore(EventStore):
                     "SELECT pg_notify($1, $2)", self._channel, str(self._head)
                 )
             await asyncio.sleep(_NOTIFY_INTERVAL)
+
+    def commit_signal(self) -> asyncio.Event | None:
+        return self._wakeup
+
+    def known_head(self) -> int | None:
+        # Exact for this process's commits; another process's are known once its NOTIFY
+        # arrives (at most _NOTIFY_INTERVAL after its commit, plus the trip).
+        return self._head
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         # Past a hole, "committed" is not "readable": wait for the next commit instead.
@@ -1020,8 +1035,10 @@ class PostgresEventStore(EventStore):
 
 
 class _PostgresOutboxBatch(AbstractOutboxBatch):
-    """Claims outbox rows with FOR UPDATE SKIP LOCKED in a transaction held until the block
-    exits, so relays in any number of processes claim disjoint batches."""
+    """Claims outbox rows with FOR UPDATE SKIP LOCKED, deleting them in the same statement,
+    in a transaction held until the block exits (committed on a clean exit, rolled back
+    otherwise), so relays in any number of processes claim disjoint batches: three
+    statements a batch (BEGIN, claim, COMMIT)."""
 
     def __init__(self, store: PostgresEventStore, limit: int) -> None:
         self._store = store
@@ -1029,7 +1046,6 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
         self._pool: Any = None
         self._conn: Any = None
         self._tx: Any = None
-        self._positions: list[int] = []
 
     async def __aenter__(self) -> list[RecordedEvent]:
         pool = self._store._live_pool()
@@ -1044,18 +1060,12 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
             await _finish(pool, conn, tx)
             raise
         self._pool, self._conn, self._tx = pool, conn, tx
-        self._positions = [r[_POSITION] for r in rows]
         return [StoredEvent(*r) for r in rows]
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
                 with _translated():
-                    if self._positions:
-                        await self._conn.execute(
-                            "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])",
-                            self._positions,
-                        )
                     await self._tx.commit()
         finally:
             await _finish(self._pool, self._conn, self._tx)

@@ -609,6 +609,9 @@ class SqliteEventStore(EventStore):
     def known_head(self) -> int | None:
         return self._last_position if self._queue is not None else None
 
+    def commit_signal(self) -> asyncio.Event | None:
+        return self._new_events
+
     async def wait_for_events(self, after: int, timeout: float) -> None:
         if self._new_events is None or self._last_position > after:
             return

@@ -9,6 +9,7 @@ Reads see committed state (plus, within a unit of work, its own documents).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -344,6 +345,13 @@ class EventStore(ABC):
     @abstractmethod
     async def wait_for_events(self, after: int, timeout: float) -> None:
         """Return soon after an event past `after` may be readable, or after `timeout` s."""
+
+    def commit_signal(self) -> asyncio.Event | None:
+        """An event set at the next commit of events that this process makes or hears of
+        (each commit sets the current one and puts a fresh one in its place): taken before
+        a look at the store, it cannot miss a commit that look did not see, not even one
+        filling a hole below the head. None when the adapter cannot tell (then poll)."""
+        return None
 
     # -- subscriptions, inbox, documents ------------------------------------------------
 
