@@ -69,3 +69,8 @@ class LogWindow:
             drop = len(self.events) - self.size
             self.start = self.events[drop - 1].global_position
             del self.events[:drop]
+        head = self.store.known_head()
+        if head is not None and head <= self.end:
+            # The page reached every commit known here: the readers that follow it need
+            # not ask for more until a later one is (see _known_empty).
+            self._nothing_after = (self.end, time.monotonic())

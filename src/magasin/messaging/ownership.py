@@ -30,6 +30,7 @@ from magasin.eventstore.store import EventStore
 
 MEMBERS = "bus.members"
 LEASES = "bus.leases"
+_PAGE = 500
 DEFAULT_LEASE = 3.0
 """Seconds a member or lease stays valid without renewal: a dead process's partitions
 are taken over within about 4/3 of this (one renewal period later)."""
@@ -80,11 +81,11 @@ class Ownership:
         give up). Those to start are leased to this member already; give them up with
         `released` once drained."""
         now = self.clock()
-        async with self.store.transaction() as uow:
-            uow.put_document(MEMBERS, f"{self.group}/{self.member}", {
-                "group": self.group, "member": self.member, "expires": now + self.lease,
-            })
-        live = [doc["member"] for doc in await self._docs(MEMBERS) if doc["expires"] > now]
+        # This member counts as live from the renewal committed below with its leases
+        # (one unit of work a tick): the others see it from their next tick, as before.
+        live = [doc["member"] for doc in await self._docs(MEMBERS)
+                if doc["expires"] > now and doc["member"] != self.member]
+        live.append(self.member)
         target = {p for p, m in assignment(live, self.partitions).items() if m == self.member}
         leases = {int(doc["partition"]): doc for doc in await self._docs(LEASES)}
 
@@ -95,13 +96,15 @@ class Ownership:
         release = {p for p in self.owned if p not in target or taken_by_another(p)}
         acquire = {p for p in target - self.owned if not taken_by_another(p)}
         keep = (self.owned | acquire) - {p for p in release if taken_by_another(p)}
-        if keep:
-            async with self.store.transaction() as uow:
-                for p in sorted(keep):
-                    uow.put_document(LEASES, f"{self.group}/{p}", {
-                        "group": self.group, "partition": p, "owner": self.member,
-                        "expires": now + self.lease,
-                    })
+        async with self.store.transaction() as uow:
+            uow.put_document(MEMBERS, f"{self.group}/{self.member}", {
+                "group": self.group, "member": self.member, "expires": now + self.lease,
+            })
+            for p in sorted(keep):
+                uow.put_document(LEASES, f"{self.group}/{p}", {
+                    "group": self.group, "partition": p, "owner": self.member,
+                    "expires": now + self.lease,
+                })
         self.owned |= acquire
         return acquire, release
 
@@ -124,12 +127,13 @@ class Ownership:
     async def _docs(self, collection: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         after: str | None = None
-        while page := await self.store.find_documents(
-            collection, where={"group": self.group}, after_key=after, limit=500
-        ):
+        while True:
+            page = await self.store.find_documents(
+                collection, where={"group": self.group}, after_key=after, limit=_PAGE)
             found += [doc for _, doc in page]
+            if len(page) < _PAGE:  # the last page: no need to read an empty one after it
+                return found
             after = page[-1][0]
-        return found
 
 
 async def leases(store: EventStore, group: str, now: float | None = None) -> list[Lease]:

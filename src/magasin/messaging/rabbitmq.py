@@ -93,6 +93,8 @@ class _Consumer:
     """Most messages (of distinct keys) the process handles at once."""
     batch: int
     """Most messages one task handles in one unit of work."""
+    linger: float = 0.0
+    """Seconds a task waits for more messages before it handles a short batch."""
     partitions: int = 1
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
     """Consumers of the dead-letter queue (every process records dead letters)."""
@@ -225,6 +227,7 @@ class RabbitMQBus(EventBus):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
+        linger: float | None = None,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -234,10 +237,19 @@ class RabbitMQBus(EventBus):
         check_handlers(consumer, table, self.schemas)
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if linger is not None and linger < 0:
+            raise ValueError("linger must be >= 0")
+        if concurrency:
+            batch = 1
+        elif linger:
+            # What a partition's channel may hold unacked: the most a wait can gather.
+            batch = max(self.batch, self.prefetch)
+        else:
+            batch = self.batch
         self._consumers[consumer] = _Consumer(
             consumer, table, self._queue_of(consumer), retry or self.retry,
-            workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
-            partitions=self.partitions,
+            workers=concurrency or self.workers, batch=batch,
+            linger=0.0 if concurrency else (linger or 0.0), partitions=self.partitions,
             slots=asyncio.Semaphore(concurrency or self.workers),
             requires=None if requires is None else check_tag(requires),
         )
@@ -633,8 +645,11 @@ class RabbitMQBus(EventBus):
         try:
             waiting = consumer.waiting[slot]
             while waiting and not self._stopping:
+                if consumer.linger and len(waiting) < consumer.batch:
+                    # Off the sales' path: let the rest of a burst arrive and commit once.
+                    await asyncio.sleep(consumer.linger)
                 async with consumer.slots:  # then take what gathered meanwhile
-                    if self._stopping:
+                    if self._stopping or not waiting:  # stopping, or the partition given up
                         break
                     take = min(len(waiting), consumer.batch)
                     messages = [waiting.popleft() for _ in range(take)]
