@@ -30,7 +30,13 @@ from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
-from magasin.messaging.ownership import DEFAULT_LEASE, Ownership, leases, new_member_id
+from magasin.messaging.ownership import (
+    DEFAULT_LEASE,
+    Ownership,
+    leases,
+    new_member_id,
+    plan_all,
+)
 from magasin.messaging.partitioning import (
     configured_partitions,
     event_partition,
@@ -522,9 +528,13 @@ class RabbitMQBus(EventBus):
                 log.error("could not renew partition leases: %r", exc)
 
     async def _rebalance(self) -> None:
-        for consumer in self._consumers.values():
+        consumers = list(self._consumers.values())
+        ownerships = [c.ownership for c in consumers if c.ownership is not None]
+        assert len(ownerships) == len(consumers)
+        # Every consumer's renewal in one unit of work, from one read of each collection.
+        plans = await plan_all(ownerships)
+        for consumer, (acquire, release) in zip(consumers, plans, strict=True):
             assert consumer.ownership is not None
-            acquire, release = await consumer.ownership.plan()
             for partition in sorted(release - consumer.draining):
                 consumer.draining.add(partition)
                 task = asyncio.create_task(self._give_up(consumer, partition))

@@ -136,6 +136,7 @@ class ProjectionRunner:
         position: tuple[int, int] | None = None
         saved = 0  # the checkpoint as stored
         saved_at = clock()
+        read_at = clock()  # when a read last found events
         cache = DocumentCache(size=20_000)
         while not self._stopping:
             page: list[RecordedEvent] = []
@@ -148,7 +149,8 @@ class ProjectionRunner:
                 tail.position = after
                 page = await self._read(after, self._page)
                 if not page:
-                    if after > saved and clock() - saved_at >= self._poll:
+                    now = clock()
+                    if after > saved and now - max(saved_at, read_at) >= self._poll:
                         await move_checkpoint(self.store, projection, saved, after, generation)
                         saved, saved_at = after, clock()
                         continue
@@ -156,6 +158,7 @@ class ProjectionRunner:
                     await self.store.wait_for_events(after, self._poll)
                     continue
                 tail.status = "running"
+                read_at = clock()
                 end = page[-1].global_position
                 mine = [e for e in page if e.type in projection.handlers]
                 if mine:
