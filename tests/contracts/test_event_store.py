@@ -266,6 +266,31 @@ async def test_an_exception_inside_the_block_discards_the_unit_of_work(
     assert await store.read_all() == []
 
 
+async def test_a_unit_expecting_a_stream_version_commits_only_while_it_holds(
+    store: EventStore,
+) -> None:
+    await store.append("cart-1", [ev()], NO_STREAM)
+    async with store.transaction() as uow:
+        uow.expect_version("cart-1", 1)
+        uow.expect_version("cart-2", 0)  # no event yet
+        uow.mark_processed("billing", "evt-1")
+        uow.append("cart-1", [ev()], 1)  # checked before the unit's own appends
+    await store.append("cart-1", [ev()], 2)
+
+    failed: list[str] = []
+    with pytest.raises(ConcurrencyError) as caught:
+        async with store.transaction() as uow:
+            uow.after_failure(lambda: failed.append("forget cart-1"))
+            uow.mark_processed("billing", "evt-2")
+            uow.expect_version("cart-1", 2)  # moved to 3 meanwhile
+            uow.put_document("carts", "cart-1", {"lines": 2})
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == \
+        ("cart-1", 2, 3)
+    assert failed == ["forget cart-1"]
+    assert not await store.is_processed("billing", "evt-2")
+    assert await store.get_document("carts", "cart-1") is None
+
+
 async def test_inbox_refuses_the_second_processing_of_an_event(store: EventStore) -> None:
     async with store.transaction() as uow:
         uow.mark_processed("inventory", "evt-9")

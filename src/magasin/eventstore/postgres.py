@@ -43,6 +43,7 @@ from magasin.eventstore.store import (
     DeleteDocument,
     EventFilter,
     EventStore,
+    ExpectVersion,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -90,9 +91,10 @@ _APPEND: Final = (
 )
 _COMMIT: Final = (
     "SELECT o_outcomes, o_versions, o_positions FROM magasin_commit("
-    + ", ".join(f"${i}" for i in range(1, 22)) + ")"
+    + ", ".join(f"${i}" for i in range(1, 24)) + ")"
 )
-_IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument)
+_IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument,
+                       ExpectVersion)
 _APPENDED, _IDS_STORED, _VERSION_MISMATCH = 0, 1, 2
 _EVENT_ID_KEY: Final = "events_event_id_key"
 _ATTEMPTS: Final = 3
@@ -569,6 +571,7 @@ class PostgresEventStore(EventStore):
         marks = [op for op in operations if isinstance(op, MarkProcessed)]
         checkpoints = [op for op in operations if isinstance(op, SetCheckpoint)]
         docs = [op for op in operations if isinstance(op, PutDocument | DeleteDocument)]
+        checks = [op for op in operations if isinstance(op, ExpectVersion)]
         events = [e for op in appends for e in op.events]
         metadata = [dumps(e.metadata) for e in events]
         payloads = [dumps(e.payload) for e in events]
@@ -586,6 +589,7 @@ class PostgresEventStore(EventStore):
                 [c.expected for c in checkpoints],
                 [d.collection for d in docs], [d.key for d in docs],
                 [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
+                [c.stream_id for c in checks], [c.version for c in checks],
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "MG001":
@@ -593,6 +597,10 @@ class PostgresEventStore(EventStore):
                 raise AlreadyProcessed(mark.consumer, mark.event_id) from exc
             if exc.sqlstate == "MG002":
                 raise _refusal(appends, exc.detail) from exc
+            if exc.sqlstate == "MG004":
+                index, _, actual = exc.detail.partition(";")
+                check = checks[int(index) - 1]
+                raise ConcurrencyError(check.stream_id, check.version, int(actual)) from exc
             if exc.sqlstate == "MG003":
                 index, _, actual = exc.detail.partition(";")
                 moved = checkpoints[int(index) - 1]
@@ -612,6 +620,14 @@ class PostgresEventStore(EventStore):
     async def _apply(self, conn: Any, operations: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
         puts: list[tuple[str, str, Any]] = []
+        # Checked against the versions before this unit's appends, as magasin_commit does.
+        for op in operations:
+            if isinstance(op, ExpectVersion):
+                actual = int(await conn.fetchval(
+                    "SELECT coalesce((SELECT version FROM streams WHERE stream_id = $1), 0)",
+                    op.stream_id) or 0)
+                if actual != op.version:
+                    raise ConcurrencyError(op.stream_id, op.version, actual)
         for index, op in enumerate(operations):
             if isinstance(op, PutDocument):
                 # A run of puts (a projection's batch) goes in one pipelined round trip.

@@ -37,6 +37,7 @@ from magasin.eventstore.store import (
     DeleteDocument,
     EventFilter,
     EventStore,
+    ExpectVersion,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -324,6 +325,9 @@ class SqliteEventStore(EventStore):
         are grouped: its inbox marks first (one INSERT), its appends and checkpoints in
         order, then the final state of each document it touched (one upsert, one DELETE)
         — the same outcome, all or nothing, in far fewer statements."""
+        checks = [op for op in ops if isinstance(op, ExpectVersion)]
+        if checks:  # against the versions before this job's appends
+            self._check_versions(conn, checks)
         if any(isinstance(op, ClearCollection | ReplaceCollection) for op in ops):
             return self._apply_in_order(conn, ops)
         marks: list[tuple[str, str]] = []
@@ -355,6 +359,19 @@ class SqliteEventStore(EventStore):
         if documents:
             self._write_documents(conn, documents)
         return recorded
+
+    @staticmethod
+    def _check_versions(conn: sqlite3.Connection, checks: list[ExpectVersion]) -> None:
+        """Every stream at its expected version, in one statement."""
+        wanted = {op.stream_id: op.version for op in checks}
+        marks = ",".join("?" * len(wanted))
+        actual = dict.fromkeys(wanted, 0)
+        actual.update(conn.execute(
+            f"SELECT stream_id, MAX(stream_version) FROM events WHERE stream_id IN ({marks}) "
+            "GROUP BY stream_id", list(wanted)).fetchall())
+        for op in checks:
+            if actual[op.stream_id] != op.version:
+                raise ConcurrencyError(op.stream_id, op.version, int(actual[op.stream_id]))
 
     @staticmethod
     def _move_guarded(

@@ -66,6 +66,16 @@ class Append:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectVersion:
+    """The commit fails with ConcurrencyError unless the stream is at `version` (0: no
+    event) before the unit's own appends: a state decided on without reading the stream
+    (a cached aggregate) is checked so, whether the unit writes to that stream or not."""
+
+    stream_id: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class MarkProcessed:
     consumer: str
     event_id: str
@@ -108,7 +118,7 @@ class ReplaceCollection:
 
 Operation = (
     Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
-    | ClearCollection | ReplaceCollection
+    | ClearCollection | ReplaceCollection | ExpectVersion
 )
 
 
@@ -143,6 +153,11 @@ class UnitOfWork:
         """Aggregates loaded in this unit of work, by stream id (see Repository)."""
         self._documents: dict[tuple[str, str], Mapping[str, Any] | None] = {}
         self.committed_hooks: list[Callable[[], None]] = []
+        self.failed_hooks: list[Callable[[], None]] = []
+        self.trusts_cache = False
+        """Set by a unit that always commits (a delivery: its inbox mark): a Repository may
+        then give it a cached aggregate without reading the stream, checked at commit by
+        an ExpectVersion (a read-only unit has no commit to check it)."""
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` once this unit of work has committed (never if it does not)."""
@@ -170,6 +185,14 @@ class UnitOfWork:
         if expected_version is not None and expected_version < 0:
             raise ValueError("expected_version must be >= 0 or ANY")
         self.operations.append(Append(stream_id, tuple(events), expected_version))
+
+    def after_failure(self, hook: Callable[[], None]) -> None:
+        """Call `hook` if this unit of work's commit fails (a conflict, an outage)."""
+        self.failed_hooks.append(hook)
+
+    def expect_version(self, stream_id: str, version: int) -> None:
+        """The commit fails (ConcurrencyError) unless `stream_id` is at `version` then."""
+        self.operations.append(ExpectVersion(stream_id, version))
 
     def mark_processed(self, consumer: str, event_id: str) -> None:
         """Inbox: the commit fails with AlreadyProcessed if this pair was committed before."""
@@ -262,8 +285,10 @@ class EventStore(ABC):
             try:
                 uow.recorded = await self.commit(uow.operations)
                 metrics.STORE_COMMITS.inc()
-            except (Unavailable, StorageError):
-                if self.log_is_bus:
+            except BaseException as exc:
+                for hook in uow.failed_hooks:
+                    hook()
+                if self.log_is_bus and isinstance(exc, Unavailable | StorageError):
                     metrics.published(_appended(uow.operations), "failed")
                 raise
             if self.log_is_bus and uow.recorded:
