@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from magasin.eventstore.store import ANY, NO_STREAM, EventFilter, EventStore, Snapshot
+from magasin.eventstore.store import (
+    ANY,
+    NO_STREAM,
+    EventFilter,
+    EventStore,
+    ExpectVersion,
+    Snapshot,
+)
 from magasin.shared.errors import (
     AlreadyProcessed,
     ConcurrencyError,
@@ -289,6 +296,26 @@ async def test_a_unit_expecting_a_stream_version_commits_only_while_it_holds(
     assert failed == ["forget cart-1"]
     assert not await store.is_processed("billing", "evt-2")
     assert await store.get_document("carts", "cart-1") is None
+
+
+async def test_a_version_expected_before_a_position_ignores_later_events(
+    store: EventStore,
+) -> None:
+    (first,) = await store.append("cart-1", [ev()], NO_STREAM)
+    (later,) = await store.append("cart-1", [ev()], 1)
+    async with store.transaction() as uow:  # cart-1 moved, but after that position
+        uow.operations.append(ExpectVersion("cart-1", 1, before=later.global_position - 1))
+        uow.mark_processed("billing", "evt-1")
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            uow.operations.append(ExpectVersion("cart-1", 1, before=later.global_position))
+            uow.mark_processed("billing", "evt-2")
+    with pytest.raises(ConcurrencyError):  # a version the stream never reached
+        async with store.transaction() as uow:
+            uow.operations.append(ExpectVersion("cart-1", 3, before=first.global_position))
+            uow.mark_processed("billing", "evt-3")
+    assert await store.is_processed("billing", "evt-1")
+    assert not await store.is_processed("billing", "evt-2")
 
 
 async def test_inbox_refuses_the_second_processing_of_an_event(store: EventStore) -> None:

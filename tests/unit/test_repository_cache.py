@@ -12,6 +12,7 @@ from magasin.eventstore.repository import Repository
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.inventory.domain import StockItem
 from magasin.shared.errors import ConcurrencyError
+from magasin.shared.messages import NewEvent
 
 stock = Repository(StockItem)
 
@@ -55,16 +56,29 @@ async def test_a_trusted_load_reads_no_event_and_a_stale_one_fails_then_reads(
     assert reads == ["stock-s1:p1"]
 
 
-async def test_a_trusted_unit_that_only_reads_a_stale_aggregate_fails_too(
+async def test_a_read_only_decision_on_a_stale_aggregate_fails_once_its_process_knew_better(
     two: tuple[SqliteEventStore, SqliteEventStore],
 ) -> None:
     a, b = two
     await add(a, 1)
-    await add(b, 1)
-    with pytest.raises(ConcurrencyError):
+    await add(b, 1)  # a's cache misses this; a does not know of it yet either
+
+    async def decide() -> None:
         async with a.transaction() as uow:
             uow.trusts_cache = True
             uow.mark_processed("inventory", "evt-1")
             item = await stock.get(uow, "s1:p1")
             assert item.on_hand == 1  # stale: decided on, never written
-    assert not await a.is_processed("inventory", "evt-1")
+
+    await decide()  # as a read just before b's commit would have: concurrent
+    await a.append("other-1", [a_new_event()])  # a's head is now past b's event
+    with pytest.raises(ConcurrencyError):
+        async with a.transaction() as uow:
+            uow.trusts_cache = True
+            uow.mark_processed("inventory", "evt-2")
+            await stock.get(uow, "s1:p1")
+    assert not await a.is_processed("inventory", "evt-2")
+
+
+def a_new_event() -> NewEvent:
+    return NewEvent(type="ItemAdded", payload={"n": 1})

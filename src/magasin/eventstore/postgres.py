@@ -91,7 +91,7 @@ _APPEND: Final = (
 )
 _COMMIT: Final = (
     "SELECT o_outcomes, o_versions, o_positions FROM magasin_commit("
-    + ", ".join(f"${i}" for i in range(1, 24)) + ")"
+    + ", ".join(f"${i}" for i in range(1, 25)) + ")"
 )
 _IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument,
                        ExpectVersion)
@@ -511,6 +511,9 @@ class PostgresEventStore(EventStore):
                     if not future.done():
                         future.set_exception(StorageError("the PostgreSQL event store was closed"))
                 raise
+            for outcome in outcomes:
+                if isinstance(outcome, list):
+                    self._saw(outcome)
             for (_, future), outcome in zip(group, outcomes, strict=True):
                 if future.done():
                     continue  # its writer was cancelled
@@ -544,7 +547,9 @@ class PostgresEventStore(EventStore):
         """Commit one unit of work in a transaction of its own, again after a race."""
         for _ in range(_ATTEMPTS):
             try:
-                return await self._commit_once(operations)
+                recorded = await self._commit_once(operations)
+                self._saw(recorded)
+                return recorded
             except _Retry as exc:
                 race = exc
         raise StorageError("the unit of work kept racing concurrent transactions") from race
@@ -554,7 +559,9 @@ class PostgresEventStore(EventStore):
             try:
                 async with self._connection() as conn:
                     with _races_retried():
-                        return await self._commit_in_one_call(conn, operations)
+                        recorded = await self._commit_in_one_call(conn, operations)
+                        self._saw(recorded)  # now, not after the connection's release
+                        return recorded
             except _IdsStored:
                 pass  # an idempotent retry among the appends: the statement path sorts it out
         async with self._connection() as conn:
@@ -590,6 +597,7 @@ class PostgresEventStore(EventStore):
                 [d.collection for d in docs], [d.key for d in docs],
                 [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
                 [c.stream_id for c in checks], [c.version for c in checks],
+                [c.before for c in checks],
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "MG001":
@@ -626,7 +634,11 @@ class PostgresEventStore(EventStore):
                 actual = int(await conn.fetchval(
                     "SELECT coalesce((SELECT version FROM streams WHERE stream_id = $1), 0)",
                     op.stream_id) or 0)
-                if actual != op.version:
+                if actual != op.version and (
+                        op.before is None or actual < op.version or await conn.fetchval(
+                            "SELECT count(*) > 0 FROM events WHERE stream_id = $1 AND "
+                            "stream_version > $2 AND global_position <= $3",
+                            op.stream_id, op.version, op.before)):
                     raise ConcurrencyError(op.stream_id, op.version, actual)
         for index, op in enumerate(operations):
             if isinstance(op, PutDocument):

@@ -135,10 +135,12 @@ class Repository(Generic[A]):
             aggregate = known.clone()
             if (event_at := cache.due.pop(key, None)) is not None and every:
                 await self._take_snapshot(store, known, event_at)
-            if uow.trusts_cache:
-                # No read: the commit fails if the stream moved since (another process, a
+            if uow.trusts_cache and store.seen_version(key) in (None, aggregate.version):
+                # No read: the state is as this process last committed it (a commit of its
+                # own whose writer did not cache the result yet shows in seen_version: then
+                # read). The commit fails if the stream moved since (another process, a
                 # concurrent unit), and the retry then reads it, the state being forgotten.
-                uow.expect_version(key, aggregate.version)
+                uow.trust(key, aggregate.version)
                 uow.after_failure(lambda: cache.forget(key))
                 uow.identity[key] = aggregate
                 return aggregate

@@ -254,6 +254,9 @@ class SqliteEventStore(EventStore):
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            for outcome in outcomes:
+                if isinstance(outcome, list):
+                    self._saw(outcome)
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():
                     continue
@@ -370,8 +373,12 @@ class SqliteEventStore(EventStore):
             f"SELECT stream_id, MAX(stream_version) FROM events WHERE stream_id IN ({marks}) "
             "GROUP BY stream_id", list(wanted)).fetchall())
         for op in checks:
-            if actual[op.stream_id] != op.version:
-                raise ConcurrencyError(op.stream_id, op.version, int(actual[op.stream_id]))
+            now = int(actual[op.stream_id])
+            if now != op.version and (op.before is None or now < op.version or conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = ? AND "
+                    "stream_version > ? AND global_position <= ?)",
+                    (op.stream_id, op.version, op.before)).fetchone()[0]):
+                raise ConcurrencyError(op.stream_id, op.version, now)
 
     @staticmethod
     def _move_guarded(

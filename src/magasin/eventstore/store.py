@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from magasin.shared.clock import utcnow
 from magasin.shared.errors import StorageError, Unavailable
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
+_SEEN_KEPT: Final = 50_000
+"""Streams whose last committed version a store remembers (see seen_version)."""
 ANY: Final = None
 """Expected version that accepts whatever version the stream is at."""
 NO_STREAM: Final = 0
@@ -69,10 +72,13 @@ class Append:
 class ExpectVersion:
     """The commit fails with ConcurrencyError unless the stream is at `version` (0: no
     event) before the unit's own appends: a state decided on without reading the stream
-    (a cached aggregate) is checked so, whether the unit writes to that stream or not."""
+    (a cached aggregate) is checked so, whether the unit writes to that stream or not.
+    With `before`, only events at global positions up to `before` count: those committed
+    later are as a read at that moment would have missed them anyway."""
 
     stream_id: str
     version: int
+    before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +162,11 @@ class UnitOfWork:
         self.failed_hooks: list[Callable[[], None]] = []
         self.trusts_cache = False
         """Set by a unit that always commits (a delivery: its inbox mark): a Repository may
-        then give it a cached aggregate without reading the stream, checked at commit by
-        an ExpectVersion (a read-only unit has no commit to check it)."""
+        then give it a cached aggregate without reading the stream, checked at commit
+        (see `trust`; a read-only unit has no commit to check it)."""
+        self.trusted: dict[str, tuple[int, int | None]] = {}
+        """Streams this unit took at a version without reading them, and the log head this
+        process knew then (see `trust`)."""
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` once this unit of work has committed (never if it does not)."""
@@ -189,6 +198,22 @@ class UnitOfWork:
     def after_failure(self, hook: Callable[[], None]) -> None:
         """Call `hook` if this unit of work's commit fails (a conflict, an outage)."""
         self.failed_hooks.append(hook)
+
+    def trust(self, stream_id: str, version: int) -> None:
+        """This unit decides on `stream_id` at `version` without having read it. The commit
+        checks it (ConcurrencyError): an append to the stream expects that version anyway;
+        otherwise no event past it may sit at a position this process knew of now (the
+        store's known head), i.e. one a read now would have returned; events committed
+        later are concurrent, as they would be after a read. Without a known head, the
+        stream must not have moved at all."""
+        self.trusted[stream_id] = (version, self.store.known_head())
+
+    def version_checks(self) -> list[ExpectVersion]:
+        """The checks `trust` asks for (made when the unit commits)."""
+        written = {op.stream_id for op in self.operations
+                   if isinstance(op, Append) and op.expected_version is not None}
+        return [ExpectVersion(s, v, before) for s, (v, before) in self.trusted.items()
+                if s not in written]
 
     def expect_version(self, stream_id: str, version: int) -> None:
         """The commit fails (ConcurrencyError) unless `stream_id` is at `version` then."""
@@ -281,6 +306,8 @@ class EventStore(ABC):
         uow = UnitOfWork(self, causation)
         yield uow
         if uow.operations:
+            if uow.trusted:
+                uow.operations += uow.version_checks()
             started = time.perf_counter()
             try:
                 uow.recorded = await self.commit(uow.operations)
@@ -360,6 +387,25 @@ class EventStore(ABC):
     @abstractmethod
     async def last_position(self) -> int:
         """Highest global position committed so far (0 for an empty log)."""
+
+    def seen_version(self, stream_id: str) -> int | None:
+        """The version this process's last commit to `stream_id` took it to, known as soon
+        as the commit is (before its writer resumes); None if it does not remember one."""
+        seen: dict[str, int] | None = getattr(self, "_seen_versions", None)
+        return None if seen is None else seen.get(stream_id)
+
+    def _saw(self, recorded: Sequence[RecordedEvent]) -> None:
+        """Adapters call this with a commit's recorded events the moment it is known."""
+        seen: OrderedDict[str, int] | None = getattr(self, "_seen_versions", None)
+        if seen is None:
+            seen = OrderedDict()
+            self._seen_versions = seen
+        for event in recorded:
+            if seen.get(event.stream_id, 0) < event.stream_version:
+                seen[event.stream_id] = event.stream_version
+                seen.move_to_end(event.stream_id)
+        while len(seen) > _SEEN_KEPT:
+            seen.popitem(last=False)
 
     def known_head(self) -> int | None:
         """The highest position this process saw committed, without a query, when the

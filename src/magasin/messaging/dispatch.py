@@ -204,6 +204,7 @@ async def deliver_concurrently(
                 together.operations += unit.operations
                 together.committed_hooks += unit.committed_hooks
                 together.failed_hooks += unit.failed_hooks
+                together.trusted.update(unit.trusted)
             extra(together)
     except Exception:
         return False
