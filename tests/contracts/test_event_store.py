@@ -186,6 +186,27 @@ async def test_snapshots_keep_the_latest_version(store: EventStore) -> None:
     assert snap is not None and snap.version == 20
 
 
+async def test_read_latest_gives_the_latest_snapshot_and_the_events_after_it(
+    store: EventStore,
+) -> None:
+    assert await store.read_latest("cart-1") == (None, [])
+    await store.append("cart-1", [ev(n=1), ev(n=2), ev(n=3)], NO_STREAM)
+    snap, events = await store.read_latest("cart-1")
+    assert snap is None and [e.payload["n"] for e in events] == [1, 2, 3]
+
+    at = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+    await store.save_snapshot(Snapshot("cart-1", 2, {"n": 2}, schema_version=3, event_at=at))
+    snap, events = await store.read_latest("cart-1")
+    assert snap is not None
+    assert (snap.stream_id, snap.version, snap.state, snap.schema_version, snap.event_at) == \
+        ("cart-1", 2, {"n": 2}, 3, at)
+    assert [(e.stream_version, e.payload["n"]) for e in events] == [(3, 3)]
+    assert events[0].stream_id == "cart-1" and events[0].global_position == 3
+    await store.save_snapshot(Snapshot("cart-1", 3, {"n": 3}))
+    snap, events = await store.read_latest("cart-1")
+    assert snap is not None and snap.version == 3 and events == []
+
+
 async def test_past_snapshots_are_found_by_version_and_by_moment(store: EventStore) -> None:
     t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
     for version in (100, 200, 300):

@@ -85,6 +85,17 @@ _READ_ALL: Final = (
     "(SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin OFFSET 0) AS s "
     "WHERE global_position > $1 ORDER BY global_position LIMIT $2"
 )
+_READ_LATEST: Final = (
+    "SELECT s.version, s.state, s.schema_version, s.taken_at, s.event_at, "
+    + ", ".join("e." + c.split("::")[0] + ("::text" if "::" in c else "")
+                for c in _COLUMNS.split(", "))
+    + " FROM (SELECT 1) AS one "
+    "LEFT JOIN LATERAL (SELECT version, state, schema_version, taken_at, event_at "
+    "FROM stream_snapshots WHERE stream_id = $1 ORDER BY version DESC LIMIT 1) AS s ON true "
+    "LEFT JOIN LATERAL (SELECT * FROM events WHERE stream_id = $1 "
+    "AND stream_version > coalesce(s.version, 0)) AS e ON true "
+    "ORDER BY e.stream_version"
+)
 _APPEND: Final = (
     "SELECT o_outcomes, o_versions, o_positions "
     "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
@@ -873,6 +884,17 @@ class PostgresEventStore(EventStore):
         rows = await self._fetch(sql + " ORDER BY stream_version", *params)
         with collector_paused():
             return [StoredEvent(*r) for r in rows]
+
+    async def read_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        # One row per event after the snapshot (at least one row: the snapshot's columns
+        # on every row, NULL without one; the event's NULL without events).
+        rows = await self._fetch(_READ_LATEST, stream_id)
+        first = rows[0]
+        snapshot = None
+        if first[0] is not None:
+            snapshot = Snapshot(stream_id, first[0], first[1], first[2], first[3], first[4])
+        with collector_paused():
+            return snapshot, [StoredEvent(*r[5:]) for r in rows if r[5] is not None]
 
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         rows = await self._fetch(_READ_ALL, after, limit)

@@ -144,10 +144,17 @@ class Repository(Generic[A]):
                 uow.after_failure(lambda: cache.forget(key))
                 uow.identity[key] = aggregate
                 return aggregate
+            after = aggregate.version
+            events = await uow.read_stream(key, from_version=after + 1)
         elif every:
-            aggregate = self._restore(await store.load_snapshot(key), ident)
-        after = aggregate.version if aggregate is not None else 0
-        events = await uow.read_stream(key, from_version=after + 1)
+            snapshot, events = await store.read_latest(key)  # one round trip
+            aggregate = self._restore(snapshot, ident)
+            after = aggregate.version if aggregate is not None else 0
+            if snapshot is not None and aggregate is None:  # unusable: from the start
+                events = await uow.read_stream(key)
+        else:
+            after = 0
+            events = await uow.read_stream(key)
         aggregate = self._advance(aggregate, ident, events)
         if aggregate is None:
             return None

@@ -358,6 +358,13 @@ class EventStore(ABC):
         """Events of one stream in version order, within the inclusive bounds given;
         `until` keeps events that occurred at or before that moment."""
 
+    async def read_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The stream's latest snapshot (None if none) and its events after it: what loading
+        an aggregate needs, in one round trip where the adapter can."""
+        snapshot = await self.load_snapshot(stream_id)
+        after = snapshot.version if snapshot is not None else 0
+        return snapshot, await self.read_stream(stream_id, from_version=after + 1)
+
     @abstractmethod
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events with global_position > `after`, in position order.
