@@ -32,6 +32,10 @@ log = logging.getLogger("magasin.projections")
 
 Reader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
 
+LAZY_MOVE_MAX_S = 5.0
+"""Longest a projection leaves its checkpoint behind events it ignores while the log keeps
+moving (its lag shows it): it moves once the log is quiet for a poll, or after this."""
+
 ELSEWHERE_READ_LIMIT = 5_000
 """Positions past its failed batch a runner reads to tell `Projection.elsewhere` what
 another process projected; further behind (a restart), it tells nothing."""
@@ -129,7 +133,8 @@ class ProjectionRunner:
     async def _run(self, tail: _Tail) -> None:
         """Tail the log. Only batches with events the projection handles commit; a run of
         events it ignores moves the checkpoint lazily, once the log has been quiet for a
-        poll interval (replaying ignored events after a crash costs nothing)."""
+        poll interval or LAZY_MOVE_MAX_S after the last move (replaying ignored events
+        after a crash costs nothing)."""
         projection = tail.projection
         clock = asyncio.get_running_loop().time
         failures = 0
@@ -150,7 +155,8 @@ class ProjectionRunner:
                 page = await self._read(after, self._page)
                 if not page:
                     now = clock()
-                    if after > saved and now - max(saved_at, read_at) >= self._poll:
+                    if after > saved and (now - max(saved_at, read_at) >= self._poll
+                                          or now - saved_at >= LAZY_MOVE_MAX_S):
                         await move_checkpoint(self.store, projection, saved, after, generation)
                         saved, saved_at = after, clock()
                         continue
