@@ -126,6 +126,9 @@ _CLAIM_OUTBOX: Final = (
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
+_HELLO: Final = "hello"
+"""A process's first NOTIFY: the others answer _HERE, so each knows the others exist."""
+_HERE: Final = "here"
 
 # Plans that use the indexes whatever the statistics. Every statement of the store reads
 # by a key or a key prefix (each table's primary or unique key, events_correlation), so an
@@ -283,6 +286,12 @@ async def _analyze_stale(conn: Any) -> list[str]:
     return tables
 
 
+async def _say(conn: Any, channel: str, what: str) -> None:
+    """A presence NOTIFY (see PostgresEventStore._peers); lost ones cost only wake-ups."""
+    with suppress(*_DRIVER_ERRORS):
+        await conn.execute("SELECT pg_notify($1, $2)", channel, what)
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -324,6 +333,11 @@ class PostgresEventStore(EventStore):
         self._notifier: asyncio.Task[None] | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._notify_pending = asyncio.Event()
+        self._peers: set[int] = set()
+        """Listener pids of the other processes of this schema seen so far: commits are
+        notified only while there is one (a process alone, the common deployment, has
+        nobody to tell: that was a statement per commit)."""
+        self._greetings: set[asyncio.Task[None]] = set()
         self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
         self._queued = asyncio.Event()
         self._committers: list[asyncio.Task[None]] = []
@@ -377,6 +391,7 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
+                await _say(listener, self._channel, _HELLO)
         except BaseException:
             if listener is not None:
                 listener.terminate()
@@ -412,6 +427,8 @@ class PostgresEventStore(EventStore):
             return
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
+        for greeting in self._greetings:
+            greeting.cancel()
         if self._analyzer is not None:
             self._analyzer.cancel()
             with suppress(asyncio.CancelledError):
@@ -808,6 +825,8 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
+                # Processes that started meanwhile greeted nobody here: greet them again.
+                await _say(listener, self._channel, _HELLO)
             except (*_DRIVER_ERRORS, TimeoutError) as exc:
                 log.warning("cannot reconnect the PostgreSQL change listener (%r); "
                             "retrying in %.1fs", exc, delay)
@@ -822,7 +841,14 @@ class PostgresEventStore(EventStore):
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if pid == conn.get_server_pid():
             return  # this process's own NOTIFY: its commits woke the waiters already
-        self._advance(int(payload) if payload.isdigit() else 0)
+        self._peers.add(pid)
+        if payload == _HELLO:  # a process starts: it must learn of this one too
+            task = asyncio.get_running_loop().create_task(_say(conn, self._channel, _HERE))
+            self._greetings.add(task)
+            task.add_done_callback(self._greetings.discard)
+            return
+        if payload.isdigit():
+            self._advance(int(payload))
 
     async def _notify_loop(self) -> None:
         """Tell other processes about commits, at most one NOTIFY per interval.
@@ -834,6 +860,8 @@ class PostgresEventStore(EventStore):
         while True:
             await self._notify_pending.wait()
             self._notify_pending.clear()
+            if not self._peers:
+                continue  # nobody else listens on this schema
             # Listeners that miss this wake up on their polling timeout instead.
             with suppress(*_DRIVER_ERRORS):
                 await self._listener.execute(
