@@ -539,9 +539,8 @@ class PostgresEventStore(EventStore):
                     if not future.done():
                         future.set_exception(StorageError("the PostgreSQL event store was closed"))
                 raise
-            for outcome in outcomes:
-                if isinstance(outcome, list):
-                    self._saw(outcome)
+            self._saw(sorted((e for o in outcomes if isinstance(o, list) for e in o),
+                             key=lambda e: e.global_position))
             for (_, future), outcome in zip(group, outcomes, strict=True):
                 if future.done():
                     continue  # its writer was cancelled

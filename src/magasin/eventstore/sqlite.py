@@ -254,9 +254,7 @@ class SqliteEventStore(EventStore):
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for outcome in outcomes:
-                if isinstance(outcome, list):
-                    self._saw(outcome)
+            self._saw([e for o in outcomes if isinstance(o, list) for e in o])
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():
                     continue

@@ -401,8 +401,22 @@ class EventStore(ABC):
         seen: dict[str, int] | None = getattr(self, "_seen_versions", None)
         return None if seen is None else seen.get(stream_id)
 
+    def on_commit(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        """Call `listener` with the events of each commit of this process, as soon as the
+        commit is known (before its writer resumes), in position order."""
+        listeners: list[Callable[[Sequence[RecordedEvent]], None]] | None = getattr(
+            self, "_commit_listeners", None)
+        if listeners is None:
+            listeners = []
+            self._commit_listeners = listeners
+        listeners.append(listener)
+
     def _saw(self, recorded: Sequence[RecordedEvent]) -> None:
         """Adapters call this with a commit's recorded events the moment it is known."""
+        if not recorded:
+            return
+        for listener in getattr(self, "_commit_listeners", ()):
+            listener(recorded)
         seen: OrderedDict[str, int] | None = getattr(self, "_seen_versions", None)
         if seen is None:
             seen = OrderedDict()
