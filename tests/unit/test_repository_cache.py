@@ -46,13 +46,13 @@ async def test_a_trusted_load_reads_no_event_and_a_stale_one_fails_then_reads(
         return await read_stream(stream_id, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(a, "read_stream", counted)
-    assert (await add(a, 1, trusted=True)).on_hand == 2
+    assert (await add(a, 1, trusted=True)).available == 2
     assert reads == []
 
     await add(b, 10)  # another process moves the stream: a's cache is stale
     with pytest.raises(ConcurrencyError):
         await add(a, 1, trusted=True)
-    assert (await add(a, 1, trusted=True)).on_hand == 13  # read afresh this time
+    assert (await add(a, 1, trusted=True)).available == 13  # read afresh this time
     assert reads == ["stock-s1:p1"]
 
 
@@ -68,7 +68,7 @@ async def test_a_read_only_decision_on_a_stale_aggregate_fails_once_its_process_
             uow.trusts_cache = True
             uow.mark_processed("inventory", "evt-1")
             item = await stock.get(uow, "s1:p1")
-            assert item.on_hand == 1  # stale: decided on, never written
+            assert item.available == 1  # stale: decided on, never written
 
     await decide()  # as a read just before b's commit would have: concurrent
     await a.append("other-1", [a_new_event()])  # a's head is now past b's event
