@@ -49,9 +49,11 @@ def distributed_store(settings: Settings, service: str | None = None) -> EventSt
     from magasin.eventstore.postgres import PostgresEventStore
 
     schema = settings.database_schema or (f"magasin_{service}" if service else "public")
-    # The event store service archives the events of the others: it publishes none.
+    # The event store service archives the events of the others and the audit keeps its
+    # chain in documents: they publish nothing, so no outbox (and no relay polling one).
     return PostgresEventStore(settings.database_url, schema=schema,
-                              outbox=service != "eventstore", pool_max=settings.pg_pool_max,
+                              outbox=service not in ("eventstore", "audit"),
+                              pool_max=settings.pg_pool_max,
                               cluster_processes=settings.pg_cluster_processes)
 
 
