@@ -73,6 +73,8 @@ _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for human
 _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
 
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
+_EVERY_PARTITION = -1
+"""The slot of a lingering consumer's single task (see _arrival)."""
 Slot = tuple[int, str]
 """(partition, key): the messages of one key are handled one at a time, in order."""
 
@@ -574,6 +576,13 @@ class RabbitMQBus(EventBus):
             for slot, waiting in consumer.waiting.items():
                 if slot[0] == partition:
                     waiting.clear()  # not started: back in the queue for the next owner
+                elif slot[0] == _EVERY_PARTITION:
+                    # Those not started yet go back to the queue; one being handled now
+                    # takes effect once (inbox), whichever owner commits it first.
+                    kept = [m for m in waiting
+                            if _partition_of_message(m, self.partitions) != partition]
+                    waiting.clear()
+                    waiting.extend(kept)
             while not consumer.idle(partition) and not self._stopping:
                 await asyncio.sleep(0.01)
             if not self._stopping:
@@ -641,7 +650,13 @@ class RabbitMQBus(EventBus):
                 return
             # Batching commits a run of a partition's messages in one unit of work: then
             # one task per partition takes them (in order), whatever their keys.
-            slot = (partition, "" if consumer.batch > 1 else _message_key(message))
+            # A lingering consumer (off the sales' path: an archive, an audit) has one task
+            # for all its partitions: one commit per burst, and a stream's events from
+            # several partitions in one batch, put in stream order there.
+            if consumer.linger:
+                slot = (_EVERY_PARTITION, "")
+            else:
+                slot = (partition, "" if consumer.batch > 1 else _message_key(message))
             consumer.waiting.setdefault(slot, deque()).append(message)
             if slot not in consumer.running:
                 consumer.running.add(slot)
@@ -688,6 +703,13 @@ class RabbitMQBus(EventBus):
             else:
                 together.append(message)
                 events.append(event)
+        if consumer.linger and not alone:
+            # Its batches mix partitions: each stream's events in version order (what an
+            # archive appending at the original versions needs; key order is moot here).
+            order = sorted(range(len(events)),
+                           key=lambda i: (events[i].stream_id, events[i].stream_version))
+            together = [together[i] for i in order]
+            events = [events[i] for i in order]
         # deliver_batch reports any failure as False, having written nothing. Alone, the
         # messages go in their arrival order (one key's order).
         if not alone and await deliver_batch(
