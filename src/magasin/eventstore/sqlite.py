@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from magasin.eventstore import sqlite_group
 from magasin.eventstore.rows import (
     ENVELOPE_COLUMNS,
     EVENT_COLUMNS,
@@ -268,16 +269,13 @@ class SqliteEventStore(EventStore):
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
-        """Commit `jobs` in one transaction. Optimistically without savepoints (a failing
-        job is rare: a version conflict, a duplicate); if one fails, the transaction rolls
-        back and the jobs run again, each in its own SAVEPOINT, so the others commit."""
-        if len(jobs) > 1:
-            try:
-                outcomes = self._run_jobs(jobs, isolate=False)
-            except MagasinError:
-                outcomes = None
-            if outcomes is not None:
-                return outcomes, self._last_of(outcomes)
+        """Commit `jobs` in one transaction. Optimistically as one group, a statement per
+        kind of write for all of them (see sqlite_group; a failing job is rare: a version
+        conflict, a duplicate); if that does not apply, the transaction rolls back and the
+        jobs run again one by one, each in its own SAVEPOINT, so the others commit."""
+        grouped = self._run_group(jobs)
+        if grouped is not None:
+            return grouped, self._last_of(grouped)
         try:
             outcomes = self._run_jobs(jobs, isolate=len(jobs) > 1)
         except MagasinError as exc:
@@ -289,6 +287,37 @@ class SqliteEventStore(EventStore):
         return max(
             (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
         )
+
+    def _run_group(
+        self, jobs: list[Sequence[Operation]]
+    ) -> list[list[RecordedEvent] | MagasinError] | None:
+        """The jobs applied as one group, or None (nothing written) if they cannot be."""
+        conn = self._wconn
+        assert conn is not None
+        try:
+            group = sqlite_group.plan(jobs)
+        except sqlite_group.Unmergeable:
+            return None
+        now = to_micros(utcnow())
+        if sqlite_group.single_statement_is_atomic(group):
+            try:
+                return list(sqlite_group.apply_group(
+                    conn, group, len(jobs), outbox=self.outbox, now=now))
+            except (sqlite_group.Unmergeable, MagasinError):
+                return None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            recorded = sqlite_group.apply_group(conn, group, len(jobs), outbox=self.outbox,
+                                                now=now)
+            conn.execute("COMMIT")
+        except (sqlite_group.Unmergeable, MagasinError):
+            conn.execute("ROLLBACK")
+            return None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return list(recorded)
 
     def _run_jobs(
         self, jobs: list[Sequence[Operation]], *, isolate: bool
