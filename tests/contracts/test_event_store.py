@@ -179,6 +179,22 @@ async def test_snapshots_keep_the_latest_version(store: EventStore) -> None:
     assert snap is not None and snap.version == 20
 
 
+async def test_load_latest_gives_the_latest_snapshot_and_the_events_after_it(
+    store: EventStore,
+) -> None:
+    assert await store.load_latest("cart-1") == (None, [])
+    recorded = await store.append("cart-1", [ev(n=i) for i in range(1, 6)], NO_STREAM)
+    assert await store.load_latest("cart-1") == (None, recorded)
+
+    await store.save_snapshot(Snapshot("cart-1", 2, {"n": 2}))
+    await store.save_snapshot(Snapshot("cart-1", 3, {"n": 3}, schema_version=2))
+    snapshot, after = await store.load_latest("cart-1")
+
+    assert snapshot is not None
+    assert (snapshot.version, snapshot.state, snapshot.schema_version) == (3, {"n": 3}, 2)
+    assert after == recorded[3:]
+
+
 async def test_past_snapshots_are_found_by_version_and_by_moment(store: EventStore) -> None:
     t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
     for version in (100, 200, 300):
@@ -293,6 +309,37 @@ async def test_concurrent_units_of_work_fail_independently(store: EventStore) ->
     assert [isinstance(o, ConcurrencyError) for o in outcomes] == [bool(i % 2) for i in range(10)]
     for i in range(10):
         assert await store.stream_version(f"cold-{i}") == (0 if i % 2 else 1)
+
+
+async def test_concurrent_units_of_work_keep_each_its_own_outcome_in_every_kind_of_write(
+    store: EventStore,
+) -> None:
+    # Units committed together (SQLite's group commit) must come out as if one by one:
+    # a repeated inbox mark fails its unit only, and the others' marks, checkpoints,
+    # documents and events all land, the last write of a document winning.
+    async with store.transaction() as uow:
+        uow.mark_processed("c", "seen")
+        uow.put_document("d", "shared", {"by": "setup"})
+
+    async def work(i: int) -> None:
+        async with store.transaction() as uow:
+            uow.mark_processed("c", "seen" if i == 3 else f"e{i}")
+            uow.append(f"s-{i}", [ev(n=i)], NO_STREAM)
+            uow.set_checkpoint(f"bus:{i}", i)
+            uow.put_document("d", f"k{i}", {"i": i})
+            if i == 5:
+                uow.delete_document("d", "shared")
+
+    outcomes = await asyncio.gather(*(work(i) for i in range(8)), return_exceptions=True)
+
+    assert [type(o).__name__ for o in outcomes] == [
+        "AlreadyProcessed" if i == 3 else "NoneType" for i in range(8)]
+    for i in range(8):
+        assert await store.stream_version(f"s-{i}") == (0 if i == 3 else 1)
+        assert await store.get_checkpoint(f"bus:{i}") == (0 if i == 3 else i)
+        assert await store.get_document("d", f"k{i}") == (None if i == 3 else {"i": i})
+        assert await store.is_processed("c", f"e{i}") == (i != 3)
+    assert await store.get_document("d", "shared") is None
 
 
 async def test_documents_can_be_found_by_field_in_either_key_order_and_deleted(

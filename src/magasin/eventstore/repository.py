@@ -57,7 +57,8 @@ class Rebuilt(Generic[A]):
 class _StateCache:
     """Committed aggregate states of one store, most recently used last. A cached state is
     only a starting point: a load still reads every event stored after its version, so it
-    is right even when other processes write the same streams."""
+    is right even when other processes write the same streams — unless the store knows
+    without a query that the stream is still at that version (`known_version`)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -127,14 +128,21 @@ class Repository(Generic[A]):
         known = cache.get(key)
         every = snapshot_every(store)
         aggregate: A | None = None
+        events: list[RecordedEvent] | None = None
         if isinstance(known, self.cls):
             aggregate = known.clone()
             if (event_at := cache.due.pop(key, None)) is not None and every:
                 await self._take_snapshot(store, known, event_at)
+            if store.known_version(key) == aggregate.version:
+                events = []  # the store knows nobody appended since the state cached here
         elif every:
-            aggregate = self._restore(await store.load_snapshot(key), ident)
+            snapshot, after_it = await store.load_latest(key)  # one query for both
+            aggregate = self._restore(snapshot, ident)
+            if aggregate is not None or snapshot is None:
+                events = after_it
         after = aggregate.version if aggregate is not None else 0
-        events = await uow.read_stream(key, from_version=after + 1)
+        if events is None:
+            events = await uow.read_stream(key, from_version=after + 1)
         aggregate = self._advance(aggregate, ident, events)
         if aggregate is None:
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from itertools import starmap
@@ -31,6 +31,7 @@ from magasin.eventstore.rows import (
     dumps,
     event_from_row,
 )
+from magasin.eventstore.sqlite_known import UNKNOWN, KnownState
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
@@ -115,6 +116,18 @@ _INSERT_EVENT = (
     "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+_LOAD_LATEST = (
+    "SELECT * FROM (SELECT 0, version, schema_version, state, taken_at, event_at, NULL, NULL,"
+    " NULL, NULL, NULL, NULL, NULL FROM stream_snapshots WHERE stream_id = ?1"
+    " ORDER BY version DESC LIMIT 1)"
+    f" UNION ALL SELECT 1, {ENVELOPE_COLUMNS} FROM events WHERE stream_id = ?1"
+    " AND stream_version > COALESCE("
+    "(SELECT MAX(version) FROM stream_snapshots WHERE stream_id = ?1), 0)"
+    " ORDER BY 1, 6"
+)
+"""A stream's latest snapshot (first, tagged 0) and the events after it (tagged 1, in
+version order: the sixth column is stream_version), in one statement."""
+
 ROWS_PER_STATEMENT = 200
 """Rows of one multi-row INSERT or DELETE (3 parameters a row, well under SQLite's limit)."""
 
@@ -149,6 +162,10 @@ class SqliteEventStore(EventStore):
         self._new_events: asyncio.Event | None = None
         self._outbox_lock: asyncio.Lock | None = None
         self._last_position = 0
+        self._listeners: list[Callable[[list[RecordedEvent]], None]] = []
+        self._known = KnownState()
+        self._commits = 0
+        """Transactions the writer committed that changed something (see KnownState)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -188,9 +205,11 @@ class SqliteEventStore(EventStore):
         conn.executescript(SCHEMA)
         self._wconn = conn
         row = conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events").fetchone()
+        self._known.open(self.path)
         return int(row[0])
 
     def _close_writer(self) -> None:
+        self._known.close()
         if self._wconn is not None:
             self._wconn.close()
             self._wconn = None
@@ -262,11 +281,66 @@ class SqliteEventStore(EventStore):
                 else:
                     future.set_result(outcome)
             if last > self._last_position:
-                self._last_position = last
+                before, self._last_position = self._last_position, last
+                if self._listeners:
+                    self._tell_listeners(outcomes, before)
                 self._new_events.set()
                 self._new_events = asyncio.Event()
 
+    def _tell_listeners(
+        self, outcomes: list[list[RecordedEvent] | MagasinError], before: int
+    ) -> None:
+        """The events this commit appended (not those an idempotent retry returned), in log
+        order, to whoever follows the commits."""
+        new = sorted((e for r in outcomes if isinstance(r, list) for e in r
+                      if e.global_position > before), key=lambda e: e.global_position)
+        for listener in self._listeners:
+            listener(new)
+
+    def follow_commits(self, listener: Callable[[list[RecordedEvent]], None]) -> bool:
+        # One writer assigns positions in commit order: nothing can commit below them later.
+        self._listeners.append(listener)
+        return True
+
     def _apply_jobs(
+        self, jobs: list[Sequence[Operation]]
+    ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
+        """`_commit_jobs`, noting what it leaves behind for the readers (see KnownState)."""
+        before, commits, last = self._known.counter(), self._commits, self._last_position
+        outcomes, position = self._commit_jobs(jobs)
+        versions: dict[str, int] = {}
+        documents: dict[tuple[str, str], str | None] = {}
+        cleared = False
+        for ops, outcome in zip(jobs, outcomes, strict=False):
+            if not isinstance(outcome, list):
+                continue
+            for event in outcome:
+                if event.global_position > last:
+                    versions[event.stream_id] = event.stream_version
+            for op in ops:
+                if isinstance(op, PutDocument):
+                    documents[op.collection, op.key] = dumps(op.body)
+                elif isinstance(op, DeleteDocument):
+                    documents[op.collection, op.key] = None
+                elif isinstance(op, ClearCollection | ReplaceCollection):
+                    documents.clear()
+                    cleared = True
+        self._known.settle(before, self._commits - commits, versions, documents, cleared)
+        return outcomes, position
+
+    def _tracked(self, fn: Any) -> Any:
+        """Run a write of the writer thread that is no unit of work (a snapshot, outbox
+        rows), counting its commit so that it is not taken for another connection's."""
+        conn = self._wconn
+        assert conn is not None
+        before, changes = self._known.counter(), conn.total_changes
+        try:
+            return fn()
+        finally:
+            commits = int(conn.total_changes != changes)
+            self._known.settle(before, commits, {}, {})
+
+    def _commit_jobs(
         self, jobs: list[Sequence[Operation]]
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
         """Commit `jobs` in one transaction. Optimistically as one group, a statement per
@@ -299,17 +373,23 @@ class SqliteEventStore(EventStore):
         except sqlite_group.Unmergeable:
             return None
         now = to_micros(utcnow())
+        changes = conn.total_changes
         if sqlite_group.single_statement_is_atomic(group):
             try:
-                return list(sqlite_group.apply_group(
+                done: list[list[RecordedEvent] | MagasinError] = list(sqlite_group.apply_group(
                     conn, group, len(jobs), outbox=self.outbox, now=now))
             except (sqlite_group.Unmergeable, MagasinError):
                 return None
+            finally:
+                self._commits += conn.total_changes != changes
+            return done
         conn.execute("BEGIN IMMEDIATE")
         try:
             recorded = sqlite_group.apply_group(conn, group, len(jobs), outbox=self.outbox,
                                                 now=now)
+            wrote = conn.total_changes != changes
             conn.execute("COMMIT")
+            self._commits += wrote
         except (sqlite_group.Unmergeable, MagasinError):
             conn.execute("ROLLBACK")
             return None
@@ -328,6 +408,7 @@ class SqliteEventStore(EventStore):
         assert conn is not None
         outcomes: list[list[RecordedEvent] | MagasinError] = []
         conn.execute("BEGIN IMMEDIATE")
+        changes = conn.total_changes
         try:
             for ops in jobs:
                 if isolate:
@@ -341,7 +422,9 @@ class SqliteEventStore(EventStore):
                     outcomes.append(exc)
                 if isolate:
                     conn.execute("RELEASE job")
+            wrote = conn.total_changes != changes
             conn.execute("COMMIT")
+            self._commits += wrote
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -624,7 +707,13 @@ class SqliteEventStore(EventStore):
             raise NotFound(f"no event {event_id}")
         return events[0]
 
+    def known_version(self, stream_id: str) -> int | None:
+        return self._known.version(stream_id)
+
     async def stream_version(self, stream_id: str) -> int:
+        known = self._known.version(stream_id)
+        if known is not None:
+            return known
         rows = await self._read(
             "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
             (stream_id,),
@@ -659,6 +748,9 @@ class SqliteEventStore(EventStore):
         return bool(rows)
 
     async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        known = self._known.document(collection, key)
+        if known is not UNKNOWN:
+            return None if known is None else orjson.loads(known)  # type: ignore[arg-type]
         rows = await self._read(
             "SELECT body FROM documents WHERE collection = ? AND key = ?", (collection, key)
         )
@@ -688,7 +780,7 @@ class SqliteEventStore(EventStore):
     # -- snapshots ----------------------------------------------------------------------
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        def run() -> None:
+        def write() -> None:
             assert self._wconn is not None
             self._wconn.execute(
                 "INSERT OR REPLACE INTO stream_snapshots (stream_id, version, schema_version, "
@@ -700,7 +792,7 @@ class SqliteEventStore(EventStore):
                 ),
             )
 
-        await self._in_writer(run)
+        await self._in_writer(self._tracked, write)
 
     async def load_snapshot(
         self,
@@ -727,6 +819,21 @@ class SqliteEventStore(EventStore):
         return Snapshot(stream_id, version, orjson.loads(state), schema_version,
                         from_micros(taken_at),
                         None if event_at is None else from_micros(event_at))
+
+    async def load_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        conn = self._reader()
+        try:
+            with collector_paused():
+                rows = conn.execute(_LOAD_LATEST, (stream_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+        snapshot = None
+        if rows and rows[0][0] == 0:
+            _, version, schema_version, state, taken_at, event_at = rows.pop(0)[:6]
+            snapshot = Snapshot(stream_id, version, orjson.loads(state), schema_version,
+                                from_micros(taken_at),
+                                None if event_at is None else from_micros(event_at))
+        return snapshot, [StoredEvent(*row[1:]) for row in rows]
 
     # -- outbox -------------------------------------------------------------------------
 
@@ -771,14 +878,21 @@ class _SqliteOutboxBatch(AbstractOutboxBatch):
             if exc_type is None and self._positions:
                 positions = self._positions
 
-                def run() -> None:
+                def delete() -> None:
                     conn = self._store._wconn
                     assert conn is not None
-                    conn.executemany(
-                        "DELETE FROM outbox WHERE global_position = ?",
-                        [(p,) for p in positions],
-                    )
+                    conn.execute("BEGIN IMMEDIATE")  # one commit, not one per row
+                    try:
+                        conn.executemany(
+                            "DELETE FROM outbox WHERE global_position = ?",
+                            [(p,) for p in positions],
+                        )
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
 
-                await self._store._in_writer(run)
+                await self._store._in_writer(self._store._tracked, delete)
         finally:
             lock.release()

@@ -331,6 +331,13 @@ class EventStore(ABC):
     async def stream_version(self, stream_id: str) -> int:
         """Current version of a stream, 0 if it has no event."""
 
+    def known_version(self, stream_id: str) -> int | None:
+        """The stream's current version without a query, when the adapter knows it: this
+        process wrote the stream last and no other connection committed since (SQLite's
+        single writer can tell); None when only a query can tell (always on PostgreSQL,
+        whose writers are many processes)."""
+        return None
+
     @abstractmethod
     async def last_position(self) -> int:
         """Highest global position committed so far (0 for an empty log)."""
@@ -340,6 +347,15 @@ class EventStore(ABC):
         adapter knows it (a single writer); None otherwise. Another process writing the
         same store is not seen here: a reader may trust it only for a short while."""
         return None
+
+    def follow_commits(self, listener: Callable[[list[RecordedEvent]], None]) -> bool:
+        """Have `listener` called with the events of each commit of this store, in log
+        order, as soon as it committed, when the adapter can promise that no other event
+        will ever take a position below them (positions assigned in commit order: SQLite's
+        single writer). A reader of the log's tail may then take them without a query, when
+        they follow what it holds with no hole. False (never called) otherwise: PostgreSQL
+        hands out positions before commit, so a lower one may still appear."""
+        return False
 
     @abstractmethod
     async def wait_for_events(self, after: int, timeout: float) -> None:
@@ -388,6 +404,13 @@ class EventStore(ABC):
     ) -> Snapshot | None:
         """The stream's snapshot of the highest version, among those at or below
         `max_version` and whose `event_at` is at or before `until` when these are given."""
+
+    async def load_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The stream's latest snapshot and the events after it (every event without one):
+        what loading an aggregate needs, in one query where the adapter can."""
+        snapshot = await self.load_snapshot(stream_id)
+        after = snapshot.version if snapshot is not None else 0
+        return snapshot, await self.read_stream(stream_id, from_version=after + 1)
 
     # -- outbox -------------------------------------------------------------------------
 

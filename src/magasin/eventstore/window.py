@@ -30,6 +30,7 @@ class LogWindow:
         self._lock = asyncio.Lock()
         self._nothing_after = (-1, 0.0)
         """(position, when): a read past it found nothing then."""
+        store.follow_commits(self._committed)
 
     @property
     def end(self) -> int:
@@ -57,6 +58,19 @@ class LogWindow:
         position, when = self._nothing_after
         return (head is not None and head <= after == position
                 and time.monotonic() - when < TRUST_EMPTY_S)
+
+    def _committed(self, events: list[RecordedEvent]) -> None:
+        """Events this process just committed (see EventStore.follow_commits): taken without
+        a query when they follow the window's end with no hole between. A read that found
+        the end a moment ago still vouches for what other processes did since (the same
+        TRUST_EMPTY_S), so the readers following the head need no query either."""
+        if not events or events[0].global_position != self.end + 1:
+            return
+        end = self.end
+        self._keep(end, events)
+        position, when = self._nothing_after
+        if position == end:
+            self._nothing_after = (self.end, when)
 
     def _keep(self, after: int, page: list[RecordedEvent]) -> None:
         if not page:

@@ -1,0 +1,90 @@
+"""The SQLite store answers from what its own writer committed, and only while nobody else
+committed since: a second store on the same file (another process, say) is always seen."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.eventstore.store import NO_STREAM
+from magasin.shared.errors import ConcurrencyError
+from magasin.shared.messages import NewEvent
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    async with SqliteEventStore(tmp_path / "known.db") as store:
+        yield store
+
+
+def queries(store: SqliteEventStore) -> list[str]:
+    """Statements the store's reading connection runs from now on."""
+    seen: list[str] = []
+    store._reader().set_trace_callback(seen.append)
+    return seen
+
+
+async def test_what_its_own_writer_committed_is_answered_without_a_query(
+    db: SqliteEventStore,
+) -> None:
+    async with db.transaction() as uow:
+        uow.append("cart-1", [NewEvent("A", {}), NewEvent("B", {})], NO_STREAM)
+        uow.put_document("carts", "1", {"items": 2})
+        uow.put_document("carts", "2", {"items": 0})
+        uow.delete_document("carts", "2")
+    read = queries(db)
+
+    assert db.known_version("cart-1") == 2
+    assert await db.stream_version("cart-1") == 2
+    assert await db.get_document("carts", "1") == {"items": 2}
+    assert await db.get_document("carts", "2") is None
+    assert read == []
+    assert db.known_version("cart-9") is None  # never written here: only a query can tell
+
+
+async def test_a_document_handed_out_is_a_copy(db: SqliteEventStore) -> None:
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": [1]})
+    (await db.get_document("carts", "1") or {})["items"].append(2)
+    assert await db.get_document("carts", "1") == {"items": [1]}
+
+
+async def test_another_writer_on_the_same_file_makes_it_ask_the_database_again(
+    db: SqliteEventStore,
+) -> None:
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": 1})
+
+    async with SqliteEventStore(db.path) as other:
+        await other.append("cart-1", [NewEvent("B", {})], 1)
+        async with other.transaction() as uow:
+            uow.put_document("carts", "1", {"items": 5})
+
+    assert db.known_version("cart-1") is None
+    assert await db.stream_version("cart-1") == 2
+    assert await db.get_document("carts", "1") == {"items": 5}
+    # Its own next commit knows the stream again (its version was read under the lock).
+    await db.append("cart-1", [NewEvent("C", {})], 2)
+    assert db.known_version("cart-1") == 3
+
+
+async def test_a_cleared_collection_and_a_failed_unit_leave_nothing_stale(
+    db: SqliteEventStore,
+) -> None:
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": 1})
+        uow.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    async with db.transaction() as uow:
+        uow.clear_collection("carts")
+    assert await db.get_document("carts", "1") is None
+
+    with pytest.raises(ConcurrencyError):
+        async with db.transaction() as uow:
+            uow.put_document("carts", "1", {"items": 9})
+            uow.append("cart-1", [NewEvent("B", {})], NO_STREAM)
+    assert await db.get_document("carts", "1") is None
+    assert db.known_version("cart-1") == 1
