@@ -452,6 +452,33 @@ async def test_of_two_concurrent_conditional_checkpoint_moves_one_wins(
     assert [k for k, _ in await store.find_documents("race")] == [str(winner)]
 
 
+async def test_concurrent_checkpoint_moves_each_succeed_or_fail_on_their_own(
+    store: EventStore,
+) -> None:
+    async with store.transaction() as uow:
+        uow.set_checkpoint("projection:a", 5)
+        uow.set_checkpoint("projection:b", 5)
+
+    async def move(name: str, to: int, expected: int | None) -> None:
+        async with store.transaction() as uow:
+            uow.set_checkpoint(name, to, expected=expected)
+
+    outcomes = await asyncio.gather(
+        move("bus:plain", 7, None),
+        move("projection:a", 9, 5),        # where expected: moves
+        move("projection:b", 9, 4),        # not where expected: fails
+        move("projection:new", 3, 0),      # no row counts as 0: moves
+        move("projection:gone", 3, 2),     # no row, 2 expected: fails
+        return_exceptions=True,
+    )
+
+    assert [type(o).__name__ for o in outcomes] == [
+        "NoneType", "NoneType", "ConcurrencyError", "NoneType", "ConcurrencyError"]
+    assert [await store.get_checkpoint(n) for n in (
+        "bus:plain", "projection:a", "projection:b", "projection:new", "projection:gone",
+    )] == [7, 9, 5, 3, 0]
+
+
 async def test_outbox_hands_out_unsent_events_until_marked_sent(
     store_factory: MakeStore,
 ) -> None:

@@ -7,8 +7,8 @@ a dozen statements per unit, most of a sale's SQL. `apply_group` applies the who
 with one statement per kind instead: one INSERT for every inbox mark, one SELECT that
 checks every appended event id and reads every appended stream's version, one INSERT for
 every event (positions assigned here: the writer holds the write lock, so they follow the
-log's head), one upsert for every plain checkpoint, one conditional UPDATE for every
-guarded checkpoint (projections), one upsert and one DELETE for the final state of every
+log's head), one upsert for every checkpoint (plain ones, and guarded ones moved only from
+where they are expected: projections), one upsert and one DELETE for the final state of every
 document touched. The outcome is the one the units would have had one after the other.
 
 Anything unusual — a check that fails (an inbox mark seen before, a version conflict, an
@@ -67,8 +67,7 @@ class _Plan:
 
     def statements(self) -> int:
         """How many statements the group takes (chunking of huge groups aside)."""
-        return (bool(self.marks) + 2 * bool(self.appends) + bool(self.plain)
-                + bool(self.movers)
+        return (bool(self.marks) + 2 * bool(self.appends) + bool(self.plain or self.movers)
                 + any(b is not None for b in self.documents.values())
                 + any(b is None for b in self.documents.values()))
 
@@ -119,18 +118,13 @@ def apply_group(
     recorded: list[list[RecordedEvent]] = [[] for _ in range(jobs)]
     if p.appends:
         _append(conn, p.appends, recorded, outbox)
-    if p.plain:
-        items = list(p.plain.items())
-        for start in range(0, len(items), ROWS):
-            chunk = items[start:start + ROWS]
-            conn.execute(
-                "INSERT INTO checkpoints (name, position) VALUES "
-                + ",".join(["(?, ?)"] * len(chunk))
-                + " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-                [v for row in chunk for v in row],
-            )
-    if p.movers:
-        _move(conn, p)
+    if len(p.plain) + len(p.movers) <= ROWS:
+        if p.plain or p.movers:
+            _checkpoints(conn, p)
+    else:
+        _plain(conn, p)
+        if p.movers:
+            _move(conn, p)
     if p.documents:
         _documents(conn, p.documents)
     return recorded
@@ -141,9 +135,9 @@ def single_statement_is_atomic(p: _Plan) -> bool:
     no BEGIN/COMMIT around it (a checkpoint moved alone, documents written alone)."""
     if p.statements() != 1 or p.marks or p.appends:
         return False
-    if len(p.plain) > ROWS or len(p.documents) > ROWS:
+    if len(p.plain) + len(p.movers) > ROWS or len(p.documents) > ROWS:
         return False
-    return len(p.movers) <= 1
+    return not p.movers or (len(p.movers) == 1 and not p.plain)
 
 
 def _mark(conn: sqlite3.Connection, marks: list[tuple[str, str]], now: int) -> None:
@@ -223,6 +217,44 @@ def _append(
                 "INSERT INTO outbox (global_position) VALUES " + ",".join(["(?)"] * len(chunk)),
                 chunk,
             )
+
+
+def _checkpoints(conn: sqlite3.Connection, p: _Plan) -> None:
+    """Every checkpoint in one upsert: plain ones set, guarded ones moved only from where
+    they are expected (a missing row counting as 0), guards checked; Unmergeable unless
+    every row was written (the slow path then says which did not)."""
+    rows: list[Any] = []
+    for name, position in p.plain.items():
+        rows += [name, position, None]
+    for m in p.movers.values():
+        rows += [m.name, m.position, m.expected]
+    sql = ("INSERT INTO checkpoints (name, position) SELECT column1, column2 FROM (VALUES "
+           + ",".join(["(?, ?, ?)"] * (len(rows) // 3)) + ") AS v WHERE (column3 IS NULL"
+           " OR column3 = 0 OR EXISTS (SELECT 1 FROM checkpoints c WHERE c.name = column1))")
+    params = rows
+    for name, expected in p.guards.items():
+        sql += " AND COALESCE((SELECT position FROM checkpoints WHERE name = ?), 0) = ?"
+        params += [name, expected]
+    sql += " ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+    if p.movers:
+        sql += (" WHERE CASE excluded.name"
+                + " WHEN ? THEN checkpoints.position = ?" * len(p.movers) + " ELSE 1 END")
+        for m in p.movers.values():
+            params += [m.name, m.expected]
+    if conn.execute(sql, params).rowcount != len(p.plain) + len(p.movers):
+        raise Unmergeable
+
+
+def _plain(conn: sqlite3.Connection, p: _Plan) -> None:
+    items = list(p.plain.items())
+    for start in range(0, len(items), ROWS):
+        chunk = items[start:start + ROWS]
+        conn.execute(
+            "INSERT INTO checkpoints (name, position) VALUES "
+            + ",".join(["(?, ?)"] * len(chunk))
+            + " ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            [v for row in chunk for v in row],
+        )
 
 
 def _move(conn: sqlite3.Connection, p: _Plan) -> None:
