@@ -88,3 +88,21 @@ async def test_a_cleared_collection_and_a_failed_unit_leave_nothing_stale(
             uow.append("cart-1", [NewEvent("B", {})], NO_STREAM)
     assert await db.get_document("carts", "1") is None
     assert db.known_version("cart-1") == 1
+
+
+async def test_a_stream_written_before_it_opened_is_appended_after_its_last_event(
+    tmp_path: Path,
+) -> None:
+    async with SqliteEventStore(tmp_path / "log.db") as before:
+        await before.append("cart-1", [NewEvent("A", {}), NewEvent("B", {})], NO_STREAM)
+        stored = await before.append("cart-2", [NewEvent("A", {})], NO_STREAM)
+
+    async with SqliteEventStore(tmp_path / "log.db") as db:
+        # It never wrote these streams: not known, so asked (or checked by the insert).
+        (any_version,) = await db.append("cart-1", [NewEvent("C", {})])
+        with pytest.raises(ConcurrencyError):
+            await db.append("cart-2", [NewEvent("B", {})], NO_STREAM)
+        again = await db.append("cart-2", [NewEvent("A", {}, event_id=stored[0].event_id)])
+
+    assert any_version.stream_version == 3
+    assert [e.event_id for e in again] == [stored[0].event_id]

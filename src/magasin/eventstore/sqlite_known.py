@@ -37,9 +37,12 @@ class KnownState:
         """The counter as the writer left it, with every map complete; None: trust nothing."""
         self.versions: dict[str, int] = {}
         self.documents: dict[tuple[str, str], str | None] = {}
+        self.head: int | None = None
+        """The log's last position, when known."""
 
     def open(self, database: Path) -> None:
-        """Start following the database's commits (once its WAL is set up)."""
+        """Start following the database's commits (once its WAL is set up); then tell the
+        log's head (`head`), read after this."""
         try:
             fd = os.open(f"{database}-shm", os.O_RDONLY)
         except OSError:
@@ -70,6 +73,12 @@ class KnownState:
     def forget(self) -> None:
         self.versions.clear()
         self.documents.clear()
+        self.head = None
+
+    def trusted(self) -> bool:
+        """True while nobody but this writer committed since it last settled; the writer
+        asks while it holds the write lock, so the answer holds until it commits."""
+        return self._seen is not None and self.counter() == self._seen
 
     # -- the writer's side (writer thread) ----------------------------------------------
 
@@ -80,10 +89,12 @@ class KnownState:
         versions: dict[str, int],
         documents: dict[tuple[str, str], str | None],
         cleared: bool = False,
+        head: int | None = None,
     ) -> None:
         """After a write: `before` is the counter read before it began, `commits` how many
         transactions it committed; `versions` and `documents` what they left behind
-        (`cleared`: a collection-wide operation ran, the documents known are forgotten)."""
+        (`cleared`: a collection-wide operation ran, the documents known are forgotten;
+        `head`: the last position it appended)."""
         after = self.counter()
         if before is None or after is None:
             self._seen = None
@@ -102,6 +113,8 @@ class KnownState:
             if len(self.documents) + len(documents) > MAX_DOCUMENTS:
                 self.documents.clear()
             self.documents.update(documents)
+            if head is not None:
+                self.head = head
         self._seen = after  # last: readers trust the maps only once it matches the counter
 
     # -- the readers' side (event loop) --------------------------------------------------
