@@ -10,6 +10,7 @@ import pytest
 
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import NO_STREAM
+from magasin.eventstore.window import LogWindow
 from magasin.shared.errors import ConcurrencyError
 from magasin.shared.messages import NewEvent
 
@@ -106,3 +107,23 @@ async def test_a_stream_written_before_it_opened_is_appended_after_its_last_even
 
     assert any_version.stream_version == 3
     assert [e.event_id for e in again] == [stored[0].event_id]
+
+
+async def test_the_log_window_takes_this_process_commits_without_reading_them(
+    db: SqliteEventStore,
+) -> None:
+    window = LogWindow(db, size=100)
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    assert [e.type for e in await window.read(0, 10)] == ["A"]  # read once, then held
+    read = queries(db)
+
+    await db.append("cart-1", [NewEvent("B", {}), NewEvent("C", {})], 1)
+    assert [e.type for e in await window.read(1, 10)] == ["B", "C"]
+    assert read == []
+
+    # Another writer's events leave a hole before this process's next ones: read them.
+    async with SqliteEventStore(db.path) as other:
+        await other.append("cart-2", [NewEvent("X", {})], NO_STREAM)
+    await db.append("cart-1", [NewEvent("D", {})], 3)
+    assert [e.type for e in await window.read(3, 10)] == ["X", "D"]
+    assert read

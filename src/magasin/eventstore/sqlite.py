@@ -167,6 +167,8 @@ class SqliteEventStore(EventStore):
         self._known = KnownState()
         self._wlock = threading.Lock()
         self._commits = 0
+        self._inserted: list[RecordedEvent] = []
+        """Events the writer inserted in its current call (not those a retry got back)."""
         """Transactions the writer committed that changed something (see KnownState)."""
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -276,12 +278,12 @@ class SqliteEventStore(EventStore):
                 # here rather than pay the hop to the writer thread and back (which cost
                 # more than the write itself: bench/eventstore.py append_1_writer).
                 try:
-                    outcomes, last = self._apply_jobs([operations])
+                    outcomes, last, fresh = self._apply_jobs([operations])
                 except sqlite3.Error as exc:
                     raise StorageError(f"sqlite: {exc}") from exc
                 finally:
                     self._wlock.release()
-                self._published(outcomes, last)
+                self._published(last, fresh)
                 outcome = outcomes[0]
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -302,7 +304,8 @@ class SqliteEventStore(EventStore):
             while len(jobs) < self._max_batch and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                outcomes, last = await self._in_writer(self._apply_jobs, [ops for ops, _ in jobs])
+                outcomes, last, fresh = await self._in_writer(
+                    self._apply_jobs, [ops for ops, _ in jobs])
             except Exception as exc:
                 for _, future in jobs:
                     if not future.done():
@@ -315,27 +318,19 @@ class SqliteEventStore(EventStore):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
-            self._published(outcomes, last)
+            self._published(last, fresh)
 
-    def _published(self, outcomes: list[list[RecordedEvent] | MagasinError], last: int) -> None:
-        """After a commit: the new head, told to the commits' followers and the waiters."""
+    def _published(self, last: int, fresh: list[RecordedEvent]) -> None:
+        """After a commit: the new head; the events it inserted (in log order, consecutive
+        positions) told to the commits' followers; the waiters woken."""
         if last > self._last_position:
             assert self._new_events is not None
-            before, self._last_position = self._last_position, last
-            if self._listeners:
-                self._tell_listeners(outcomes, before)
+            self._last_position = last
+            if self._listeners and fresh:
+                for listener in self._listeners:
+                    listener(fresh)
             self._new_events.set()
             self._new_events = asyncio.Event()
-
-    def _tell_listeners(
-        self, outcomes: list[list[RecordedEvent] | MagasinError], before: int
-    ) -> None:
-        """The events this commit appended (not those an idempotent retry returned), in log
-        order, to whoever follows the commits."""
-        new = sorted((e for r in outcomes if isinstance(r, list) for e in r
-                      if e.global_position > before), key=lambda e: e.global_position)
-        for listener in self._listeners:
-            listener(new)
 
     def follow_commits(self, listener: Callable[[list[RecordedEvent]], None]) -> bool:
         # One writer assigns positions in commit order: nothing can commit below them later.
@@ -344,20 +339,24 @@ class SqliteEventStore(EventStore):
 
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
-    ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
-        """`_commit_jobs`, noting what it leaves behind for the readers (see KnownState)."""
+    ) -> tuple[list[list[RecordedEvent] | MagasinError], int, list[RecordedEvent]]:
+        """`_commit_jobs`, noting what it leaves behind for the readers (see KnownState);
+        also returns the events it inserted, in log order."""
         before, commits = self._known.counter(), self._commits
-        last = self._known.head if self._known.head is not None else self._last_position
+        self._inserted = []
         outcomes, position = self._commit_jobs(jobs)
+        inserted = {id(e) for e in self._inserted}  # not the stored ones a retry got back
         versions: dict[str, int] = {}
         documents: dict[tuple[str, str], str | None] = {}
         cleared = False
+        fresh: list[RecordedEvent] = []
         for ops, outcome in zip(jobs, outcomes, strict=False):
             if not isinstance(outcome, list):
                 continue
             for event in outcome:
-                if event.global_position > last:
+                if id(event) in inserted:
                     versions[event.stream_id] = event.stream_version
+                    fresh.append(event)
             for op in ops:
                 if isinstance(op, PutDocument):
                     documents[op.collection, op.key] = dumps(op.body)
@@ -366,9 +365,10 @@ class SqliteEventStore(EventStore):
                 elif isinstance(op, ClearCollection | ReplaceCollection):
                     documents.clear()
                     cleared = True
-        self._known.settle(before, self._commits - commits, versions, documents, cleared,
-                           position if position > last else None)
-        return outcomes, position
+        fresh.sort(key=lambda e: e.global_position)
+        head = fresh[-1].global_position if fresh else None
+        self._known.settle(before, self._commits - commits, versions, documents, cleared, head)
+        return outcomes, position, fresh
 
     def _tracked(self, fn: Any) -> Any:
         """Run a write of the writer thread that is no unit of work (a snapshot, outbox
@@ -435,6 +435,7 @@ class SqliteEventStore(EventStore):
             wrote = conn.total_changes != changes
             conn.execute("COMMIT")
             self._commits += wrote
+            self._inserted += (e for r in recorded for e in r)
         except (sqlite_group.Unmergeable, MagasinError):
             conn.execute("ROLLBACK")
             return None
@@ -684,6 +685,7 @@ class SqliteEventStore(EventStore):
                     metadata=orjson.loads(metadata), payload=orjson.loads(payload),
                 )
             )
+        self._inserted += recorded
         return recorded
 
     # -- reads --------------------------------------------------------------------------

@@ -64,7 +64,12 @@ class LogWindow:
         a query when they follow the window's end with no hole between. A read that found
         the end a moment ago still vouches for what other processes did since (the same
         TRUST_EMPTY_S), so the readers following the head need no query either."""
-        if not events or events[0].global_position != self.end + 1:
+        position = self.end
+        for event in events:  # a run with no hole, right after the window's end
+            position += 1
+            if event.global_position != position:
+                return
+        if not events:
             return
         end = self.end
         self._keep(end, events)
