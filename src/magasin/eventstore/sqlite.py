@@ -1,10 +1,13 @@
 """SQLite adapter of the event store (embedded mode): one file, WAL, one writer, group commit.
 
-All writes go through one writer thread. Units of work queued while a commit is running
-are committed together in the next database transaction, each inside its own SAVEPOINT so
+All writes go through one writer connection. Units of work queued while a commit is
+running are committed together in the next database transaction, as one group in a few
+statements (sqlite_group), or, when one of them fails, each inside its own SAVEPOINT so
 that one failing unit (a version conflict, say) does not fail the others. This gives one
-fsync for many concurrent appends. Reads run on the caller's thread with a connection of
-their own (WAL lets them read while the writer writes). Positions are assigned by the
+fsync for many concurrent appends. The writer thread runs them; a commit with nothing to
+group it with runs on the event loop instead (no thread hop). Reads run on the caller's
+thread with a connection of their own (WAL lets them read while the writer writes), or
+not at all when the writer knows the answer (sqlite_known). Positions are assigned by the
 single writer in commit order, so the global log has no gaps in flight.
 """
 
@@ -167,9 +170,9 @@ class SqliteEventStore(EventStore):
         self._known = KnownState()
         self._wlock = threading.Lock()
         self._commits = 0
+        """Transactions the writer committed that changed something (see KnownState)."""
         self._inserted: list[RecordedEvent] = []
         """Events the writer inserted in its current call (not those a retry got back)."""
-        """Transactions the writer committed that changed something (see KnownState)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
