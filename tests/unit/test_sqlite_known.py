@@ -3,6 +3,8 @@ committed since: a second store on the same file (another process, say) is alway
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,3 +129,22 @@ async def test_the_log_window_takes_this_process_commits_without_reading_them(
     await db.append("cart-1", [NewEvent("D", {})], 3)
     assert [e.type for e in await window.read(3, 10)] == ["X", "D"]
     assert read
+
+
+async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
+    db: SqliteEventStore,
+) -> None:
+    assert db._wconn is not None
+    threads: list[str] = []
+    db._wconn.set_trace_callback(
+        lambda sql: threads.append(threading.current_thread().name) if sql.startswith(
+            "BEGIN") else None)
+
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    assert threads == [threading.current_thread().name]  # no hop to the writer thread
+
+    threads.clear()
+    await asyncio.gather(*(db.append(f"cart-{i}", [NewEvent("A", {})], NO_STREAM)
+                           for i in range(2, 10)))
+    assert len(threads) <= 2  # eight commits in one or two transactions, not eight
+    assert [await db.stream_version(f"cart-{i}") for i in range(2, 10)] == [1] * 8
