@@ -417,7 +417,7 @@ class SqliteEventStore(EventStore):
             group = sqlite_group.plan(jobs)
         except sqlite_group.Unmergeable:
             return None
-        now = to_micros(utcnow())
+        now = to_micros(utcnow()) if group.marks else 0
         changes = conn.total_changes
         if sqlite_group.single_statement_is_atomic(group):
             try:

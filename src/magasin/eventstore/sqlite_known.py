@@ -7,16 +7,17 @@ SQLite adapter has one writer per process, but another process (a CLI, a second 
 the same file) may write too; a time-based guess would let a load miss what it wrote. The
 WAL-index header (the `-shm` file every connection to the database maps, format documented
 at https://www.sqlite.org/walformat.html) holds `iChange`, a counter every commit, by any
-connection, increments: reading it costs a `pread` of 12 bytes, no statement. The writer
-notes the counter around each of its transactions: when it moved by exactly the number of
-commits it made, nobody else committed, and what it wrote is the current state; any other
-move means another connection committed, and everything known is forgotten (the next loads
-and reads query the database, as they always did). A reader trusts what is known only
-while the counter still stands where the writer left it.
+connection, increments: reading it costs a memory read (the header is mapped here too), no
+statement. The writer notes the counter around each of its transactions: when it moved by
+exactly the number of commits it made, nobody else committed, and what it wrote is the
+current state; any other move means another connection committed, and everything known is
+forgotten (the next loads and reads query the database, as they always did). A reader
+trusts what is known only while the counter still stands where the writer left it.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -32,7 +33,7 @@ UNKNOWN = object()
 
 class KnownState:
     def __init__(self) -> None:
-        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
         self._seen: int | None = None
         """The counter as the writer left it, with every map complete; None: trust nothing."""
         self.versions: dict[str, int] = {}
@@ -43,32 +44,37 @@ class KnownState:
     def open(self, database: Path) -> None:
         """Start following the database's commits (once its WAL is set up); then tell the
         log's head (`head`), read after this."""
+        # Mapped, not read with a system call each time (16 µs under load, measured). SQLite
+        # never truncates the file while a connection has it open, and this store's do
+        # until `close`, which unmaps first.
         try:
             fd = os.open(f"{database}-shm", os.O_RDONLY)
         except OSError:
             return  # no shared WAL index (another locking mode): trust nothing, ever
-        self._fd = fd
-        header = os.pread(fd, _HEADER.size, 0)
-        if len(header) < _HEADER.size or _HEADER.unpack(header)[0] != WAL_INDEX_VERSION:
+        try:
+            if os.fstat(fd).st_size < mmap.PAGESIZE:
+                return
+            self._map = mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if _HEADER.unpack_from(self._map, 0)[0] != WAL_INDEX_VERSION:
             self.close()
             return
         self._seen = self.counter()
 
     def close(self) -> None:
         self._seen = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         self.forget()
 
     def counter(self) -> int | None:
-        if self._fd is None:
+        if self._map is None:
             return None
-        try:
-            header = os.pread(self._fd, _HEADER.size, 0)
-        except OSError:
-            return None
-        return _HEADER.unpack(header)[2] if len(header) == _HEADER.size else None
+        return int(_HEADER.unpack_from(self._map, 0)[2])
 
     def forget(self) -> None:
         self.versions.clear()
