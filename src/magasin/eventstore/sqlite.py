@@ -304,6 +304,7 @@ class SqliteEventStore(EventStore):
         assert self._queue is not None and self._new_events is not None
         while True:
             jobs = [await self._queue.get()]
+            await asyncio.sleep(0)  # the tasks already ready may queue theirs: one commit
             while len(jobs) < self._max_batch and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
