@@ -304,7 +304,11 @@ class SqliteEventStore(EventStore):
         assert self._queue is not None and self._new_events is not None
         while True:
             jobs = [await self._queue.get()]
-            await asyncio.sleep(0)  # the tasks already ready may queue theirs: one commit
+            try:
+                await asyncio.sleep(0)  # the tasks already ready may queue theirs: one commit
+            except asyncio.CancelledError:
+                jobs[0][1].set_exception(StorageError("the SQLite event store closed"))
+                raise
             while len(jobs) < self._max_batch and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
