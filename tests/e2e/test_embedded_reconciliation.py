@@ -86,7 +86,11 @@ async def test_a_crash_between_approval_and_commit_leaves_the_books_agreeing_aft
                 async with SqliteEventStore(db) as books:
                     return await books.get_document(CHARGES, tid) is not None
 
-            await eventually(approved)
+            try:
+                await eventually(approved)
+            except TimeoutError:  # say what the process did instead
+                raise AssertionError(f"the bank never saw the charge of {tid}:\n"
+                                     f"{process.tail(150)}") from None
             process.kill()  # the bank's answer is still on its way: nothing committed
             await asyncio.sleep(1.5)  # the payment deadline passes while it is down
             process.start()
