@@ -16,9 +16,8 @@ import pytest
 
 from magasin.bootstrap import Runtime
 from magasin.demo import _sale
-from magasin.observability.metrics import REGISTRY
 from tests.budget.budgets import EMBEDDED, SALES
-from tests.e2e.conftest import Shop, serving
+from tests.e2e.conftest import Shop, handler_runs, serving
 from tests.e2e.conftest import test_settings as settings_for
 
 AUDIT = "AuditEntryRecorded"
@@ -73,17 +72,6 @@ async def settled(shop: Shop) -> Counter[str]:
         if now == before:
             return now
         before = now
-
-
-def handler_runs() -> Counter[str]:
-    """Deliveries each consumer handled so far, from the process's Prometheus registry."""
-    runs: Counter[str] = Counter()
-    for metric in REGISTRY.collect():
-        for sample in metric.samples:
-            if (sample.name == "magasin_events_consumed_total"
-                    and sample.labels.get("outcome") == "handled"):
-                runs[sample.labels["consumer"]] += int(sample.value)
-    return runs
 
 
 def table(rows: dict[str, float], budgets: dict[str, float]) -> str:

@@ -4,6 +4,7 @@ driven over HTTP through its ASGI app."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import uvicorn
 from magasin.api.app import create_app
 from magasin.bootstrap import Runtime
 from magasin.config import Settings
+from tests.e2e.webhooks import Hook
 
 API_KEY = "e2e-key"
 TERMINAL = {"COMPLETED", "CANCELLED"}
@@ -137,3 +139,25 @@ async def serving(runtime: Runtime) -> AsyncIterator[Shop]:
 async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     async with serving(Runtime.embedded(test_settings(tmp_path))) as running:
         yield running
+
+
+def handler_runs() -> Counter[str]:
+    """Events each consumer handled so far in this process (its Prometheus registry)."""
+    from magasin.observability.metrics import REGISTRY
+
+    runs: Counter[str] = Counter()
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if (sample.name == "magasin_events_consumed_total"
+                    and sample.labels.get("outcome") == "handled"):
+                runs[sample.labels["consumer"]] += int(sample.value)
+    return runs
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[Hook]:
+    endpoint = Hook()
+    server = await asyncio.start_server(endpoint.serve_one, "127.0.0.1", 0)
+    endpoint.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/sales"
+    async with server:
+        yield endpoint

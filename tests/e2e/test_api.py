@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from magasin.service import ServiceContext
 from magasin.shared.messages import RecordedEvent
 from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually, served
 from tests.e2e.conftest import test_settings as settings_in
+from tests.e2e.webhooks import Hook
 
 NOMINAL = ["PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
 DECLINED = ["PENDING", "CANCELLING", "CANCELLED"]
@@ -213,59 +213,6 @@ async def test_events_stop_with_a_timeout_event_when_the_sale_takes_too_long(
 
 
 # -- webhooks --------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-    answered: int
-
-
-@dataclass
-class Hook:
-    """A local HTTP endpoint that records every request and answers from a script."""
-
-    script: list[int] = field(default_factory=list)
-    requests: list[Received] = field(default_factory=list)
-    url: str = ""
-
-    async def serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            request_line, *header_lines = head.split("\r\n")
-            method, path, _ = request_line.split(" ", 2)
-            headers = {
-                name.strip().lower(): value.strip()
-                for name, _, value in (h.partition(":") for h in header_lines if h)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            status = self.script.pop(0) if self.script else 200
-            self.requests.append(Received(method, path, headers, json.loads(body), status))
-            writer.write(
-                f"HTTP/1.1 {status} Scripted\r\nContent-Length: 0\r\n"
-                "Connection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-        finally:
-            writer.close()
-
-    def arrived(self, count: int) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            return len(self.requests) >= count
-
-        return check
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[Hook]:
-    endpoint = Hook()
-    server = await asyncio.start_server(endpoint.serve_one, "127.0.0.1", 0)
-    endpoint.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/sales"
-    async with server:
-        yield endpoint
 
 
 async def test_a_completed_sale_is_posted_once_to_its_callback_url(

@@ -30,7 +30,7 @@ from tests.e2e.processes import (
     consumer_count,
     running_cluster,
 )
-from tests.e2e.test_api import Hook
+from tests.e2e.webhooks import Hook
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq]
 

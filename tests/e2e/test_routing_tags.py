@@ -4,7 +4,6 @@ callback_url only."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,25 +11,14 @@ from pathlib import Path
 import pytest
 
 from magasin.bootstrap import Runtime
-from magasin.observability.metrics import REGISTRY
 from magasin.transactions.orchestrator.handlers import CONSUMER as ORCHESTRATOR
 from magasin.transactions.orchestrator.handlers import STATE
 from tests.e2e import conftest
 from tests.e2e.conftest import Shop, eventually, serving
-from tests.e2e.test_api import Hook
+from tests.e2e.conftest import handler_runs as handled
+from tests.e2e.webhooks import Hook
 
 NOTIFIER = "transaction.notifier"
-
-
-def handled() -> Counter[str]:
-    """Events each consumer handled so far in this process (its Prometheus registry)."""
-    runs: Counter[str] = Counter()
-    for metric in REGISTRY.collect():
-        for sample in metric.samples:
-            if (sample.name == "magasin_events_consumed_total"
-                    and sample.labels.get("outcome") == "handled"):
-                runs[sample.labels["consumer"]] += int(sample.value)
-    return runs
 
 
 @pytest.fixture
@@ -39,15 +27,6 @@ async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
     settings = conftest.test_settings(tmp_path, saga_orchestrate="method:AMEX")
     async with serving(Runtime.embedded(settings)) as running:
         yield running
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[Hook]:
-    endpoint = Hook()
-    server = await asyncio.start_server(endpoint.serve_one, "127.0.0.1", 0)
-    endpoint.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/sales"
-    async with server:
-        yield endpoint
 
 
 async def test_the_orchestrator_and_the_notifier_handle_only_the_sales_meant_for_them(
