@@ -3,7 +3,6 @@ embedded store, or (`--distributed --service S`) of one service's PostgreSQL and
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,10 +14,10 @@ from rich.table import Table
 
 from magasin.api.deadletters import StatusFilter, status_filter
 from magasin.bootstrap import SERVICES, distributed_store, embedded_store
+from magasin.cli_run import run_command
 from magasin.config import Settings
 from magasin.messaging.bus import DeadLetter, EventBus
 from magasin.messaging.deadletters import reason_kind
-from magasin.shared.errors import MagasinError
 from magasin.shared.events import SCHEMAS
 
 app = typer.Typer(
@@ -69,11 +68,7 @@ def _run(distributed: bool, service: str | None,
         async with _bus(distributed, service) as bus:
             await work(bus)
 
-    try:
-        asyncio.run(main())
-    except MagasinError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    run_command(main())
 
 
 def _table(letters: list[DeadLetter]) -> Table:

@@ -4,7 +4,6 @@ leases in PostgreSQL and queue depths in RabbitMQ)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
@@ -13,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from magasin.bootstrap import SERVICES, Runtime
+from magasin.cli_run import run_command
 from magasin.config import Settings
 from magasin.messaging.bus import PartitionState
-from magasin.shared.errors import MagasinError
 
 console = Console()
 
@@ -41,11 +40,7 @@ def partitions(
         async with runtime.store:  # the bus is not started: it only reads
             return await runtime.bus.partition_states()
 
-    try:
-        states = asyncio.run(main())
-    except MagasinError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    states = run_command(main())
     if as_json:
         for s in states:
             typer.echo(json.dumps({"consumer": s.consumer, "partition": s.partition,

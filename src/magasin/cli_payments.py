@@ -4,7 +4,6 @@ the payment service's PostgreSQL schema. Safe to run while the services run, and
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import timedelta
 from typing import Annotated
@@ -14,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from magasin.bootstrap import distributed_store, embedded_store
+from magasin.cli_run import run_command
 from magasin.config import Settings
 from magasin.payments.reconcile import Settlement, reconcile
 from magasin.payments.service import bank_simulator
 from magasin.shared.clock import utcnow
-from magasin.shared.errors import MagasinError
 
 app = typer.Typer(help="Payments: reconciliation with the bank.", no_args_is_help=True)
 console = Console()
@@ -45,11 +44,7 @@ def reconcile_command(
         async with store:
             return await reconcile(store, bank_simulator(store, settings), utcnow(), wait)
 
-    try:
-        done = asyncio.run(main())
-    except MagasinError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    done = run_command(main())
     if as_json:
         for s in done:
             print(json.dumps({
