@@ -24,7 +24,7 @@ from magasin.service import ServiceContext
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, NotFound
 from magasin.shared.events import SaleLine
 from magasin.shared.ids import time_ordered_id
-from magasin.transactions import readmodel, saga_index, stats, tags
+from magasin.transactions import readmodel, saga_index, stats
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.domain import MAX_LINES, MAX_QUANTITY, Status, Transaction
 from magasin.transactions.feed import RELOAD, StatusFeed
@@ -162,7 +162,6 @@ async def create(
                 uow.mark_processed(IDEMPOTENCY, key)
                 uow.put_document(IDEMPOTENCY, key, {"transaction_id": ident,
                                                     "fingerprint": fingerprint})
-            tags.stamp(uow, sale)  # its mode and callback route its events (tags.py)
             # A new aggregate is at version 0: the stream must not exist. Its saga index,
             # payment deadline and metrics are written with it.
             await saga_index.save(uow, sale, deadlines)

@@ -19,7 +19,7 @@ from magasin.shared.events import (
     StoreRegistered,
 )
 from magasin.shared.messages import RecordedEvent
-from magasin.transactions import readmodel, saga_index, tags
+from magasin.transactions import readmodel, saga_index
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.domain import Transaction
 
@@ -39,7 +39,6 @@ def _saga_step(step: Callable[[Transaction, Any], None], deadlines: Deadlines) -
             # a message for a sale this service never had: retry, then dead-letter.
             raise NotFound(f"no transaction {payload.transaction_id}")
         step(sale, payload)
-        tags.stamp(uow, sale)
         await saga_index.save(uow, sale, deadlines)
 
     return handle

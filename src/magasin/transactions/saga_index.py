@@ -29,6 +29,7 @@ from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.observability import sagas as saga_metrics
 from magasin.observability.sagas import STUCK
 from magasin.shared.messages import NewEvent
+from magasin.transactions import tags
 from magasin.transactions.deadlines import Deadlines, due_key
 from magasin.transactions.domain import Status, Transaction
 
@@ -49,9 +50,10 @@ sales = Repository(Transaction)
 async def save(
     uow: UnitOfWork, sale: Transaction, deadlines: Deadlines = DEFAULT_DEADLINES
 ) -> list[NewEvent]:
-    """Stage the sale's pending events (expecting the version it was loaded at) and bring
-    its saga index, deadline, stuck entry and metrics in step with them; returns the staged
-    events."""
+    """Stage the sale's pending events (expecting the version it was loaded at), carrying
+    its routing tags (tags.py), and bring its saga index, deadline, stuck entry and metrics
+    in step with them; returns the staged events."""
+    tags.stamp(uow, sale)
     staged = sales.save(uow, sale)
     started = [e for e in staged if e.type in INDEXED]
     if started:

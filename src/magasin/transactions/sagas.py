@@ -25,7 +25,7 @@ from magasin.eventstore.store import Causation, EventStore, UnitOfWork
 from magasin.messaging.partitioning import configured_partitions, partition_metadata
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import ConcurrencyError, Conflict, NotFound
-from magasin.transactions import saga_index, tags
+from magasin.transactions import saga_index
 from magasin.transactions.deadlines import Deadlines, due_of
 from magasin.transactions.domain import COMPENSATION, Transaction
 from magasin.transactions.orchestrator import handlers as orchestrator
@@ -67,7 +67,6 @@ async def _decide(
                     **causation.metadata,
                     **partition_metadata(sale.customer_id, configured_partitions()),
                 })
-                tags.stamp(uow, sale)  # and carry its routing tags (tags.py)
                 if not await decision(uow, sale):
                     raise Conflict(refusal(sale))
                 await saga_index.save(uow, sale, deadlines)

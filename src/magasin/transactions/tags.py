@@ -2,9 +2,9 @@
 never delivered the others' events (issue 11, `messaging.tags`).
 
 A tag is an entry of the events' `baggage` metadata, which every event a handler writes
-inherits from the event it handles. The transaction service stamps the sale's own entries
-on every event of the sale it records (from the sale, so that a step whose unit of work
-starts afresh, an operator's or a deadline's decision, carries them too):
+inherits from the event it handles. `saga_index.save`, through which every sale is saved,
+stamps the sale's own entries on the sale's events (from the sale, so that a step whose
+unit of work starts afresh, an operator's or a deadline's decision, carries them too):
 
 - `saga_mode=orchestration` (`ORCHESTRATED`): an orchestrated sale, from its
   TransactionCreated on. The orchestrator's consumer requires it; the services'
