@@ -3,7 +3,8 @@
 Prints one JSON object: {"sqlite": {...}, "postgres": {...}} with events/s for
 append_1_writer, append_8_writers, append_batch10, read_all (our store) and
 raw_append_1_writer, raw_append_8_writers, raw_read_all (the bare driver doing equivalent
-inserts, and selecting the same rows in the same pages), plus the ratios ours/raw.
+inserts, and selecting the same rows in the same pages), plus the ratios ours/raw. Appends
+are the medians of ROUNDS rounds, each timing ours then the bare driver (seconds/ROUNDS each).
 read_all and raw_read_all are each the median of READ_PASSES passes over the whole log
 (100,000 events or more, pages of 5000), taken in turns. PostgreSQL is the server of
 MAGASIN_DATABASE_URL (default: local); the benchmark works in a schema of its own that it
@@ -44,6 +45,7 @@ META = {"service": "bench"}
 READ_EVENTS = 100_000
 READ_PAGE = 5000
 READ_PASSES = 3
+ROUNDS = 3
 
 
 def event() -> NewEvent:
@@ -67,34 +69,52 @@ async def timed(seconds: float, writers: int, step: Callable[[int, int], Awaitab
     return sum(counts) / (time.perf_counter() - started)
 
 
-async def ours(store: EventStore, seconds: float) -> dict[str, float]:
+Step = Callable[[int, int], Awaitable[int]]
+
+
+def our_steps(store: EventStore) -> dict[str, tuple[int, Step]]:
+    """Each append measurement of our store: (writers, one step of a writer)."""
     run = uuid.uuid4().hex[:6]
 
-    async def one(w: int, i: int) -> int:
-        await store.append(f"bench1-{run}-{w}-{i // 50}", [event()])
-        return 1
-
-    async def eight(w: int, i: int) -> int:
-        await store.append(f"bench8-{run}-{w}-{i // 50}", [event()])
-        return 1
+    def single(name: str) -> Step:
+        async def step(w: int, i: int) -> int:
+            await store.append(f"{name}-{run}-{w}-{i // 50}", [event()])
+            return 1
+        return step
 
     async def batch(w: int, i: int) -> int:
         await store.append(f"bench10-{run}-{w}-{i}", [event() for _ in range(10)])
         return 10
 
-    results = {
-        "append_1_writer": await timed(seconds, 1, one),
-        "append_8_writers": await timed(seconds, 8, eight),
-        "append_batch10": await timed(seconds, 1, batch),
-    }
+    return {"append_1_writer": (1, single("bench1")), "append_8_writers": (8, single("bench8")),
+            "append_batch10": (1, batch)}
+
+
+async def appends(store: EventStore, seconds: float,
+                  raw: Callable[[int, float], Awaitable[float]]) -> dict[str, float]:
+    """Medians of ROUNDS rounds, each measuring ours then the bare driver for seconds/ROUNDS:
+    alternating exposes both to the same load and fsync weather (one long run of each in
+    turn did not: the disk's latency drifts over tens of seconds)."""
+    runs: dict[str, list[float]] = {}
+    share = seconds / ROUNDS
+    for _ in range(ROUNDS):
+        for name, (writers, step) in our_steps(store).items():
+            runs.setdefault(name, []).append(await timed(share, writers, step))
+            if name != "append_batch10":
+                runs.setdefault(f"raw_{name}", []).append(await raw(writers, share))
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+async def filled(store: EventStore) -> None:
+    """Append until the log is big enough to time read_all over."""
+    run = uuid.uuid4().hex[:6]
     total = await store.last_position()
-    while total < READ_EVENTS:  # read-all needs a log big enough to time
+    while total < READ_EVENTS:
         await asyncio.gather(*(
             store.append(f"fill-{run}-{total}-{k}", [event() for _ in range(100)])
             for k in range(10)
         ))
         total = await store.last_position()
-    return results
 
 
 async def read_all(store: EventStore) -> float:
@@ -235,17 +255,18 @@ def with_ratios(result: dict[str, float]) -> dict[str, float]:
 
 async def bench_sqlite(seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.db"
+        path, raw_path = Path(tmp) / "bench.db", Path(tmp) / "raw.db"
         async with SqliteEventStore(path) as store:
-            result = await ours(store, seconds)
 
-            async def raw() -> float:
+            async def raw_append(writers: int, share: float) -> float:
+                return raw_sqlite(raw_path, share, writers)
+
+            async def raw_read() -> float:
                 return raw_sqlite_read(path)
 
-            result |= await read_passes(lambda: read_all(store), raw)
-        raw_path = Path(tmp) / "raw.db"
-        result["raw_append_1_writer"] = raw_sqlite(raw_path, seconds, 1)
-        result["raw_append_8_writers"] = raw_sqlite(raw_path, seconds, 8)
+            result = await appends(store, seconds, raw_append)
+            await filled(store)
+            result |= await read_passes(lambda: read_all(store), raw_read)
     return with_ratios(result)
 
 
@@ -256,11 +277,14 @@ async def bench_postgres(seconds: float) -> dict[str, float]:
 
     try:
         async with PostgresEventStore(dsn, schema=schema, pool_max=10) as store:
-            result = await ours(store, seconds)
+
+            async def raw_append(writers: int, share: float) -> float:
+                return await raw_postgres(dsn, schema, share, writers)
+
+            result = await appends(store, seconds, raw_append)
+            await filled(store)
             result |= await read_passes(lambda: read_all(store),
                                         lambda: raw_postgres_read(dsn, schema))
-        result["raw_append_1_writer"] = await raw_postgres(dsn, schema, seconds, 1)
-        result["raw_append_8_writers"] = await raw_postgres(dsn, schema, seconds, 8)
     finally:
         conn = await asyncpg.connect(dsn)
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
