@@ -17,6 +17,7 @@ from magasin.messaging.dispatch import Outcome, check_handlers
 from magasin.service import ServiceContext
 from magasin.shared.events import (
     SCHEMAS,
+    OrderFulfillmentFailed,
     PaymentProcessed,
     ProductAdded,
     StockLine,
@@ -133,6 +134,40 @@ async def test_a_reservation_shows_what_is_held_for_a_transaction(
     assert body["reservation_id"]
     assert body["expires_at"]
     assert (await client.get("/api/stock/S1/P1")).json()["available"] == 3
+
+
+async def test_one_reservation_reads_as_its_stream_has_it_while_the_read_model_lags(
+    harness: Harness,
+) -> None:
+    """Seed 6.2.2: a reservation not projected yet, or projected before its release, is
+    replayed from its events (no projection runs here: a plain ASGI transport)."""
+    app = FastAPI()
+    install(app)
+    app.include_router(router(ServiceContext(harness.store, Settings())))
+    setup = await harness.given("store", "S1", StoreRegistered("S1", "Centre", "D1", "1 rue"))
+    setup += await harness.given("product", "P1", ProductAdded("P1", "SKU-P1", "P1", 100, "CAD"))
+    for event in setup:
+        await harness.deliver("inventory", INVENTORY, event)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as http:
+        assert (await http.post("/api/stock/S1/P1/restock", json={"quantity": 5})).is_success
+        payment = PaymentProcessed("pay-1", "T1", 500, "CAD", "B1", "S1", (StockLine("P1", 2),))
+        [paid] = await harness.given("payment", "pay-1", payment, correlation_id="T1")
+        await harness.deliver("inventory", INVENTORY, paid)
+        held = await http.get("/api/reservations/T1")
+        assert held.status_code == 200, held.text
+        assert (held.json()["status"], held.json()["lines"]) == (
+            "RESERVED", [{"product_id": "P1", "quantity": 2}])
+
+        await harness.read_model("inventory.reservations", "T1")  # projected as RESERVED
+        failed = OrderFulfillmentFailed("T1", "S1", "no_staff")
+        [event] = await harness.given("order", "T1", failed, correlation_id="T1")
+        await harness.deliver("inventory", INVENTORY, event)
+        released = (await http.get("/api/reservations/T1")).json()
+        assert released["status"] == "RELEASED" and released["reason"]
+
+        await harness.read_model("inventory.reservations", "T1")
+        assert (await http.get("/api/reservations/T1")).json() == released
 
 
 async def test_an_unknown_reservation_is_not_found(client: httpx.AsyncClient) -> None:

@@ -122,3 +122,34 @@ async def test_bad_query_parameters_are_refused(
 ) -> None:
     response = await client.get("/api/payments", params=params)
     assert response.status_code == 422
+
+
+async def test_one_payment_reads_as_its_stream_has_it_while_the_read_model_lags(
+    harness: Harness,
+) -> None:
+    """Seed 6.2.2: a client told a sale's outcome reads the payment behind it at once — a
+    payment not projected yet, or projected before its refund, is replayed from its events
+    (no projection runs here); once projected, the read model answers the same."""
+    bank = BankSimulator(latency_s=0)
+    app = FastAPI()
+    errors.install(app)
+    app.include_router(router(ServiceContext(harness.store, Settings())))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as http:
+        await sale(harness, bank, "tx-1", "store-a", "VISA")
+        fresh = await http.get("/api/payments/tx-1")
+        assert fresh.status_code == 200, fresh.text
+        assert (fresh.json()["status"], fresh.json()["reason"]) == ("CAPTURED", None)
+
+        await harness.read_model("payment.payments", "tx-1")  # projected as CAPTURED
+        [unavailable] = await harness.given(
+            "inventory", "tx-1",
+            InventoryUnavailable("tx-1", "store-a", (MissingLine("p-1", 1, 0),)))
+        await harness.deliver("payment", handlers(bank), unavailable)
+        refunded = (await http.get("/api/payments/tx-1")).json()
+        assert (refunded["status"], refunded["reason"]) == ("REFUNDED", "inventory_unavailable")
+        assert refunded["refund_reference"] == bank.refunds[0]
+
+        assert await harness.read_model("payment.payments", "tx-1") is not None
+        assert (await http.get("/api/payments/tx-1")).json() == refunded
+        assert (await http.get("/api/payments/tx-9")).status_code == 404

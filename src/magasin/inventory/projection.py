@@ -75,10 +75,11 @@ def _empty(transaction_id: str) -> JsonDict:
     }
 
 
-async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
+def reservation_applied(doc: JsonDict | None, event: RecordedEvent) -> JsonDict:
+    """A reservation's document once `event` (of its stream) is applied; `version` is the
+    stream version it reflects, so a reader can tell a lagging document."""
     p = event.payload
-    tid = p["transaction_id"]
-    doc = await unit.get_document(RESERVATIONS, tid) or _empty(tid)
+    doc = dict(doc) if doc is not None else _empty(p["transaction_id"])
     match event.type:
         case "InventoryReserved":
             doc.update(
@@ -105,14 +106,31 @@ async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> No
             doc["expired_at"] = event.occurred_at.isoformat()
         case "ReservationVoided":
             doc.update(status="VOIDED", reason=p["reason"])
-    unit.put_document(RESERVATIONS, tid, doc)
+    doc["version"] = event.stream_version
+    return doc
+
+
+def reservation_replayed(events: list[RecordedEvent]) -> JsonDict | None:
+    """The document a reservation's stream folds to (None: an empty stream)."""
+    doc: JsonDict | None = None
+    for event in events:
+        if event.type in RESERVATION_EVENTS:
+            doc = reservation_applied(doc, event)
+    return doc
+
+
+async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
+    tid = event.payload["transaction_id"]
+    before = await unit.get_document(RESERVATIONS, tid)
+    unit.put_document(RESERVATIONS, tid, reservation_applied(before, event))
+
+
+RESERVATION_EVENTS = (
+    "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "InventoryCommitted",
+    "ReservationFulfilled", "ReservationVoided", "ReservationExpired",
+)
 
 
 def reservations_projection() -> Projection:
-    kinds = (
-        "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "InventoryCommitted",
-        "ReservationFulfilled", "ReservationVoided", "ReservationExpired",
-    )
-    return Projection(
-        "inventory.reservations", dict.fromkeys(kinds, _reservation_changed), (RESERVATIONS,)
-    )
+    return Projection("inventory.reservations",
+                      dict.fromkeys(RESERVATION_EVENTS, _reservation_changed), (RESERVATIONS,))

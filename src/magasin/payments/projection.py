@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from magasin.projections import Projection, ProjectionUnit
 from magasin.shared.messages import RecordedEvent
 
@@ -9,48 +12,68 @@ PAYMENTS = "payment.payments"
 """One document per transaction id."""
 NAME = "payment.payments"
 
+Doc = dict[str, Any]
 
-async def _recorded(event: RecordedEvent, unit: ProjectionUnit) -> None:
+
+def _recorded(doc: Doc | None, event: RecordedEvent) -> Doc | None:
     p = event.payload
     captured = event.type == "PaymentProcessed"
-    unit.put_document(PAYMENTS, p["transaction_id"], {
+    return {
         "payment_id": p["payment_id"], "transaction_id": p["transaction_id"],
         "store_id": p.get("store_id", ""), "status": "CAPTURED" if captured else "FAILED",
         "amount": p["amount"], "currency": p["currency"],
         "bank_reference": p["bank_reference"] if captured else None,
         "refund_reference": None, "reason": None if captured else p["reason"],
         "updated_at": event.occurred_at.isoformat(),
-    })
+    }
 
 
-async def _refunded(event: RecordedEvent, unit: ProjectionUnit) -> None:
-    p = event.payload
-    doc = await unit.get_document(PAYMENTS, p["transaction_id"])
+def _refunded(doc: Doc | None, event: RecordedEvent) -> Doc | None:
     if doc is None:
-        return  # a refund is recorded after its capture, in the same stream
-    doc.update(
-        status="REFUNDED", refund_reference=p["bank_reference"], reason=p["reason"],
-        updated_at=event.occurred_at.isoformat(),
-    )
-    unit.put_document(PAYMENTS, p["transaction_id"], doc)
-
-
-async def _reconciled(event: RecordedEvent, unit: ProjectionUnit) -> None:
+        return None  # a refund is recorded after its capture, in the same stream
     p = event.payload
-    doc = await unit.get_document(PAYMENTS, p["transaction_id"])
+    return {**doc, "status": "REFUNDED", "refund_reference": p["bank_reference"],
+            "reason": p["reason"], "updated_at": event.occurred_at.isoformat()}
+
+
+def _reconciled(doc: Doc | None, event: RecordedEvent) -> Doc | None:
     if doc is None:
-        return  # reconciliation follows the failure, in the same stream
-    doc.update(reconciled={
+        return None  # reconciliation follows the failure, in the same stream
+    p = event.payload
+    return {**doc, "reconciled": {
         "action": p["action"], "amount": p["amount"], "bank_reference": p["bank_reference"],
         "refund_reference": p["refund_reference"], "at": event.occurred_at.isoformat(),
-    }, updated_at=event.occurred_at.isoformat())
-    unit.put_document(PAYMENTS, p["transaction_id"], doc)
+    }, "updated_at": event.occurred_at.isoformat()}
+
+
+_APPLY = {"PaymentProcessed": _recorded, "PaymentFailed": _recorded,
+          "PaymentRefunded": _refunded, "ChargeReconciled": _reconciled}
+
+
+def applied(doc: Doc | None, event: RecordedEvent) -> Doc | None:
+    """The payment's document once `event` is applied (None: no payment yet). `version` is
+    the stream version it reflects, so a reader can tell a lagging document."""
+    after = _APPLY[event.type](doc, event)
+    return None if after is None else {**after, "version": event.stream_version}
+
+
+def replayed(events: Iterable[RecordedEvent]) -> Doc | None:
+    """The document a payment's stream folds to: what the projection will write."""
+    doc: Doc | None = None
+    for event in events:
+        if event.type in _APPLY:
+            doc = applied(doc, event)
+    return doc
+
+
+async def _project(event: RecordedEvent, unit: ProjectionUnit) -> None:
+    key = event.payload["transaction_id"]
+    before = None if event.type in ("PaymentProcessed", "PaymentFailed") else \
+        await unit.get_document(PAYMENTS, key)
+    doc = applied(before, event)
+    if doc is not None:
+        unit.put_document(PAYMENTS, key, doc)
 
 
 def projection() -> Projection:
-    return Projection(
-        NAME,
-        {"PaymentProcessed": _recorded, "PaymentFailed": _recorded, "PaymentRefunded": _refunded,
-         "ChargeReconciled": _reconciled},
-        (PAYMENTS,),
-    )
+    return Projection(NAME, dict.fromkeys(_APPLY, _project), (PAYMENTS,))
