@@ -827,14 +827,19 @@ async def down(process: ServiceProcess) -> AsyncIterator[None]:
 async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int]
                               ) -> dict[str, Any]:
     """A sale of 3 of the one product of `stock` the store service (down) does not
-    prepare: it waits, reserved, for its fulfilment."""
+    prepare: it waits, reserved, for its fulfilment (orchestrated: once the orchestrator
+    asked for it; the sale and the orchestrator hear InventoryReserved in two consumers, so
+    the sale may read reserved a moment before the orchestrator sent PrepareOrder)."""
     (product,) = stock
     sale = await magasin.sell(store, [(product, 3)])
     tid = sale["transaction_id"]
 
     async def reserved() -> bool:
         saga = await magasin.read(f"/api/sagas/{tid}")
-        return bool(saga["status"] == "INVENTORY_RESERVED")
+        orchestrator = saga.get("orchestrator") or {}
+        return bool(saga["status"] == "INVENTORY_RESERVED" and (
+            saga["mode"] != "orchestration"
+            or orchestrator.get("pending_command") == "PrepareOrder"))
 
     try:
         await eventually(reserved, timeout=SAGA_TIMEOUT)

@@ -158,8 +158,12 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
         assert (await final_state(shop, declined))["status"] == "CANCELLED"
 
         async def waiting_for_fulfilment() -> list[dict[str, Any]] | None:
+            # Orchestrated, the sale and the orchestrator hear InventoryReserved in two
+            # consumers: wait for the orchestrator to have asked for the order too.
             page = await shop.ok("GET", "/api/sagas", params={"state": "INVENTORY_RESERVED"})
-            return page["items"] or None
+            asked = all((s["orchestrator"] or {}).get("pending_command") == "PrepareOrder"
+                        for s in page["items"]) or saga_mode != "orchestration"
+            return page["items"] if page["items"] and asked else None
 
         (saga,) = await eventually(waiting_for_fulfilment)
         assert (saga["transaction_id"], saga["step"]) == (tid, "fulfilment")
