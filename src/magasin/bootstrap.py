@@ -49,9 +49,11 @@ def distributed_store(settings: Settings, service: str | None = None) -> EventSt
     from magasin.eventstore.postgres import PostgresEventStore
 
     schema = settings.database_schema or (f"magasin_{service}" if service else "public")
-    # The event store service archives the events of the others: it publishes none.
+    # The event store service archives the events of the others and the audit keeps its
+    # chain in documents: they publish nothing, so no outbox (and no relay polling one).
     return PostgresEventStore(settings.database_url, schema=schema,
-                              outbox=service != "eventstore", pool_max=settings.pg_pool_max,
+                              outbox=service not in ("eventstore", "audit"),
+                              pool_max=settings.pg_pool_max,
                               cluster_processes=settings.pg_cluster_processes)
 
 
@@ -103,7 +105,8 @@ class Runtime:
             for consumer, handlers in service.consumers.items():
                 bus.subscribe(consumer, handlers, service.retry.get(consumer),
                               concurrency=service.concurrency.get(consumer),
-                              requires=service.requires.get(consumer))
+                              requires=service.requires.get(consumer),
+                              linger=service.linger.get(consumer))
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each
@@ -131,7 +134,10 @@ class Runtime:
             settings.amqp_url, store=store, schemas=SCHEMAS,
             namespace=settings.amqp_namespace, retry=retry_policy(settings),
         )
-        relay = OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+        # A store without outbox (the event store service's archive) has nothing to relay:
+        # a relay there would only claim an empty outbox after every commit.
+        relay = (OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+                 if store.outbox else None)
         ctx = ServiceContext(store, settings, mode="distributed")
         return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)
 

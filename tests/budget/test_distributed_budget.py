@@ -61,6 +61,9 @@ def cluster(pg_database: str, amqp_url: str,
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0", MAGASIN_BANK_DECLINE_RATE="0",
         MAGASIN_RETRY_INITIAL_DELAY="0.05",
         MAGASIN_BUDGET_COUNTING="1",
+        # MAGASIN_BUDGET_CALLERS=1 in the test's environment labels each statement with the
+        # function that sent it (slower; for finding where statements come from).
+        MAGASIN_BUDGET_CALLERS=os.environ.get("MAGASIN_BUDGET_CALLERS", "0"),
         # One sale at a time needs few connections; six processes at the default pool
         # would take two thirds of the shared test server's.
         MAGASIN_PG_POOL_MAX="4",
@@ -258,6 +261,10 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_distributed_budget(
           f"{counts.idle_statements_per_s:.0f}/s; the {SALES} sales took {selling:.1f} s "
           f"(≈ {counts.idle_statements_per_s * selling / SALES:.1f} statements per sale)")
     print("top PostgreSQL statements, per sale:",
-          dict(list(per_sale(delta["statements"]).items())[:20]))
+          dict(list(per_sale(delta["statements"]).items())[:40]))
+    by_service: Counter[str] = Counter()
+    for label, n in delta["statements"].items():
+        by_service[label.split(":", 1)[0]] += n
+    print("PostgreSQL statements by service, per sale:", per_sale(by_service))
     over = {k: v for k, v in rows.items() if k in DISTRIBUTED and v > DISTRIBUTED[k]}
     assert not over, f"over budget: {over}"

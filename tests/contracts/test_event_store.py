@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from magasin.eventstore.store import ANY, NO_STREAM, EventFilter, EventStore, Snapshot
+from magasin.eventstore.store import (
+    ANY,
+    NO_STREAM,
+    EventFilter,
+    EventStore,
+    ExpectVersion,
+    Snapshot,
+)
 from magasin.shared.errors import (
     AlreadyProcessed,
     ConcurrencyError,
@@ -179,6 +186,27 @@ async def test_snapshots_keep_the_latest_version(store: EventStore) -> None:
     assert snap is not None and snap.version == 20
 
 
+async def test_read_latest_gives_the_latest_snapshot_and_the_events_after_it(
+    store: EventStore,
+) -> None:
+    assert await store.read_latest("cart-1") == (None, [])
+    await store.append("cart-1", [ev(n=1), ev(n=2), ev(n=3)], NO_STREAM)
+    snap, events = await store.read_latest("cart-1")
+    assert snap is None and [e.payload["n"] for e in events] == [1, 2, 3]
+
+    at = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
+    await store.save_snapshot(Snapshot("cart-1", 2, {"n": 2}, schema_version=3, event_at=at))
+    snap, events = await store.read_latest("cart-1")
+    assert snap is not None
+    assert (snap.stream_id, snap.version, snap.state, snap.schema_version, snap.event_at) == \
+        ("cart-1", 2, {"n": 2}, 3, at)
+    assert [(e.stream_version, e.payload["n"]) for e in events] == [(3, 3)]
+    assert events[0].stream_id == "cart-1" and events[0].global_position == 3
+    await store.save_snapshot(Snapshot("cart-1", 3, {"n": 3}))
+    snap, events = await store.read_latest("cart-1")
+    assert snap is not None and snap.version == 3 and events == []
+
+
 async def test_past_snapshots_are_found_by_version_and_by_moment(store: EventStore) -> None:
     t0 = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
     for version in (100, 200, 300):
@@ -264,6 +292,51 @@ async def test_an_exception_inside_the_block_discards_the_unit_of_work(
             uow.append("a-1", [ev()])
             raise RuntimeError("handler failed")
     assert await store.read_all() == []
+
+
+async def test_a_unit_expecting_a_stream_version_commits_only_while_it_holds(
+    store: EventStore,
+) -> None:
+    await store.append("cart-1", [ev()], NO_STREAM)
+    async with store.transaction() as uow:
+        uow.expect_version("cart-1", 1)
+        uow.expect_version("cart-2", 0)  # no event yet
+        uow.mark_processed("billing", "evt-1")
+        uow.append("cart-1", [ev()], 1)  # checked before the unit's own appends
+    await store.append("cart-1", [ev()], 2)
+
+    failed: list[str] = []
+    with pytest.raises(ConcurrencyError) as caught:
+        async with store.transaction() as uow:
+            uow.after_failure(lambda: failed.append("forget cart-1"))
+            uow.mark_processed("billing", "evt-2")
+            uow.expect_version("cart-1", 2)  # moved to 3 meanwhile
+            uow.put_document("carts", "cart-1", {"lines": 2})
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == \
+        ("cart-1", 2, 3)
+    assert failed == ["forget cart-1"]
+    assert not await store.is_processed("billing", "evt-2")
+    assert await store.get_document("carts", "cart-1") is None
+
+
+async def test_a_version_expected_before_a_position_ignores_later_events(
+    store: EventStore,
+) -> None:
+    (first,) = await store.append("cart-1", [ev()], NO_STREAM)
+    (later,) = await store.append("cart-1", [ev()], 1)
+    async with store.transaction() as uow:  # cart-1 moved, but after that position
+        uow.operations.append(ExpectVersion("cart-1", 1, before=later.global_position - 1))
+        uow.mark_processed("billing", "evt-1")
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as uow:
+            uow.operations.append(ExpectVersion("cart-1", 1, before=later.global_position))
+            uow.mark_processed("billing", "evt-2")
+    with pytest.raises(ConcurrencyError):  # a version the stream never reached
+        async with store.transaction() as uow:
+            uow.operations.append(ExpectVersion("cart-1", 3, before=first.global_position))
+            uow.mark_processed("billing", "evt-3")
+    assert await store.is_processed("billing", "evt-1")
+    assert not await store.is_processed("billing", "evt-2")
 
 
 async def test_inbox_refuses_the_second_processing_of_an_event(store: EventStore) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from magasin.eventstore.sqlite import SqliteEventStore
-from magasin.messaging.ownership import Ownership, assignment, leases
+from magasin.messaging.ownership import Ownership, assignment, leases, plan_all
 
 
 class Clock:
@@ -95,3 +96,31 @@ async def test_a_clean_leave_frees_everything_at_once(store: SqliteEventStore) -
     await a.leave()
     await tick(b)
     assert b.owned == {0, 1, 2, 3}
+
+
+async def test_a_process_renews_all_its_groups_in_one_unit_of_work(
+    store: SqliteEventStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    carts = [Ownership(store, "ns.carts", 2, member=m, clock=clock) for m in ("a", "b")]
+    orders = [Ownership(store, "ns.orders", 2, member=m, clock=clock) for m in ("a", "b")]
+    commits = 0
+    commit = store.commit
+
+    async def counted(operations: Any) -> Any:
+        nonlocal commits
+        commits += 1
+        return await commit(operations)
+
+    monkeypatch.setattr(store, "commit", counted)
+    for _ in range(3):
+        for member in (0, 1):
+            before = commits
+            plans = await plan_all([carts[member], orders[member]])
+            assert commits == before + 1  # one a tick, whatever the process's groups
+            for ownership, (_, release) in zip((carts[member], orders[member]), plans,
+                                               strict=True):
+                for partition in release:  # drained at once
+                    await ownership.released(partition)
+    assert [(c.owned, o.owned) for c, o in zip(carts, orders, strict=True)] == \
+        [({0}, {0}), ({1}, {1})]

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -48,6 +49,8 @@ CHAIN = "audit:chain"
 CONSUMER = "audit"
 PROJECTION = "audit.chain"
 MAX_CONFLICTS = 20
+TRAILS_KEPT = 10_000
+"""Trails a sequencer remembers between its commits (a sale's entries come in several)."""
 
 log = logging.getLogger("magasin.audit")
 
@@ -112,13 +115,22 @@ def projection(alert: Alert) -> Projection:
 
 
 class Sequencer:
-    """Appends pending entries to the chain, in key order, a batch per commit."""
+    """Appends pending entries to the chain, in key order, a batch per commit.
+
+    Between its own commits it trusts what it wrote last (the head, and the trails it
+    touched) rather than reading them again: the conditional checkpoint fails its commit
+    if another sequencer moved the chain meanwhile, and it then reads everything afresh.
+    """
 
     def __init__(self, store: EventStore, batch: int = 500, poll: float = 1.0) -> None:
         self.store = store
         self.batch = batch
         self.poll = poll
         self._wakeup = asyncio.Event()
+        self._head: dict[str, Any] | None = None
+        """The head as this sequencer's last commit left it (None: read it)."""
+        self._trails: OrderedDict[str, list[int]] = OrderedDict()
+        """Trails this sequencer wrote since it last read the head, most recent last."""
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -128,9 +140,10 @@ class Sequencer:
         while True:
             self._wakeup.clear()
             try:
-                if await self.step():
+                if await self.step() >= self.batch:
                     conflicts = 0
-                    continue
+                    continue  # more may be pending; a short batch took all there was
+                conflicts = 0
             except ConcurrencyError:
                 # Another sequencer chained first: start over from its head, after a little
                 # jitter. Conflicts that never end mean the head and the checkpoint
@@ -156,25 +169,49 @@ class Sequencer:
         # this head was read then fails this one's commit (the checkpoint moved), while
         # read the other way round, a head read after that chaining let entries read
         # pending before it be chained a second time.
-        head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
-                                                             "hash": domain.GENESIS}
+        head = self._head
+        if head is None:
+            self._trails.clear()
+            head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                                "hash": domain.GENESIS}
         pending = await self.store.find_documents(PENDING, limit=self.batch)
         if not pending:
             return 0
         sequence, last = int(head["sequence"]), str(head["hash"])
-        async with self.store.transaction() as uow:
-            for key, entry in pending:
-                sequence += 1
-                linked = domain.chain(entry, sequence, last)
-                last = linked["hash"]
-                uow.put_document(ENTRIES, entry_key(sequence), linked)
-                uow.delete_document(PENDING, key)
-                if cid := entry.get("correlation_id"):
-                    trail = await uow.get_document(TRAILS, cid) or {"sequences": []}
-                    uow.put_document(TRAILS, cid, {"sequences": [*trail["sequences"], sequence]})
-            uow.set_checkpoint(CHAIN, sequence, expected=int(head["sequence"]))
-            uow.put_document(HEAD, LOG, {"sequence": sequence, "hash": last})
+        trails: dict[str, list[int]] = {}
+        try:
+            async with self.store.transaction() as uow:
+                for key, entry in pending:
+                    sequence += 1
+                    linked = domain.chain(entry, sequence, last)
+                    last = linked["hash"]
+                    uow.put_document(ENTRIES, entry_key(sequence), linked)
+                    uow.delete_document(PENDING, key)
+                    if cid := entry.get("correlation_id"):
+                        trail = trails.get(cid)
+                        if trail is None:
+                            trail = trails[cid] = await self._trail(uow, cid)
+                        trail.append(sequence)
+                        uow.put_document(TRAILS, cid, {"sequences": list(trail)})
+                uow.set_checkpoint(CHAIN, sequence, expected=int(head["sequence"]))
+                uow.put_document(HEAD, LOG, {"sequence": sequence, "hash": last})
+        except BaseException:
+            self._head = None  # moved by another sequencer, or not known to be written
+            raise
+        self._head = {"sequence": sequence, "hash": last}
+        for cid, trail in trails.items():
+            self._trails[cid] = trail
+            self._trails.move_to_end(cid)
+        while len(self._trails) > TRAILS_KEPT:
+            self._trails.popitem(last=False)
         return len(pending)
+
+    async def _trail(self, uow: UnitOfWork, cid: str) -> list[int]:
+        known = self._trails.get(cid)
+        if known is not None:
+            return list(known)
+        doc = await uow.get_document(TRAILS, cid) or {"sequences": []}
+        return [int(n) for n in doc["sequences"]]
 
     async def drain(self) -> int:
         """Chain until nothing is pending (for tests and shutdown)."""

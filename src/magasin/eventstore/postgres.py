@@ -43,6 +43,7 @@ from magasin.eventstore.store import (
     DeleteDocument,
     EventFilter,
     EventStore,
+    ExpectVersion,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -84,15 +85,27 @@ _READ_ALL: Final = (
     "(SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin OFFSET 0) AS s "
     "WHERE global_position > $1 ORDER BY global_position LIMIT $2"
 )
+_READ_LATEST: Final = (
+    "SELECT s.version, s.state, s.schema_version, s.taken_at, s.event_at, "
+    + ", ".join("e." + c.split("::")[0] + ("::text" if "::" in c else "")
+                for c in _COLUMNS.split(", "))
+    + " FROM (SELECT 1) AS one "
+    "LEFT JOIN LATERAL (SELECT version, state, schema_version, taken_at, event_at "
+    "FROM stream_snapshots WHERE stream_id = $1 ORDER BY version DESC LIMIT 1) AS s ON true "
+    "LEFT JOIN LATERAL (SELECT * FROM events WHERE stream_id = $1 "
+    "AND stream_version > coalesce(s.version, 0)) AS e ON true "
+    "ORDER BY e.stream_version"
+)
 _APPEND: Final = (
     "SELECT o_outcomes, o_versions, o_positions "
     "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _COMMIT: Final = (
     "SELECT o_outcomes, o_versions, o_positions FROM magasin_commit("
-    + ", ".join(f"${i}" for i in range(1, 22)) + ")"
+    + ", ".join(f"${i}" for i in range(1, 25)) + ")"
 )
-_IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument)
+_IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument,
+                       ExpectVersion)
 _APPENDED, _IDS_STORED, _VERSION_MISMATCH = 0, 1, 2
 _EVENT_ID_KEY: Final = "events_event_id_key"
 _ATTEMPTS: Final = 3
@@ -100,14 +113,22 @@ _ATTEMPTS: Final = 3
 # split the groups, and bigger groups are what makes group commit pay.
 _COMMITTERS: Final = 2
 _GROUP_MAX: Final = 256
+# Claims and deletes in one statement: the deleted rows stay locked (other relays skip
+# them) until the transaction ends, and come back if it rolls back (the publish failed).
 _CLAIM_OUTBOX: Final = (
+    "WITH claimed AS (DELETE FROM outbox WHERE global_position IN ("
+    "SELECT global_position FROM outbox ORDER BY global_position LIMIT $1 "
+    "FOR UPDATE SKIP LOCKED) RETURNING global_position) "
     f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
-    "FROM outbox o JOIN events e ON e.global_position = o.global_position "
-    "ORDER BY o.global_position LIMIT $1 FOR UPDATE OF o SKIP LOCKED"
+    "FROM claimed o JOIN events e ON e.global_position = o.global_position "
+    "ORDER BY o.global_position"
 )
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
+_HELLO: Final = "hello"
+"""A process's first NOTIFY: the others answer _HERE, so each knows the others exist."""
+_HERE: Final = "here"
 
 # Plans that use the indexes whatever the statistics. Every statement of the store reads
 # by a key or a key prefix (each table's primary or unique key, events_correlation), so an
@@ -265,6 +286,12 @@ async def _analyze_stale(conn: Any) -> list[str]:
     return tables
 
 
+async def _say(conn: Any, channel: str, what: str) -> None:
+    """A presence NOTIFY (see PostgresEventStore._peers); lost ones cost only wake-ups."""
+    with suppress(*_DRIVER_ERRORS):
+        await conn.execute("SELECT pg_notify($1, $2)", channel, what)
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -306,6 +333,11 @@ class PostgresEventStore(EventStore):
         self._notifier: asyncio.Task[None] | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._notify_pending = asyncio.Event()
+        self._peers: set[int] = set()
+        """Listener pids of the other processes of this schema seen so far: commits are
+        notified only while there is one (a process alone, the common deployment, has
+        nobody to tell: that was a statement per commit)."""
+        self._greetings: set[asyncio.Task[None]] = set()
         self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
         self._queued = asyncio.Event()
         self._committers: list[asyncio.Task[None]] = []
@@ -359,6 +391,7 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
+                await _say(listener, self._channel, _HELLO)
         except BaseException:
             if listener is not None:
                 listener.terminate()
@@ -394,6 +427,8 @@ class PostgresEventStore(EventStore):
             return
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
+        for greeting in self._greetings:
+            greeting.cancel()
         if self._analyzer is not None:
             self._analyzer.cancel()
             with suppress(asyncio.CancelledError):
@@ -504,6 +539,8 @@ class PostgresEventStore(EventStore):
                     if not future.done():
                         future.set_exception(StorageError("the PostgreSQL event store was closed"))
                 raise
+            self._saw(sorted((e for o in outcomes if isinstance(o, list) for e in o),
+                             key=lambda e: e.global_position))
             for (_, future), outcome in zip(group, outcomes, strict=True):
                 if future.done():
                     continue  # its writer was cancelled
@@ -537,7 +574,9 @@ class PostgresEventStore(EventStore):
         """Commit one unit of work in a transaction of its own, again after a race."""
         for _ in range(_ATTEMPTS):
             try:
-                return await self._commit_once(operations)
+                recorded = await self._commit_once(operations)
+                self._saw(recorded)
+                return recorded
             except _Retry as exc:
                 race = exc
         raise StorageError("the unit of work kept racing concurrent transactions") from race
@@ -547,7 +586,9 @@ class PostgresEventStore(EventStore):
             try:
                 async with self._connection() as conn:
                     with _races_retried():
-                        return await self._commit_in_one_call(conn, operations)
+                        recorded = await self._commit_in_one_call(conn, operations)
+                        self._saw(recorded)  # now, not after the connection's release
+                        return recorded
             except _IdsStored:
                 pass  # an idempotent retry among the appends: the statement path sorts it out
         async with self._connection() as conn:
@@ -564,6 +605,7 @@ class PostgresEventStore(EventStore):
         marks = [op for op in operations if isinstance(op, MarkProcessed)]
         checkpoints = [op for op in operations if isinstance(op, SetCheckpoint)]
         docs = [op for op in operations if isinstance(op, PutDocument | DeleteDocument)]
+        checks = [op for op in operations if isinstance(op, ExpectVersion)]
         events = [e for op in appends for e in op.events]
         metadata = [dumps(e.metadata) for e in events]
         payloads = [dumps(e.payload) for e in events]
@@ -581,6 +623,8 @@ class PostgresEventStore(EventStore):
                 [c.expected for c in checkpoints],
                 [d.collection for d in docs], [d.key for d in docs],
                 [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
+                [c.stream_id for c in checks], [c.version for c in checks],
+                [c.before for c in checks],
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "MG001":
@@ -588,6 +632,10 @@ class PostgresEventStore(EventStore):
                 raise AlreadyProcessed(mark.consumer, mark.event_id) from exc
             if exc.sqlstate == "MG002":
                 raise _refusal(appends, exc.detail) from exc
+            if exc.sqlstate == "MG004":
+                index, _, actual = exc.detail.partition(";")
+                check = checks[int(index) - 1]
+                raise ConcurrencyError(check.stream_id, check.version, int(actual)) from exc
             if exc.sqlstate == "MG003":
                 index, _, actual = exc.detail.partition(";")
                 moved = checkpoints[int(index) - 1]
@@ -607,6 +655,18 @@ class PostgresEventStore(EventStore):
     async def _apply(self, conn: Any, operations: Sequence[Operation]) -> list[RecordedEvent]:
         recorded: list[RecordedEvent] = []
         puts: list[tuple[str, str, Any]] = []
+        # Checked against the versions before this unit's appends, as magasin_commit does.
+        for op in operations:
+            if isinstance(op, ExpectVersion):
+                actual = int(await conn.fetchval(
+                    "SELECT coalesce((SELECT version FROM streams WHERE stream_id = $1), 0)",
+                    op.stream_id) or 0)
+                if actual != op.version and (
+                        op.before is None or actual < op.version or await conn.fetchval(
+                            "SELECT count(*) > 0 FROM events WHERE stream_id = $1 AND "
+                            "stream_version > $2 AND global_position <= $3",
+                            op.stream_id, op.version, op.before)):
+                    raise ConcurrencyError(op.stream_id, op.version, actual)
         for index, op in enumerate(operations):
             if isinstance(op, PutDocument):
                 # A run of puts (a projection's batch) goes in one pipelined round trip.
@@ -764,6 +824,8 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
+                # Processes that started meanwhile greeted nobody here: greet them again.
+                await _say(listener, self._channel, _HELLO)
             except (*_DRIVER_ERRORS, TimeoutError) as exc:
                 log.warning("cannot reconnect the PostgreSQL change listener (%r); "
                             "retrying in %.1fs", exc, delay)
@@ -775,8 +837,17 @@ class PostgresEventStore(EventStore):
             self._advance(self._head)  # readers may have missed notifications meanwhile
             return
 
-    def _on_notification(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        self._advance(int(payload) if payload.isdigit() else 0)
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if pid == conn.get_server_pid():
+            return  # this process's own NOTIFY: its commits woke the waiters already
+        self._peers.add(pid)
+        if payload == _HELLO:  # a process starts: it must learn of this one too
+            task = asyncio.get_running_loop().create_task(_say(conn, self._channel, _HERE))
+            self._greetings.add(task)
+            task.add_done_callback(self._greetings.discard)
+            return
+        if payload.isdigit():
+            self._advance(int(payload))
 
     async def _notify_loop(self) -> None:
         """Tell other processes about commits, at most one NOTIFY per interval.
@@ -788,12 +859,22 @@ class PostgresEventStore(EventStore):
         while True:
             await self._notify_pending.wait()
             self._notify_pending.clear()
+            if not self._peers:
+                continue  # nobody else listens on this schema
             # Listeners that miss this wake up on their polling timeout instead.
             with suppress(*_DRIVER_ERRORS):
                 await self._listener.execute(
                     "SELECT pg_notify($1, $2)", self._channel, str(self._head)
                 )
             await asyncio.sleep(_NOTIFY_INTERVAL)
+
+    def commit_signal(self) -> asyncio.Event | None:
+        return self._wakeup
+
+    def known_head(self) -> int | None:
+        # Exact for this process's commits; another process's are known once its NOTIFY
+        # arrives (at most _NOTIFY_INTERVAL after its commit, plus the trip).
+        return self._head
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         # Past a hole, "committed" is not "readable": wait for the next commit instead.
@@ -830,6 +911,17 @@ class PostgresEventStore(EventStore):
         rows = await self._fetch(sql + " ORDER BY stream_version", *params)
         with collector_paused():
             return [StoredEvent(*r) for r in rows]
+
+    async def read_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        # One row per event after the snapshot (at least one row: the snapshot's columns
+        # on every row, NULL without one; the event's NULL without events).
+        rows = await self._fetch(_READ_LATEST, stream_id)
+        first = rows[0]
+        snapshot = None
+        if first[0] is not None:
+            snapshot = Snapshot(stream_id, first[0], first[1], first[2], first[3], first[4])
+        with collector_paused():
+            return snapshot, [StoredEvent(*r[5:]) for r in rows if r[5] is not None]
 
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         rows = await self._fetch(_READ_ALL, after, limit)
@@ -1020,8 +1112,10 @@ class PostgresEventStore(EventStore):
 
 
 class _PostgresOutboxBatch(AbstractOutboxBatch):
-    """Claims outbox rows with FOR UPDATE SKIP LOCKED in a transaction held until the block
-    exits, so relays in any number of processes claim disjoint batches."""
+    """Claims outbox rows with FOR UPDATE SKIP LOCKED, deleting them in the same statement,
+    in a transaction held until the block exits (committed on a clean exit, rolled back
+    otherwise), so relays in any number of processes claim disjoint batches: three
+    statements a batch (BEGIN, claim, COMMIT)."""
 
     def __init__(self, store: PostgresEventStore, limit: int) -> None:
         self._store = store
@@ -1029,7 +1123,6 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
         self._pool: Any = None
         self._conn: Any = None
         self._tx: Any = None
-        self._positions: list[int] = []
 
     async def __aenter__(self) -> list[RecordedEvent]:
         pool = self._store._live_pool()
@@ -1044,18 +1137,12 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
             await _finish(pool, conn, tx)
             raise
         self._pool, self._conn, self._tx = pool, conn, tx
-        self._positions = [r[_POSITION] for r in rows]
         return [StoredEvent(*r) for r in rows]
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
                 with _translated():
-                    if self._positions:
-                        await self._conn.execute(
-                            "DELETE FROM outbox WHERE global_position = ANY($1::bigint[])",
-                            self._positions,
-                        )
                     await self._tx.commit()
         finally:
             await _finish(self._pool, self._conn, self._tx)

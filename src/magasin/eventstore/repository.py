@@ -56,8 +56,9 @@ class Rebuilt(Generic[A]):
 
 class _StateCache:
     """Committed aggregate states of one store, most recently used last. A cached state is
-    only a starting point: a load still reads every event stored after its version, so it
-    is right even when other processes write the same streams."""
+    a starting point: a load reads every event stored after its version, so it is right
+    even when other processes write the same streams; except in a unit of work that trusts
+    the cache (a delivery), which takes it as it is and checks its version at commit."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -70,6 +71,9 @@ class _StateCache:
         if state is not None:
             self.states.move_to_end(key)
         return state
+
+    def forget(self, key: str) -> None:
+        self.states.pop(key, None)
 
     def put(self, key: str, state: Aggregate) -> None:
         self.states[key] = state
@@ -131,10 +135,26 @@ class Repository(Generic[A]):
             aggregate = known.clone()
             if (event_at := cache.due.pop(key, None)) is not None and every:
                 await self._take_snapshot(store, known, event_at)
+            if uow.trusts_cache and store.seen_version(key) in (None, aggregate.version):
+                # No read: the state is as this process last committed it (a commit of its
+                # own whose writer did not cache the result yet shows in seen_version: then
+                # read). The commit fails if the stream moved since (another process, a
+                # concurrent unit), and the retry then reads it, the state being forgotten.
+                uow.trust(key, aggregate.version)
+                uow.after_failure(lambda: cache.forget(key))
+                uow.identity[key] = aggregate
+                return aggregate
+            after = aggregate.version
+            events = await uow.read_stream(key, from_version=after + 1)
         elif every:
-            aggregate = self._restore(await store.load_snapshot(key), ident)
-        after = aggregate.version if aggregate is not None else 0
-        events = await uow.read_stream(key, from_version=after + 1)
+            snapshot, events = await store.read_latest(key)  # one round trip
+            aggregate = self._restore(snapshot, ident)
+            after = aggregate.version if aggregate is not None else 0
+            if snapshot is not None and aggregate is None:  # unusable: from the start
+                events = await uow.read_stream(key)
+        else:
+            after = 0
+            events = await uow.read_stream(key)
         aggregate = self._advance(aggregate, ident, events)
         if aggregate is None:
             return None

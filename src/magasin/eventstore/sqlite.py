@@ -37,6 +37,7 @@ from magasin.eventstore.store import (
     DeleteDocument,
     EventFilter,
     EventStore,
+    ExpectVersion,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -253,6 +254,7 @@ class SqliteEventStore(EventStore):
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self._saw([e for o in outcomes if isinstance(o, list) for e in o])
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():
                     continue
@@ -324,6 +326,9 @@ class SqliteEventStore(EventStore):
         are grouped: its inbox marks first (one INSERT), its appends and checkpoints in
         order, then the final state of each document it touched (one upsert, one DELETE)
         — the same outcome, all or nothing, in far fewer statements."""
+        checks = [op for op in ops if isinstance(op, ExpectVersion)]
+        if checks:  # against the versions before this job's appends
+            self._check_versions(conn, checks)
         if any(isinstance(op, ClearCollection | ReplaceCollection) for op in ops):
             return self._apply_in_order(conn, ops)
         marks: list[tuple[str, str]] = []
@@ -355,6 +360,23 @@ class SqliteEventStore(EventStore):
         if documents:
             self._write_documents(conn, documents)
         return recorded
+
+    @staticmethod
+    def _check_versions(conn: sqlite3.Connection, checks: list[ExpectVersion]) -> None:
+        """Every stream at its expected version, in one statement."""
+        wanted = {op.stream_id: op.version for op in checks}
+        marks = ",".join("?" * len(wanted))
+        actual = dict.fromkeys(wanted, 0)
+        actual.update(conn.execute(
+            f"SELECT stream_id, MAX(stream_version) FROM events WHERE stream_id IN ({marks}) "
+            "GROUP BY stream_id", list(wanted)).fetchall())
+        for op in checks:
+            now = int(actual[op.stream_id])
+            if now != op.version and (op.before is None or now < op.version or conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = ? AND "
+                    "stream_version > ? AND global_position <= ?)",
+                    (op.stream_id, op.version, op.before)).fetchone()[0]):
+                raise ConcurrencyError(op.stream_id, op.version, now)
 
     @staticmethod
     def _move_guarded(
@@ -608,6 +630,9 @@ class SqliteEventStore(EventStore):
 
     def known_head(self) -> int | None:
         return self._last_position if self._queue is not None else None
+
+    def commit_signal(self) -> asyncio.Event | None:
+        return self._new_events
 
     async def wait_for_events(self, after: int, timeout: float) -> None:
         if self._new_events is None or self._last_position > after:

@@ -9,8 +9,10 @@ Reads see committed state (plus, within a unit of work, its own documents).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from magasin.shared.clock import utcnow
 from magasin.shared.errors import StorageError, Unavailable
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
+_SEEN_KEPT: Final = 50_000
+"""Streams whose last committed version a store remembers (see seen_version)."""
 ANY: Final = None
 """Expected version that accepts whatever version the stream is at."""
 NO_STREAM: Final = 0
@@ -62,6 +66,19 @@ class Append:
     stream_id: str
     events: tuple[NewEvent, ...]
     expected_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectVersion:
+    """The commit fails with ConcurrencyError unless the stream is at `version` (0: no
+    event) before the unit's own appends: a state decided on without reading the stream
+    (a cached aggregate) is checked so, whether the unit writes to that stream or not.
+    With `before`, only events at global positions up to `before` count: those committed
+    later are as a read at that moment would have missed them anyway."""
+
+    stream_id: str
+    version: int
+    before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +124,7 @@ class ReplaceCollection:
 
 Operation = (
     Append | MarkProcessed | SetCheckpoint | PutDocument | DeleteDocument
-    | ClearCollection | ReplaceCollection
+    | ClearCollection | ReplaceCollection | ExpectVersion
 )
 
 
@@ -142,6 +159,14 @@ class UnitOfWork:
         """Aggregates loaded in this unit of work, by stream id (see Repository)."""
         self._documents: dict[tuple[str, str], Mapping[str, Any] | None] = {}
         self.committed_hooks: list[Callable[[], None]] = []
+        self.failed_hooks: list[Callable[[], None]] = []
+        self.trusts_cache = False
+        """Set by a unit that always commits (a delivery: its inbox mark): a Repository may
+        then give it a cached aggregate without reading the stream, checked at commit
+        (see `trust`; a read-only unit has no commit to check it)."""
+        self.trusted: dict[str, tuple[int, int | None]] = {}
+        """Streams this unit took at a version without reading them, and the log head this
+        process knew then (see `trust`)."""
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Call `hook` once this unit of work has committed (never if it does not)."""
@@ -169,6 +194,30 @@ class UnitOfWork:
         if expected_version is not None and expected_version < 0:
             raise ValueError("expected_version must be >= 0 or ANY")
         self.operations.append(Append(stream_id, tuple(events), expected_version))
+
+    def after_failure(self, hook: Callable[[], None]) -> None:
+        """Call `hook` if this unit of work's commit fails (a conflict, an outage)."""
+        self.failed_hooks.append(hook)
+
+    def trust(self, stream_id: str, version: int) -> None:
+        """This unit decides on `stream_id` at `version` without having read it. The commit
+        checks it (ConcurrencyError): an append to the stream expects that version anyway;
+        otherwise no event past it may sit at a position this process knew of now (the
+        store's known head), i.e. one a read now would have returned; events committed
+        later are concurrent, as they would be after a read. Without a known head, the
+        stream must not have moved at all."""
+        self.trusted[stream_id] = (version, self.store.known_head())
+
+    def version_checks(self) -> list[ExpectVersion]:
+        """The checks `trust` asks for (made when the unit commits)."""
+        written = {op.stream_id for op in self.operations
+                   if isinstance(op, Append) and op.expected_version is not None}
+        return [ExpectVersion(s, v, before) for s, (v, before) in self.trusted.items()
+                if s not in written]
+
+    def expect_version(self, stream_id: str, version: int) -> None:
+        """The commit fails (ConcurrencyError) unless `stream_id` is at `version` then."""
+        self.operations.append(ExpectVersion(stream_id, version))
 
     def mark_processed(self, consumer: str, event_id: str) -> None:
         """Inbox: the commit fails with AlreadyProcessed if this pair was committed before."""
@@ -257,12 +306,16 @@ class EventStore(ABC):
         uow = UnitOfWork(self, causation)
         yield uow
         if uow.operations:
+            if uow.trusted:
+                uow.operations += uow.version_checks()
             started = time.perf_counter()
             try:
                 uow.recorded = await self.commit(uow.operations)
                 metrics.STORE_COMMITS.inc()
-            except (Unavailable, StorageError):
-                if self.log_is_bus:
+            except BaseException as exc:
+                for hook in uow.failed_hooks:
+                    hook()
+                if self.log_is_bus and isinstance(exc, Unavailable | StorageError):
                     metrics.published(_appended(uow.operations), "failed")
                 raise
             if self.log_is_bus and uow.recorded:
@@ -305,6 +358,13 @@ class EventStore(ABC):
         """Events of one stream in version order, within the inclusive bounds given;
         `until` keeps events that occurred at or before that moment."""
 
+    async def read_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The stream's latest snapshot (None if none) and its events after it: what loading
+        an aggregate needs, in one round trip where the adapter can."""
+        snapshot = await self.load_snapshot(stream_id)
+        after = snapshot.version if snapshot is not None else 0
+        return snapshot, await self.read_stream(stream_id, from_version=after + 1)
+
     @abstractmethod
     async def read_all(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to `limit` events with global_position > `after`, in position order.
@@ -335,6 +395,39 @@ class EventStore(ABC):
     async def last_position(self) -> int:
         """Highest global position committed so far (0 for an empty log)."""
 
+    def seen_version(self, stream_id: str) -> int | None:
+        """The version this process's last commit to `stream_id` took it to, known as soon
+        as the commit is (before its writer resumes); None if it does not remember one."""
+        seen: dict[str, int] | None = getattr(self, "_seen_versions", None)
+        return None if seen is None else seen.get(stream_id)
+
+    def on_commit(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        """Call `listener` with the events of each commit of this process, as soon as the
+        commit is known (before its writer resumes), in position order."""
+        listeners: list[Callable[[Sequence[RecordedEvent]], None]] | None = getattr(
+            self, "_commit_listeners", None)
+        if listeners is None:
+            listeners = []
+            self._commit_listeners = listeners
+        listeners.append(listener)
+
+    def _saw(self, recorded: Sequence[RecordedEvent]) -> None:
+        """Adapters call this with a commit's recorded events the moment it is known."""
+        if not recorded:
+            return
+        for listener in getattr(self, "_commit_listeners", ()):
+            listener(recorded)
+        seen: OrderedDict[str, int] | None = getattr(self, "_seen_versions", None)
+        if seen is None:
+            seen = OrderedDict()
+            self._seen_versions = seen
+        for event in recorded:
+            if seen.get(event.stream_id, 0) < event.stream_version:
+                seen[event.stream_id] = event.stream_version
+                seen.move_to_end(event.stream_id)
+        while len(seen) > _SEEN_KEPT:
+            seen.popitem(last=False)
+
     def known_head(self) -> int | None:
         """The highest position this process saw committed, without a query, when the
         adapter knows it (a single writer); None otherwise. Another process writing the
@@ -344,6 +437,13 @@ class EventStore(ABC):
     @abstractmethod
     async def wait_for_events(self, after: int, timeout: float) -> None:
         """Return soon after an event past `after` may be readable, or after `timeout` s."""
+
+    def commit_signal(self) -> asyncio.Event | None:
+        """An event set at the next commit of events that this process makes or hears of
+        (each commit sets the current one and puts a fresh one in its place): taken before
+        a look at the store, it cannot miss a commit that look did not see, not even one
+        filling a hole below the head. None when the adapter cannot tell (then poll)."""
+        return None
 
     # -- subscriptions, inbox, documents ------------------------------------------------
 

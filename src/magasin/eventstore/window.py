@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
+from collections.abc import Sequence
 
 from magasin.eventstore.store import EventStore
 from magasin.shared.messages import RecordedEvent
@@ -30,7 +31,20 @@ class LogWindow:
         self._lock = asyncio.Lock()
         self._nothing_after = (-1, 0.0)
         """(position, when): a read past it found nothing then."""
+        store.on_commit(self._committed)
 
+    def _committed(self, recorded: Sequence[RecordedEvent]) -> None:
+        """This process's own commit: its events join the window without a read when they
+        continue it with no position missing (otherwise the next read fetches them, with
+        whatever other processes committed in between)."""
+        if not self.events and self.start == 0:
+            return  # nothing read yet: where the readers start is not known
+        expected = self.end + 1
+        for event in recorded:
+            if event.global_position != expected:
+                return
+            expected += 1
+        self._keep(self.end, list(recorded))
     @property
     def end(self) -> int:
         return self.events[-1].global_position if self.events else self.start
@@ -69,3 +83,8 @@ class LogWindow:
             drop = len(self.events) - self.size
             self.start = self.events[drop - 1].global_position
             del self.events[:drop]
+        head = self.store.known_head()
+        if head is not None and head <= self.end:
+            # The page reached every commit known here: the readers that follow it need
+            # not ask for more until a later one is (see _known_empty).
+            self._nothing_after = (self.end, time.monotonic())

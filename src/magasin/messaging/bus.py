@@ -158,6 +158,7 @@ class EventBus(ABC):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
+        linger: float | None = None,
     ) -> None:
         """Register a consumer before `start()`; every handled type must have a schema.
         `retry` replaces the bus's retry policy for this consumer. By default the bus may
@@ -165,7 +166,10 @@ class EventBus(ABC):
         wait on something outside (a bank): up to n events at once, each in a unit of
         work of its own, so that one slow call does not hold up the others. `requires=tag`
         (see `tags`): the consumer gets only the events carrying that routing tag; the
-        others never reach it (no handler run, no inbox mark, no broker delivery)."""
+        others never reach it (no handler run, no inbox mark, no broker delivery).
+        `linger=s` is for a consumer off every sale's path (an archive, an audit): the bus
+        may hold an event up to s seconds so that those arriving meanwhile commit with it,
+        in one unit of work (a bus whose consumers batch anyway may ignore it)."""
 
     @abstractmethod
     async def start(self) -> None:

@@ -93,6 +93,7 @@ async def _deliver(
         for attempt in range(1, CONFLICT_RETRIES + 1):
             try:
                 async with store.transaction(_causation(event, consumer)) as uow:
+                    uow.trusts_cache = True  # it commits: the inbox mark
                     uow.mark_processed(consumer, event.event_id)
                     await handler(event, uow)
                     if extra is not None:
@@ -184,6 +185,7 @@ async def deliver_concurrently(
     async def handle(event: RecordedEvent) -> UnitOfWork:
         async with slots:
             uow = UnitOfWork(store, _causation(event, consumer))
+            uow.trusts_cache = True  # its operations commit with the others' below
             with tracing.handling(event, consumer), logs.delivering(event, consumer):
                 uow.mark_processed(consumer, event.event_id)
                 await handlers[event.type](event, uow)
@@ -201,6 +203,8 @@ async def deliver_concurrently(
                 assert isinstance(unit, UnitOfWork)
                 together.operations += unit.operations
                 together.committed_hooks += unit.committed_hooks
+                together.failed_hooks += unit.failed_hooks
+                together.trusted.update(unit.trusted)
             extra(together)
     except Exception:
         return False
@@ -216,6 +220,7 @@ async def _handle_together(
     extra: Callable[[UnitOfWork], None],
 ) -> None:
     async with store.transaction() as uow:
+        uow.trusts_cache = True  # it commits: the inbox marks
         for event in events:
             with tracing.handling(event, consumer), logs.delivering(event, consumer):
                 uow.causation = _causation(event, consumer)

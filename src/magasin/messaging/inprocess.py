@@ -136,7 +136,9 @@ class InProcessBus(EventBus):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
+        linger: float | None = None,
     ) -> None:
+        # `linger` is not needed here: a lane takes every event waiting in the log at once.
         if self._tasks:
             raise RuntimeError("subscribe before start()")
         if consumer in self._subs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -18,6 +19,8 @@ log = logging.getLogger("magasin.messaging.outbox")
 
 class OutboxRelay:
     """Claims a batch of pending outbox rows, publishes it, and only then marks it sent.
+    It looks again when the store signals a commit (or after `poll_interval`), not after
+    every batch: a batch shorter than `batch_size` left nothing behind.
 
     A crash between the publish and the mark leaves the rows pending, so they are published
     again: consumers see a duplicate (their inbox absorbs it), never a gap. While the bus is
@@ -100,13 +103,20 @@ class OutboxRelay:
             backoff = min(backoff * 2, self.max_backoff)
 
     async def _step(self) -> None:
-        # Read before claiming: an event committed after this read wakes the wait below,
-        # one committed before it is in the batch.
-        seen = await self.store.last_position()
-        if not await self.relay_once():
-            await self._unless_stopped(
-                self.store.wait_for_events(after=seen, timeout=self.poll_interval)
-            )
+        # Taken before claiming: a commit after this moment wakes the wait below, one
+        # before it is in the batch. No query: a store that cannot signal commits is read.
+        signal = self.store.commit_signal()
+        seen = await self.store.last_position() if signal is None else 0
+        published = await self.relay_once()
+        if signal is None:
+            if not published:
+                await self._unless_stopped(
+                    self.store.wait_for_events(after=seen, timeout=self.poll_interval)
+                )
+        elif published < self.batch_size:
+            # A short batch took every row there was to claim: nothing to do until the
+            # next commit (rows other relays hold are theirs to publish).
+            await self._unless_stopped(_signalled(signal, self.poll_interval))
 
     async def _unless_stopped(self, waiting: Coroutine[Any, Any, None]) -> None:
         """Await `waiting`, or give up on it as soon as `stop()` is called."""
@@ -120,3 +130,9 @@ class OutboxRelay:
             await asyncio.gather(wait, stopped, return_exceptions=True)
         if wait.done() and not wait.cancelled() and (exc := wait.exception()) is not None:
             raise exc
+
+
+async def _signalled(signal: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await signal.wait()

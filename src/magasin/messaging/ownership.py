@@ -22,14 +22,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from magasin.eventstore.store import EventStore
+from magasin.eventstore.store import EventStore, UnitOfWork
 
 MEMBERS = "bus.members"
 LEASES = "bus.leases"
+_PAGE = 500
 DEFAULT_LEASE = 3.0
 """Seconds a member or lease stays valid without renewal: a dead process's partitions
 are taken over within about 4/3 of this (one renewal period later)."""
@@ -79,14 +80,19 @@ class Ownership:
         """Renew this member and its leases; returns (partitions to start consuming, to
         give up). Those to start are leased to this member already; give them up with
         `released` once drained."""
-        now = self.clock()
-        async with self.store.transaction() as uow:
-            uow.put_document(MEMBERS, f"{self.group}/{self.member}", {
-                "group": self.group, "member": self.member, "expires": now + self.lease,
-            })
-        live = [doc["member"] for doc in await self._docs(MEMBERS) if doc["expires"] > now]
+        return (await plan_all([self]))[0]
+
+    def _decide(
+        self, members: list[dict[str, Any]], held: list[dict[str, Any]], now: float
+    ) -> tuple[set[int], set[int], set[int]]:
+        """(to acquire, to release, to keep leased) from the group's documents."""
+        # This member counts as live from the renewal committed with its leases: the
+        # others see it from their next tick.
+        live = [doc["member"] for doc in members
+                if doc["expires"] > now and doc["member"] != self.member]
+        live.append(self.member)
         target = {p for p, m in assignment(live, self.partitions).items() if m == self.member}
-        leases = {int(doc["partition"]): doc for doc in await self._docs(LEASES)}
+        leases = {int(doc["partition"]): doc for doc in held}
 
         def taken_by_another(p: int) -> bool:
             doc = leases.get(p)
@@ -95,15 +101,17 @@ class Ownership:
         release = {p for p in self.owned if p not in target or taken_by_another(p)}
         acquire = {p for p in target - self.owned if not taken_by_another(p)}
         keep = (self.owned | acquire) - {p for p in release if taken_by_another(p)}
-        if keep:
-            async with self.store.transaction() as uow:
-                for p in sorted(keep):
-                    uow.put_document(LEASES, f"{self.group}/{p}", {
-                        "group": self.group, "partition": p, "owner": self.member,
-                        "expires": now + self.lease,
-                    })
-        self.owned |= acquire
-        return acquire, release
+        return acquire, release, keep
+
+    def _renew(self, uow: UnitOfWork, keep: set[int], now: float) -> None:
+        uow.put_document(MEMBERS, f"{self.group}/{self.member}", {
+            "group": self.group, "member": self.member, "expires": now + self.lease,
+        })
+        for p in sorted(keep):
+            uow.put_document(LEASES, f"{self.group}/{p}", {
+                "group": self.group, "partition": p, "owner": self.member,
+                "expires": now + self.lease,
+            })
 
     async def released(self, partition: int) -> None:
         """The partition is drained: free its lease (unless another took it meanwhile)."""
@@ -121,15 +129,50 @@ class Ownership:
         async with self.store.transaction() as uow:
             uow.delete_document(MEMBERS, f"{self.group}/{self.member}")
 
-    async def _docs(self, collection: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        after: str | None = None
-        while page := await self.store.find_documents(
-            collection, where={"group": self.group}, after_key=after, limit=500
-        ):
-            found += [doc for _, doc in page]
-            after = page[-1][0]
-        return found
+
+
+async def plan_all(
+    ownerships: Sequence[Ownership],
+) -> list[tuple[set[int], set[int]]]:
+    """`Ownership.plan` for several groups of one process and store at once: the members
+    and leases of them all read in one query each, every renewal in one unit of work."""
+    if not ownerships:
+        return []
+    store = ownerships[0].store
+    if any(o.store is not store for o in ownerships):
+        raise ValueError("plan_all needs ownerships of one store")
+    groups = {o.group for o in ownerships}
+    where = {"group": ownerships[0].group} if len(groups) == 1 else None
+    members = await _docs(store, MEMBERS, where)
+    held = await _docs(store, LEASES, where)
+    plans = []
+    async with store.transaction() as uow:
+        for ownership in ownerships:
+            now = ownership.clock()
+            acquire, release, keep = ownership._decide(
+                [d for d in members if d.get("group") == ownership.group],
+                [d for d in held if d.get("group") == ownership.group], now)
+            ownership._renew(uow, keep, now)
+            plans.append((acquire, release))
+    for ownership, (acquire, _) in zip(ownerships, plans, strict=True):
+        ownership.owned |= acquire
+    return plans
+
+
+async def _docs(
+    store: EventStore, collection: str, where: dict[str, str] | None
+) -> list[dict[str, Any]]:
+    """Every document of `collection` (matching `where`), a page a query, without the
+    empty page after a short one."""
+    found: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        page = await store.find_documents(collection, where=where, after_key=after,
+                                          limit=_PAGE)
+        found += [doc for _, doc in page]
+        if len(page) < _PAGE:
+            return found
+        after = page[-1][0]
 
 
 async def leases(store: EventStore, group: str, now: float | None = None) -> list[Lease]:

@@ -30,7 +30,13 @@ from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState, RetryPolicy
 from magasin.messaging.dispatch import Outcome, Result, check_handlers, deliver, deliver_batch
-from magasin.messaging.ownership import DEFAULT_LEASE, Ownership, leases, new_member_id
+from magasin.messaging.ownership import (
+    DEFAULT_LEASE,
+    Ownership,
+    leases,
+    new_member_id,
+    plan_all,
+)
 from magasin.messaging.partitioning import (
     configured_partitions,
     event_partition,
@@ -67,6 +73,8 @@ _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for human
 _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
 
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
+_EVERY_PARTITION = -1
+"""The slot of a lingering consumer's single task (see _arrival)."""
 Slot = tuple[int, str]
 """(partition, key): the messages of one key are handled one at a time, in order."""
 
@@ -93,6 +101,8 @@ class _Consumer:
     """Most messages (of distinct keys) the process handles at once."""
     batch: int
     """Most messages one task handles in one unit of work."""
+    linger: float = 0.0
+    """Seconds a task waits for more messages before it handles a short batch."""
     partitions: int = 1
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
     """Consumers of the dead-letter queue (every process records dead letters)."""
@@ -225,6 +235,7 @@ class RabbitMQBus(EventBus):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
+        linger: float | None = None,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -234,10 +245,19 @@ class RabbitMQBus(EventBus):
         check_handlers(consumer, table, self.schemas)
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if linger is not None and linger < 0:
+            raise ValueError("linger must be >= 0")
+        if concurrency:
+            batch = 1
+        elif linger:
+            # What a partition's channel may hold unacked: the most a wait can gather.
+            batch = max(self.batch, self.prefetch)
+        else:
+            batch = self.batch
         self._consumers[consumer] = _Consumer(
             consumer, table, self._queue_of(consumer), retry or self.retry,
-            workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
-            partitions=self.partitions,
+            workers=concurrency or self.workers, batch=batch,
+            linger=0.0 if concurrency else (linger or 0.0), partitions=self.partitions,
             slots=asyncio.Semaphore(concurrency or self.workers),
             requires=None if requires is None else check_tag(requires),
         )
@@ -510,9 +530,13 @@ class RabbitMQBus(EventBus):
                 log.error("could not renew partition leases: %r", exc)
 
     async def _rebalance(self) -> None:
-        for consumer in self._consumers.values():
+        consumers = list(self._consumers.values())
+        ownerships = [c.ownership for c in consumers if c.ownership is not None]
+        assert len(ownerships) == len(consumers)
+        # Every consumer's renewal in one unit of work, from one read of each collection.
+        plans = await plan_all(ownerships)
+        for consumer, (acquire, release) in zip(consumers, plans, strict=True):
             assert consumer.ownership is not None
-            acquire, release = await consumer.ownership.plan()
             for partition in sorted(release - consumer.draining):
                 consumer.draining.add(partition)
                 task = asyncio.create_task(self._give_up(consumer, partition))
@@ -552,6 +576,13 @@ class RabbitMQBus(EventBus):
             for slot, waiting in consumer.waiting.items():
                 if slot[0] == partition:
                     waiting.clear()  # not started: back in the queue for the next owner
+                elif slot[0] == _EVERY_PARTITION:
+                    # Those not started yet go back to the queue; one being handled now
+                    # takes effect once (inbox), whichever owner commits it first.
+                    kept = [m for m in waiting
+                            if _partition_of_message(m, self.partitions) != partition]
+                    waiting.clear()
+                    waiting.extend(kept)
             while not consumer.idle(partition) and not self._stopping:
                 await asyncio.sleep(0.01)
             if not self._stopping:
@@ -619,7 +650,13 @@ class RabbitMQBus(EventBus):
                 return
             # Batching commits a run of a partition's messages in one unit of work: then
             # one task per partition takes them (in order), whatever their keys.
-            slot = (partition, "" if consumer.batch > 1 else _message_key(message))
+            # A lingering consumer (off the sales' path: an archive, an audit) has one task
+            # for all its partitions: one commit per burst, and a stream's events from
+            # several partitions in one batch, put in stream order there.
+            if consumer.linger:
+                slot = (_EVERY_PARTITION, "")
+            else:
+                slot = (partition, "" if consumer.batch > 1 else _message_key(message))
             consumer.waiting.setdefault(slot, deque()).append(message)
             if slot not in consumer.running:
                 consumer.running.add(slot)
@@ -633,8 +670,11 @@ class RabbitMQBus(EventBus):
         try:
             waiting = consumer.waiting[slot]
             while waiting and not self._stopping:
+                if consumer.linger and len(waiting) < consumer.batch:
+                    # Off the sales' path: let the rest of a burst arrive and commit once.
+                    await asyncio.sleep(consumer.linger)
                 async with consumer.slots:  # then take what gathered meanwhile
-                    if self._stopping:
+                    if self._stopping or not waiting:  # stopping, or the partition given up
                         break
                     take = min(len(waiting), consumer.batch)
                     messages = [waiting.popleft() for _ in range(take)]
@@ -663,6 +703,13 @@ class RabbitMQBus(EventBus):
             else:
                 together.append(message)
                 events.append(event)
+        if consumer.linger and not alone:
+            # Its batches mix partitions: each stream's events in version order (what an
+            # archive appending at the original versions needs; key order is moot here).
+            order = sorted(range(len(events)),
+                           key=lambda i: (events[i].stream_id, events[i].stream_version))
+            together = [together[i] for i in order]
+            events = [events[i] for i in order]
         # deliver_batch reports any failure as False, having written nothing. Alone, the
         # messages go in their arrival order (one key's order).
         if not alone and await deliver_batch(

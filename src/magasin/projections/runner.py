@@ -32,6 +32,10 @@ log = logging.getLogger("magasin.projections")
 
 Reader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
 
+LAZY_MOVE_MAX_S = 5.0
+"""Longest a projection leaves its checkpoint behind events it ignores while the log keeps
+moving (its lag shows it): it moves once the log is quiet for a poll, or after this."""
+
 ELSEWHERE_READ_LIMIT = 5_000
 """Positions past its failed batch a runner reads to tell `Projection.elsewhere` what
 another process projected; further behind (a restart), it tells nothing."""
@@ -129,13 +133,15 @@ class ProjectionRunner:
     async def _run(self, tail: _Tail) -> None:
         """Tail the log. Only batches with events the projection handles commit; a run of
         events it ignores moves the checkpoint lazily, once the log has been quiet for a
-        poll interval (replaying ignored events after a crash costs nothing)."""
+        poll interval or LAZY_MOVE_MAX_S after the last move (replaying ignored events
+        after a crash costs nothing)."""
         projection = tail.projection
         clock = asyncio.get_running_loop().time
         failures = 0
         position: tuple[int, int] | None = None
         saved = 0  # the checkpoint as stored
         saved_at = clock()
+        read_at = clock()  # when a read last found events
         cache = DocumentCache(size=20_000)
         while not self._stopping:
             page: list[RecordedEvent] = []
@@ -148,7 +154,9 @@ class ProjectionRunner:
                 tail.position = after
                 page = await self._read(after, self._page)
                 if not page:
-                    if after > saved and clock() - saved_at >= self._poll:
+                    now = clock()
+                    if after > saved and (now - max(saved_at, read_at) >= self._poll
+                                          or now - saved_at >= LAZY_MOVE_MAX_S):
                         await move_checkpoint(self.store, projection, saved, after, generation)
                         saved, saved_at = after, clock()
                         continue
@@ -156,6 +164,7 @@ class ProjectionRunner:
                     await self.store.wait_for_events(after, self._poll)
                     continue
                 tail.status = "running"
+                read_at = clock()
                 end = page[-1].global_position
                 mine = [e for e in page if e.type in projection.handlers]
                 if mine:

@@ -167,10 +167,20 @@ $$;
 -- only from there (its row locked first, so two conditional writers are serialised). Any
 -- refusal raises, rolling everything back: MG001 inbox (DETAIL: index of the mark), MG002
 -- an append (DETAIL: outcomes;versions), MG003 a checkpoint (DETAIL: index;actual).
--- The first version had no p_checkpoint_expected: drop it rather than keep an overload.
+-- Version checks (p_check_*: each stream must be at that version, 0 for none, before the
+-- appends; with a p_check_before, only its events up to that global position count) come
+-- after the marks: MG004 (DETAIL: index;actual).
+-- Earlier versions had no p_checkpoint_expected, then no p_check_*: drop them rather than
+-- keep overloads.
 DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
     text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
     bigint[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
+    text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
+    bigint[], bigint[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
+    text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
+    bigint[], bigint[], text[], text[], text[], text[], integer[]);
 
 CREATE OR REPLACE FUNCTION magasin_commit(
     p_inbox_consumers     text[],
@@ -194,12 +204,16 @@ CREATE OR REPLACE FUNCTION magasin_commit(
     p_doc_collections     text[],
     p_doc_keys            text[],
     p_doc_bodies          text[],
+    p_check_streams       text[],
+    p_check_versions      integer[],
+    p_check_before        bigint[],
     OUT o_outcomes        integer[],
     OUT o_versions        integer[],
     OUT o_positions       bigint[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_actual bigint;
+    v_index  bigint;
 BEGIN
     FOR i IN 1 .. coalesce(cardinality(p_inbox_ids), 0) LOOP
         INSERT INTO inbox (consumer, event_id) VALUES (p_inbox_consumers[i], p_inbox_ids[i])
@@ -208,6 +222,21 @@ BEGIN
             RAISE EXCEPTION 'already processed' USING ERRCODE = 'MG001', DETAIL = i::text;
         END IF;
     END LOOP;
+    IF coalesce(cardinality(p_check_streams), 0) > 0 THEN
+        SELECT c.i, coalesce(s.version, 0) INTO v_index, v_actual
+        FROM unnest(p_check_streams, p_check_versions, p_check_before)
+             WITH ORDINALITY AS c(stream_id, version, before, i)
+        LEFT JOIN streams AS s ON s.stream_id = c.stream_id
+        WHERE coalesce(s.version, 0) <> c.version
+          AND (c.before IS NULL OR coalesce(s.version, 0) < c.version OR EXISTS (
+              SELECT 1 FROM events AS e WHERE e.stream_id = c.stream_id
+              AND e.stream_version > c.version AND e.global_position <= c.before))
+        ORDER BY c.i LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'stream moved' USING ERRCODE = 'MG004',
+                DETAIL = v_index::text || ';' || v_actual::text;
+        END IF;
+    END IF;
     o_outcomes := '{}';
     o_versions := '{}';
     o_positions := '{}';
