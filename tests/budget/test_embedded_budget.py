@@ -80,7 +80,6 @@ def table(rows: dict[str, float], budgets: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the embedded sale is over its budget today")
 async def test_a_sale_of_the_demo_mix_stays_within_its_embedded_budget(
     tmp_path: Path, statements: StatementCounter
 ) -> None:

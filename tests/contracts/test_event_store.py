@@ -368,6 +368,37 @@ async def test_concurrent_units_of_work_fail_independently(store: EventStore) ->
         assert await store.stream_version(f"cold-{i}") == (0 if i % 2 else 1)
 
 
+async def test_concurrent_units_of_work_keep_each_its_own_outcome_in_every_kind_of_write(
+    store: EventStore,
+) -> None:
+    # Units committed together (SQLite's group commit) must come out as if one by one:
+    # a repeated inbox mark fails its unit only, and the others' marks, checkpoints,
+    # documents and events all land, the last write of a document winning.
+    async with store.transaction() as uow:
+        uow.mark_processed("c", "seen")
+        uow.put_document("d", "shared", {"by": "setup"})
+
+    async def work(i: int) -> None:
+        async with store.transaction() as uow:
+            uow.mark_processed("c", "seen" if i == 3 else f"e{i}")
+            uow.append(f"s-{i}", [ev(n=i)], NO_STREAM)
+            uow.set_checkpoint(f"bus:{i}", i)
+            uow.put_document("d", f"k{i}", {"i": i})
+            if i == 5:
+                uow.delete_document("d", "shared")
+
+    outcomes = await asyncio.gather(*(work(i) for i in range(8)), return_exceptions=True)
+
+    assert [type(o).__name__ for o in outcomes] == [
+        "AlreadyProcessed" if i == 3 else "NoneType" for i in range(8)]
+    for i in range(8):
+        assert await store.stream_version(f"s-{i}") == (0 if i == 3 else 1)
+        assert await store.get_checkpoint(f"bus:{i}") == (0 if i == 3 else i)
+        assert await store.get_document("d", f"k{i}") == (None if i == 3 else {"i": i})
+        assert await store.is_processed("c", f"e{i}") == (i != 3)
+    assert await store.get_document("d", "shared") is None
+
+
 async def test_documents_can_be_found_by_field_in_either_key_order_and_deleted(
     store: EventStore,
 ) -> None:
@@ -476,6 +507,33 @@ async def test_of_two_concurrent_conditional_checkpoint_moves_one_wins(
     assert sorted(type(o).__name__ for o in outcomes) == ["ConcurrencyError", "NoneType"]
     winner = await store.get_checkpoint("projection:race")
     assert [k for k, _ in await store.find_documents("race")] == [str(winner)]
+
+
+async def test_concurrent_checkpoint_moves_each_succeed_or_fail_on_their_own(
+    store: EventStore,
+) -> None:
+    async with store.transaction() as uow:
+        uow.set_checkpoint("projection:a", 5)
+        uow.set_checkpoint("projection:b", 5)
+
+    async def move(name: str, to: int, expected: int | None) -> None:
+        async with store.transaction() as uow:
+            uow.set_checkpoint(name, to, expected=expected)
+
+    outcomes = await asyncio.gather(
+        move("bus:plain", 7, None),
+        move("projection:a", 9, 5),        # where expected: moves
+        move("projection:b", 9, 4),        # not where expected: fails
+        move("projection:new", 3, 0),      # no row counts as 0: moves
+        move("projection:gone", 3, 2),     # no row, 2 expected: fails
+        return_exceptions=True,
+    )
+
+    assert [type(o).__name__ for o in outcomes] == [
+        "NoneType", "NoneType", "ConcurrencyError", "NoneType", "ConcurrencyError"]
+    assert [await store.get_checkpoint(n) for n in (
+        "bus:plain", "projection:a", "projection:b", "projection:new", "projection:gone",
+    )] == [7, 9, 5, 3, 0]
 
 
 async def test_outbox_hands_out_unsent_events_until_marked_sent(

@@ -45,7 +45,14 @@ async def test_a_trusted_load_reads_no_event_and_a_stale_one_fails_then_reads(
         reads.append(stream_id)
         return await read_stream(stream_id, **kw)  # type: ignore[arg-type]
 
+    read_latest = a.read_latest
+
+    async def counted_latest(stream_id: str) -> object:
+        reads.append(stream_id)
+        return await read_latest(stream_id)
+
     monkeypatch.setattr(a, "read_stream", counted)
+    monkeypatch.setattr(a, "read_latest", counted_latest)
     assert (await add(a, 1, trusted=True)).available == 2
     assert reads == []
 

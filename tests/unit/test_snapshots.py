@@ -166,7 +166,9 @@ async def test_after_a_commit_the_next_load_reads_none_of_its_own_events(
 
     monkeypatch.setattr(db, "read_stream", counting)
     await restock(db, 2)
-    assert read == [0, 0]  # each load started from the state the previous commit stored
+    # Each load started from the state the previous commit stored, and the store knew
+    # that nobody appended since (its own writer committed last): no read at all.
+    assert read == []
 
     # Another writer (another process, say) appends behind this cache's back: the next load
     # still reads what it wrote, so the cached state is a starting point, never the answer.

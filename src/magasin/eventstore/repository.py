@@ -57,8 +57,10 @@ class Rebuilt(Generic[A]):
 class _StateCache:
     """Committed aggregate states of one store, most recently used last. A cached state is
     a starting point: a load reads every event stored after its version, so it is right
-    even when other processes write the same streams; except in a unit of work that trusts
-    the cache (a delivery), which takes it as it is and checks its version at commit."""
+    even when other processes write the same streams; except when the store knows without
+    a query that the stream is still at that version (`known_version`), or in a unit of
+    work that trusts the cache (a delivery), which takes it as it is and checks its
+    version at commit."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -131,11 +133,14 @@ class Repository(Generic[A]):
         known = cache.get(key)
         every = snapshot_every(store)
         aggregate: A | None = None
+        events: list[RecordedEvent] | None = None
         if isinstance(known, self.cls):
             aggregate = known.clone()
             if (event_at := cache.due.pop(key, None)) is not None and every:
                 await self._take_snapshot(store, known, event_at)
-            if uow.trusts_cache and store.seen_version(key) in (None, aggregate.version):
+            if store.known_version(key) == aggregate.version:
+                events = []  # the store knows nobody appended since the state cached here
+            elif uow.trusts_cache and store.seen_version(key) in (None, aggregate.version):
                 # No read: the state is as this process last committed it (a commit of its
                 # own whose writer did not cache the result yet shows in seen_version: then
                 # read). The commit fails if the stream moved since (another process, a
@@ -144,17 +149,14 @@ class Repository(Generic[A]):
                 uow.after_failure(lambda: cache.forget(key))
                 uow.identity[key] = aggregate
                 return aggregate
-            after = aggregate.version
-            events = await uow.read_stream(key, from_version=after + 1)
         elif every:
-            snapshot, events = await store.read_latest(key)  # one round trip
+            snapshot, after_it = await store.read_latest(key)  # one round trip where it can
             aggregate = self._restore(snapshot, ident)
-            after = aggregate.version if aggregate is not None else 0
-            if snapshot is not None and aggregate is None:  # unusable: from the start
-                events = await uow.read_stream(key)
-        else:
-            after = 0
-            events = await uow.read_stream(key)
+            if aggregate is not None or snapshot is None:
+                events = after_it  # else an unusable snapshot: read from the start
+        after = aggregate.version if aggregate is not None else 0
+        if events is None:
+            events = await uow.read_stream(key, from_version=after + 1)
         aggregate = self._advance(aggregate, ident, events)
         if aggregate is None:
             return None

@@ -1,10 +1,13 @@
 """SQLite adapter of the event store (embedded mode): one file, WAL, one writer, group commit.
 
-All writes go through one writer thread. Units of work queued while a commit is running
-are committed together in the next database transaction, each inside its own SAVEPOINT so
+All writes go through one writer connection. Units of work queued while a commit is
+running are committed together in the next database transaction, as one group in a few
+statements (sqlite_group), or, when one of them fails, each inside its own SAVEPOINT so
 that one failing unit (a version conflict, say) does not fail the others. This gives one
-fsync for many concurrent appends. Reads run on the caller's thread with a connection of
-their own (WAL lets them read while the writer writes). Positions are assigned by the
+fsync for many concurrent appends. The writer thread runs them; a commit with nothing to
+group it with runs on the event loop instead (no thread hop). Reads run on the caller's
+thread with a connection of their own (WAL lets them read while the writer writes), or
+not at all when the writer knows the answer (sqlite_known). Positions are assigned by the
 single writer in commit order, so the global log has no gaps in flight.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -22,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from magasin.eventstore import sqlite_group
 from magasin.eventstore.rows import (
     ENVELOPE_COLUMNS,
     EVENT_COLUMNS,
@@ -30,6 +35,7 @@ from magasin.eventstore.rows import (
     dumps,
     event_from_row,
 )
+from magasin.eventstore.sqlite_known import UNKNOWN, KnownState
 from magasin.eventstore.store import (
     AbstractOutboxBatch,
     Append,
@@ -115,6 +121,18 @@ _INSERT_EVENT = (
     "VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+_LOAD_LATEST = (
+    "SELECT * FROM (SELECT 0, version, schema_version, state, taken_at, event_at, NULL, NULL,"
+    " NULL, NULL, NULL, NULL, NULL FROM stream_snapshots WHERE stream_id = ?1"
+    " ORDER BY version DESC LIMIT 1)"
+    f" UNION ALL SELECT 1, {ENVELOPE_COLUMNS} FROM events WHERE stream_id = ?1"
+    " AND stream_version > COALESCE("
+    "(SELECT MAX(version) FROM stream_snapshots WHERE stream_id = ?1), 0)"
+    " ORDER BY 1, 6"
+)
+"""A stream's latest snapshot (first, tagged 0) and the events after it (tagged 1, in
+version order: the sixth column is stream_version), in one statement."""
+
 ROWS_PER_STATEMENT = 200
 """Rows of one multi-row INSERT or DELETE (3 parameters a row, well under SQLite's limit)."""
 
@@ -149,6 +167,12 @@ class SqliteEventStore(EventStore):
         self._new_events: asyncio.Event | None = None
         self._outbox_lock: asyncio.Lock | None = None
         self._last_position = 0
+        self._known = KnownState()
+        self._wlock = threading.Lock()
+        self._commits = 0
+        """Transactions the writer committed that changed something (see KnownState)."""
+        self._inserted: list[RecordedEvent] = []
+        """Events the writer inserted in its current call (not those a retry got back)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -187,10 +211,13 @@ class SqliteEventStore(EventStore):
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
         self._wconn = conn
+        self._known.open(self.path)
         row = conn.execute("SELECT COALESCE(MAX(global_position), 0) FROM events").fetchone()
+        self._known.head = int(row[0])
         return int(row[0])
 
     def _close_writer(self) -> None:
+        self._known.close()
         if self._wconn is not None:
             self._wconn.close()
             self._wconn = None
@@ -199,9 +226,16 @@ class SqliteEventStore(EventStore):
         if self._queue is None:
             raise StorageError("the SQLite event store is not open")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._locked, fn, *args)
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite: {exc}") from exc
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        """The writer connection is used by one thread at a time: the writer thread, or
+        the event loop's for a commit while the writer is idle (see `commit`)."""
+        with self._wlock:
+            return fn(*args)
 
     def _reader(self) -> sqlite3.Connection:
         # Reads run on the event loop's thread: in WAL mode a reader never waits for the
@@ -237,24 +271,54 @@ class SqliteEventStore(EventStore):
     async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
         if self._queue is None:
             raise StorageError("the SQLite event store is not open")
+        if self._alone():
+            # Let the tasks that are ready run first: a burst of commits then goes to the
+            # writer thread together (group commit), and their work overlaps its fsync.
+            await asyncio.sleep(0)
+            if self._alone() and self._wlock.acquire(blocking=False):
+                # Nobody else is preparing a commit and the writer is idle: nothing to
+                # group this one with, nothing for the loop to do meanwhile, so commit
+                # here rather than pay the hop to the writer thread and back (which cost
+                # more than the write itself: bench/eventstore.py append_1_writer).
+                try:
+                    outcomes, last, fresh = self._apply_jobs([operations])
+                except sqlite3.Error as exc:
+                    raise StorageError(f"sqlite: {exc}") from exc
+                finally:
+                    self._wlock.release()
+                self._published(last, fresh)
+                outcome = outcomes[0]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
         await self._queue.put((operations, future))
         return await future
+
+    def _alone(self) -> bool:
+        """No other unit of work open, none queued, the writer idle."""
+        assert self._queue is not None
+        return self.units_open <= 1 and self._queue.empty() and not self._wlock.locked()
 
     async def _commit_loop(self) -> None:
         assert self._queue is not None and self._new_events is not None
         while True:
             jobs = [await self._queue.get()]
+            try:
+                await asyncio.sleep(0)  # the tasks already ready may queue theirs: one commit
+            except asyncio.CancelledError:
+                jobs[0][1].set_exception(StorageError("the SQLite event store closed"))
+                raise
             while len(jobs) < self._max_batch and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             try:
-                outcomes, last = await self._in_writer(self._apply_jobs, [ops for ops, _ in jobs])
+                outcomes, last, fresh = await self._in_writer(
+                    self._apply_jobs, [ops for ops, _ in jobs])
             except Exception as exc:
                 for _, future in jobs:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self._saw([e for o in outcomes if isinstance(o, list) for e in o])
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():
                     continue
@@ -262,24 +326,73 @@ class SqliteEventStore(EventStore):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
-            if last > self._last_position:
-                self._last_position = last
-                self._new_events.set()
-                self._new_events = asyncio.Event()
+            self._published(last, fresh)
+
+    def _published(self, last: int, fresh: list[RecordedEvent]) -> None:
+        """After a commit: the new head; the events it inserted (in log order, consecutive
+        positions) told to the commits' followers; the waiters woken."""
+        self._saw(fresh)
+        if last > self._last_position:
+            assert self._new_events is not None
+            self._last_position = last
+            self._new_events.set()
+            self._new_events = asyncio.Event()
 
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
+    ) -> tuple[list[list[RecordedEvent] | MagasinError], int, list[RecordedEvent]]:
+        """`_commit_jobs`, noting what it leaves behind for the readers (see KnownState);
+        also returns the events it inserted, in log order."""
+        before, commits = self._known.counter(), self._commits
+        self._inserted = []
+        outcomes, position = self._commit_jobs(jobs)
+        inserted = {id(e) for e in self._inserted}  # not the stored ones a retry got back
+        versions: dict[str, int] = {}
+        documents: dict[tuple[str, str], str | None] = {}
+        cleared = False
+        fresh: list[RecordedEvent] = []
+        for ops, outcome in zip(jobs, outcomes, strict=False):
+            if not isinstance(outcome, list):
+                continue
+            for event in outcome:
+                if id(event) in inserted:
+                    versions[event.stream_id] = event.stream_version
+                    fresh.append(event)
+            for op in ops:
+                if isinstance(op, PutDocument):
+                    documents[op.collection, op.key] = dumps(op.body)
+                elif isinstance(op, DeleteDocument):
+                    documents[op.collection, op.key] = None
+                elif isinstance(op, ClearCollection | ReplaceCollection):
+                    documents.clear()
+                    cleared = True
+        fresh.sort(key=lambda e: e.global_position)
+        head = fresh[-1].global_position if fresh else None
+        self._known.settle(before, self._commits - commits, versions, documents, cleared, head)
+        return outcomes, position, fresh
+
+    def _tracked(self, fn: Any) -> Any:
+        """Run a write of the writer thread that is no unit of work (a snapshot, outbox
+        rows), counting its commit so that it is not taken for another connection's."""
+        conn = self._wconn
+        assert conn is not None
+        before, changes = self._known.counter(), conn.total_changes
+        try:
+            return fn()
+        finally:
+            commits = int(conn.total_changes != changes)
+            self._known.settle(before, commits, {}, {})
+
+    def _commit_jobs(
+        self, jobs: list[Sequence[Operation]]
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int]:
-        """Commit `jobs` in one transaction. Optimistically without savepoints (a failing
-        job is rare: a version conflict, a duplicate); if one fails, the transaction rolls
-        back and the jobs run again, each in its own SAVEPOINT, so the others commit."""
-        if len(jobs) > 1:
-            try:
-                outcomes = self._run_jobs(jobs, isolate=False)
-            except MagasinError:
-                outcomes = None
-            if outcomes is not None:
-                return outcomes, self._last_of(outcomes)
+        """Commit `jobs` in one transaction. Optimistically as one group, a statement per
+        kind of write for all of them (see sqlite_group; a failing job is rare: a version
+        conflict, a duplicate); if that does not apply, the transaction rolls back and the
+        jobs run again one by one, each in its own SAVEPOINT, so the others commit."""
+        grouped = self._run_group(jobs)
+        if grouped is not None:
+            return grouped, self._last_of(grouped)
         try:
             outcomes = self._run_jobs(jobs, isolate=len(jobs) > 1)
         except MagasinError as exc:
@@ -292,6 +405,47 @@ class SqliteEventStore(EventStore):
             (r[-1].global_position for r in outcomes if isinstance(r, list) and r), default=0
         )
 
+    def _run_group(
+        self, jobs: list[Sequence[Operation]]
+    ) -> list[list[RecordedEvent] | MagasinError] | None:
+        """The jobs applied as one group, or None (nothing written) if they cannot be."""
+        conn = self._wconn
+        assert conn is not None
+        try:
+            group = sqlite_group.plan(jobs)
+        except sqlite_group.Unmergeable:
+            return None
+        now = to_micros(utcnow()) if group.marks else 0
+        changes = conn.total_changes
+        if sqlite_group.single_statement_is_atomic(group):
+            try:
+                done: list[list[RecordedEvent] | MagasinError] = list(sqlite_group.apply_group(
+                    conn, group, len(jobs), outbox=self.outbox, now=now, known=None))
+            except (sqlite_group.Unmergeable, MagasinError):
+                return None
+            finally:
+                self._commits += conn.total_changes != changes
+            return done
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Holding the write lock: if nobody else committed since this writer last did,
+            # what it knows of the log's head and its streams' versions is exact.
+            known = self._known if self._known.trusted() else None
+            recorded = sqlite_group.apply_group(conn, group, len(jobs), outbox=self.outbox,
+                                                now=now, known=known)
+            wrote = conn.total_changes != changes
+            conn.execute("COMMIT")
+            self._commits += wrote
+            self._inserted += (e for r in recorded for e in r)
+        except (sqlite_group.Unmergeable, MagasinError):
+            conn.execute("ROLLBACK")
+            return None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return list(recorded)
+
     def _run_jobs(
         self, jobs: list[Sequence[Operation]], *, isolate: bool
     ) -> list[list[RecordedEvent] | MagasinError]:
@@ -301,6 +455,7 @@ class SqliteEventStore(EventStore):
         assert conn is not None
         outcomes: list[list[RecordedEvent] | MagasinError] = []
         conn.execute("BEGIN IMMEDIATE")
+        changes = conn.total_changes
         try:
             for ops in jobs:
                 if isolate:
@@ -314,7 +469,9 @@ class SqliteEventStore(EventStore):
                     outcomes.append(exc)
                 if isolate:
                     conn.execute("RELEASE job")
+            wrote = conn.total_changes != changes
             conn.execute("COMMIT")
+            self._commits += wrote
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -549,6 +706,7 @@ class SqliteEventStore(EventStore):
                     metadata=orjson.loads(metadata), payload=orjson.loads(payload),
                 )
             )
+        self._inserted += recorded
         return recorded
 
     # -- reads --------------------------------------------------------------------------
@@ -617,7 +775,13 @@ class SqliteEventStore(EventStore):
             raise NotFound(f"no event {event_id}")
         return events[0]
 
+    def known_version(self, stream_id: str) -> int | None:
+        return self._known.version(stream_id)
+
     async def stream_version(self, stream_id: str) -> int:
+        known = self._known.version(stream_id)
+        if known is not None:
+            return known
         rows = await self._read(
             "SELECT COALESCE(MAX(stream_version), 0) FROM events WHERE stream_id = ?",
             (stream_id,),
@@ -655,6 +819,9 @@ class SqliteEventStore(EventStore):
         return bool(rows)
 
     async def get_document(self, collection: str, key: str) -> JsonDict | None:
+        known = self._known.document(collection, key)
+        if known is not UNKNOWN:
+            return None if known is None else orjson.loads(known)  # type: ignore[arg-type]
         rows = await self._read(
             "SELECT body FROM documents WHERE collection = ? AND key = ?", (collection, key)
         )
@@ -684,7 +851,7 @@ class SqliteEventStore(EventStore):
     # -- snapshots ----------------------------------------------------------------------
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        def run() -> None:
+        def write() -> None:
             assert self._wconn is not None
             self._wconn.execute(
                 "INSERT OR REPLACE INTO stream_snapshots (stream_id, version, schema_version, "
@@ -696,7 +863,7 @@ class SqliteEventStore(EventStore):
                 ),
             )
 
-        await self._in_writer(run)
+        await self._in_writer(self._tracked, write)
 
     async def load_snapshot(
         self,
@@ -723,6 +890,21 @@ class SqliteEventStore(EventStore):
         return Snapshot(stream_id, version, orjson.loads(state), schema_version,
                         from_micros(taken_at),
                         None if event_at is None else from_micros(event_at))
+
+    async def read_latest(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        conn = self._reader()
+        try:
+            with collector_paused():
+                rows = conn.execute(_LOAD_LATEST, (stream_id,)).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+        snapshot = None
+        if rows and rows[0][0] == 0:
+            _, version, schema_version, state, taken_at, event_at = rows.pop(0)[:6]
+            snapshot = Snapshot(stream_id, version, orjson.loads(state), schema_version,
+                                from_micros(taken_at),
+                                None if event_at is None else from_micros(event_at))
+        return snapshot, [StoredEvent(*row[1:]) for row in rows]
 
     # -- outbox -------------------------------------------------------------------------
 
@@ -767,14 +949,21 @@ class _SqliteOutboxBatch(AbstractOutboxBatch):
             if exc_type is None and self._positions:
                 positions = self._positions
 
-                def run() -> None:
+                def delete() -> None:
                     conn = self._store._wconn
                     assert conn is not None
-                    conn.executemany(
-                        "DELETE FROM outbox WHERE global_position = ?",
-                        [(p,) for p in positions],
-                    )
+                    conn.execute("BEGIN IMMEDIATE")  # one commit, not one per row
+                    try:
+                        conn.executemany(
+                            "DELETE FROM outbox WHERE global_position = ?",
+                            [(p,) for p in positions],
+                        )
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
 
-                await self._store._in_writer(run)
+                await self._store._in_writer(self._store._tracked, delete)
         finally:
             lock.release()

@@ -283,6 +283,9 @@ class EventStore(ABC):
     #: a commit is a publish for the metrics. Elsewhere the outbox relay counts publishes,
     #: and a store without outbox that is no bus (the event store service's archive) none.
     log_is_bus: bool = False
+    #: Units of work whose `transaction()` block is open (being prepared or committing):
+    #: an adapter may commit differently when one is alone (SQLite: without a thread hop).
+    units_open: int = 0
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -304,7 +307,17 @@ class EventStore(ABC):
     async def transaction(self, causation: Causation | None = None) -> AsyncIterator[UnitOfWork]:
         """Collect writes in the block; they commit together when it exits without error."""
         uow = UnitOfWork(self, causation)
-        yield uow
+        self.units_open += 1
+        try:
+            yield uow
+            if uow.operations:
+                await self._commit_unit(uow)
+        finally:
+            self.units_open -= 1
+        for hook in uow.committed_hooks:
+            hook()
+
+    async def _commit_unit(self, uow: UnitOfWork) -> None:
         if uow.operations:
             if uow.trusted:
                 uow.operations += uow.version_checks()
@@ -323,8 +336,6 @@ class EventStore(ABC):
                     ((e.type, e.metadata) for e in uow.recorded), "ok",
                     time.perf_counter() - started,
                 )
-        for hook in uow.committed_hooks:
-            hook()
 
     @abstractmethod
     async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
@@ -390,6 +401,13 @@ class EventStore(ABC):
     @abstractmethod
     async def stream_version(self, stream_id: str) -> int:
         """Current version of a stream, 0 if it has no event."""
+
+    def known_version(self, stream_id: str) -> int | None:
+        """The stream's current version without a query, when the adapter knows it: this
+        process wrote the stream last and no other connection committed since (SQLite's
+        single writer can tell); None when only a query can tell (always on PostgreSQL,
+        whose writers are many processes)."""
+        return None
 
     @abstractmethod
     async def last_position(self) -> int:

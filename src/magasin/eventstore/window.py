@@ -33,18 +33,6 @@ class LogWindow:
         """(position, when): a read past it found nothing then."""
         store.on_commit(self._committed)
 
-    def _committed(self, recorded: Sequence[RecordedEvent]) -> None:
-        """This process's own commit: its events join the window without a read when they
-        continue it with no position missing (otherwise the next read fetches them, with
-        whatever other processes committed in between)."""
-        if not self.events and self.start == 0:
-            return  # nothing read yet: where the readers start is not known
-        expected = self.end + 1
-        for event in recorded:
-            if event.global_position != expected:
-                return
-            expected += 1
-        self._keep(self.end, list(recorded))
     @property
     def end(self) -> int:
         return self.events[-1].global_position if self.events else self.start
@@ -71,6 +59,26 @@ class LogWindow:
         position, when = self._nothing_after
         return (head is not None and head <= after == position
                 and time.monotonic() - when < TRUST_EMPTY_S)
+
+    def _committed(self, events: Sequence[RecordedEvent]) -> None:
+        """Events this process just committed (EventStore.on_commit): taken without a query
+        when they follow the window's end with no hole between (what the window holds is
+        gap-safe, so nothing can still commit below them), and only once the window has
+        been read (before, where the readers start is not known). A read that found the
+        end a moment ago still vouches for what other processes did since (the same
+        TRUST_EMPTY_S), so the readers following the head need no query either."""
+        if not events or (not self.events and self.start == 0):
+            return
+        position = self.end
+        for event in events:  # a run with no hole, right after the window's end
+            position += 1
+            if event.global_position != position:
+                return
+        end = self.end
+        self._keep(end, list(events))
+        position, when = self._nothing_after
+        if position == end:
+            self._nothing_after = (self.end, when)
 
     def _keep(self, after: int, page: list[RecordedEvent]) -> None:
         if not page:

@@ -1,0 +1,150 @@
+"""The SQLite store answers from what its own writer committed, and only while nobody else
+committed since: a second store on the same file (another process, say) is always seen."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.eventstore.store import NO_STREAM
+from magasin.eventstore.window import LogWindow
+from magasin.shared.errors import ConcurrencyError
+from magasin.shared.messages import NewEvent
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    async with SqliteEventStore(tmp_path / "known.db") as store:
+        yield store
+
+
+def queries(store: SqliteEventStore) -> list[str]:
+    """Statements the store's reading connection runs from now on."""
+    seen: list[str] = []
+    store._reader().set_trace_callback(seen.append)
+    return seen
+
+
+async def test_what_its_own_writer_committed_is_answered_without_a_query(
+    db: SqliteEventStore,
+) -> None:
+    async with db.transaction() as uow:
+        uow.append("cart-1", [NewEvent("A", {}), NewEvent("B", {})], NO_STREAM)
+        uow.put_document("carts", "1", {"items": 2})
+        uow.put_document("carts", "2", {"items": 0})
+        uow.delete_document("carts", "2")
+    read = queries(db)
+
+    assert db.known_version("cart-1") == 2
+    assert await db.stream_version("cart-1") == 2
+    assert await db.get_document("carts", "1") == {"items": 2}
+    assert await db.get_document("carts", "2") is None
+    assert read == []
+    assert db.known_version("cart-9") is None  # never written here: only a query can tell
+
+
+async def test_a_document_handed_out_is_a_copy(db: SqliteEventStore) -> None:
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": [1]})
+    (await db.get_document("carts", "1") or {})["items"].append(2)
+    assert await db.get_document("carts", "1") == {"items": [1]}
+
+
+async def test_another_writer_on_the_same_file_makes_it_ask_the_database_again(
+    db: SqliteEventStore,
+) -> None:
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": 1})
+
+    async with SqliteEventStore(db.path) as other:
+        await other.append("cart-1", [NewEvent("B", {})], 1)
+        async with other.transaction() as uow:
+            uow.put_document("carts", "1", {"items": 5})
+
+    assert db.known_version("cart-1") is None
+    assert await db.stream_version("cart-1") == 2
+    assert await db.get_document("carts", "1") == {"items": 5}
+    # Its own next commit knows the stream again (its version was read under the lock).
+    await db.append("cart-1", [NewEvent("C", {})], 2)
+    assert db.known_version("cart-1") == 3
+
+
+async def test_a_cleared_collection_and_a_failed_unit_leave_nothing_stale(
+    db: SqliteEventStore,
+) -> None:
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": 1})
+        uow.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    async with db.transaction() as uow:
+        uow.clear_collection("carts")
+    assert await db.get_document("carts", "1") is None
+
+    with pytest.raises(ConcurrencyError):
+        async with db.transaction() as uow:
+            uow.put_document("carts", "1", {"items": 9})
+            uow.append("cart-1", [NewEvent("B", {})], NO_STREAM)
+    assert await db.get_document("carts", "1") is None
+    assert db.known_version("cart-1") == 1
+
+
+async def test_a_stream_written_before_it_opened_is_appended_after_its_last_event(
+    tmp_path: Path,
+) -> None:
+    async with SqliteEventStore(tmp_path / "log.db") as before:
+        await before.append("cart-1", [NewEvent("A", {}), NewEvent("B", {})], NO_STREAM)
+        stored = await before.append("cart-2", [NewEvent("A", {})], NO_STREAM)
+
+    async with SqliteEventStore(tmp_path / "log.db") as db:
+        # It never wrote these streams: not known, so asked (or checked by the insert).
+        (any_version,) = await db.append("cart-1", [NewEvent("C", {})])
+        with pytest.raises(ConcurrencyError):
+            await db.append("cart-2", [NewEvent("B", {})], NO_STREAM)
+        again = await db.append("cart-2", [NewEvent("A", {}, event_id=stored[0].event_id)])
+
+    assert any_version.stream_version == 3
+    assert [e.event_id for e in again] == [stored[0].event_id]
+
+
+async def test_the_log_window_takes_this_process_commits_without_reading_them(
+    db: SqliteEventStore,
+) -> None:
+    window = LogWindow(db, size=100)
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    assert [e.type for e in await window.read(0, 10)] == ["A"]  # read once, then held
+    read = queries(db)
+
+    await db.append("cart-1", [NewEvent("B", {}), NewEvent("C", {})], 1)
+    assert [e.type for e in await window.read(1, 10)] == ["B", "C"]
+    assert read == []
+
+    # Another writer's events leave a hole before this process's next ones: read them.
+    async with SqliteEventStore(db.path) as other:
+        await other.append("cart-2", [NewEvent("X", {})], NO_STREAM)
+    await db.append("cart-1", [NewEvent("D", {})], 3)
+    assert [e.type for e in await window.read(3, 10)] == ["X", "D"]
+    assert read
+
+
+async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
+    db: SqliteEventStore,
+) -> None:
+    assert db._wconn is not None
+    threads: list[str] = []
+    db._wconn.set_trace_callback(
+        lambda sql: threads.append(threading.current_thread().name) if sql.startswith(
+            "BEGIN") else None)
+
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    assert threads == [threading.current_thread().name]  # no hop to the writer thread
+
+    threads.clear()
+    await asyncio.gather(*(db.append(f"cart-{i}", [NewEvent("A", {})], NO_STREAM)
+                           for i in range(2, 10)))
+    assert len(threads) <= 2  # eight commits in one or two transactions, not eight
+    assert [await db.stream_version(f"cart-{i}") for i in range(2, 10)] == [1] * 8
