@@ -4,6 +4,7 @@ committed since: a second store on the same file (another process, say) is alway
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,3 +149,49 @@ async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
                            for i in range(2, 10)))
     assert len(threads) <= 2  # eight commits in one or two transactions, not eight
     assert [await db.stream_version(f"cart-{i}") for i in range(2, 10)] == [1] * 8
+
+
+CHILD_WRITER = """
+import mmap, os, sqlite3, struct, sys
+database, target = sys.argv[1], int(sys.argv[2])
+conn = sqlite3.connect(database, isolation_level=None)
+conn.execute("SELECT COUNT(*) FROM documents").fetchone()  # joins the WAL index
+shm = mmap.mmap(os.open(database + "-shm", os.O_RDONLY), mmap.PAGESIZE,
+                access=mmap.ACCESS_READ)  # kept open: closing it would drop our locks too
+def counter():
+    return struct.unpack_from("=III", shm, 0)[2]
+filler = 0
+while counter() < target - 1 and filler < 10_000:  # only if the WAL index was rebuilt
+    filler += 1
+    conn.execute("INSERT OR REPLACE INTO documents VALUES ('filler', 'f', ?)", (str(filler),))
+conn.execute("UPDATE documents SET body = '{\\"items\\": 2}' WHERE collection = 'carts'")
+print(counter(), filler)
+"""
+
+
+async def test_another_process_opening_the_file_never_makes_it_trust_a_stale_answer(
+    db: SqliteEventStore,
+) -> None:
+    """Another process (a CLI, a test polling the file) connects while the store is open,
+    then commits: the store must see what it wrote. SQLite's locks on the shared WAL index
+    (POSIX locks, held per process) tell that process it is not the first connection; had
+    the store dropped them (closing a descriptor of the -shm file drops every lock this
+    process holds on it), that process would rebuild the WAL index from scratch under the
+    running store — truncating the -shm file it maps (SIGBUS: `magasin up` died silently
+    mid-sale) and restarting the commit counter the store trusts."""
+    async with db.transaction() as uow:
+        uow.put_document("carts", "1", {"items": 1})
+    for i in range(5):  # the counter well above where a rebuilt index starts
+        async with db.transaction() as uow:
+            uow.put_document("other", str(i), {})
+    assert await db.get_document("carts", "1") == {"items": 1}
+    target = db._known.counter()
+    assert target is not None
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD_WRITER, str(db.path), str(target),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+
+    assert await db.get_document("carts", "1") == {"items": 2}, out.decode()

@@ -197,6 +197,9 @@ class SqliteEventStore(EventStore):
         if self._rconn is not None:
             self._rconn.close()
             self._rconn = None
+        # Last, with both connections closed: letting go of the -shm mapping may close a
+        # descriptor of that file, which drops this process's locks on it (see sqlite_known).
+        self._known.close()
         self._queue = None
         self._writer.shutdown(wait=True)
 
@@ -217,7 +220,6 @@ class SqliteEventStore(EventStore):
         return int(row[0])
 
     def _close_writer(self) -> None:
-        self._known.close()
         if self._wconn is not None:
             self._wconn.close()
             self._wconn = None

@@ -20,7 +20,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 WAL_INDEX_VERSION = 3007000
 _HEADER = struct.Struct("=III")  # iVersion, unused, iChange (native byte order)
@@ -33,7 +35,10 @@ UNKNOWN = object()
 
 class KnownState:
     def __init__(self) -> None:
-        self._map: mmap.mmap | None = None
+        self._held: _Mapping | None = None
+        """The -shm mapping this state holds (released by `close`, see _Mapping)."""
+        self._map: _Mapping | None = None
+        """The same, when its format is known: the counter is read there."""
         self._seen: int | None = None
         """The counter as the writer left it, with every map complete; None: trust nothing."""
         self.versions: dict[str, int] = {}
@@ -42,39 +47,31 @@ class KnownState:
         """The log's last position, when known."""
 
     def open(self, database: Path) -> None:
-        """Start following the database's commits (once its WAL is set up); then tell the
-        log's head (`head`), read after this."""
-        # Mapped, not read with a system call each time (16 µs under load, measured). SQLite
-        # never truncates the file while a connection has it open, and this store's do
-        # until `close`, which unmaps first.
-        try:
-            fd = os.open(f"{database}-shm", os.O_RDONLY)
-        except OSError:
+        """Start following the database's commits (once its WAL is set up, the -shm file
+        mapped by this store's connection); then tell the log's head (`head`), read after
+        this."""
+        self._held = _Mapping.of(Path(f"{database}-shm"))
+        if self._held is None:
             return  # no shared WAL index (another locking mode): trust nothing, ever
-        try:
-            if os.fstat(fd).st_size < mmap.PAGESIZE:
-                return
-            self._map = mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
-        except OSError:
-            return
-        finally:
-            os.close(fd)
-        if _HEADER.unpack_from(self._map, 0)[0] != WAL_INDEX_VERSION:
-            self.close()
-            return
+        if _HEADER.unpack_from(self._held.view, 0)[0] != WAL_INDEX_VERSION:
+            return  # a format not known here: trust nothing (held until `close` all the same)
+        self._map = self._held
         self._seen = self.counter()
 
     def close(self) -> None:
+        """Stop trusting; let go of the -shm mapping. Only once the store's connections
+        are closed (see _Mapping)."""
         self._seen = None
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._map = None
+        if self._held is not None:
+            self._held.release()
+            self._held = None
         self.forget()
 
     def counter(self) -> int | None:
         if self._map is None:
             return None
-        return int(_HEADER.unpack_from(self._map, 0)[2])
+        return int(_HEADER.unpack_from(self._map.view, 0)[2])
 
     def forget(self) -> None:
         self.versions.clear()
@@ -138,3 +135,65 @@ class KnownState:
         if seen is None or body is UNKNOWN or self.counter() != seen:
             return UNKNOWN
         return body
+
+
+class _Mapping:
+    """The -shm file mapped once per process (per file), for every store of the process on
+    that database, and its descriptors kept open until the last of them lets go.
+
+    SQLite's locks on the WAL index are POSIX advisory locks, which belong to the process:
+    closing *any* descriptor of the -shm file, the mapped one's duplicate included (mmap
+    holds one), drops every lock the process holds on it — SQLite's shared "a connection
+    uses this index" lock among them (https://www.sqlite.org/howtocorrupt.html, 2.2).
+    Without it, the next process to connect (a CLI, a test reading the file) takes itself
+    for the first one and rebuilds the index from scratch under the running connections:
+    it truncates the -shm file (a read of the mapping then dies of SIGBUS) and restarts
+    `iChange` (so the counter can come back to where a writer left it, and stale state
+    be trusted). Hence: no descriptor of it is closed while a store of this process uses
+    the database; the store releases its mapping after closing its connections."""
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _open: ClassVar[dict[tuple[int, int], _Mapping]] = {}
+
+    def __init__(self, key: tuple[int, int], fd: int, view: mmap.mmap) -> None:
+        self.key = key
+        self.fd = fd
+        self.view = view
+        self.users = 1
+
+    @classmethod
+    def of(cls, shm: Path) -> _Mapping | None:
+        with cls._lock:
+            try:  # stat, not open-and-close: that close alone would drop the locks
+                st = os.stat(shm)
+            except OSError:
+                return None
+            key = (st.st_dev, st.st_ino)
+            if (known := cls._open.get(key)) is not None:
+                known.users += 1
+                return known
+            if st.st_size < mmap.PAGESIZE:
+                return None
+            try:
+                fd = os.open(shm, os.O_RDONLY)
+            except OSError:
+                return None
+            try:
+                view = mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
+            except OSError:
+                # Kept open rather than closed (which would drop SQLite's locks): one
+                # descriptor, in a case that should not happen (the size was checked).
+                return None
+            # The same file as stat'ed: this process's connection keeps SQLite from
+            # replacing it (only the last connection of all deletes it).
+            mapping = cls._open[key] = _Mapping(key, fd, view)
+            return mapping
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users:
+                return
+            del self._open[self.key]
+            self.view.close()
+            os.close(self.fd)
