@@ -153,11 +153,14 @@ async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
 
 CHILD_WRITER = """
 import mmap, os, sqlite3, struct, sys
-database, target = sys.argv[1], int(sys.argv[2])
+database, target, tear = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "tear"
 conn = sqlite3.connect(database, isolation_level=None)
 conn.execute("SELECT COUNT(*) FROM documents").fetchone()  # joins the WAL index
-shm = mmap.mmap(os.open(database + "-shm", os.O_RDONLY), mmap.PAGESIZE,
-                access=mmap.ACCESS_READ)  # kept open: closing it would drop our locks too
+shm = mmap.mmap(os.open(database + "-shm", os.O_RDWR), mmap.PAGESIZE)
+# (kept open: closing a descriptor of the -shm file would drop this process's locks)
+if tear:  # the two copies of the header differ, as when a writer died between them
+    shm[48 + 8] ^= 0xFF
+    conn.execute("SELECT COUNT(*) FROM documents").fetchone()  # rebuilds the index
 def counter():
     return struct.unpack_from("=III", shm, 0)[2]
 filler = 0
@@ -169,16 +172,20 @@ print(counter(), filler)
 """
 
 
-async def test_another_process_opening_the_file_never_makes_it_trust_a_stale_answer(
-    db: SqliteEventStore,
+@pytest.mark.parametrize("how", ["connects", "tear"])
+async def test_another_process_writing_is_seen_whatever_becomes_of_the_commit_counter(
+    db: SqliteEventStore, how: str,
 ) -> None:
     """Another process (a CLI, a test polling the file) connects while the store is open,
-    then commits: the store must see what it wrote. SQLite's locks on the shared WAL index
-    (POSIX locks, held per process) tell that process it is not the first connection; had
-    the store dropped them (closing a descriptor of the -shm file drops every lock this
-    process holds on it), that process would rebuild the WAL index from scratch under the
-    running store — truncating the -shm file it maps (SIGBUS: `magasin up` died silently
-    mid-sale) and restarting the commit counter the store trusts."""
+    then commits: the store must see what it wrote, even when that process rebuilt the WAL
+    index, which restarts the commit counter (`tear`: a writer died halfway through the
+    header), and committed until the counter stood where the store's writer left it.
+
+    `connects`: SQLite's locks on the WAL index (POSIX locks, held per process) tell that
+    process it is not the first connection. Had the store dropped them (closing any
+    descriptor of the -shm file drops every lock this process holds on it), that process
+    would rebuild the index from scratch under the running store on connecting — also
+    truncating the -shm file the store maps: `magasin up` died of SIGBUS mid-sale."""
     async with db.transaction() as uow:
         uow.put_document("carts", "1", {"items": 1})
     for i in range(5):  # the counter well above where a rebuilt index starts
@@ -189,7 +196,7 @@ async def test_another_process_opening_the_file_never_makes_it_trust_a_stale_ans
     assert target is not None
 
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD_WRITER, str(db.path), str(target),
+        sys.executable, "-c", CHILD_WRITER, str(db.path), str(target), how,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await child.communicate()
     assert child.returncode == 0, err.decode()

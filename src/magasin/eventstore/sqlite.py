@@ -345,7 +345,7 @@ class SqliteEventStore(EventStore):
     ) -> tuple[list[list[RecordedEvent] | MagasinError], int, list[RecordedEvent]]:
         """`_commit_jobs`, noting what it leaves behind for the readers (see KnownState);
         also returns the events it inserted, in log order."""
-        before, commits = self._known.counter(), self._commits
+        before, commits = self._known.stamp(), self._commits
         self._inserted = []
         outcomes, position = self._commit_jobs(jobs)
         inserted = {id(e) for e in self._inserted}  # not the stored ones a retry got back
@@ -378,7 +378,7 @@ class SqliteEventStore(EventStore):
         rows), counting its commit so that it is not taken for another connection's."""
         conn = self._wconn
         assert conn is not None
-        before, changes = self._known.counter(), conn.total_changes
+        before, changes = self._known.stamp(), conn.total_changes
         try:
             return fn()
         finally:

@@ -12,7 +12,11 @@ statement. The writer notes the counter around each of its transactions: when it
 exactly the number of commits it made, nobody else committed, and what it wrote is the
 current state; any other move means another connection committed, and everything known is
 forgotten (the next loads and reads query the database, as they always did). A reader
-trusts what is known only while the counter still stands where the writer left it.
+trusts what is known only while the header still stands exactly where the writer left it:
+the counter and the rest of it (frame count, checksums of the last frame, salts), since
+the counter alone can come back there — a connection that rebuilds the index (after a
+writer died halfway through writing the header) restarts it from 0, and other commits may
+then bring it back to where this writer left it, not the WAL's content.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import ClassVar
 
 WAL_INDEX_VERSION = 3007000
 _HEADER = struct.Struct("=III")  # iVersion, unused, iChange (native byte order)
+_HEADER_SIZE = 48
+"""The first copy of the WAL-index header (WalIndexHdr), the one SQLite writes last."""
 MAX_STREAMS = 100_000
 MAX_DOCUMENTS = 20_000
 
@@ -39,8 +45,8 @@ class KnownState:
         """The -shm mapping this state holds (released by `close`, see _Mapping)."""
         self._map: _Mapping | None = None
         """The same, when its format is known: the counter is read there."""
-        self._seen: int | None = None
-        """The counter as the writer left it, with every map complete; None: trust nothing."""
+        self._seen: bytes | None = None
+        """The header as the writer left it, with every map complete; None: trust nothing."""
         self.versions: dict[str, int] = {}
         self.documents: dict[tuple[str, str], str | None] = {}
         self.head: int | None = None
@@ -56,7 +62,7 @@ class KnownState:
         if _HEADER.unpack_from(self._held.view, 0)[0] != WAL_INDEX_VERSION:
             return  # a format not known here: trust nothing (held until `close` all the same)
         self._map = self._held
-        self._seen = self.counter()
+        self._seen = self.stamp()
 
     def close(self) -> None:
         """Stop trusting; let go of the -shm mapping. Only once the store's connections
@@ -73,6 +79,12 @@ class KnownState:
             return None
         return int(_HEADER.unpack_from(self._map.view, 0)[2])
 
+    def stamp(self) -> bytes | None:
+        """The WAL-index header as it stands (the counter at bytes 8-11)."""
+        if self._map is None:
+            return None
+        return self._map.view[:_HEADER_SIZE]
+
     def forget(self) -> None:
         self.versions.clear()
         self.documents.clear()
@@ -81,31 +93,31 @@ class KnownState:
     def trusted(self) -> bool:
         """True while nobody but this writer committed since it last settled; the writer
         asks while it holds the write lock, so the answer holds until it commits."""
-        return self._seen is not None and self.counter() == self._seen
+        return self._seen is not None and self.stamp() == self._seen
 
     # -- the writer's side (writer thread) ----------------------------------------------
 
     def settle(
         self,
-        before: int | None,
+        before: bytes | None,
         commits: int,
         versions: dict[str, int],
         documents: dict[tuple[str, str], str | None],
         cleared: bool = False,
         head: int | None = None,
     ) -> None:
-        """After a write: `before` is the counter read before it began, `commits` how many
+        """After a write: `before` is the header (`stamp`) before it began, `commits` how many
         transactions it committed; `versions` and `documents` what they left behind
         (`cleared`: a collection-wide operation ran, the documents known are forgotten;
         `head`: the last position it appended)."""
-        after = self.counter()
+        after = self.stamp()
         if before is None or after is None:
             self._seen = None
             self.forget()
             return
         if self._seen != before:
             self.forget()  # another connection committed before this write: may be stale
-        if after != (before + commits) & 0xFFFFFFFF:
+        if _counter(after) != (_counter(before) + commits) & 0xFFFFFFFF:
             self.forget()  # ... or while it ran
         else:  # what it wrote is current (versions were read under the write lock)
             if cleared:
@@ -118,23 +130,27 @@ class KnownState:
             self.documents.update(documents)
             if head is not None:
                 self.head = head
-        self._seen = after  # last: readers trust the maps only once it matches the counter
+        self._seen = after  # last: readers trust the maps only once it matches the header
 
     # -- the readers' side (event loop) --------------------------------------------------
 
     def version(self, stream_id: str) -> int | None:
         seen = self._seen
         version = self.versions.get(stream_id)
-        if seen is None or version is None or self.counter() != seen:
+        if seen is None or version is None or self.stamp() != seen:
             return None
         return version
 
     def document(self, collection: str, key: str) -> str | object | None:
         seen = self._seen
         body = self.documents.get((collection, key), UNKNOWN)
-        if seen is None or body is UNKNOWN or self.counter() != seen:
+        if seen is None or body is UNKNOWN or self.stamp() != seen:
             return UNKNOWN
         return body
+
+
+def _counter(stamp: bytes) -> int:
+    return int(_HEADER.unpack_from(stamp, 0)[2])
 
 
 class _Mapping:
