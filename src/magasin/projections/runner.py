@@ -174,9 +174,10 @@ class ProjectionRunner:
                 position = (end, generation)
                 failures = 0
             except ConcurrencyError:
-                # A swap or another process moved it: go on from there.
+                # A swap or another process moved it (committed a batch, or moved it over
+                # events ignored here while this runner's move failed): go on from there.
                 lost, position = position, None
-                if projection.elsewhere is not None and lost is not None and page:
+                if projection.elsewhere is not None and lost is not None:
                     with contextlib.suppress(Exception):
                         position = await self._projected_elsewhere(projection, lost, page)
                         if position is not None:
@@ -198,9 +199,10 @@ class ProjectionRunner:
         self, projection: Projection, lost: tuple[int, int], page: list[RecordedEvent],
     ) -> tuple[int, int] | None:
         """Hand `projection.elsewhere` what another process committed past this runner's
-        position when its batch `page` failed (`lost`): the page, and the rest up to the
-        new checkpoint (read only when a few pages away). Returns the position told up to,
-        where the runner goes on (None: reload it)."""
+        position when its commit failed (`lost`, with the batch `page`; no page when a
+        lazy checkpoint move failed): the page, and the rest up to the new checkpoint (read
+        only when a few pages away). Returns the position told up to, where the runner goes
+        on and the checkpoint it expects there (None: reload it)."""
         assert projection.elsewhere is not None
         generation = lost[1]
         name = generation_name(projection.name)
@@ -208,13 +210,20 @@ class ProjectionRunner:
             return None  # a rebuild swapped the documents in: no single change to tell
         now = await self.store.get_checkpoint(projection.checkpoint)
         events = [e for e in page if e.global_position <= now]
-        end = page[-1].global_position
+        end = page[-1].global_position if page else lost[0]
         if now - end > ELSEWHERE_READ_LIMIT:
             return None
         while end < now:
             more = await self._read(end, min(self._page, now - end))
             if not more:
-                break
+                # The read stopped short of the checkpoint (a hole this process has not
+                # judged yet, or a window trusting a read that found the end a moment
+                # before another process's commit): what lies past `end` is not told yet.
+                # Going on from `end` and expecting the checkpoint there, the runner's next
+                # commit fails again and tells it then; going on from `now` skipped it.
+                if events:
+                    await projection.elsewhere(self.store, events)
+                return end, generation
             events.extend(e for e in more if e.global_position <= now)
             end = more[-1].global_position
         if events:
