@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
+from yarl import URL
 
 from magasin.eventstore.postgres import (
     _CLAIM_OUTBOX,
@@ -44,8 +45,10 @@ async def make_store(pg_database: str, pg_schema: str) -> AsyncIterator[MakeStor
     """Opens stores on one schema, as separate processes would; drops the schema after."""
     made: list[PostgresEventStore] = []
 
-    async def make(outbox: bool = False, pool_max: int = 10) -> PostgresEventStore:
-        store = PostgresEventStore(pg_database, schema=pg_schema, outbox=outbox, pool_max=pool_max)
+    async def make(outbox: bool = False, pool_max: int = 10,
+                   dsn: str | None = None) -> PostgresEventStore:
+        store = PostgresEventStore(dsn or pg_database, schema=pg_schema, outbox=outbox,
+                                   pool_max=pool_max)
         await store.open()
         made.append(store)
         return store
@@ -266,6 +269,99 @@ async def test_wait_for_events_wakes_up_on_a_commit_in_another_process(
     await reader.wait_for_events(after=0, timeout=10)
     assert loop.time() - started < 5
     await task
+
+
+class SlowLink:
+    """A TCP relay to the server that hands on what the server sends `delay` seconds late:
+    a database far away, where every round trip takes that long."""
+
+    def __init__(self, dsn: str, delay: float) -> None:
+        self._target = URL(dsn)
+        self._delay = delay
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    @property
+    def dsn(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return str(self._target.with_host("127.0.0.1").with_port(port))
+
+    async def __aenter__(self) -> SlowLink:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pipe in self._pipes:
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _pipe(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(
+            self._target.host, self._target.port or 5432)
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        try:
+            await asyncio.gather(_relay(client_r, server_w, 0.0),
+                                 _relay(server_r, client_w, self._delay))
+        finally:
+            client_w.transport.abort()
+            server_w.transport.abort()
+            self._pipes.discard(task)
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 delay: float) -> None:
+    try:
+        while data := await reader.read(65536):
+            if delay:
+                await asyncio.sleep(delay)
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()  # one side closed: so does the other
+
+
+async def test_an_older_process_answers_newcomers_and_notifies_its_commits_over_a_slow_link(
+    make_store: MakeStore, pg_database: str,
+) -> None:
+    """A process answers each newcomer's greeting on the connection that also carries its
+    commits' notifications. With round trips that take a while, the answer is still on its
+    way when the next commit is to be notified: both must go out (one operation at a time
+    on that connection), or the newcomer misses that commit, or never learns of the older
+    process and never wakes its readers with its own commits."""
+    async with SlowLink(pg_database, delay=0.02) as link:
+        older = await make_store(dsn=link.dsn, pool_max=2)
+        try:
+            await _greet_and_notify(older, make_store)
+        finally:
+            await older.close()  # while the link still stands
+
+
+async def _greet_and_notify(older: PostgresEventStore, make_store: MakeStore) -> None:
+    timeout = 5.0
+    loop = asyncio.get_running_loop()
+    for n in range(4):
+        newcomers = await asyncio.gather(*(make_store(pool_max=2) for _ in range(2)))
+        # Committed as the greetings reach the older process.
+        (event,) = await older.append(f"cart-{n}", [ev(n=n)])
+        for newcomer in newcomers:
+            started = loop.time()
+            while (newcomer.known_head() or 0) < event.global_position:
+                assert loop.time() - started < timeout, (
+                    f"round {n}: the older process's commit woke no newcomer")
+                await newcomer.wait_for_events(newcomer.known_head() or 0, timeout)
+        for i, newcomer in enumerate(newcomers):
+            head = older.known_head() or 0
+            (theirs,) = await newcomer.append(f"cart-{n}-{i}", [ev(n=i)])
+            await older.wait_for_events(head, timeout)
+            assert (older.known_head() or 0) >= theirs.global_position, (
+                f"round {n}: newcomer {i}'s commit never woke the older process")
 
 
 async def test_a_reader_in_another_process_sees_8_writers_events_once_in_order(

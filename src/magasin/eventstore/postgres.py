@@ -126,6 +126,8 @@ _CLAIM_OUTBOX: Final = (
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
+_NOTIFY_RETRY_MAX_S: Final = 1.0
+"""Longest wait before a NOTIFY that failed is tried again (the listener reconnecting)."""
 _HELLO: Final = "hello"
 """A process's first NOTIFY: the others answer _HERE, so each knows the others exist."""
 _HERE: Final = "here"
@@ -286,12 +288,6 @@ async def _analyze_stale(conn: Any) -> list[str]:
     return tables
 
 
-async def _say(conn: Any, channel: str, what: str) -> None:
-    """A presence NOTIFY (see PostgresEventStore._peers); lost ones cost only wake-ups."""
-    with suppress(*_DRIVER_ERRORS):
-        await conn.execute("SELECT pg_notify($1, $2)", channel, what)
-
-
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -333,11 +329,15 @@ class PostgresEventStore(EventStore):
         self._notifier: asyncio.Task[None] | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._notify_pending = asyncio.Event()
+        """Set when there is something to NOTIFY (see _notify_loop)."""
+        self._to_say: list[str] = []
+        """Greetings not sent yet (_HELLO, _HERE), in order."""
+        self._untold = False
+        """Whether a commit of this process is not notified yet."""
         self._peers: set[int] = set()
         """Listener pids of the other processes of this schema seen so far: commits are
         notified only while there is one (a process alone, the common deployment, has
         nobody to tell: that was a statement per commit)."""
-        self._greetings: set[asyncio.Task[None]] = set()
         self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
         self._queued = asyncio.Event()
         self._committers: list[asyncio.Task[None]] = []
@@ -391,13 +391,13 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
-                await _say(listener, self._channel, _HELLO)
         except BaseException:
             if listener is not None:
                 listener.terminate()
             pool.terminate()
             raise
         self._pool, self._listener, self._head = pool, listener, int(head)
+        self._greet(_HELLO)  # now that this process listens: the others answer _HERE
         self._notifier = asyncio.create_task(self._notify_loop(), name="postgres-notifier")
         self._committers = [
             asyncio.create_task(self._commit_groups(), name=f"postgres-committer-{i}")
@@ -427,8 +427,7 @@ class PostgresEventStore(EventStore):
             return
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
-        for greeting in self._greetings:
-            greeting.cancel()
+        self._to_say.clear()
         if self._analyzer is not None:
             self._analyzer.cancel()
             with suppress(asyncio.CancelledError):
@@ -800,6 +799,13 @@ class PostgresEventStore(EventStore):
 
     def _committed(self, position: int) -> None:
         self._advance(position)
+        self._untold = True
+        self._notify_pending.set()
+
+    def _greet(self, what: str) -> None:
+        """Have _notify_loop say `what` (once, however often asked before it is said)."""
+        if what not in self._to_say:
+            self._to_say.append(what)
         self._notify_pending.set()
 
     def _advance(self, position: int) -> None:
@@ -824,8 +830,6 @@ class PostgresEventStore(EventStore):
                 listener = await self._connect_listener()
                 await listener.add_listener(self._channel, self._on_notification)
                 listener.add_termination_listener(self._listener_lost)
-                # Processes that started meanwhile greeted nobody here: greet them again.
-                await _say(listener, self._channel, _HELLO)
             except (*_DRIVER_ERRORS, TimeoutError) as exc:
                 log.warning("cannot reconnect the PostgreSQL change listener (%r); "
                             "retrying in %.1fs", exc, delay)
@@ -833,6 +837,8 @@ class PostgresEventStore(EventStore):
                 delay = min(delay * 2, 5.0)
                 continue
             self._listener, self._relisten = listener, None
+            # Processes that started meanwhile greeted nobody here: greet them again.
+            self._greet(_HELLO)
             log.warning("PostgreSQL change listener of schema %s reconnected", self.schema)
             self._advance(self._head)  # readers may have missed notifications meanwhile
             return
@@ -842,31 +848,59 @@ class PostgresEventStore(EventStore):
             return  # this process's own NOTIFY: its commits woke the waiters already
         self._peers.add(pid)
         if payload == _HELLO:  # a process starts: it must learn of this one too
-            task = asyncio.get_running_loop().create_task(_say(conn, self._channel, _HERE))
-            self._greetings.add(task)
-            task.add_done_callback(self._greetings.discard)
+            self._greet(_HERE)
             return
         if payload.isdigit():
             self._advance(int(payload))
 
     async def _notify_loop(self) -> None:
-        """Tell other processes about commits, at most one NOTIFY per interval.
+        """Say the greetings, and tell other processes about commits, at most one NOTIFY of
+        commits per interval.
+
+        This task is the only one to use the listener connection once the store is open:
+        asyncpg runs one operation at a time on a connection and refuses a second one
+        meanwhile, so an answer to a greeting sent beside a commit's NOTIFY lost one of the
+        two (a newcomer then never learnt of this process, or missed that commit). What
+        fails is tried again, so no greeting is lost while the connection lives (a new
+        connection greets anew, see _listen_again).
 
         Writers do not NOTIFY in their own transactions: PostgreSQL serialises the commits
         of notifying transactions, which would defeat group commit. And each NOTIFY is a
         transaction that signals every listening process, hence the interval.
         """
+        failures = 0
         while True:
             await self._notify_pending.wait()
             self._notify_pending.clear()
-            if not self._peers:
-                continue  # nobody else listens on this schema
-            # Listeners that miss this wake up on their polling timeout instead.
-            with suppress(*_DRIVER_ERRORS):
-                await self._listener.execute(
-                    "SELECT pg_notify($1, $2)", self._channel, str(self._head)
-                )
+            try:
+                while self._to_say:
+                    await self._notify(self._to_say[0])
+                    self._to_say.pop(0)
+                if self._untold and not self._peers:
+                    self._untold = False  # nobody else listens on this schema
+                if self._untold:
+                    self._untold = False
+                    try:
+                        await self._notify(str(self._head))
+                    except BaseException:
+                        self._untold = True
+                        raise
+            except _DRIVER_ERRORS as exc:
+                # The listener is broken (reconnecting, see _listener_lost): try again.
+                failures += 1
+                delay = min(_NOTIFY_INTERVAL * 2**failures, _NOTIFY_RETRY_MAX_S)
+                log.debug("NOTIFY on schema %s failed (%r); again in %.3fs",
+                          self.schema, exc, delay)
+                self._notify_pending.set()
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
             await asyncio.sleep(_NOTIFY_INTERVAL)
+
+    async def _notify(self, payload: str) -> None:
+        listener = self._listener
+        if listener is not None:  # None: the store is closing
+            await listener.execute("SELECT pg_notify($1, $2)", self._channel, payload)
 
     def commit_signal(self) -> asyncio.Event | None:
         return self._wakeup
