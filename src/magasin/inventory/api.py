@@ -12,7 +12,8 @@ from magasin.eventstore_service import history
 from magasin.inventory import readmodel
 from magasin.inventory.commands import restock
 from magasin.inventory.domain import Reservation
-from magasin.inventory.projection import reservation_replayed
+from magasin.inventory.projection import RESERVATION_EVENTS, reservation_applied
+from magasin.projections.current import current
 from magasin.service import ServiceContext
 from magasin.shared.errors import NotFound
 from magasin.shared.ids import stream_id
@@ -136,10 +137,9 @@ def router(ctx: ServiceContext) -> APIRouter:
         """What the inventory holds for a transaction."""
         # Seed 6.2.2: a lagging read model is bypassed by a replay of the stream, so a client
         # told a sale's outcome reads the reservation behind it at once.
-        doc = await store.get_document(readmodel.RESERVATIONS, transaction_id)
-        stream = stream_id(Reservation.stream_type, transaction_id)
-        if doc is None or doc.get("version", 0) < await store.stream_version(stream):
-            doc = reservation_replayed(await store.read_stream(stream))
+        doc = await current(store, readmodel.RESERVATIONS, transaction_id,
+                            stream_id(Reservation.stream_type, transaction_id),
+                            reservation_applied, RESERVATION_EVENTS)
         if doc is None:
             raise NotFound(f"no reservation for transaction {transaction_id}")
         return ReservationOut.model_validate(doc)

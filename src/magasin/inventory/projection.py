@@ -110,15 +110,6 @@ def reservation_applied(doc: JsonDict | None, event: RecordedEvent) -> JsonDict:
     return doc
 
 
-def reservation_replayed(events: list[RecordedEvent]) -> JsonDict | None:
-    """The document a reservation's stream folds to (None: an empty stream)."""
-    doc: JsonDict | None = None
-    for event in events:
-        if event.type in RESERVATION_EVENTS:
-            doc = reservation_applied(doc, event)
-    return doc
-
-
 async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
     tid = event.payload["transaction_id"]
     before = await unit.get_document(RESERVATIONS, tid)

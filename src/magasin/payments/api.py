@@ -9,9 +9,9 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from magasin.api.paging import Cursor, Limit, Page, page_of
-from magasin.eventstore.store import EventStore
 from magasin.payments.domain import Payment
-from magasin.payments.projection import PAYMENTS, Doc, replayed
+from magasin.payments.projection import APPLIES, PAYMENTS, applied
+from magasin.projections.current import current
 from magasin.service import ServiceContext
 from magasin.shared.errors import NotFound
 from magasin.shared.ids import stream_id
@@ -47,18 +47,6 @@ class PaymentView(BaseModel):
     reconciled: Reconciled | None = None
 
 
-async def current(store: EventStore, transaction_id: str) -> Doc | None:
-    """The payment as its stream has it now (seed 6.2.2): the read model's document when it
-    is up to date, else the stream's events folded as the projection will fold them, so a
-    client that was just told a sale's outcome reads the payment behind it, whatever the
-    projection's lag. None: no payment for that sale (yet)."""
-    doc = await store.get_document(PAYMENTS, transaction_id)
-    stream = stream_id(Payment.stream_type, transaction_id)
-    if doc is not None and doc.get("version", 0) >= await store.stream_version(stream):
-        return doc
-    return replayed(await store.read_stream(stream))
-
-
 def router(ctx: ServiceContext) -> APIRouter:
     api = APIRouter(prefix="/api/payments", tags=["payments"])
 
@@ -85,7 +73,8 @@ def router(ctx: ServiceContext) -> APIRouter:
 
     @api.get("/{transaction_id}", response_model=PaymentView)
     async def get_payment(transaction_id: Ident) -> PaymentView:
-        body = await current(ctx.store, transaction_id)
+        body = await current(ctx.store, PAYMENTS, transaction_id,
+                             stream_id(Payment.stream_type, transaction_id), applied, APPLIES)
         if body is None:
             raise NotFound(f"no payment for transaction {transaction_id}")
         return PaymentView.model_validate(body)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from magasin.projections import Projection, ProjectionUnit
@@ -46,24 +45,15 @@ def _reconciled(doc: Doc | None, event: RecordedEvent) -> Doc | None:
     }, "updated_at": event.occurred_at.isoformat()}
 
 
-_APPLY = {"PaymentProcessed": _recorded, "PaymentFailed": _recorded,
+APPLIES = {"PaymentProcessed": _recorded, "PaymentFailed": _recorded,
           "PaymentRefunded": _refunded, "ChargeReconciled": _reconciled}
 
 
 def applied(doc: Doc | None, event: RecordedEvent) -> Doc | None:
     """The payment's document once `event` is applied (None: no payment yet). `version` is
     the stream version it reflects, so a reader can tell a lagging document."""
-    after = _APPLY[event.type](doc, event)
+    after = APPLIES[event.type](doc, event)
     return None if after is None else {**after, "version": event.stream_version}
-
-
-def replayed(events: Iterable[RecordedEvent]) -> Doc | None:
-    """The document a payment's stream folds to: what the projection will write."""
-    doc: Doc | None = None
-    for event in events:
-        if event.type in _APPLY:
-            doc = applied(doc, event)
-    return doc
 
 
 async def _project(event: RecordedEvent, unit: ProjectionUnit) -> None:
@@ -76,4 +66,4 @@ async def _project(event: RecordedEvent, unit: ProjectionUnit) -> None:
 
 
 def projection() -> Projection:
-    return Projection(NAME, dict.fromkeys(_APPLY, _project), (PAYMENTS,))
+    return Projection(NAME, dict.fromkeys(APPLIES, _project), (PAYMENTS,))
