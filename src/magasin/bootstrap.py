@@ -112,9 +112,9 @@ class Runtime:
         # Projections tail this process's own log in both modes (in distributed mode each
         # service's PostgreSQL schema holds its own events) through one shared window of
         # the log (embedded, the bus's), so each event is read once, not once per projection.
-        read = bus.read_log if isinstance(bus, InProcessBus) else LogWindow(store, 2000).read
+        window = bus.window if isinstance(bus, InProcessBus) else LogWindow(store, 2000)
         self.projections = ProjectionRunner(
-            store, [p for s in services for p in s.projections], read=read
+            store, [p for s in services for p in s.projections], window=window
         )
 
     @classmethod

@@ -3,6 +3,7 @@ they continue it, and reads otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -66,3 +67,40 @@ async def test_commits_that_leave_a_position_missing_are_read() -> None:
     assert window.events == []
     window._committed([at(6), at(7)])
     assert [e.global_position for e in window.events] == [6, 7]
+
+
+async def test_a_follower_is_woken_by_a_commit_of_what_it_handles_not_by_every_commit(
+    store: SqliteEventStore,
+) -> None:
+    window = LogWindow(store, 100)
+    await store.append("cart-1", [ev(1)])
+    head = await store.last_position()
+
+    async def settle() -> None:
+        for _ in range(20):  # let every task that was woken run
+            await asyncio.sleep(0)
+
+    odd = asyncio.create_task(window.wait(
+        head, 30.0, {"ItemAdded"}, lambda e: e.payload["n"] % 2 == 1))
+    removed = asyncio.create_task(window.wait(head, 30.0, {"ItemRemoved"}))
+    anything = asyncio.create_task(window.wait(head, 30.0))
+    await settle()
+    await store.append("cart-1", [ev(2)])  # an ItemAdded that `odd` does not take
+    await settle()
+    assert anything.done()
+    assert not odd.done() and not removed.done()
+
+    await store.append("cart-1", [ev(2), ev(3)])  # one of them it takes
+    await settle()
+    assert odd.done()
+    assert not removed.done()
+    window.wake_all()
+    await settle()
+    assert removed.done()
+
+
+async def test_a_follower_behind_the_head_does_not_wait(store: SqliteEventStore) -> None:
+    window = LogWindow(store, 100)
+    await store.append("cart-1", [ev(1)])
+    # Something it may handle was committed past where it stands: it reads now.
+    await asyncio.wait_for(window.wait(0, 30.0, {"ItemRemoved"}), 1.0)

@@ -147,6 +147,8 @@ class SqliteEventStore(EventStore):
     """Event store in one SQLite file. `synchronous="FULL"` fsyncs every commit (durable
     against power loss); NORMAL survives a process crash but not a power cut."""
 
+    wakes_for_other_processes = False  # another process's commits are seen by polling
+
     def __init__(
         self,
         path: str | Path,

@@ -286,6 +286,11 @@ class EventStore(ABC):
     #: Units of work whose `transaction()` block is open (being prepared or committing):
     #: an adapter may commit differently when one is alone (SQLite: without a thread hop).
     units_open: int = 0
+    #: True when `wait_for_events` also returns for another process's commits (PostgreSQL:
+    #: its NOTIFY); False when only this process's own commits wake a waiter and another
+    #: process's are found by the next poll (SQLite), so a follower woken only by the own
+    #: commits it cares about misses nothing it would have been woken for (see LogWindow.wait).
+    wakes_for_other_processes: bool = True
 
     async def __aenter__(self) -> Self:
         await self.open()

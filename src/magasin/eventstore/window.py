@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from magasin.eventstore.store import EventStore
 from magasin.shared.messages import RecordedEvent
 
 TRUST_EMPTY_S = 0.25
 """How long a read that found the end of the log answers for the readers that follow."""
+
+
+class _Waiter:
+    """A follower waiting for an event it handles (see LogWindow.wait)."""
+
+    __slots__ = ("accept", "future")
+
+    def __init__(self, accept: Callable[[RecordedEvent], bool] | None,
+                 future: asyncio.Future[None]) -> None:
+        self.accept = accept
+        self.future = future
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 class LogWindow:
@@ -21,6 +37,10 @@ class LogWindow:
 
     It holds every event with a position in (`start`, last position held] — what read_all
     returned, which is gap-safe — so any read starting inside it can be answered from it.
+
+    Its followers wait for the commits they care about (`wait`): the embedded process has
+    some forty of them (every lane of every consumer, every projection), and waking each at
+    every commit for the one or two that handle its events cost more than the handling.
     """
 
     def __init__(self, store: EventStore, size: int) -> None:
@@ -31,6 +51,8 @@ class LogWindow:
         self._lock = asyncio.Lock()
         self._nothing_after = (-1, 0.0)
         """(position, when): a read past it found nothing then."""
+        self._waiting: dict[str, set[_Waiter]] = {}
+        """By event type: the followers `wait` for this process's next commit of one."""
         store.on_commit(self._committed)
 
     @property
@@ -51,6 +73,50 @@ class LogWindow:
         index = bisect.bisect_right(self.events, after, key=lambda e: e.global_position)
         return self.events[index:index + limit]
 
+    async def wait(
+        self, after: int, timeout: float, types: Collection[str] | None = None,
+        accept: Callable[[RecordedEvent], bool] | None = None,
+    ) -> None:
+        """Return soon after an event past `after` may be readable, or after `timeout` s,
+        like EventStore.wait_for_events, but for a follower that handles only some events:
+        where the store's own commits are all that would wake it (SQLite), it is woken only
+        by a commit of an event of one of `types` that `accept` (when given) takes. Others'
+        commits are found at the timeout, as before; the events it skipped are read then."""
+        head = self.store.known_head()
+        if types is None or self.store.wakes_for_other_processes or head is None or head > after:
+            await self.store.wait_for_events(after, timeout)
+            return
+        waiter = _Waiter(accept, asyncio.get_running_loop().create_future())
+        kinds = set(types)
+        for kind in kinds:
+            self._waiting.setdefault(kind, set()).add(waiter)
+        try:
+            # asyncio.timeout, not wait_for: see SqliteEventStore.wait_for_events.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter.future
+        finally:
+            for kind in kinds:
+                waiting = self._waiting.get(kind)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiting[kind]
+
+    def wake_all(self) -> None:
+        """Wake every follower waiting in `wait` (one that must see the head now)."""
+        for waiting in self._waiting.values():
+            for waiter in waiting:
+                waiter.wake()
+
+    def _wake(self, events: Sequence[RecordedEvent]) -> None:
+        for event in events:
+            waiting = self._waiting.get(event.type)
+            if waiting:
+                for waiter in waiting:
+                    if waiter.accept is None or waiter.accept(event):
+                        waiter.wake()
+
     def _known_empty(self, after: int) -> bool:
         """Nothing past `after`, known without a query: this process committed nothing
         since a read found nothing there a moment ago (another process's commits are
@@ -67,6 +133,8 @@ class LogWindow:
         been read (before, where the readers start is not known). A read that found the
         end a moment ago still vouches for what other processes did since (the same
         TRUST_EMPTY_S), so the readers following the head need no query either."""
+        if self._waiting:
+            self._wake(events)
         if not events or (not self.events and self.start == 0):
             return
         position = self.end

@@ -197,10 +197,10 @@ class InProcessBus(EventBus):
         if ops:
             await self.store.commit(ops)
 
-    async def read_log(self, after: int, limit: int) -> list[RecordedEvent]:
-        """Read the log through the window the subscriptions share (for projections)."""
-        page: list[RecordedEvent] = await self._window.read(after, limit)
-        return page
+    @property
+    def window(self) -> LogWindow:
+        """The window of the log's tail the subscriptions share (projections follow it too)."""
+        return self._window
 
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:
         def redeliver(uow: UnitOfWork, letter: DeadLetter) -> None:
@@ -284,7 +284,8 @@ class InProcessBus(EventBus):
                     # (lazily: replaying ignored events after a crash costs nothing).
                     await self._guard(self._save_checkpoint(lane, ignored[0]), None)
                     self._ignored.pop(lane.checkpoint, None)
-                await self.store.wait_for_events(after, self._poll)
+                # Woken by a commit of an event this lane handles, not by every commit.
+                await self._window.wait(after, self._poll, sub.handlers, lane.owns)
                 continue
             sub.busy.add(me)
             try:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from magasin.eventstore.store import EventStore, UnitOfWork
+from magasin.eventstore.window import LogWindow
 from magasin.projections.projection import (
     DocumentCache,
     Projection,
@@ -66,14 +67,17 @@ class _Tail:
 
 
 class ProjectionRunner:
-    """Runs `projections` over `store`'s log until stopped. `read` reads the log (the
-    in-process bus shares its window of the log's tail); store.read_all by default."""
+    """Runs `projections` over `store`'s log until stopped. They follow `window`, a window
+    of the log's tail (the in-process bus shares its own), which reads the log and wakes
+    each projection at the commits of the events it handles; without one they read with
+    `read` (store.read_all by default) and wake at every commit."""
 
     def __init__(
         self,
         store: EventStore,
         projections: Sequence[Projection],
         *,
+        window: LogWindow | None = None,
         read: Reader | None = None,
         page_size: int = 500,
         poll_interval: float = 0.5,
@@ -83,7 +87,9 @@ class ProjectionRunner:
             raise ValueError(f"projection names repeat: {names}")
         self.store = store
         self.projections = list(projections)
-        self._read = read or (lambda after, limit: store.read_all(after=after, limit=limit))
+        self._window = window
+        self._read = read or (window.read if window is not None else
+                              lambda after, limit: store.read_all(after=after, limit=limit))
         self._page = page_size
         self._poll = poll_interval
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,6 +124,10 @@ class ProjectionRunner:
         while any(t.position < position for t in self._tails.values()):
             if loop.time() >= deadline:
                 return False
+            if self._window is not None:
+                # A projection that handles none of the events up to `position` waits
+                # for one it handles: wake it to pass them now.
+                self._window.wake_all()
             await asyncio.sleep(0.02)
         return True
 
@@ -161,7 +171,7 @@ class ProjectionRunner:
                         saved, saved_at = after, clock()
                         continue
                     tail.status = "caught_up"
-                    await self.store.wait_for_events(after, self._poll)
+                    await self._wait(after, projection)
                     continue
                 tail.status = "running"
                 read_at = clock()
@@ -194,6 +204,12 @@ class ProjectionRunner:
                 log.exception("projection %s failed; retrying", projection.name)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+    async def _wait(self, after: int, projection: Projection) -> None:
+        if self._window is None:
+            await self.store.wait_for_events(after, self._poll)
+        else:
+            await self._window.wait(after, self._poll, projection.handlers)
 
     async def _projected_elsewhere(
         self, projection: Projection, lost: tuple[int, int], page: list[RecordedEvent],
