@@ -519,7 +519,7 @@ class SqliteEventStore(EventStore):
             else:
                 self._set_checkpoint(conn, op)
         if documents:
-            self._write_documents(conn, documents)
+            sqlite_group.write_documents(conn, documents)
         return recorded
 
     @staticmethod
@@ -576,28 +576,6 @@ class SqliteEventStore(EventStore):
                     seen.add(mark)
                 raise AlreadyProcessed(*chunk[0])
 
-    @staticmethod
-    def _write_documents(
-        conn: sqlite3.Connection, documents: dict[tuple[str, str], Mapping[str, Any] | None]
-    ) -> None:
-        puts = [(c, k, dumps(body)) for (c, k), body in documents.items() if body is not None]
-        gone = [(c, k) for (c, k), body in documents.items() if body is None]
-        for start in range(0, len(puts), ROWS_PER_STATEMENT):
-            chunk = puts[start:start + ROWS_PER_STATEMENT]
-            conn.execute(
-                "INSERT INTO documents (collection, key, body) VALUES "
-                + ",".join(["(?, ?, ?)"] * len(chunk))
-                + " ON CONFLICT (collection, key) DO UPDATE SET body = excluded.body",
-                [v for row in chunk for v in row],
-            )
-        for start in range(0, len(gone), ROWS_PER_STATEMENT):
-            chunk_keys = gone[start:start + ROWS_PER_STATEMENT]
-            conn.execute(
-                "DELETE FROM documents WHERE (collection, key) IN (VALUES "
-                + ",".join(["(?, ?)"] * len(chunk_keys)) + ")",
-                [v for row in chunk_keys for v in row],
-            )
-
     def _apply_in_order(
         self, conn: sqlite3.Connection, ops: Sequence[Operation]
     ) -> list[RecordedEvent]:
@@ -605,7 +583,7 @@ class SqliteEventStore(EventStore):
         recorded: list[RecordedEvent] = []
         for op in ops:
             if isinstance(op, PutDocument):
-                self._write_documents(conn, {(op.collection, op.key): op.body})
+                sqlite_group.write_documents(conn, {(op.collection, op.key): op.body})
             elif isinstance(op, Append):
                 recorded.extend(self._append(conn, op))
             elif isinstance(op, MarkProcessed):
@@ -613,7 +591,7 @@ class SqliteEventStore(EventStore):
             elif isinstance(op, SetCheckpoint):
                 self._set_checkpoint(conn, op)
             elif isinstance(op, DeleteDocument):
-                self._write_documents(conn, {(op.collection, op.key): None})
+                sqlite_group.write_documents(conn, {(op.collection, op.key): None})
             elif isinstance(op, ClearCollection):
                 conn.execute("DELETE FROM documents WHERE collection = ?", (op.collection,))
             elif isinstance(op, ReplaceCollection):
