@@ -6,7 +6,9 @@ Prints one JSON object:
    "raw_broker_roundtrip_per_s": n, "raw_http_sagas_per_s": n}
 `sagas_per_s` is the most completed sagas per second over HTTP (POST /api/transactions,
 then the SSE stream of the sale until its terminal state) with many sales in flight;
-the latencies are POST-to-terminal, measured in a second run at half that rate. Each mode
+the latencies are POST-to-terminal, measured in a second run at half that rate, once the
+deployment has settled (every consumer done with the first run's sales: otherwise the
+second run measured how fast the first one's backlog drained). Each mode
 runs as real processes on this machine: `magasin up`; `magasin cluster up` (every service,
 one process each, behind the gateway, which the client calls).
 `raw_http_sagas_per_s` is the same client's rate against an app that answers the same two
@@ -16,14 +18,14 @@ calls and does nothing else (bench/http_floor.py): the ceiling HTTP alone puts o
 fresh data, latencies at the same rate for both (`--latency-rate`, default 20 sagas/s):
 the embedded deployment ({"coordination": {"choreography": {...}, "orchestration": {...}}})
 or, with `--mode distributed`, the distributed one ({"coordination_distributed": ...}).
-Besides sagas/s and latencies, what each saga costs the deployment over the throughput
-run and until it settles (every consumer done): `messages_per_saga` (events and commands
-published, the audit chain's own records left out), `deliveries_per_saga` (handler runs,
-audit's included), `commits_per_saga` (database transactions), summed over the /metrics of
-every process, and `cpu_ms_per_saga` (user + system CPU, from /proc: embedded, the server
-process; distributed, `magasin cluster up` and every process under it, gateway included,
-and the PostgreSQL backends of the deployment's database; the shared RabbitMQ broker is
-not counted).
+Besides sagas/s and latencies, every run reports what each saga costs the deployment
+over the throughput run and until it settles (every consumer done): `messages_per_saga`
+(events and commands published, the audit chain's own records left out),
+`deliveries_per_saga` (handler runs, audit's included), `commits_per_saga` (units of
+work), summed over the /metrics of every process, and `cpu_ms_per_saga` (user + system
+CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
+every process under it, gateway included, and the PostgreSQL backends of the deployment's
+database; the shared RabbitMQ broker is not counted).
 
     python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
                          [--saga choreography|orchestration]
@@ -401,10 +403,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "embedded"):
             out["embedded"] = await embedded(
-                Path(tmp), args.seconds, args.concurrency, args.products)
+                Path(tmp), args.seconds, args.concurrency, args.products, costs=True)
         if args.only in (None, "distributed"):
             out["distributed"] = await distributed(
-                Path(tmp), args.seconds, args.concurrency, args.products)
+                Path(tmp), args.seconds, args.concurrency, args.products, costs=True)
     out["raw_broker_roundtrip_per_s"] = round(await raw_broker_roundtrip(args.seconds / 2))
     with tempfile.TemporaryDirectory() as tmp:
         out["raw_http_sagas_per_s"] = round(
