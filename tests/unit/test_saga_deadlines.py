@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
-from magasin.eventstore.store import Causation
+from magasin.eventstore.store import Causation, UnitOfWork
 from magasin.inventory.commands import restock
 from magasin.inventory.handlers import handlers as inventory_handlers
 from magasin.messaging.dispatch import Outcome
@@ -210,6 +211,37 @@ async def test_the_index_is_in_step_with_the_sale_as_soon_as_it_commits(
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     assert (entry[1]["step"], due_of(entry[0])) == (
         "reservation", paid.occurred_at + timedelta(seconds=30))
+
+
+async def test_a_step_starts_from_the_index_this_process_wrote_and_reads_one_written_elsewhere(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads: list[str] = []
+    get_document = UnitOfWork.get_document
+
+    async def counted(uow: UnitOfWork, collection: str, key: str) -> dict[str, Any] | None:
+        if collection == sagas.SAGAS:
+            reads.append(key)
+        return await get_document(uow, collection, key)
+
+    monkeypatch.setattr(UnitOfWork, "get_document", counted)
+    await start_sale(harness, "tx-1")  # a new sale has no index document to read
+    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000))
+    assert reads == []  # it starts from the one it committed with the sale's version 1
+
+    # Another process takes the next step: this one's document is one version behind.
+    mine = saga_index._written[harness.store]
+    saga_index._written[harness.store] = saga_index._Written()
+    await step(harness, "tx-1", lambda s: s.inventory_reserved("res-1"))
+    assert reads == ["tx-1"]  # that process had none: it read it
+    saga_index._written[harness.store] = mine
+    await step(harness, "tx-1", lambda s: s.inventory_unavailable())
+    assert reads == ["tx-1", "tx-1"]  # this one's is stale: read, not trusted
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    assert doc is not None and (doc["status"], doc["step"], doc["version"]) == (
+        "CANCELLING", "compensation", 4)
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert entry[1]["step"] == "compensation"
 
 
 async def test_a_step_that_does_not_commit_leaves_the_index_as_it_was(harness: Harness) -> None:

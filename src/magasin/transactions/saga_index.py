@@ -17,10 +17,20 @@ creation, the deadline loop's and the operators' decisions, orchestrated or not)
 A step is dated from the `occurred_at` of the staged event that started it, so a deadline
 is never extended by a slow commit or a late reader. A save that stages nothing (a
 redelivery, an event that changes nothing) writes nothing.
+
+The index document a save starts from is the one this process last committed for the sale
+when it was written at the version the sale is saved from (`_Written`); it is read only
+otherwise. That is exact: the document is written together with events of the sale's
+stream (or by `repair`, only while it is behind the stream, which a document written at
+the stream's version is not), so while the stream stands at that version nothing else
+wrote it, and the commit, which expects that version, fails if something did meanwhile.
+A sale being created has no index document: none is read.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +56,37 @@ INDEXED = frozenset({
 
 sales = Repository(Transaction)
 
+WRITTEN_KEPT = 10_000
+"""Index documents of the sales this process saved last, kept to start their next save."""
+
+
+class _Written:
+    """The index documents this process committed last, by transaction id (most recent
+    last), each with the sale's version it was written at (its `version` field)."""
+
+    def __init__(self) -> None:
+        self.docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def at(self, tid: str, version: int) -> dict[str, Any] | None:
+        doc = self.docs.get(tid)
+        return dict(doc) if doc is not None and doc["version"] == version else None
+
+    def keep(self, tid: str, doc: dict[str, Any]) -> None:
+        self.docs[tid] = doc
+        self.docs.move_to_end(tid)
+        if len(self.docs) > WRITTEN_KEPT:
+            self.docs.popitem(last=False)
+
+
+_written: weakref.WeakKeyDictionary[EventStore, _Written] = weakref.WeakKeyDictionary()
+
+
+def _written_of(store: EventStore) -> _Written:
+    written = _written.get(store)
+    if written is None:
+        written = _written[store] = _Written()
+    return written
+
 
 async def save(
     uow: UnitOfWork, sale: Transaction, deadlines: Deadlines = DEFAULT_DEADLINES
@@ -60,15 +101,20 @@ async def save(
         # Several indexed events in one save (SagaAborted then CompensationStarted, say):
         # the step the sale is at now began with the last one.
         created = any(e.type == "TransactionCreated" for e in staged)
-        await _index(uow, sale, started[-1].occurred_at, created, deadlines)
+        await _index(uow, sale, started[-1].occurred_at, created, deadlines,
+                     loaded_at=sale.version - len(staged))
     return staged
 
 
 async def _index(
-    uow: UnitOfWork, sale: Transaction, at: datetime, created: bool, deadlines: Deadlines
+    uow: UnitOfWork, sale: Transaction, at: datetime, created: bool, deadlines: Deadlines,
+    loaded_at: int,
 ) -> None:
     tid = sale.id
-    doc = await uow.get_document(SAGAS, tid)
+    written = _written_of(uow.store)
+    doc = None if created else written.at(tid, loaded_at)
+    if doc is None and not created:
+        doc = await uow.get_document(SAGAS, tid)
     step = sale.waits_for
     status = sale.status.value
     # A stuck saga that ends after all (a requeued dead letter) is no longer stuck.
@@ -98,6 +144,8 @@ async def _index(
     doc.update(status=status, step=step, step_started_at=since, due_key=key, mode=sale.saga_mode,
                reason=sale.failure, version=sale.version, attempts=attempts, stuck=stuck)
     uow.put_document(SAGAS, tid, doc)
+    kept = dict(doc)
+    uow.after_commit(lambda: written.keep(tid, kept))
     _count(uow, sale, doc, before, at, created)
 
 
@@ -146,4 +194,5 @@ async def repair(
         events = await uow.read_stream(sales.stream(transaction_id))
         indexed = [e for e in events if e.type in INDEXED]
         if indexed:
-            await _index(uow, sale, indexed[-1].occurred_at, False, deadlines)
+            await _index(uow, sale, indexed[-1].occurred_at, False, deadlines,
+                         loaded_at=sale.version)
