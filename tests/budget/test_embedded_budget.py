@@ -95,6 +95,8 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_embedded_budget(
         before = await settled(shop)
 
         runs_before = handler_runs()
+        window = shop.runtime.bus.window  # type: ignore[attr-defined]
+        woken_before = window.woken
         rng = random.Random(11)
         statements.counting = True
         for i in range(SALES):
@@ -105,12 +107,14 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_embedded_budget(
         after = await settled(shop)
         statements.counting = False
         runs = handler_runs() - runs_before
+        woken = window.woken - woken_before
 
     appended = after - before
     rows = {
         "business events appended": sum(n for k, n in appended.items() if k != AUDIT) / SALES,
         "audit records in the business log": appended[AUDIT] / SALES,
         "handler runs": sum(runs.values()) / SALES,
+        "followers woken by commits": woken / SALES,
         "SQLite write transactions": statements.kinds["BEGIN IMMEDIATE"] / SALES,
         "SQLite statements": statements.count / SALES,
     }

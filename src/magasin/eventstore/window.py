@@ -25,9 +25,11 @@ class _Waiter:
         self.accept = accept
         self.future = future
 
-    def wake(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
+    def wake(self) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_result(None)
+        return True
 
 
 class LogWindow:
@@ -53,6 +55,8 @@ class LogWindow:
         """(position, when): a read past it found nothing then."""
         self._waiting: dict[str, set[_Waiter]] = {}
         """By event type: the followers `wait` for this process's next commit of one."""
+        self.woken = 0
+        """Followers this process's commits woke in `wait` so far (counted: the budget)."""
         store.on_commit(self._committed)
 
     @property
@@ -114,8 +118,8 @@ class LogWindow:
             waiting = self._waiting.get(event.type)
             if waiting:
                 for waiter in waiting:
-                    if waiter.accept is None or waiter.accept(event):
-                        waiter.wake()
+                    if (waiter.accept is None or waiter.accept(event)) and waiter.wake():
+                        self.woken += 1
 
     def _known_empty(self, after: int) -> bool:
         """Nothing past `after`, known without a query: this process committed nothing
