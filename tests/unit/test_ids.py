@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 
-from magasin.shared.ids import aggregate_of, new_id, stream_id, time_ordered_id
+from magasin.shared.ids import aggregate_of, hex_id, new_id, stream_id, time_ordered_id
 
 
 def test_time_ordered_ids_sort_in_creation_order_even_within_one_millisecond() -> None:
@@ -31,6 +31,14 @@ def test_random_ids_are_uuid4_in_canonical_text_and_do_not_repeat() -> None:
     for text in ids[::997]:
         value = uuid.UUID(text)
         assert (value.version, value.variant, str(value)) == (4, uuid.RFC_4122, text)
+
+
+def test_hex_ids_are_uuid4_in_uuid4_hex_form_and_do_not_repeat() -> None:
+    ids = [hex_id() for _ in range(5_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[::499]:
+        value = uuid.UUID(hex=text)
+        assert (value.version, value.variant, value.hex) == (4, uuid.RFC_4122, text)
 
 
 def test_a_forked_child_does_not_hand_out_its_parent_s_next_ids() -> None:

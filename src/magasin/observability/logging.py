@@ -12,7 +12,6 @@ import contextvars
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from magasin.observability import tracing
+from magasin.shared.ids import hex_id
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,7 +130,7 @@ class LogContextMiddleware:
             elif key == b"x-request-id":
                 request_id = _request_id(value)
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            request_id = hex_id()
         fields["request_id"] = request_id
         tracing.tag_current_span("http.request.header.x-request-id", (request_id,))
         header = (b"x-request-id", request_id.encode("ascii"))

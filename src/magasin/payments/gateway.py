@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 from magasin.eventstore.store import EventStore
 from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, Unavailable
+from magasin.shared.ids import hex_id
 
 FAILING_METHOD = "FAIL_CARD"
 LIMIT_CENTS = 1_000_000
@@ -168,7 +168,7 @@ class BankSimulator(BankGateway):
                     f"idempotency key {idempotency_key!r} was used for a different charge"
                 )
             return known[1]
-        reference = f"CH-{uuid.uuid4().hex[:16].upper()}"
+        reference = f"CH-{hex_id()[:16].upper()}"
         reason = self._decline_reason(amount, method)
         charge = Charge(approved=reason is None, reference=reference, decline_reason=reason)
         try:
@@ -243,7 +243,7 @@ class BankSimulator(BankGateway):
             raise BusinessRuleViolation(
                 f"refund of {amount} cents is not within the {captured} cents charged"
             )
-        refund = _Refund(f"RF-{uuid.uuid4().hex[:16].upper()}", reference, amount)
+        refund = _Refund(f"RF-{hex_id()[:16].upper()}", reference, amount)
         try:
             await self._write(REFUNDS, idempotency_key, {
                 "reference": refund.reference, "charge_reference": reference, "amount": amount,
