@@ -18,6 +18,7 @@ from magasin.payments.gateway import BankGateway, BankRecord, BankSimulator, Cha
 from magasin.payments.service import build as build_payment
 from magasin.service import ServiceContext
 from magasin.shared.messages import RecordedEvent
+from magasin.transactions.readmodel import TRANSACTIONS
 from tests.e2e.conftest import API_KEY, TERMINAL, Shop, eventually, served
 from tests.e2e.conftest import test_settings as settings_in
 from tests.e2e.webhooks import Hook
@@ -195,6 +196,35 @@ async def test_events_are_pushed_over_real_http_as_they_happen(
                         assert not bank.gate.is_set()
                         bank.gate.set()  # only now can the saga move on
     assert statuses == NOMINAL
+
+
+async def test_a_followed_sale_s_changes_reach_its_client_without_reading_the_sale_back(
+    gated: tuple[Shop, GatedBank], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The projection hands the client each change it commits: the stream reads the sale's
+    document once, when it starts (distributed, each read was a round trip to PostgreSQL)."""
+    shop, bank = gated
+    sale = await pending_sale(shop)
+    store = shop.runtime.store
+    reads: list[str] = []
+    get_document = store.get_document
+
+    async def counted(collection: str, key: str) -> dict[str, Any] | None:
+        if collection == TRANSACTIONS and key == sale:
+            reads.append(key)
+        return await get_document(collection, key)
+
+    monkeypatch.setattr(store, "get_document", counted)
+    statuses = []
+    async with shop.client.stream("GET", f"/api/transactions/{sale}/events") as response:
+        async with asyncio.timeout(10):
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    statuses.append(json.loads(line.removeprefix("data: "))["status"])
+                    if statuses == ["PENDING"]:
+                        bank.gate.set()
+    assert statuses == NOMINAL
+    assert reads == [sale]
 
 
 async def test_events_stop_with_a_timeout_event_when_the_sale_takes_too_long(

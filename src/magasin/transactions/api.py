@@ -352,14 +352,18 @@ async def _status_stream(
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_wait
-    sent = 0
+    sent, version = 0, 0
     with feed.follow(transaction_id) as changed:
         while loop.time() < deadline:
-            changed.clear()
-            # A sale just created may not be projected yet: it then has nothing to say.
-            doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id) or {
-                "history": [], "status": Status.PENDING.value, "reason": None
-            }
+            # The document this process just committed comes with the change; otherwise (the
+            # first read, another process's change) it is read. A sale just created may not
+            # be projected yet: it then has nothing to say.
+            doc = changed.take()
+            if doc is None or doc["version"] < version:
+                doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id) or {
+                    "history": [], "status": Status.PENDING.value, "reason": None,
+                    "version": 0}
+            version = doc["version"]
             for change in doc["history"][sent:]:
                 data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
                 yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"
@@ -368,7 +372,7 @@ async def _status_stream(
                 return
             try:
                 async with asyncio.timeout(min(SSE_HEARTBEAT_S, deadline - loop.time())):
-                    await changed.wait()
+                    await changed.event.wait()
             except TimeoutError:
                 yield b": keep-alive\n\n"
     yield b"event: timeout\ndata: {}\n\n"

@@ -32,6 +32,25 @@ class Watcher:
             self.queue.put_nowait(RELOAD)
 
 
+class Follower:
+    """One client following a sale: set at each change, with the sale's document as this
+    process committed it when the change was its own (None: read it from the store)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.doc: Mapping[str, Any] | None = None
+
+    def changed(self, doc: Mapping[str, Any] | None) -> None:
+        self.doc = doc
+        self.event.set()
+
+    def take(self) -> Mapping[str, Any] | None:
+        """The document handed with the last change (once), and ready for the next."""
+        doc, self.doc = self.doc, None
+        self.event.clear()
+        return doc
+
+
 class StatusFeed:
     """The transaction service's projection and its API live in one process, in both modes,
     so a committed change can wake exactly the streams that follow that sale, and be handed
@@ -40,15 +59,21 @@ class StatusFeed:
     (`Projection.elsewhere`) and wakes its own clients too."""
 
     def __init__(self) -> None:
-        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: defaultdict[str, set[Follower]] = defaultdict(set)
         self._watchers: set[Watcher] = set()
 
     def changed(self, transaction_id: str, doc: Mapping[str, Any] | None = None) -> None:
+        """The sale changed: `doc` is its document as committed, when this process has it
+        (the followers then need not read it again)."""
         for waiter in self._waiters.get(transaction_id, ()):
-            waiter.set()
+            waiter.changed(doc)
         if doc is not None:
             for watcher in self._watchers:
                 watcher.offer(doc)
+
+    def followed(self, transaction_id: str) -> bool:
+        """Whether a client follows this sale in this process."""
+        return transaction_id in self._waiters
 
     @property
     def watched(self) -> bool:
@@ -56,10 +81,10 @@ class StatusFeed:
         return bool(self._watchers)
 
     @contextmanager
-    def follow(self, transaction_id: str) -> Iterator[asyncio.Event]:
-        """An event set at each change of the sale. Register before reading the sale, so a
-        change committed between the read and the wait is not missed."""
-        waiter = asyncio.Event()
+    def follow(self, transaction_id: str) -> Iterator[Follower]:
+        """Told of each change of the sale. Register before reading the sale, so a change
+        committed between the read and the wait is not missed."""
+        waiter = Follower()
         self._waiters[transaction_id].add(waiter)
         try:
             yield waiter

@@ -118,11 +118,11 @@ def projection(feed: StatusFeed | None = None) -> Projection:
     def _wake(unit: ProjectionUnit, tid: str, doc: dict[str, Any]) -> None:
         if feed is None:
             return
-        if not feed.watched:
+        if not feed.watched and not feed.followed(tid):
             unit.after_commit(lambda: feed.changed(tid))
             return
-        # The live feed gets this change as it is now: a later event of the same batch
-        # changes the document in place.
+        # The clients get this change as it is now (a later event of the same batch changes
+        # the document in place), and need not read it back.
         state = {**doc, "history": list(doc["history"])}
         unit.after_commit(lambda: feed.changed(tid, state))
 
