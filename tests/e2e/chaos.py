@@ -310,6 +310,14 @@ async def stock_mismatches(
         await asyncio.sleep(0.5)
 
 
+async def _stuck_at(shop: Shop, tid: str) -> str:
+    """Where a sale that did not end stands, for the failure message: by id (its stream,
+    when the list's read model lags) and its saga (what it waits for)."""
+    sale = (await shop.call("GET", "transaction", f"/api/transactions/{tid}")).json()
+    saga = (await shop.call("GET", "transaction", f"/api/sagas/{tid}")).json()
+    return f"by id: {sale.get('status')} v{sale.get('version')}; saga: {saga}"
+
+
 async def violations(
     shop: Shop, shelves: list[Shelf], evidence: Callable[[], Awaitable[Evidence]],
     timeout: float = 120.0, settle_s: float = 30.0,
@@ -330,7 +338,8 @@ async def violations(
             if sale is None:
                 found.append(f"sale {tid} was posted but is not listed")
             elif sale["status"] not in TERMINAL:
-                found.append(f"sale {tid} is not terminal: {sale['status']}")
+                found.append(f"sale {tid} is not terminal: {sale['status']}"
+                             f" ({await _stuck_at(shop, tid)})")
         outcomes.update(s["reason"] or s["status"] for s in sales)
         completed = [s for s in sales if s["status"] == "COMPLETED"]
         completed_total += sum(s["total"] for s in completed)

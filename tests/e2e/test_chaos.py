@@ -118,7 +118,9 @@ async def test_kills_and_broker_and_database_restarts_lose_no_sale_and_the_books
             shop, [shelf], lambda: postgres_effects(cluster.env["MAGASIN_DATABASE_URL"])
         )
     assert len(shelf.sales) == SALES_PER_ROUND * len(rounds)
-    assert not found, (found[:20], outcomes, cluster.logs(30))
+    # A string, which pytest prints whole (a tuple's repr is cut at a few hundred characters).
+    assert not found, "\n".join([*found[:20], f"outcomes: {dict(outcomes)}",
+                                 f"projection lag: {seen.projection_lag}", cluster.logs(30)])
     assert seen.dead_letters == 0, cluster.logs(30)
     assert outcomes["COMPLETED"] > 0 and outcomes["declined"] > 0, outcomes
     # Nothing was lost and left to the saga deadlines to clean up.
@@ -145,7 +147,7 @@ async def test_the_embedded_process_killed_under_load_restarts_and_the_books_bal
             )
     finally:
         process.terminate()
-    assert not found, (found[:20], outcomes, process.tail(40))
+    assert not found, "\n".join([*found[:20], f"outcomes: {dict(outcomes)}", process.tail(40)])
     assert seen.dead_letters == 0, process.tail(40)
     assert outcomes["COMPLETED"] > 0, outcomes
     assert not [r for r in outcomes if r.startswith("deadline:")], outcomes
