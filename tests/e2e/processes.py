@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -35,12 +36,29 @@ CONSUMERS = (
 HEALTH_TIMEOUT = 30.0
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes ports from for outgoing connections and `port=0` binds."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (the kernel's pick for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nobody listens on right now, outside the kernel's ephemeral range: a process
+    killed and started again on it finds it free. (A port from that range, the kernel's
+    pick for port 0, may meanwhile become the source port of any outgoing connection, or
+    another server's `port=0`: the restart would then fail, or a client reach a stranger.)"""
+    low, _ = _ephemeral_ports()
+    while True:
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: another pick
+            return port
 
 
 class ServiceProcess:

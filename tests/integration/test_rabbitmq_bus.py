@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
@@ -17,7 +18,9 @@ from yarl import URL
 
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import UnitOfWork
+from magasin.messaging import rabbitmq
 from magasin.messaging.bus import Handler, RetryPolicy
+from magasin.messaging.ownership import LEASES
 from magasin.messaging.rabbitmq import RabbitMQBus
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import Unavailable
@@ -470,6 +473,43 @@ async def test_the_bus_reconnects_by_itself_after_losing_the_broker(
         await got.wait_for(lambda: any(c.event_id == after.event_id for c in got.calls))
     finally:
         await proxy.stop()
+
+
+async def test_partitions_a_tick_could_not_take_when_the_broker_went_away_are_taken_later(
+    make_bus: MakeBus, consumer_store: SqliteEventStore, amqp_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker lost while a process takes its partitions one by one (RabbitMQ restarted
+    while a service starts): those not taken yet, of that consumer and of the next ones,
+    are taken at a later tick, not left leased to this process and consumed by nobody
+    (a fresh-clone chaos run had sales stuck that way: their events waited in a queue)."""
+    groups = [f"{amqp_namespace}.{name}" for name in ("carts", "orders")]
+    # Another process's leases, about to expire: the partitions are taken at a tick.
+    async with consumer_store.transaction() as uow:
+        for group, p in itertools.product(groups, range(4)):
+            uow.put_document(LEASES, f"{group}/{p}", {
+                "group": group, "partition": p, "owner": "gone", "expires": time.time() + 1,
+            })
+    declared: dict[str, int] = {}
+
+    async def broker_lost_at_carts_p1(channel: Any, name: str, arguments: Any = None) -> Any:
+        declared[name] = declared.get(name, 0) + 1
+        if name == f"{groups[0]}.p1" and declared[name] == 2:  # 1: the topology at start
+            raise RuntimeError("Connection was not opened")
+        return await declare_queue(channel, name, arguments)
+
+    declare_queue = rabbitmq._declare_queue
+    monkeypatch.setattr(rabbitmq, "_declare_queue", broker_lost_at_carts_p1)
+    carts, orders = Recorder(), Recorder()
+    bus = await make_bus({"carts": {"ItemAdded": carts}, "orders": {"ItemAdded": orders}},
+                         partitions=4, lease=0.6)
+    events = [item_added(f"sku-{n}") for n in range(40)]  # keys on every partition
+    await bus.publish(events)
+
+    await carts.wait_for(lambda: len(carts.calls) == len(events))
+    await orders.wait_for(lambda: len(orders.calls) == len(events))
+    assert declared[f"{groups[0]}.p1"] >= 3, "the fault was not played"
+    assert bus.owned_partitions("carts") == bus.owned_partitions("orders") == [0, 1, 2, 3]
 
 
 async def _published(bus: RabbitMQBus, event: RecordedEvent) -> bool:

@@ -294,7 +294,7 @@ class RabbitMQBus(EventBus):
         if self._consumers:
             try:
                 await self._rebalance()  # alone, a process consumes every partition at once
-            except MagasinError as exc:  # the store: the balancer tries again in a moment
+            except (MagasinError, *_BROKER_ERRORS) as exc:  # the balancer tries again
                 log.error("could not take partitions yet: %r", exc)
             self._balancer = asyncio.create_task(self._balance(), name="bus:partitions")
         log.info("event bus connected to RabbitMQ, namespace %s", self.namespace)
@@ -535,30 +535,41 @@ class RabbitMQBus(EventBus):
         assert len(ownerships) == len(consumers)
         # Every consumer's renewal in one unit of work, from one read of each collection.
         plans = await plan_all(ownerships)
-        for consumer, (acquire, release) in zip(consumers, plans, strict=True):
-            assert consumer.ownership is not None
-            for partition in sorted(release - consumer.draining):
-                consumer.draining.add(partition)
-                task = asyncio.create_task(self._give_up(consumer, partition))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            for partition in sorted(acquire):
-                try:
-                    connection = self._connection
-                    if connection is None:
-                        raise Unavailable("the RabbitMQ event bus is not started")
-                    channel = await connection.channel(publisher_confirms=False)
-                    await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
-                    # Declared (same arguments: a no-op) so that the robust channel
-                    # declares it and consumes again after a reconnection.
-                    queue = await _declare_queue(channel, consumer.partition_queue(partition),
-                                                 self._work_arguments(consumer))
-                    tag = await queue.consume(self._arrival(consumer, partition))
-                    consumer.consuming[partition] = (channel, queue, tag)
-                except BaseException:
-                    await consumer.ownership.released(partition)  # taken again next tick
-                    raise
-                log.info("consumer %s takes partition %d", consumer.name, partition)
+        try:
+            for consumer, (acquire, release) in zip(consumers, plans, strict=True):
+                for partition in sorted(release - consumer.draining):
+                    consumer.draining.add(partition)
+                    task = asyncio.create_task(self._give_up(consumer, partition))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                for partition in sorted(acquire):
+                    await self._take(consumer, partition)
+        except BaseException:
+            # The plan counted every partition it leased as owned; those not consumed yet
+            # (the broker went away midway: this consumer's next ones and every later
+            # consumer's) are not, or no tick would ever take them again. Their leases
+            # are this member's: the next tick takes them (or they expire for another).
+            for consumer in consumers:
+                assert consumer.ownership is not None
+                consumer.ownership.owned -= {
+                    p for p in consumer.ownership.owned
+                    if p not in consumer.consuming and p not in consumer.draining}
+            raise
+
+    async def _take(self, consumer: _Consumer, partition: int) -> None:
+        """Consume `partition` of `consumer` on a channel of its own."""
+        connection = self._connection
+        if connection is None:
+            raise Unavailable("the RabbitMQ event bus is not started")
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=max(self.prefetch, consumer.workers))
+        # Declared (same arguments: a no-op) so that the robust channel declares it and
+        # consumes again after a reconnection.
+        queue = await _declare_queue(channel, consumer.partition_queue(partition),
+                                     self._work_arguments(consumer))
+        tag = await queue.consume(self._arrival(consumer, partition))
+        consumer.consuming[partition] = (channel, queue, tag)
+        log.info("consumer %s takes partition %d", consumer.name, partition)
 
     async def _give_up(self, consumer: _Consumer, partition: int) -> None:
         """Close the partition's channel (what it had not acked goes back to the queue, in
