@@ -11,6 +11,7 @@ every process; so does any process exiting, as in foreman.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import shlex
 import socket
@@ -80,11 +81,13 @@ def _free(host: str, port: int) -> bool:
         return True
 
 
-def _any_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _any_port(host: str, held: contextlib.ExitStack) -> int:
+    """A free port of the kernel's choice, kept bound (in `held`) until the plan is made:
+    a port just closed may be the kernel's next pick, and two processes would get it."""
+    sock = held.enter_context(socket.socket())
+    sock.bind((host, 0))
+    port: int = sock.getsockname()[1]
+    return port
 
 
 def plan(settings: Settings, host: str, port: int, scale: Mapping[str, int],
@@ -96,17 +99,18 @@ def plan(settings: Settings, host: str, port: int, scale: Mapping[str, int],
     base = port + 1 if service_port_base is None else service_port_base
     ports: dict[str, list[int]] = {}
     following = base
-    for service in SERVICES:
-        ports[service] = []
-        for _ in range(scale[service]):
-            if base == 0:
-                ports[service].append(_any_port(host))
-                continue
-            if not _free(host, following):
-                raise ConfigurationError(
-                    f"port {following} is taken: choose --service-ports (0 = any free port)")
-            ports[service].append(following)
-            following += 1
+    with contextlib.ExitStack() as held:
+        for service in SERVICES:
+            ports[service] = []
+            for _ in range(scale[service]):
+                if base == 0:
+                    ports[service].append(_any_port(host, held))
+                    continue
+                if not _free(host, following):
+                    raise ConfigurationError(
+                        f"port {following} is taken: choose --service-ports (0 = any free port)")
+                ports[service].append(following)
+                following += 1
     # The cluster keeps its generated key where embedded mode does: `magasin demo` finds it.
     keys = api_keys(settings, "embedded")
     return Plan(host, port, ports, settings.data_dir.resolve() / "cluster", keys)
