@@ -431,6 +431,23 @@ async def test_documents_can_be_found_by_field_in_either_key_order_and_deleted(
     assert await store.get_document("other", "k1") == {"consumer": "a"}
 
 
+async def test_documents_of_several_collections_are_read_at_once(store: EventStore) -> None:
+    async with store.transaction() as uow:
+        uow.put_document("stores", "s1", {"name": "Centre"})
+        uow.put_document("products", "p1", {"price": 100})
+        uow.put_document("products", "p2", {"price": 250})
+        uow.put_document("stores", "p1", {"name": "same key, other collection"})
+
+    found = await store.get_documents(
+        [("stores", "s1"), ("products", "p1"), ("products", "p2"), ("products", "gone"),
+         ("products", "p1")])
+    assert found == {("stores", "s1"): {"name": "Centre"}, ("products", "p1"): {"price": 100},
+                     ("products", "p2"): {"price": 250}}
+    assert await store.get_documents([("stores", "p1")]) == {
+        ("stores", "p1"): {"name": "same key, other collection"}}
+    assert await store.get_documents([]) == {}
+
+
 async def test_a_collection_is_replaced_by_another_in_one_commit(store: EventStore) -> None:
     async with store.transaction() as uow:
         uow.put_document("stock", "old", {"n": 1})

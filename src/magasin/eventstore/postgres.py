@@ -1078,6 +1078,19 @@ class PostgresEventStore(EventStore):
         )
         return body
 
+    async def get_documents(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], JsonDict]:
+        pairs = list(dict.fromkeys(keys))
+        if len(pairs) < 2:
+            return await super().get_documents(pairs)
+        rows = await self._fetch(
+            "SELECT collection, key, body FROM documents WHERE (collection, key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [c for c, _ in pairs], [k for _, k in pairs],
+        )
+        return {(row["collection"], row["key"]): row["body"] for row in rows}
+
     async def find_documents(
         self,
         collection: str,

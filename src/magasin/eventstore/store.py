@@ -480,6 +480,17 @@ class EventStore(ABC):
     @abstractmethod
     async def get_document(self, collection: str, key: str) -> JsonDict | None: ...
 
+    async def get_documents(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], JsonDict]:
+        """The documents of these (collection, key) pairs that exist, by pair: in one read
+        where the adapter can (PostgreSQL: one round trip), else one read each."""
+        found: dict[tuple[str, str], JsonDict] = {}
+        for collection, key in dict.fromkeys(keys):
+            if (doc := await self.get_document(collection, key)) is not None:
+                found[collection, key] = doc
+        return found
+
     @abstractmethod
     async def find_documents(
         self,
