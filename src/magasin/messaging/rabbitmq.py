@@ -688,7 +688,10 @@ class RabbitMQBus(EventBus):
                     if self._stopping or not waiting:  # stopping, or the partition given up
                         break
                     take = min(len(waiting), consumer.batch)
-                    messages = [waiting.popleft() for _ in range(take)]
+                    messages = [message for message in [waiting.popleft() for _ in range(take)]
+                                if await self._current(consumer, message)]
+                    if not messages:
+                        continue
                     if len(messages) == 1:
                         await self._guarded(self._handle, consumer, messages[0])
                     else:
@@ -697,6 +700,20 @@ class RabbitMQBus(EventBus):
             consumer.running.discard(slot)
             if not consumer.waiting.get(slot):
                 consumer.waiting.pop(slot, None)
+
+    async def _current(self, consumer: _Consumer, message: AbstractIncomingMessage) -> bool:
+        """Whether `message` came on its partition's channel as that channel is now. One
+        delivered before a reconnection did not: the broker took it back when its connection
+        died and delivers it again on the restored channel, so it is left unhandled here
+        (handling it would only end in an ack to a connection that is gone)."""
+        taken = consumer.consuming.get(_partition_of_message(message, self.partitions))
+        if taken is None or taken[0].is_closed:
+            return False  # given up, or reconnecting: the broker has it back
+        try:
+            delivered_on = message.channel
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return False  # its channel is closed
+        return delivered_on is await taken[0].get_underlay_channel()
 
     async def _handle_batch(
         self, consumer: _Consumer, messages: list[AbstractIncomingMessage]
@@ -843,7 +860,10 @@ class RabbitMQBus(EventBus):
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
-            await message.ack()
+            # Bounded: an ack to a connection that died may never be written (aiormq queues
+            # the frame for a writer that is gone), and the key's next messages wait on it.
+            async with asyncio.timeout(self.timeout):
+                await message.ack()
         except _BROKER_ERRORS as exc:
             # The channel is gone: the broker delivers the message again and the inbox
             # (or the dead letter's fixed id) absorbs the repeat.
@@ -854,7 +874,8 @@ class RabbitMQBus(EventBus):
         not spin; if the channel is gone the broker requeues it by itself."""
         await asyncio.sleep(_REQUEUE_PAUSE)
         try:
-            await message.nack(requeue=True)
+            async with asyncio.timeout(self.timeout):  # as an ack (see _ack)
+                await message.nack(requeue=True)
         except _BROKER_ERRORS as exc:
             log.warning("could not requeue message %s: %r", message.message_id, exc)
 
