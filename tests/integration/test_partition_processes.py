@@ -18,6 +18,7 @@ from magasin.eventstore.postgres import PostgresEventStore
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.messaging.ownership import leases
 from magasin.messaging.rabbitmq import RabbitMQBus
+from tests.conftest import run_sync
 from tests.contracts.test_event_bus import SCHEMAS, eventually, keyed_burst, keyed_effects
 from tests.integration.partition_worker import PARTITIONS
 
@@ -87,6 +88,19 @@ def workers(
     yield make
     for w in made:
         w.stop_all()
+    if made:
+        # Once no process is left: a live one's robust channels would declare again the
+        # queues deleted under them (and the machine's broker would keep them).
+        run_sync(_delete_topology(amqp_url, amqp_namespace, tmp_path))
+
+
+async def _delete_topology(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    """Delete the queues and exchanges the workers declared (consumer `keys`)."""
+    store = SqliteEventStore(tmp_path / "topology.db")
+    bus = RabbitMQBus(amqp_url, store=store, schemas=SCHEMAS, namespace=namespace,
+                      partitions=PARTITIONS)
+    bus.subscribe("keys", {"ItemAdded": lambda *_: asyncio.sleep(0)})
+    await bus.delete_topology()
 
 
 @pytest.fixture
@@ -99,9 +113,7 @@ async def publisher(
                       partitions=PARTITIONS)
     await bus.start()
     yield producer, bus
-    await bus.stop()
-    bus.subscribe("keys", {"ItemAdded": lambda *_: asyncio.sleep(0)})  # its queues, to delete
-    await bus.delete_topology()
+    await bus.stop()  # the workers' fixture deletes the topology, once they are stopped
     await producer.close()
 
 
