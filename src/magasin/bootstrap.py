@@ -106,7 +106,7 @@ class Runtime:
                 bus.subscribe(consumer, handlers, service.retry.get(consumer),
                               concurrency=service.concurrency.get(consumer),
                               requires=service.requires.get(consumer),
-                              linger=service.linger.get(consumer))
+                              whole_log=consumer in service.whole_log)
         from magasin.projections import ProjectionRunner
 
         # Projections tail this process's own log in both modes (in distributed mode each
@@ -136,7 +136,8 @@ class Runtime:
         )
         # A store without outbox (the event store service's archive) has nothing to relay:
         # a relay there would only claim an empty outbox after every commit.
-        relay = (OutboxRelay(store, bus, batch_size=settings.outbox_batch_size)
+        relay = (OutboxRelay(store, bus, batch_size=settings.outbox_batch_size,
+                             ship_delay=settings.archive_linger_s)
                  if store.outbox else None)
         ctx = ServiceContext(store, settings, mode="distributed")
         return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)

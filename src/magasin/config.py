@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     retry_multiplier: float = Field(2.0, ge=1, description="Backoff multiplier.")
     outbox_batch_size: int = Field(500, ge=1, description="Events per relay publish batch.")
     archive_linger_s: float = Field(
-        0.2, ge=0, description="Distributed: how long the consumers off a sale's path (the "
-        "audit, the event store's archive) let events gather to commit them together, s.",
+        0.2, ge=0, description="Distributed: how long a relay lets published events gather "
+        "before it ships them, as one message, to the consumers of every event (the audit, "
+        "the event store's archive), s.",
     )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API.")

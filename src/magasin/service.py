@@ -51,8 +51,8 @@ class Service:
     requires: Mapping[str, str] = field(default_factory=dict)
     """Consumers meant only for the events carrying a routing tag, and the tag (see
     `messaging.tags`): the bus never delivers them the others."""
-    linger: Mapping[str, float] = field(default_factory=dict)
-    """Consumers off every sale's path, and how long the bus may hold an event for them to
-    commit it with those arriving meanwhile (see EventBus.subscribe)."""
+    whole_log: frozenset[str] = frozenset()
+    """Consumers of every event, off every sale's path (an archive, an audit): they get
+    the events in the batches the relays ship (see EventBus.subscribe)."""
     health: Callable[[], Mapping[str, Any]] | None = None
     """Details `/health` shows under `checks.<service>` (a circuit breaker's state, say)."""

@@ -9,7 +9,10 @@ What is counted, and from where:
   service, or `AuditEntryRecorded` events where the chain was in a log), and those in the
   business log: `AuditEntryRecorded` events published on the bus or appended to any log but
   the audit service's own;
-- broker deliveries: `magasin_events_consumed_total` of every process, all outcomes;
+- broker deliveries: messages the broker delivered to the consumers of every process
+  (`magasin_broker_deliveries_total`): one per event to a service's consumers, one per
+  shipped batch to the consumers of the whole log (the audit, the archive), and the dead
+  letters' own; the events these handled are `magasin_events_consumed_total`, printed;
 - units of work: `magasin_store_commits_total` of every process;
 - PostgreSQL statements: what every process sent, counted by tests/budget/counting (loaded
   into the services through their PYTHONPATH; this server has no pg_stat_statements). The
@@ -99,6 +102,8 @@ class Counts:
                     events[f"{service}:{row['type']}"] = row["n"]
                 pending[f"{service}:outbox"] = await conn.fetchval(
                     f"SELECT count(*) FROM {schema}.outbox")
+                pending[f"{service}:outbox_log"] = await conn.fetchval(
+                    f"SELECT count(*) FROM {schema}.outbox_log")
             audit = await conn.fetch(
                 "SELECT collection, count(*) AS n FROM magasin_audit.documents "
                 "WHERE collection IN ('audit.pending', 'audit.entries') GROUP BY collection")
@@ -112,15 +117,17 @@ class Counts:
 
     async def metrics(self) -> dict[str, Counter[str]]:
         found: dict[str, Counter[str]] = {
-            "deliveries": Counter(), "published": Counter(), "units": Counter(),
-            "statements": Counter()}
+            "deliveries": Counter(), "handled": Counter(), "published": Counter(),
+            "units": Counter(), "statements": Counter()}
         for process in self.cluster.processes:
             text = (await self.client.get(f"{process.url}/metrics")).text
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
                     value, labels = int(s.value), s.labels
-                    if s.name == "magasin_events_consumed_total":
-                        found["deliveries"][f"{labels['consumer']}:{labels['outcome']}"] += value
+                    if s.name == "magasin_broker_deliveries_total":
+                        found["deliveries"][f"{labels['consumer']}:{labels['kind']}"] += value
+                    elif s.name == "magasin_events_consumed_total":
+                        found["handled"][f"{labels['consumer']}:{labels['outcome']}"] += value
                     elif s.name == "magasin_events_published_total":
                         if s.labels["outcome"] == "ok":
                             found["published"][s.labels["event_type"]] += value
@@ -255,7 +262,8 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_distributed_budget(
     print("\n" + table(rows))
     print("events appended by service and kind, per sale:", per_sale(events))
     print("events published, per sale:", per_sale(delta["published"]))
-    print("deliveries by consumer and outcome, per sale:", per_sale(delta["deliveries"]))
+    print("broker deliveries by consumer and kind, per sale:", per_sale(delta["deliveries"]))
+    print("events consumed by consumer and outcome, per sale:", per_sale(delta["handled"]))
     print("units of work by service, per sale:", per_sale(delta["units"]))
     print(f"statements the services' timers send while idle: "
           f"{counts.idle_statements_per_s:.0f}/s; the {SALES} sales took {selling:.1f} s "

@@ -61,6 +61,7 @@ async def bus_env(
         retries: dict[str, RetryPolicy] | None = None,
         concurrency: dict[str, int] | None = None,
         requires: dict[str, str] | None = None,
+        whole_log: set[str] | None = None,
     ) -> EventBus:
         bus: EventBus
         if kind == "inprocess":
@@ -74,7 +75,8 @@ async def bus_env(
         for consumer, handlers in subscriptions.items():
             bus.subscribe(consumer, handlers, (retries or {}).get(consumer),
                           concurrency=(concurrency or {}).get(consumer),
-                          requires=(requires or {}).get(consumer))
+                          requires=(requires or {}).get(consumer),
+                          whole_log=consumer in (whole_log or set()))
         if not start:  # what a CLI holds: a bus to operate dead letters, not to consume
             return bus
         await bus.start()
@@ -785,3 +787,80 @@ async def test_a_tagged_event_is_retried_and_dead_lettered_like_any_other(
     assert (letter.attempts, letter.routing_key) == (3, "cart.ItemAdded")
     assert letter.event is not None and letter.event.event_id == event.event_id
     assert await eventually(lambda: store.get_document("effects", event.event_id)) == {"n": 1}
+
+
+# -- consumers of the whole log ---------------------------------------------------------
+
+
+async def test_a_consumer_of_the_whole_log_takes_every_shipped_event_once(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    committed: list[RecordedEvent] = []
+
+    async def archive(event: RecordedEvent, uow: UnitOfWork) -> None:
+        uow.after_commit(lambda: committed.append(event))
+
+    per_type = Recorder()
+    bus = await make({"archive": {"ItemAdded": archive, "CartClosed": archive},
+                      "carts": {"ItemAdded": per_type}}, whole_log={"archive"})
+    events = [*await produce(store, "cart-1", added("A"), added("B")),
+              *await produce(store, "cart-2", added("C"),
+                             NewEvent("CartClosed", {"reason": "paid"}))]
+    await bus.publish(events)
+    await bus.ship(events)
+    await bus.ship(events[:2])  # shipped again (a relay died before marking it shipped)
+
+    await per_type.wait_for(lambda: len(per_type.calls) == 3)
+    await eventually(lambda: _true(len(committed) >= 4))
+    await asyncio.sleep(0.3)
+    assert sorted(e.event_id for e in committed) == sorted(e.event_id for e in events)
+    assert [e.payload.get("sku") for e in committed if e.stream_id == "cart-1"] == ["A", "B"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_an_event_of_a_shipped_batch_that_fails_is_retried_and_dead_lettered_alone(
+    bus_env: tuple[EventStore, MakeBus],
+) -> None:
+    store, make = bus_env
+    broken: set[str] = {"bad"}
+    calls: list[str] = []
+
+    async def archive(event: RecordedEvent, uow: UnitOfWork) -> None:
+        calls.append(event.payload["sku"])
+        if event.payload["sku"] in broken:
+            raise RuntimeError("cannot archive it")
+        uow.put_document("effects", event.event_id, {"sku": event.payload["sku"]})
+
+    bus = await make({"archive": {"ItemAdded": archive}}, whole_log={"archive"})
+    events = [*await produce(store, "cart-1", added("a1"), added("a2")),
+              *await produce(store, "cart-2", added("bad")),
+              *await produce(store, "cart-3", added("c1"))]
+    invalid = await produce(store, "cart-4", NewEvent("ItemAdded", {"sku": "x", "qty": "?"}))
+    await bus.publish(events + invalid)
+    await bus.ship(events + invalid)
+
+    letters = await eventually(lambda: _letters(bus, "archive", 2))
+    by_sku = {(letter.event.payload["sku"] if letter.event else None): letter
+              for letter in letters}
+    assert by_sku["bad"].attempts == FAST_RETRY.attempts
+    assert "cannot archive it" in by_sku["bad"].reason
+    assert by_sku["x"].attempts == 1 and "invalid payload" in by_sku["x"].reason
+    assert sorted(doc["sku"] for _, doc in await store.find_documents("effects")) == [
+        "a1", "a2", "c1"]
+    assert calls.count("bad") >= FAST_RETRY.attempts
+
+    broken.clear()  # the fix; the requeued event then takes effect once
+    await bus.requeue_dead_letter(by_sku["bad"].id)
+    await eventually(lambda: _count(store, 4))
+    await asyncio.sleep(0.2)
+    assert sorted(doc["sku"] for _, doc in await store.find_documents("effects")) == [
+        "a1", "a2", "bad", "c1"]
+
+
+async def _letters(bus: EventBus, consumer: str, n: int) -> list[DeadLetter] | None:
+    letters = await bus.dead_letters(consumer)
+    return letters if len(letters) >= n else None

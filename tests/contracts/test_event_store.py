@@ -573,6 +573,31 @@ async def test_outbox_hands_out_unsent_events_until_marked_sent(
         assert batch == []
 
 
+async def test_published_events_wait_in_the_log_stage_until_shipped(
+    store_factory: MakeStore,
+) -> None:
+    store = await store_factory(outbox=True)
+    await store.append("order-1", [ev(n=1), ev(n=2)])
+    await store.append("order-2", [ev(n=3)])
+    async with store.outbox_batch(10, log=True) as batch:
+        assert batch == [], "an event is shipped to the whole log only once published"
+
+    async with store.outbox_batch(2):
+        pass
+    assert (await store.outbox_backlog(), await store.outbox_backlog(log=True)) == (1, 2)
+    with pytest.raises(RuntimeError):
+        async with store.outbox_batch(10, log=True) as batch:
+            assert [e.payload["n"] for e in batch] == [1, 2]
+            raise RuntimeError("broker down: nothing is marked shipped")
+    async with store.outbox_batch(10):
+        pass
+    async with store.outbox_batch(10, log=True) as batch:
+        assert [e.payload["n"] for e in batch] == [1, 2, 3]
+    async with store.outbox_batch(10, log=True) as batch:
+        assert batch == []
+    assert (await store.outbox_backlog(), await store.outbox_backlog(log=True)) == (0, 0)
+
+
 async def test_without_outbox_appends_leave_nothing_to_relay(store: EventStore) -> None:
     await store.append("order-1", [ev()])
     async with store.outbox_batch(10) as batch:

@@ -414,7 +414,7 @@ async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) ->
         names: set[str] = set()
         for consumer in CONSUMERS:
             queue = f"{namespace}.{consumer}"
-            names |= {f"{queue}.dlq"}
+            names |= {f"{queue}.dlq", f"{queue}.log"}  # .log: consumers of the whole log
             for partition in range(configured_partitions()):
                 names |= {f"{queue}.p{partition}"}
                 names |= {f"{queue}.p{partition}.retry.{level}"
@@ -426,5 +426,6 @@ async def delete_topology(amqp_url: str, namespace: str, retry_attempts: int) ->
             await channel.queue_delete(name)
         await channel.exchange_delete(f"{namespace}.events")
         await channel.exchange_delete(f"{namespace}.dlx")
+        await channel.exchange_delete(f"{namespace}.log")
     finally:
         await connection.close()

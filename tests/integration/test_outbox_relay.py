@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
 
 import pytest
 from yarl import URL
@@ -14,7 +15,7 @@ from magasin.messaging.bus import DeadLetter, EventBus, Handler, PartitionState
 from magasin.messaging.outbox import OutboxRelay
 from magasin.messaging.rabbitmq import RabbitMQBus
 from magasin.shared.errors import Unavailable
-from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
+from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent, decode_envelopes
 from tests.integration.test_rabbitmq_bus import WAIT, Tap, TcpProxy
 
 pytestmark = pytest.mark.rabbitmq
@@ -29,6 +30,7 @@ class SpyBus(EventBus):
     def __init__(self, inner: EventBus) -> None:
         self.inner = inner
         self.batches: list[int] = []
+        self.shipped: list[int] = []
         self.failures: list[Exception] = []
         self.changed = asyncio.Event()
 
@@ -51,6 +53,11 @@ class SpyBus(EventBus):
             self.batches.append(len(events))
         finally:
             self.changed.set()
+
+    async def ship(self, events: Sequence[RecordedEvent]) -> None:
+        await self.inner.ship(events)
+        self.shipped.append(len(events))
+        self.changed.set()
 
     async def dead_letters(self, consumer: str | None = None) -> list[DeadLetter]:
         return await self.inner.dead_letters(consumer)
@@ -165,6 +172,50 @@ async def test_every_appended_event_reaches_the_exchange_in_batches(
     assert {(m.routing_key or "").rsplit(".", 1)[0] for m in received} == {"cart.ItemAdded"}
     assert {(m.routing_key or "").rsplit(".", 1)[1] for m in received} <= {"0", "1", "2", "3"}
     assert await pending(outbox_store) == []
+
+
+async def test_published_events_are_shipped_to_the_whole_log_as_one_message_per_delay(
+    outbox_store: EventStore, make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    spy = SpyBus(await make_bus(amqp_url))
+    relay = OutboxRelay(outbox_store, spy, batch_size=100, poll_interval=0.05,
+                        ship_delay=0.5)
+    async with Tap(amqp_url, f"{amqp_namespace}.log", "") as tap:
+        await relay.start()
+        try:
+            ids: list[str] = []
+            for _ in range(4):  # four commits, each published at once on its own
+                ids += await append_carts(outbox_store, carts=1, per_cart=3)
+                await spy.wait_for(partial(_published, spy, len(ids)))
+            (shipped,) = await tap.take(1)
+            await asyncio.sleep(0.3)
+            assert len(tap.messages) == 1, "the commits within the delay went in one message"
+            assert len(spy.batches) == 4
+        finally:
+            await relay.stop()
+    assert [e.event_id for e in decode_envelopes(shipped.body)] == ids
+    assert await outbox_store.outbox_backlog(log=True) == 0
+
+
+def _published(spy: SpyBus, n: int) -> bool:
+    return sum(spy.batches) == n
+
+
+async def test_what_a_stopped_relay_published_but_did_not_ship_is_shipped_by_the_next(
+    outbox_store: EventStore, make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    bus = await make_bus(amqp_url)
+    ids = await append_carts(outbox_store, carts=2, per_cart=2)
+    assert await OutboxRelay(outbox_store, bus).drain() == 4  # published, then a crash
+    assert await outbox_store.outbox_backlog(log=True) == 4
+    async with Tap(amqp_url, f"{amqp_namespace}.log", "") as tap:
+        relay = OutboxRelay(outbox_store, bus, ship_delay=60)
+        await relay.start()  # ships what waits at once, not a delay later
+        try:
+            (shipped,) = await tap.take(1)
+        finally:
+            await relay.stop()
+    assert [e.event_id for e in decode_envelopes(shipped.body)] == ids
 
 
 async def test_a_relay_killed_between_publish_and_mark_gives_duplicates_never_a_loss(

@@ -13,6 +13,7 @@ from yarl import URL
 
 from magasin.eventstore.postgres import (
     _CLAIM_OUTBOX,
+    _CLAIM_OUTBOX_LOG,
     _READ_ALL,
     _SELECT_EVENTS,
     PostgresEventStore,
@@ -426,6 +427,7 @@ HOT_STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "last_position": ("SELECT coalesce(max(global_position), 0) FROM events", ()),
     "stream_version": ("SELECT version FROM streams WHERE stream_id = $1", ("sale-7",)),
     "outbox claim": (_CLAIM_OUTBOX, (500,)),
+    "outbox claim, to ship": (_CLAIM_OUTBOX_LOG, (500,)),
     "outbox delete": ("DELETE FROM outbox WHERE global_position = ANY($1::bigint[])", ([1],)),
     "inbox": ("SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", ("c", "x")),
     "checkpoint, locked": (

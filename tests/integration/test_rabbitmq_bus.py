@@ -206,6 +206,7 @@ async def make_bus(
         retry: RetryPolicy = FAST_RETRY,
         url: str = amqp_url,
         requires: dict[str, str] | None = None,
+        whole_log: set[str] | None = None,
         **options: Any,
     ) -> RabbitMQBus:
         bus = RabbitMQBus(
@@ -213,7 +214,8 @@ async def make_bus(
             retry=retry, **options,
         )
         for consumer, handlers in subscriptions.items():
-            bus.subscribe(consumer, handlers, requires=(requires or {}).get(consumer))
+            bus.subscribe(consumer, handlers, requires=(requires or {}).get(consumer),
+                          whole_log=consumer in (whole_log or set()))
         made.append(bus)
         await bus.start()
         return bus
@@ -408,13 +410,14 @@ async def _all_ready(url: str, queues: list[str], n: int) -> bool:
 async def test_delete_topology_removes_every_exchange_and_queue(
     make_bus: MakeBus, amqp_url: str, amqp_namespace: str
 ) -> None:
-    bus = await make_bus({"carts": {"ItemAdded": Recorder()}})
+    bus = await make_bus({"carts": {"ItemAdded": Recorder()},
+                          "archive": {"ItemAdded": Recorder()}}, whole_log={"archive"})
     ns = amqp_namespace
-    queues = [f"{ns}.carts.dlq"] + [
+    queues = [f"{ns}.carts.dlq", f"{ns}.archive.log", f"{ns}.archive.p0"] + [
         name for n in range(bus.partitions)
         for name in (f"{ns}.carts.p{n}", f"{ns}.carts.p{n}.retry.1", f"{ns}.carts.p{n}.retry.2")
     ]
-    exchanges = [f"{ns}.events", f"{ns}.dlx"]
+    exchanges = [f"{ns}.events", f"{ns}.dlx", f"{ns}.log"]
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
         for name in queues:
@@ -702,3 +705,77 @@ async def test_a_consumer_that_requires_another_tag_or_none_is_rebound_according
     await publisher.publish([item_added("plain"), with_baggage(item_added("g"), tier="gold"),
                              with_baggage(item_added("s"), tier="silver")])
     assert await depths(every) == {"c": 3}
+
+
+# -- consumers of the whole log ---------------------------------------------------------
+
+
+def _deliveries(consumer: str, kind: str) -> float:
+    from magasin.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(
+        "magasin_broker_deliveries_total",
+        {"consumer": consumer, "service": consumer, "kind": kind}) or 0.0
+
+
+async def test_a_consumer_of_the_whole_log_takes_a_shipped_batch_in_one_delivery_and_commit(
+    make_bus: MakeBus,
+) -> None:
+    units: list[set[int]] = []  # the events each committed unit of work took
+    taking: list[tuple[UnitOfWork, set[int]]] = []  # (kept alive: no unit takes another's id)
+
+    async def archive(event: RecordedEvent, uow: UnitOfWork) -> None:
+        took = next((t for u, t in taking if u is uow), None)
+        if took is None:
+            taking.append((uow, took := set()))
+            uow.after_commit(lambda: units.append(took))
+        took.add(event.global_position)
+
+    bus = await make_bus({"archive": {"ItemAdded": archive}}, whole_log={"archive"})
+    first, second = [item_added(f"a{n}") for n in range(5)], [item_added("b")]
+    deliveries, events = _deliveries("archive", "log"), _deliveries("archive", "event")
+    await bus.publish(first + second)  # what a relay publishes: none of it for the archive
+    await bus.ship(first)
+    await eventually(lambda: _true(len(units) == 1))
+    await bus.ship(second)
+    await eventually(lambda: _true(len(units) == 2))
+
+    assert units == [{e.global_position for e in first}, {second[0].global_position}]
+    assert _deliveries("archive", "log") - deliveries == 2
+    assert _deliveries("archive", "event") == events, "no event came one by one"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_consumer_that_takes_the_whole_log_now_loses_its_bindings_to_each_type(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str, consumer_store: SqliteEventStore,
+) -> None:
+    before = await make_bus({"archive": {"ItemAdded": Recorder()}})
+    await before.stop()
+    archive = Recorder()
+    bus = await make_bus({"archive": {"ItemAdded": archive}}, whole_log={"archive"})
+    event = item_added("once")
+    await bus.publish([event])
+    await asyncio.sleep(0.5)
+    assert archive.calls == [], "an event reached the archive through a stale binding"
+    await bus.ship([event])
+    await archive.wait_for(lambda: len(archive.calls) == 1)
+
+
+async def test_a_shipped_batch_that_cannot_be_read_is_dead_lettered_whole(
+    make_bus: MakeBus, amqp_url: str, amqp_namespace: str,
+) -> None:
+    archive = Recorder()
+    bus = await make_bus({"archive": {"ItemAdded": archive}}, whole_log={"archive"})
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(f"{amqp_namespace}.log")
+        await exchange.publish(aio_pika.Message(b'[{"event_id": "x"}]'), routing_key="")
+    good = item_added("good")
+    await bus.ship([good])
+    await archive.wait_for(lambda: len(archive.calls) == 1)
+    (letter,) = await eventually(lambda: bus.dead_letters("archive"))
+    assert letter.event is None and "invalid envelope" in letter.reason
+    assert letter.body == '[{"event_id": "x"}]'

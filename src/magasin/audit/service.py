@@ -34,7 +34,7 @@ def build(ctx: ServiceContext) -> Service:
     return Service(
         name="audit",
         consumers={CONSUMER: handlers(sequencer.wake, alert)},
-        linger={CONSUMER: ctx.settings.archive_linger_s},
+        whole_log=frozenset({CONSUMER}),
         router=api.router(ctx.store),
         loops=(sequencer.run,),
     )

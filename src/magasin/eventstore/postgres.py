@@ -113,16 +113,28 @@ _ATTEMPTS: Final = 3
 # split the groups, and bigger groups are what makes group commit pay.
 _COMMITTERS: Final = 2
 _GROUP_MAX: Final = 256
-# Claims and deletes in one statement: the deleted rows stay locked (other relays skip
-# them) until the transaction ends, and come back if it rolls back (the publish failed).
-_CLAIM_OUTBOX: Final = (
-    "WITH claimed AS (DELETE FROM outbox WHERE global_position IN ("
-    "SELECT global_position FROM outbox ORDER BY global_position LIMIT $1 "
-    "FOR UPDATE SKIP LOCKED) RETURNING global_position) "
-    f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
-    "FROM claimed o JOIN events e ON e.global_position = o.global_position "
-    "ORDER BY o.global_position"
-)
+
+
+def _claim(stage: str, then: str = "") -> str:
+    """Claims and deletes rows of an outbox stage in one statement: the deleted rows stay
+    locked (other relays skip them) until the transaction ends, and come back if it rolls
+    back (the publish failed). `then` is a CTE that does something more with `claimed`."""
+    return (
+        f"WITH claimed AS (DELETE FROM {stage} WHERE global_position IN ("
+        f"SELECT global_position FROM {stage} ORDER BY global_position LIMIT $1 "
+        f"FOR UPDATE SKIP LOCKED) RETURNING global_position){then} "
+        f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
+        "FROM claimed o JOIN events e ON e.global_position = o.global_position "
+        "ORDER BY o.global_position"
+    )
+
+
+# Published events move on to the log stage in the same statement (a data-modifying CTE
+# runs whether or not the query reads it).
+_CLAIM_OUTBOX: Final = _claim(
+    "outbox", ", shipped AS (INSERT INTO outbox_log (global_position) "
+    "SELECT global_position FROM claimed)")
+_CLAIM_OUTBOX_LOG: Final = _claim("outbox_log")
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
@@ -1151,11 +1163,12 @@ class PostgresEventStore(EventStore):
 
     # -- outbox -------------------------------------------------------------------------
 
-    async def outbox_backlog(self) -> int:
-        return int(await self._fetchval("SELECT count(*) FROM outbox"))
+    async def outbox_backlog(self, *, log: bool = False) -> int:
+        return int(await self._fetchval(
+            "SELECT count(*) FROM outbox_log" if log else "SELECT count(*) FROM outbox"))
 
-    def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
-        return _PostgresOutboxBatch(self, limit)
+    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
+        return _PostgresOutboxBatch(self, limit, _CLAIM_OUTBOX_LOG if log else _CLAIM_OUTBOX)
 
 
 class _PostgresOutboxBatch(AbstractOutboxBatch):
@@ -1164,9 +1177,10 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
     otherwise), so relays in any number of processes claim disjoint batches: three
     statements a batch (BEGIN, claim, COMMIT)."""
 
-    def __init__(self, store: PostgresEventStore, limit: int) -> None:
+    def __init__(self, store: PostgresEventStore, limit: int, claim: str) -> None:
         self._store = store
         self._limit = limit
+        self._claim = claim
         self._pool: Any = None
         self._conn: Any = None
         self._tx: Any = None
@@ -1179,7 +1193,7 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
         try:
             with _translated():
                 await tx.start()
-                rows = await conn.fetch(_CLAIM_OUTBOX, self._limit)
+                rows = await conn.fetch(self._claim, self._limit)
         except BaseException:
             await _finish(pool, conn, tx)
             raise

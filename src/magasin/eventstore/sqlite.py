@@ -109,6 +109,9 @@ CREATE TABLE IF NOT EXISTS documents (
 CREATE TABLE IF NOT EXISTS outbox (
     global_position INTEGER PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS outbox_log (
+    global_position INTEGER PRIMARY KEY
+);
 """
 
 _SELECT_EVENTS = f"SELECT {EVENT_COLUMNS} FROM events"
@@ -167,7 +170,8 @@ class SqliteEventStore(EventStore):
         self._queue: asyncio.Queue[tuple[Sequence[Operation], asyncio.Future[Any]]] | None = None
         self._committer: asyncio.Task[None] | None = None
         self._new_events: asyncio.Event | None = None
-        self._outbox_lock: asyncio.Lock | None = None
+        self._outbox_locks: tuple[asyncio.Lock, asyncio.Lock] | None = None
+        """The outbox's two stages' claim locks (see outbox_batch)."""
         self._last_position = 0
         self._known = KnownState()
         self._wlock = threading.Lock()
@@ -184,7 +188,7 @@ class SqliteEventStore(EventStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._queue = asyncio.Queue()
         self._new_events = asyncio.Event()
-        self._outbox_lock = asyncio.Lock()
+        self._outbox_locks = (asyncio.Lock(), asyncio.Lock())
         self._last_position = await self._in_writer(self._open_writer)
         self._committer = asyncio.create_task(self._commit_loop(), name="sqlite-committer")
 
@@ -890,31 +894,37 @@ class SqliteEventStore(EventStore):
 
     # -- outbox -------------------------------------------------------------------------
 
-    async def outbox_backlog(self) -> int:
-        rows = await self._read("SELECT COUNT(*) FROM outbox")
+    async def outbox_backlog(self, *, log: bool = False) -> int:
+        rows = await self._read(f"SELECT COUNT(*) FROM {'outbox_log' if log else 'outbox'}")
         return int(rows[0][0])
 
-    def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
-        return _SqliteOutboxBatch(self, limit)
+    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
+        return _SqliteOutboxBatch(self, limit, log)
 
 
 class _SqliteOutboxBatch(AbstractOutboxBatch):
-    """Claims rows under an in-process lock: the embedded store has one relay process."""
+    """Claims rows under an in-process lock (one per stage): a SQLite store has one relay
+    process."""
 
-    def __init__(self, store: SqliteEventStore, limit: int) -> None:
+    def __init__(self, store: SqliteEventStore, limit: int, log: bool) -> None:
         self._store = store
         self._limit = limit
+        self._stage = "outbox_log" if log else "outbox"
         self._positions: list[int] = []
 
-    async def __aenter__(self) -> list[RecordedEvent]:
-        lock = self._store._outbox_lock
-        if lock is None:
+    def _lock(self) -> asyncio.Lock:
+        locks = self._store._outbox_locks
+        if locks is None:
             raise StorageError("the SQLite event store is not open")
+        return locks[self._stage == "outbox_log"]
+
+    async def __aenter__(self) -> list[RecordedEvent]:
+        lock = self._lock()
         await lock.acquire()
         try:
             rows = await self._store._read(
                 f"SELECT {', '.join('e.' + c for c in EVENT_COLUMNS.split(', '))} "
-                "FROM outbox o JOIN events e ON e.global_position = o.global_position "
+                f"FROM {self._stage} o JOIN events e ON e.global_position = o.global_position "
                 "ORDER BY o.global_position LIMIT ?",
                 (self._limit,),
             )
@@ -925,21 +935,22 @@ class _SqliteOutboxBatch(AbstractOutboxBatch):
         return [_event(r) for r in rows]
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        lock = self._store._outbox_lock
-        assert lock is not None
+        lock = self._lock()
         try:
             if exc_type is None and self._positions:
-                positions = self._positions
+                positions = [(p,) for p in self._positions]
+                stage = self._stage
 
                 def delete() -> None:
                     conn = self._store._wconn
                     assert conn is not None
                     conn.execute("BEGIN IMMEDIATE")  # one commit, not one per row
                     try:
+                        if stage == "outbox":  # published: on to the log stage
+                            conn.executemany(
+                                "INSERT INTO outbox_log (global_position) VALUES (?)", positions)
                         conn.executemany(
-                            "DELETE FROM outbox WHERE global_position = ?",
-                            [(p,) for p in positions],
-                        )
+                            f"DELETE FROM {stage} WHERE global_position = ?", positions)
                         conn.execute("COMMIT")
                     except BaseException:
                         if conn.in_transaction:

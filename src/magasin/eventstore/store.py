@@ -526,16 +526,22 @@ class EventStore(ABC):
     # -- outbox -------------------------------------------------------------------------
 
     @abstractmethod
-    def outbox_batch(self, limit: int) -> AbstractOutboxBatch:
-        """Claim up to `limit` unpublished events (oldest first) until the block exits.
+    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
+        """Claim up to `limit` events of one stage of the outbox (oldest first) until the
+        block exits.
 
-        On a clean exit they are marked sent; on an exception they stay pending. Several
-        relays may claim batches at once: a row is claimed by one of them at a time.
+        An appended event waits twice: to be published to the consumers of its type
+        (`log=False`), then to be shipped with others, as one message, to the consumers of
+        the whole log (`log=True`: an archive, an audit). On a clean exit the claimed
+        events move on (from the first stage to the second, out of the outbox from the
+        second); on an exception they stay where they were. Several relays may claim
+        batches at once: a row is claimed by one of them at a time.
         """
 
     @abstractmethod
-    async def outbox_backlog(self) -> int:
-        """How many events wait in the outbox, claimed or not (0 without an outbox)."""
+    async def outbox_backlog(self, *, log: bool = False) -> int:
+        """How many events wait in one stage of the outbox, claimed or not (0 without an
+        outbox): to be published (default), or to be shipped to the whole log's consumers."""
 
 
 class AbstractOutboxBatch(ABC):

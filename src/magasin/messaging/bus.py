@@ -158,7 +158,7 @@ class EventBus(ABC):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
-        linger: float | None = None,
+        whole_log: bool = False,
     ) -> None:
         """Register a consumer before `start()`; every handled type must have a schema.
         `retry` replaces the bus's retry policy for this consumer. By default the bus may
@@ -167,9 +167,11 @@ class EventBus(ABC):
         work of its own, so that one slow call does not hold up the others. `requires=tag`
         (see `tags`): the consumer gets only the events carrying that routing tag; the
         others never reach it (no handler run, no inbox mark, no broker delivery).
-        `linger=s` is for a consumer off every sale's path (an archive, an audit): the bus
-        may hold an event up to s seconds so that those arriving meanwhile commit with it,
-        in one unit of work (a bus whose consumers batch anyway may ignore it)."""
+        `whole_log=True` is for a consumer that keeps a copy of every event (an archive,
+        an audit): it gets them in the batches the publishers `ship`, all of a batch in
+        one delivery and one unit of work, rather than one delivery per event; it lags by
+        the publishers' shipping delay. An event of a batch that fails is retried, then
+        dead-lettered, alone, like any other; types it has no handler for are skipped."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -183,6 +185,12 @@ class EventBus(ABC):
     @abstractmethod
     async def publish(self, events: Sequence[RecordedEvent]) -> None:
         """Make stored events durable on the bus; returns once the bus has them all."""
+
+    @abstractmethod
+    async def ship(self, events: Sequence[RecordedEvent]) -> None:
+        """Make published events durable, as one batch, for the consumers of the whole log
+        (`whole_log`); returns once the bus has it. The outbox relay ships what it
+        published, gathered over a short delay."""
 
     async def dead_letters(
         self,

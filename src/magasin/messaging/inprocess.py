@@ -136,9 +136,10 @@ class InProcessBus(EventBus):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
-        linger: float | None = None,
+        whole_log: bool = False,
     ) -> None:
-        # `linger` is not needed here: a lane takes every event waiting in the log at once.
+        # A lane takes every event waiting in the log at once: a consumer of the whole log
+        # is one like any other here.
         if self._tasks:
             raise RuntimeError("subscribe before start()")
         if consumer in self._subs:
@@ -196,6 +197,9 @@ class InProcessBus(EventBus):
         ]
         if ops:
             await self.store.commit(ops)
+
+    async def ship(self, events: Sequence[RecordedEvent]) -> None:
+        """Nothing to do: its consumers of the whole log read the log, like the others."""
 
     @property
     def window(self) -> LogWindow:

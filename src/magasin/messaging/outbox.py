@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from magasin.eventstore.store import EventStore
@@ -22,9 +22,16 @@ class OutboxRelay:
     It looks again when the store signals a commit (or after `poll_interval`), not after
     every batch: a batch shorter than `batch_size` left nothing behind.
 
-    A crash between the publish and the mark leaves the rows pending, so they are published
-    again: consumers see a duplicate (their inbox absorbs it), never a gap. While the bus is
-    unreachable the rows stay pending and the relay retries with capped exponential backoff.
+    Published events wait in the outbox's second stage: `ship_delay` seconds after a
+    publish, a second loop ships all of them, as one message per `batch_size`, to the
+    consumers of the whole log (an archive, an audit), which so take one delivery and one
+    commit per batch rather than one per event. It also ships what waits there at start,
+    every `sweep_interval` (what another process of the service left, dying) and at stop.
+
+    A crash between the publish (or the shipping) and the mark leaves the rows pending, so
+    they are published again: consumers see a duplicate (their inbox absorbs it), never a
+    gap. While the bus is unreachable the rows stay pending and the relay retries with
+    capped exponential backoff.
     """
 
     def __init__(
@@ -36,6 +43,8 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         initial_backoff: float = 0.1,
         max_backoff: float = 30.0,
+        ship_delay: float = 0.2,
+        sweep_interval: float = 30.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -45,25 +54,39 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
-        self._task: asyncio.Task[None] | None = None
+        self.ship_delay = ship_delay
+        self.sweep_interval = sweep_interval
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._published = asyncio.Event()
+        """Set by a publish: there is something to ship."""
 
     async def start(self) -> None:
-        if self._task is None or self._task.done():
+        if not self._tasks:
             self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+            self._tasks = [asyncio.create_task(self._run(self._step), name="outbox-relay"),
+                           asyncio.create_task(self._run(self._ship_step), name="outbox-ship")]
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Let the batch in flight finish for up to `grace` seconds, then cancel it; a batch
-        cut short stays pending and is published again later."""
-        task, self._task = self._task, None
-        if task is None:
+        """Let the batch in flight finish for up to `grace` seconds, then cancel it, and
+        ship what was published (within what is left of `grace`); a batch cut short stays
+        pending and is published (or shipped) again later."""
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
             return
         self._stopping.set()
-        done, _ = await asyncio.wait({task}, timeout=grace)
-        if not done:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
             task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await self.drain_log()
+        except Exception as exc:  # TimeoutError, Unavailable...: the next start ships them
+            log.warning("outbox relay could not ship what it published before stopping: %r",
+                        exc)
 
     async def relay_once(self) -> int:
         """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
@@ -77,7 +100,24 @@ class OutboxRelay:
                     metrics.published(kinds, "failed")
                     raise
                 metrics.published(kinds, "ok", time.perf_counter() - started)
+        if events:
+            self._published.set()
         return len(events)
+
+    async def ship_once(self) -> int:
+        """Ship one batch of published events to the whole log's consumers; returns how
+        many (0: none waited)."""
+        async with self.store.outbox_batch(self.batch_size, log=True) as events:
+            if events:
+                await self.bus.ship(events)
+        return len(events)
+
+    async def drain_log(self) -> int:
+        """Ship until nothing published waits; returns how many events were shipped."""
+        total = 0
+        while shipped := await self.ship_once():
+            total += shipped
+        return total
 
     async def drain(self) -> int:
         """Publish until the outbox is empty; returns how many events were published."""
@@ -86,11 +126,11 @@ class OutboxRelay:
             total += published
         return total
 
-    async def _run(self) -> None:
+    async def _run(self, step: Callable[[], Coroutine[Any, Any, None]]) -> None:
         backoff = self.initial_backoff
         while not self._stopping.is_set():
             try:
-                await self._step()
+                await step()
             except Unavailable as exc:
                 log.warning("outbox relay cannot publish, retrying in %.2fs: %s", backoff, exc)
             except Exception:
@@ -117,6 +157,19 @@ class OutboxRelay:
             # A short batch took every row there was to claim: nothing to do until the
             # next commit (rows other relays hold are theirs to publish).
             await self._unless_stopped(_signalled(signal, self.poll_interval))
+
+    async def _ship_step(self) -> None:
+        # Cleared before shipping: a publish from now on is shipped at the next step.
+        self._published.clear()
+        while await self.ship_once() >= self.batch_size:
+            pass
+        await self._unless_stopped(_signalled(self._published, self.sweep_interval))
+        if self._published.is_set() and self.ship_delay > 0:
+            # Let what the next publishes bring join this batch, until the next multiple of
+            # the delay on the clock: the relays of every service ship at the same moments,
+            # so a consumer of the whole log takes all their batches in one commit.
+            wait = self.ship_delay - time.time() % self.ship_delay
+            await self._unless_stopped(asyncio.sleep(wait))
 
     async def _unless_stopped(self, waiting: Coroutine[Any, Any, None]) -> None:
         """Await `waiting`, or give up on it as soon as `stop()` is called."""

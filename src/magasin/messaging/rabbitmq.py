@@ -52,7 +52,13 @@ from magasin.shared.errors import (
     MalformedMessage,
     Unavailable,
 )
-from magasin.shared.messages import EventSchemas, RecordedEvent, decode_envelope
+from magasin.shared.messages import (
+    EventSchemas,
+    RecordedEvent,
+    decode_envelope,
+    decode_envelopes,
+    encode_envelopes,
+)
 
 log = logging.getLogger("magasin.messaging.rabbitmq")
 
@@ -73,8 +79,11 @@ _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for human
 _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
 
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
-_EVERY_PARTITION = -1
-"""The slot of a lingering consumer's single task (see _arrival)."""
+_LOG_PREFETCH = 32
+"""Shipped batches a consumer of the whole log may hold unacked: what one commit takes."""
+_LOG_GATHER = 0.02
+"""Seconds a consumer of the whole log waits after a batch for those the other relays
+shipped at the same moment (see OutboxRelay), to commit them all at once."""
 Slot = tuple[int, str]
 """(partition, key): the messages of one key are handled one at a time, in order."""
 
@@ -101,8 +110,9 @@ class _Consumer:
     """Most messages (of distinct keys) the process handles at once."""
     batch: int
     """Most messages one task handles in one unit of work."""
-    linger: float = 0.0
-    """Seconds a task waits for more messages before it handles a short batch."""
+    whole_log: bool = False
+    """It gets every event in the batches the publishers ship, from `<queue>.log`; its
+    partition queues are bound to nothing and get only its retries and requeues."""
     partitions: int = 1
     tags: list[tuple[AbstractQueue, str]] = field(default_factory=list)
     """Consumers of the dead-letter queue (every process records dead letters)."""
@@ -114,6 +124,10 @@ class _Consumer:
     message it had sent there and not been acked, even those still on the wire."""
     waiting: dict[Slot, deque[AbstractIncomingMessage]] = field(default_factory=dict)
     """Messages taken from the broker that no worker has handled yet, per key slot."""
+    shipped: deque[AbstractIncomingMessage] = field(default_factory=deque)
+    """Shipped batches taken from `<queue>.log` and not handled yet (whole_log)."""
+    shipping: bool = False
+    """Whether a task is handling `shipped`."""
     running: set[Slot] = field(default_factory=set)
     draining: set[int] = field(default_factory=set)
     ownership: Ownership | None = None
@@ -140,6 +154,10 @@ class _Consumer:
     def dead_letter_queue(self) -> str:
         return f"{self.queue}.dlq"
 
+    @property
+    def log_queue(self) -> str:
+        return f"{self.queue}.log"
+
 
 class RabbitMQBus(EventBus):
     """Event bus over RabbitMQ (distributed mode).
@@ -160,6 +178,15 @@ class RabbitMQBus(EventBus):
     direct exchange `<ns>.dlx` to `<ns>.<consumer>.dlq`, which the bus itself drains into
     the store's dead letters. A requeued dead letter is published straight into its
     consumer's work queue (the default exchange), without an attempt count.
+
+    A consumer of the whole log (`whole_log`: the audit, the archive) gets its events from
+    the relays instead: each ships, every `MAGASIN_ARCHIVE_LINGER_S`, the events it
+    published meanwhile as one message (a JSON array of envelopes) to the fanout exchange
+    `<ns>.log`, bound to the consumer's `<ns>.<consumer>.log` (`x-single-active-consumer`).
+    One task takes every batch waiting and commits their events in one unit of work, each
+    with its inbox mark; an event that fails goes alone to its partition's retry queue, and
+    from there is retried and dead-lettered like any other. Its partition queues are bound
+    to nothing: they get only those retries and requeued dead letters.
     """
 
     def __init__(
@@ -214,6 +241,7 @@ class RabbitMQBus(EventBus):
         self._default: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
+        self._log: AbstractExchange | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
 
@@ -225,6 +253,11 @@ class RabbitMQBus(EventBus):
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.dlx"
 
+    @property
+    def log_exchange(self) -> str:
+        """Where the relays ship batches of events, for the consumers of the whole log."""
+        return f"{self.namespace}.log"
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def subscribe(
@@ -235,7 +268,7 @@ class RabbitMQBus(EventBus):
         *,
         concurrency: int | None = None,
         requires: str | None = None,
-        linger: float | None = None,
+        whole_log: bool = False,
     ) -> None:
         if self._connection is not None:
             raise RuntimeError("subscribe before start()")
@@ -245,19 +278,10 @@ class RabbitMQBus(EventBus):
         check_handlers(consumer, table, self.schemas)
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        if linger is not None and linger < 0:
-            raise ValueError("linger must be >= 0")
-        if concurrency:
-            batch = 1
-        elif linger:
-            # What a partition's channel may hold unacked: the most a wait can gather.
-            batch = max(self.batch, self.prefetch)
-        else:
-            batch = self.batch
         self._consumers[consumer] = _Consumer(
             consumer, table, self._queue_of(consumer), retry or self.retry,
-            workers=concurrency or self.workers, batch=batch,
-            linger=0.0 if concurrency else (linger or 0.0), partitions=self.partitions,
+            workers=concurrency or self.workers, batch=1 if concurrency else self.batch,
+            whole_log=whole_log, partitions=self.partitions,
             slots=asyncio.Semaphore(concurrency or self.workers),
             requires=None if requires is None else check_tag(requires),
         )
@@ -311,6 +335,9 @@ class RabbitMQBus(EventBus):
         self._dlx = await publisher.declare_exchange(
             self.dead_letter_exchange, ExchangeType.DIRECT, durable=True
         )
+        self._log = await publisher.declare_exchange(
+            self.log_exchange, ExchangeType.FANOUT, durable=True
+        )
         for consumer in self._consumers.values():
             channel = await connection.channel(publisher_confirms=False)
             self._channels.append(channel)
@@ -321,8 +348,9 @@ class RabbitMQBus(EventBus):
                 work = await _declare_queue(channel, name, self._work_arguments(consumer))
                 consumer.queues[partition] = work
                 for event_type in consumer.handlers:
-                    await work.bind(self._events, routing_key=binding_key(
-                        event_type, partition, consumer.requires))
+                    if not consumer.whole_log:  # that one's events come shipped
+                        await work.bind(self._events, routing_key=binding_key(
+                            event_type, partition, consumer.requires))
                     # Bound (above) before unbound: no moment without a binding.
                     for key in _stale_bindings(bound, consumer, event_type, partition):
                         await work.unbind(self._events, routing_key=key)
@@ -335,8 +363,23 @@ class RabbitMQBus(EventBus):
             dlq = await _declare_queue(channel, consumer.dead_letter_queue)
             await dlq.bind(self._dlx, routing_key=consumer.name)
             consumer.tags = [(dlq, await dlq.consume(self._spawner(consumer, self._record)))]
+            if consumer.whole_log:
+                consumer.tags.append(await self._consume_log(connection, consumer))
             if bound != _binding_scheme(consumer):
                 await self._remember_bindings(consumer)
+
+    async def _consume_log(
+        self, connection: AbstractRobustConnection, consumer: _Consumer
+    ) -> tuple[AbstractQueue, str]:
+        """Consume `<queue>.log`, bound to the log exchange, on a channel of its own. Every
+        process of the service does; the queue's single active consumer is the one the
+        broker delivers to, the others take over if it goes."""
+        channel = await connection.channel(publisher_confirms=False)
+        self._channels.append(channel)
+        await channel.set_qos(prefetch_count=_LOG_PREFETCH)
+        queue = await _declare_queue(channel, consumer.log_queue, self._work_arguments(consumer))
+        await queue.bind(self._require(self._log), routing_key="")
+        return queue, await queue.consume(self._shipped(consumer))
 
     async def _bound_before(self, consumer: _Consumer) -> dict[str, Any] | None:
         """How this consumer's queues were bound by the last start that recorded it (None:
@@ -409,7 +452,7 @@ class RabbitMQBus(EventBus):
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
-        self._default = self._events = self._dlx = None
+        self._default = self._events = self._dlx = self._log = None
         self._channels.clear()
         for consumer in self._consumers.values():
             consumer.tags = []
@@ -438,8 +481,11 @@ class RabbitMQBus(EventBus):
                     for level in range(1, consumer.retry.levels + 1):
                         await channel.queue_delete(consumer.retry_queue(partition, level))
                 await channel.queue_delete(consumer.dead_letter_queue)
+                if consumer.whole_log:
+                    await channel.queue_delete(consumer.log_queue)
             await channel.exchange_delete(self.exchange)
             await channel.exchange_delete(self.dead_letter_exchange)
+            await channel.exchange_delete(self.log_exchange)
         finally:
             await connection.close()
 
@@ -458,6 +504,16 @@ class RabbitMQBus(EventBus):
                               tags_of(e.metadata))) for e in sent],
                 mandatory=False,
             )
+
+    async def ship(self, events: Sequence[RecordedEvent]) -> None:
+        if not events:
+            return
+        message = aio_pika.Message(
+            encode_envelopes(events), content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"x-magasin-events": len(events)},
+        )
+        await self._confirmed([(self._require(self._log), message, "")], mandatory=False)
 
     async def publish_raw(self, routing_key: str, body: bytes, partition: int = 0) -> None:
         """Publish arbitrary bytes to the events exchange, to one partition (tests inject
@@ -507,6 +563,7 @@ class RabbitMQBus(EventBus):
         concurrently (the broker's prefetch bounds how many)."""
 
         async def spawn(message: AbstractIncomingMessage) -> None:
+            metrics.delivered(consumer.name, "dead_letter")
             if self._stopping:
                 return  # left unacked: the broker delivers it again after we disconnect
             task = asyncio.create_task(self._guarded(work, consumer, message))
@@ -587,13 +644,6 @@ class RabbitMQBus(EventBus):
             for slot, waiting in consumer.waiting.items():
                 if slot[0] == partition:
                     waiting.clear()  # not started: back in the queue for the next owner
-                elif slot[0] == _EVERY_PARTITION:
-                    # Those not started yet go back to the queue; one being handled now
-                    # takes effect once (inbox), whichever owner commits it first.
-                    kept = [m for m in waiting
-                            if _partition_of_message(m, self.partitions) != partition]
-                    waiting.clear()
-                    waiting.extend(kept)
             while not consumer.idle(partition) and not self._stopping:
                 await asyncio.sleep(0.01)
             if not self._stopping:
@@ -655,19 +705,14 @@ class RabbitMQBus(EventBus):
         meanwhile (at most `workers` at once in the process)."""
 
         async def arrive(message: AbstractIncomingMessage) -> None:
+            metrics.delivered(consumer.name, "event")
             if self._stopping or partition not in consumer.consuming:
                 # Left unacked: the broker delivers it again after we disconnect, or has
                 # taken it back already (the partition's channel is closed).
                 return
             # Batching commits a run of a partition's messages in one unit of work: then
             # one task per partition takes them (in order), whatever their keys.
-            # A lingering consumer (off the sales' path: an archive, an audit) has one task
-            # for all its partitions: one commit per burst, and a stream's events from
-            # several partitions in one batch, put in stream order there.
-            if consumer.linger:
-                slot = (_EVERY_PARTITION, "")
-            else:
-                slot = (partition, "" if consumer.batch > 1 else _message_key(message))
+            slot = (partition, "" if consumer.batch > 1 else _message_key(message))
             consumer.waiting.setdefault(slot, deque()).append(message)
             if slot not in consumer.running:
                 consumer.running.add(slot)
@@ -681,9 +726,6 @@ class RabbitMQBus(EventBus):
         try:
             waiting = consumer.waiting[slot]
             while waiting and not self._stopping:
-                if consumer.linger and len(waiting) < consumer.batch:
-                    # Off the sales' path: let the rest of a burst arrive and commit once.
-                    await asyncio.sleep(consumer.linger)
                 async with consumer.slots:  # then take what gathered meanwhile
                     if self._stopping or not waiting:  # stopping, or the partition given up
                         break
@@ -731,13 +773,6 @@ class RabbitMQBus(EventBus):
             else:
                 together.append(message)
                 events.append(event)
-        if consumer.linger and not alone:
-            # Its batches mix partitions: each stream's events in version order (what an
-            # archive appending at the original versions needs; key order is moot here).
-            order = sorted(range(len(events)),
-                           key=lambda i: (events[i].stream_id, events[i].stream_version))
-            together = [together[i] for i in order]
-            events = [events[i] for i in order]
         # deliver_batch reports any failure as False, having written nothing. Alone, the
         # messages go in their arrival order (one key's order).
         if not alone and await deliver_batch(
@@ -748,6 +783,105 @@ class RabbitMQBus(EventBus):
             return
         for message in messages:
             await self._guarded(self._handle, consumer, message)
+
+    # -- consumers of the whole log ------------------------------------------------------
+
+    def _shipped(
+        self, consumer: _Consumer
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        """The consume callback of `<queue>.log`: one task takes every batch waiting."""
+
+        async def arrive(message: AbstractIncomingMessage) -> None:
+            metrics.delivered(consumer.name, "log")
+            if self._stopping:
+                return  # left unacked: the broker delivers it again after we disconnect
+            consumer.shipped.append(message)
+            if not consumer.shipping:
+                consumer.shipping = True
+                task = asyncio.create_task(self._ship_work(consumer))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+        return arrive
+
+    async def _ship_work(self, consumer: _Consumer) -> None:
+        try:
+            while consumer.shipped and not self._stopping:
+                await asyncio.sleep(_LOG_GATHER)  # off every sale's path
+                messages = list(consumer.shipped)
+                consumer.shipped.clear()
+                try:
+                    await self._handle_shipped(consumer, messages)
+                except Exception:
+                    log.exception("consumer %s could not process shipped events",
+                                  consumer.name)
+                    await asyncio.gather(*(self._requeue(message) for message in messages))
+        finally:
+            consumer.shipping = False
+
+    async def _handle_shipped(
+        self, consumer: _Consumer, messages: list[AbstractIncomingMessage]
+    ) -> None:
+        """Every event of the shipped batches waiting, in one unit of work; if that does not
+        commit (or a batch was delivered before), one by one, each with its own outcome: an
+        event that fails goes to its partition's retry queue alone, and from there on is a
+        message like any other (retried, then dead-lettered). The batches are acked once
+        each of their events took effect or sits in a retry or dead-letter queue."""
+        batches: list[AbstractIncomingMessage] = []
+        events: list[RecordedEvent] = []
+        for message in messages:
+            try:
+                shipped = decode_envelopes(message.body)
+            except MalformedMessage as exc:
+                metrics.consumed(consumer.name, "<undecodable>", "malformed", 0.0)
+                await self._dead_letter(consumer, message, str(exc), 1)
+                continue
+            batches.append(message)
+            events += [e for e in shipped if e.type in consumer.handlers
+                       and carries(e.metadata, consumer.requires)]
+        # Each stream's events in version order (what an archive appending at the original
+        # versions needs): batches of several publishers arrive interleaved.
+        events.sort(key=lambda e: (e.stream_id, e.stream_version))
+        fresh = not any(message.redelivered for message in batches)
+        if events and not (fresh and await deliver_batch(
+                self.store, self.schemas, consumer.name, consumer.handlers, events,
+                _nothing_more)):
+            for event in events:
+                if not await self._deliver_shipped(consumer, event):
+                    # The broker has them again; the inbox absorbs what took effect.
+                    await asyncio.gather(*(self._requeue(message) for message in batches))
+                    return
+        for message in batches:
+            await self._ack(message)
+
+    async def _deliver_shipped(self, consumer: _Consumer, event: RecordedEvent) -> bool:
+        """One event of a batch alone; False if its retry or dead letter could not be sent."""
+        try:
+            result = await deliver(self.store, self.schemas, consumer.name,
+                                   consumer.handlers[event.type], event)
+        except Exception as exc:  # the inbox pre-check could not read the store
+            result = Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+        if result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE):
+            return True
+        headers: dict[str, Any] = {ORIGINAL_ROUTING_KEY: event.routing_key, ATTEMPTS: 1}
+        if result.outcome is Outcome.FAILED and consumer.retry.attempts > 1:
+            delay = consumer.retry.delay(1)
+            queue = consumer.retry_queue(event_partition(event, self.partitions),
+                                         consumer.retry_level(1))
+            sends = [(self._require(self._default), _event_message(event, headers, delay),
+                      queue)]
+        else:
+            headers.update({REASON: result.reason[:_MAX_REASON], CONSUMER: consumer.name,
+                            DEAD_LETTERED_AT: utcnow().isoformat()})
+            sends = [(self._require(self._dlx), _event_message(event, headers), consumer.name)]
+        try:
+            await self._confirmed(sends, mandatory=True)
+        except Unavailable as exc:
+            log.error("consumer %s could not set a shipped event aside: %s", consumer.name, exc)
+            return False
+        if result.outcome is Outcome.FAILED and consumer.retry.attempts > 1:
+            metrics.retried(consumer.name)
+        return True
 
     async def _guarded(
         self, work: Work, consumer: _Consumer, message: AbstractIncomingMessage
@@ -921,8 +1055,10 @@ class RabbitMQBus(EventBus):
             await connection.close()
 
 
-def _event_message(event: RecordedEvent) -> aio_pika.Message:
-    headers: dict[str, Any] = {KEY_HEADER: key_of(event)}
+def _event_message(
+    event: RecordedEvent, extra: HeadersType | None = None, expiration: float | None = None
+) -> aio_pika.Message:
+    headers: dict[str, Any] = {KEY_HEADER: key_of(event), **(extra or {})}
     if event.traceparent:
         headers["traceparent"] = event.traceparent
     return aio_pika.Message(
@@ -933,6 +1069,7 @@ def _event_message(event: RecordedEvent) -> aio_pika.Message:
         type=event.type,
         correlation_id=event.correlation_id,
         headers=headers,
+        expiration=expiration,
     )
 
 
@@ -1029,7 +1166,10 @@ async def _declare_queue(
 
 
 def _binding_scheme(consumer: _Consumer) -> dict[str, Any]:
-    return {"scheme": SCHEME, "requires": consumer.requires}
+    scheme: dict[str, Any] = {"scheme": SCHEME, "requires": consumer.requires}
+    if consumer.whole_log:
+        scheme["whole_log"] = True
+    return scheme
 
 
 def _stale_bindings(
@@ -1044,8 +1184,10 @@ def _stale_bindings(
     if bound == _binding_scheme(consumer):
         return []
     stale = [f"*.{event_type}.{partition}"]
-    if consumer.requires is not None:
+    if consumer.requires is not None or consumer.whole_log:
         stale.append(binding_key(event_type, partition, None))
+    if consumer.whole_log and consumer.requires is not None:  # it gets its events shipped
+        stale.append(binding_key(event_type, partition, consumer.requires))
     before = (bound or {}).get("requires")
     if isinstance(before, str) and before != consumer.requires:
         stale.append(binding_key(event_type, partition, before))

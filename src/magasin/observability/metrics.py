@@ -35,8 +35,9 @@ PUBLISH_DURATION = Histogram(
 )
 OUTBOX_BACKLOG = Gauge(
     "magasin_outbox_backlog",
-    "Events committed to the store but not yet published by the outbox relay (sampled).",
-    ["service"],
+    "Events committed to the store and not yet published (stage publish), or published "
+    "and not yet shipped to the consumers of the whole log (stage ship) (sampled).",
+    ["service", "stage"],
     registry=REGISTRY,
 )
 
@@ -45,6 +46,13 @@ EVENTS_CONSUMED = Counter(
     "magasin_events_consumed_total",
     "Deliveries seen by a consumer, by outcome handled|duplicate|malformed|failed.",
     ["event_type", "consumer", "service", "outcome"],
+    registry=REGISTRY,
+)
+BROKER_DELIVERIES = Counter(
+    "magasin_broker_deliveries_total",
+    "Messages the broker delivered to a consumer of this process, by kind: event (one "
+    "event), log (a shipped batch of events, for a consumer of the whole log), dead_letter.",
+    ["consumer", "service", "kind"],
     registry=REGISTRY,
 )
 HANDLING_DURATION = Histogram(
@@ -245,6 +253,11 @@ def consumed(consumer: str, event_type: str, outcome: str, seconds: float) -> No
     HANDLING_DURATION.labels(consumer, service).observe(seconds, _exemplar())
     if outcome == "duplicate":
         INBOX_DUPLICATES.labels(consumer, service).inc()
+
+
+def delivered(consumer: str, kind: str) -> None:
+    """Count one message the broker delivered to `consumer`."""
+    BROKER_DELIVERIES.labels(consumer, service_of(consumer), kind).inc()
 
 
 def retried(consumer: str) -> None:

@@ -53,8 +53,11 @@ def _service_label(runtime: Runtime) -> str:
 
 async def _outbox(runtime: Runtime) -> None:
     backlog = await runtime.store.outbox_backlog()
-    metrics.OUTBOX_BACKLOG.labels(_service_label(runtime)).set(backlog)
+    unshipped = await runtime.store.outbox_backlog(log=True)
+    metrics.OUTBOX_BACKLOG.labels(_service_label(runtime), "publish").set(backlog)
+    metrics.OUTBOX_BACKLOG.labels(_service_label(runtime), "ship").set(unshipped)
     runtime.last_sample["outbox_backlog"] = backlog
+    runtime.last_sample["outbox_unshipped"] = unshipped
 
 
 async def _partitions(runtime: Runtime) -> None:

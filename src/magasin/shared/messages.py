@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -120,10 +120,30 @@ class _WireEnvelope(BaseModel):
 
 def decode_envelope(body: bytes) -> RecordedEvent:
     """Parse a wire message; raises MalformedMessage for bad JSON or a bad envelope."""
+    return _envelope(_json(body))
+
+
+def encode_envelopes(events: Sequence[RecordedEvent]) -> bytes:
+    """Several envelopes as one wire message (a JSON array), for `decode_envelopes`."""
+    return b"[" + b",".join(event.to_json() for event in events) + b"]"
+
+
+def decode_envelopes(body: bytes) -> list[RecordedEvent]:
+    """Parse a message of several envelopes; MalformedMessage if it or any of them is bad."""
+    raw = _json(body)
+    if not isinstance(raw, list):
+        raise MalformedMessage("invalid batch: not a JSON array of envelopes")
+    return [_envelope(item) for item in raw]
+
+
+def _json(body: bytes) -> Any:
     try:
-        raw = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedMessage(f"bad JSON: {exc}") from exc
+
+
+def _envelope(raw: Any) -> RecordedEvent:
     try:
         env = _WireEnvelope.model_validate(raw)
     except ValidationError as exc:

@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     global_position bigint PRIMARY KEY
 );
 
+-- The outbox's second stage: events published to their consumers, waiting to be shipped in
+-- batches to the consumers of the whole log (the relay moves them here as it publishes).
+CREATE TABLE IF NOT EXISTS outbox_log (
+    global_position bigint PRIMARY KEY
+);
+
 -- Appends several units in one call (and so, in autocommit, one transaction), each on its
 -- own terms: unit k owns events p_unit_ends[k-1]+1 .. p_unit_ends[k]. Per unit, outcome 0:
 -- appended, o_versions holds the stream's new version and o_positions gets the events'
