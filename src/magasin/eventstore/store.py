@@ -13,7 +13,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -265,6 +265,10 @@ class UnitOfWork:
         return await self.store.get_document(collection, key)
 
 
+Applier = Callable[[UnitOfWork], Awaitable[None]]
+"""Stages more writes into a unit of work about to commit (see EventStore.before_commit)."""
+
+
 def _appended(operations: Sequence[Operation]) -> list[tuple[str, Mapping[str, Any]]]:
     """(type, metadata) of every event a list of operations appends."""
     return [(e.type, e.metadata) for op in operations if isinstance(op, Append) for e in op.events]
@@ -316,11 +320,23 @@ class EventStore(ABC):
         try:
             yield uow
             if uow.operations:
+                for applier in getattr(self, "_appliers", ()):
+                    await applier(uow)
                 await self._commit_unit(uow)
         finally:
             self.units_open -= 1
         for hook in uow.committed_hooks:
             hook()
+
+    def before_commit(self, applier: Applier) -> None:
+        """Run `applier` on every unit of work with operations, after its block and before
+        its commit: what it stages commits with the rest (inline projections stage the
+        documents of the events appended). Registered once per process, at start-up."""
+        appliers: list[Applier] | None = getattr(self, "_appliers", None)
+        if appliers is None:
+            appliers = []
+            self._appliers = appliers
+        appliers.append(applier)
 
     async def _commit_unit(self, uow: UnitOfWork) -> None:
         if uow.operations:

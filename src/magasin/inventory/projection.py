@@ -113,6 +113,8 @@ def reservation_applied(doc: JsonDict | None, event: RecordedEvent) -> JsonDict:
 async def _reservation_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
     tid = event.payload["transaction_id"]
     before = await unit.get_document(RESERVATIONS, tid)
+    if before is not None and before.get("version", 0) >= event.stream_version:
+        return  # applied already (inline, by the unit of work that appended it)
     unit.put_document(RESERVATIONS, tid, reservation_applied(before, event))
 
 
@@ -123,5 +125,10 @@ RESERVATION_EVENTS = (
 
 
 def reservations_projection() -> Projection:
+    """Inline: one document per reservation stream (the transaction id), with its version.
+    (The stock lines are not: a line moves with its stock item's events and with the
+    InventoryCommitted of every reservation holding it, so no one stream version says
+    which of those it reflects.)"""
     return Projection("inventory.reservations",
-                      dict.fromkeys(RESERVATION_EVENTS, _reservation_changed), (RESERVATIONS,))
+                      dict.fromkeys(RESERVATION_EVENTS, _reservation_changed), (RESERVATIONS,),
+                      inline=True)

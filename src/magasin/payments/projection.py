@@ -58,12 +58,14 @@ def applied(doc: Doc | None, event: RecordedEvent) -> Doc | None:
 
 async def _project(event: RecordedEvent, unit: ProjectionUnit) -> None:
     key = event.payload["transaction_id"]
-    before = None if event.type in ("PaymentProcessed", "PaymentFailed") else \
-        await unit.get_document(PAYMENTS, key)
+    before = await unit.get_document(PAYMENTS, key)
+    if before is not None and before.get("version", 0) >= event.stream_version:
+        return  # applied already (inline, by the unit of work that appended it)
     doc = applied(before, event)
     if doc is not None:
         unit.put_document(PAYMENTS, key, doc)
 
 
 def projection() -> Projection:
-    return Projection(NAME, dict.fromkeys(APPLIES, _project), (PAYMENTS,))
+    """Inline: one document per payment stream (the transaction id), with its version."""
+    return Projection(NAME, dict.fromkeys(APPLIES, _project), (PAYMENTS,), inline=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from magasin.eventstore.store import EventStore
 from magasin.projections.projection import Projection
-from magasin.projections.runner import running, status_of
+from magasin.projections.runner import position_of, running, status_of
 from magasin.shared.clock import utcnow
 
 
@@ -38,7 +38,9 @@ async def lags(
     now = utcnow()
     out: list[ProjectionLag] = []
     for projection in sorted(chosen, key=lambda p: p.name):
-        checkpoint = await store.get_checkpoint(projection.checkpoint)
+        # What this process's runner projected counts, though its checkpoint moves lazily.
+        checkpoint = max(await store.get_checkpoint(projection.checkpoint),
+                         position_of(store, projection.name))
         seconds = 0.0
         if checkpoint < head:
             oldest = await store.read_all(after=checkpoint, limit=1)

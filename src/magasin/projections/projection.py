@@ -88,7 +88,13 @@ class Projection:
     elsewhere: ElsewhereHook | None = None
     """Told of the events another process's runner projected (this one lost the race to
     commit them), once committed: what the projection wakes in this process on a commit
-    (live clients) it wakes for those too."""
+    (live clients) it wakes for those too. Of an inline projection, told of the events
+    another process applied inline (its runner finds them applied)."""
+    inline: bool = False
+    """Applied in the unit of work that appends its events (see projections.inline): each
+    document is changed by the events of one stream only, carries the stream version it
+    reflects as `version`, and its handlers change nothing for an event at or below it.
+    The runner still tails the log, to apply what was appended without it."""
 
     def __post_init__(self) -> None:
         if not self.handlers:
@@ -140,21 +146,21 @@ class ProjectionUnit:
     async def get_document(self, collection: str, key: str) -> JsonDict | None:
         where = (self.rename.get(collection, collection), key) if self.rename else (
             collection, key)
-        staged: JsonDict | None = self.changes.get(where, _ABSENT)
-        if staged is not _ABSENT:
+        staged: JsonDict | None = self.changes.get(where, ABSENT)
+        if staged is not ABSENT:
             return staged
         cache = self.cache
         if cache is not None:
-            doc: JsonDict | None = cache.docs.get(where, _ABSENT)
-            if doc is not _ABSENT:
-                return None if doc is None else _copy(doc)
+            doc: JsonDict | None = cache.docs.get(where, ABSENT)
+            if doc is not ABSENT:
+                return None if doc is None else copy_doc(doc)
             if cache.complete:
                 return None
             # Only the projection writes its collections, and it reads only those: what it
             # reads now stays true until its own next commit (a failed one drops the cache).
             found = await self.store.get_document(*where)
             cache.docs[where] = found
-            return None if found is None else _copy(found)
+            return None if found is None else copy_doc(found)
         return await self.store.get_document(*where)
 
     def put_document(self, collection: str, key: str, body: JsonDict) -> None:
@@ -182,10 +188,10 @@ class ProjectionUnit:
             self.cache.merge(self.changes)
 
 
-_ABSENT: Any = object()
+ABSENT: Any = object()
 
 
-def _copy(doc: JsonDict) -> JsonDict:
+def copy_doc(doc: JsonDict) -> JsonDict:
     """A document handlers may change in place (the cached one may be being written): its
     lists are copied too (histories, lines); handlers never change list items in place."""
     copy = dict(doc)

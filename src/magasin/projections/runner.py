@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.eventstore.window import LogWindow
+from magasin.projections.inline import applied
 from magasin.projections.projection import (
     DocumentCache,
     Projection,
@@ -35,7 +36,9 @@ Reader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
 
 LAZY_MOVE_MAX_S = 5.0
 """Longest a projection leaves its checkpoint behind events it ignores while the log keeps
-moving (its lag shows it): it moves once the log is quiet for a poll, or after this."""
+moving: it moves once the log is quiet for a poll, or after this. An inline projection's
+checkpoint, behind events applied inline, moves only after this: its every sale would
+otherwise cost a commit of its own again (the log goes quiet between sales)."""
 
 ELSEWHERE_READ_LIMIT = 5_000
 """Positions past its failed batch a runner reads to tell `Projection.elsewhere` what
@@ -56,6 +59,13 @@ def status_of(store: EventStore, name: str) -> str | None:
     return None if tail is None else tail.status
 
 
+def position_of(store: EventStore, name: str) -> int:
+    """The position a runner of this process has projected `name` up to (0: none runs);
+    its stored checkpoint may trail it (see LAZY_MOVE_MAX_S)."""
+    tail = _running.get(store, {}).get(name)
+    return 0 if tail is None else tail.position
+
+
 @dataclass
 class _Tail:
     projection: Projection
@@ -64,6 +74,10 @@ class _Tail:
     position: int = 0
     """The log position this process has projected up to (in memory; the stored
     checkpoint may trail it over ignored events)."""
+    generation: int = 0
+    """The generation of the documents it projected into (see generation_name)."""
+    reload: bool = False
+    """Set when a rebuild swapped the documents in under it: go on from the checkpoint."""
 
 
 class ProjectionRunner:
@@ -121,15 +135,28 @@ class ProjectionRunner:
         client reads then includes it); False if one has not within `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(t.position < position for t in self._tails.values()):
-            if loop.time() >= deadline:
-                return False
-            if self._window is not None:
-                # A projection that handles none of the events up to `position` waits
-                # for one it handles: wake it to pass them now.
-                self._window.wake_all()
-            await asyncio.sleep(0.02)
-        return True
+        while True:
+            while any(t.position < position for t in self._tails.values()):
+                if loop.time() >= deadline:
+                    return False
+                if self._window is not None:
+                    # A projection that handles none of the events up to `position` waits
+                    # for one it handles: wake it to pass them now.
+                    self._window.wake_all()
+                await asyncio.sleep(0.02)
+            if not await self._swapped_under():
+                return True
+
+    async def _swapped_under(self) -> bool:
+        """Whether a rebuild swapped in the documents of an inline projection that passed
+        events without committing (found applied, to the documents the swap replaced):
+        its runner then goes back to the checkpoint the swap set."""
+        swapped = False
+        for tail in self._tails.values():
+            name = generation_name(tail.projection.name)
+            if tail.projection.inline and await self.store.get_checkpoint(name) != tail.generation:
+                tail.reload, tail.position, swapped = True, 0, True
+        return swapped
 
     async def _position(self, tail: _Tail) -> tuple[int, int]:
         projection = tail.projection
@@ -156,17 +183,22 @@ class ProjectionRunner:
         while not self._stopping:
             page: list[RecordedEvent] = []
             try:
+                if tail.reload:
+                    tail.reload, position = False, None
                 if position is None:
                     cache = DocumentCache(size=20_000)  # only this runner's commits are in it
+                    if projection.inline:
+                        applied(self.store, projection.name).reloaded()
                     position = await self._position(tail)
                     saved, saved_at = position[0], clock()
+                    tail.generation = position[1]
                 after, generation = position
                 tail.position = after
                 page = await self._read(after, self._page)
                 if not page:
                     now = clock()
-                    if after > saved and (now - max(saved_at, read_at) >= self._poll
-                                          or now - saved_at >= LAZY_MOVE_MAX_S):
+                    quiet = not projection.inline and now - max(saved_at, read_at) >= self._poll
+                    if after > saved and (quiet or now - saved_at >= LAZY_MOVE_MAX_S):
                         await move_checkpoint(self.store, projection, saved, after, generation)
                         saved, saved_at = after, clock()
                         continue
@@ -177,7 +209,13 @@ class ProjectionRunner:
                 read_at = clock()
                 end = page[-1].global_position
                 mine = [e for e in page if e.type in projection.handlers]
-                if mine:
+                if mine and projection.inline:
+                    done = applied(self.store, projection.name)
+                    mine = [e for e in mine if not done.has(e.event_id)]
+                    if mine and await self._check_inline(projection, mine, saved, end,
+                                                         generation):
+                        saved, saved_at = end, clock()
+                elif mine:
                     await apply_batch(self.store, projection, mine, saved, generation,
                                       through=end, cache=cache)
                     saved, saved_at = end, clock()
@@ -204,6 +242,25 @@ class ProjectionRunner:
                 log.exception("projection %s failed; retrying", projection.name)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+
+    async def _check_inline(
+        self, projection: Projection, events: list[RecordedEvent], after: int, end: int,
+        generation: int,
+    ) -> bool:
+        """Apply to an inline projection's documents the `events` they lack (appended
+        without it) and commit those with the checkpoint; events they reflect already
+        (applied inline by another process) change nothing and commit nothing: the
+        checkpoint then moves lazily, as over ignored events. Its documents are read, not
+        cached: inline units of work write them too. True if it committed."""
+        unit = ProjectionUnit(self.store)
+        await project(projection, events, unit)
+        if unit.changes or unit.hooks:
+            await commit_batch(self.store, projection, unit, after, end, generation)
+            return True
+        if projection.elsewhere is not None:
+            with contextlib.suppress(Exception):
+                await projection.elsewhere(self.store, events)
+        return False
 
     async def _wait(self, after: int, projection: Projection) -> None:
         if self._window is None:
@@ -263,10 +320,19 @@ async def apply_batch(
     commits (it is the only writer while the checkpoint holds)."""
     unit = ProjectionUnit(store, cache=cache)
     await project(projection, events, unit)
+    await commit_batch(store, projection, unit, after,
+                       events[-1].global_position if through is None else through, generation)
+
+
+async def commit_batch(
+    store: EventStore, projection: Projection, unit: ProjectionUnit, after: int,
+    through: int, generation: int,
+) -> None:
+    """Commit a projected batch's documents with the checkpoint moved from `after` to
+    `through`; ConcurrencyError if the checkpoint or generation moved meanwhile."""
     async with store.transaction() as uow:
         unit.stage(uow)
-        _stage_checkpoint(uow, projection, after,
-                          events[-1].global_position if through is None else through, generation)
+        _stage_checkpoint(uow, projection, after, through, generation)
     unit.committed()
 
 

@@ -49,6 +49,9 @@ async def _product_changed(event: RecordedEvent, unit: ProjectionUnit) -> None:
 
 async def _order_prepared(event: RecordedEvent, unit: ProjectionUnit) -> None:
     p = event.payload
+    before = await unit.get_document(ORDERS, p["transaction_id"])
+    if before is not None and before.get("version", 0) >= event.stream_version:
+        return  # applied already (inline, by the unit of work that appended it)
     fulfilled = event.type == "OrderFulfilled"
     unit.put_document(ORDERS, p["transaction_id"], {
         "order_id": p.get("order_id") or None, "transaction_id": p["transaction_id"],
@@ -56,7 +59,7 @@ async def _order_prepared(event: RecordedEvent, unit: ProjectionUnit) -> None:
         "reason": None if fulfilled else p["reason"],
         "lines": [{"product_id": x["product_id"], "quantity": x["quantity"]}
                   for x in p.get("lines", ())],
-        "updated_at": event.occurred_at.isoformat(),
+        "updated_at": event.occurred_at.isoformat(), "version": event.stream_version,
     })
 
 
@@ -71,5 +74,7 @@ def products_projection() -> Projection:
 
 
 def orders_projection() -> Projection:
+    """Inline: one document per order stream (the transaction id), with its version."""
     kinds = ("OrderFulfilled", "OrderFulfillmentFailed")
-    return Projection("store.orders", dict.fromkeys(kinds, _order_prepared), (ORDERS,))
+    return Projection("store.orders", dict.fromkeys(kinds, _order_prepared), (ORDERS,),
+                      inline=True)

@@ -147,4 +147,4 @@ def projection(feed: StatusFeed | None = None) -> Projection:
             else:
                 feed.changed(tid)
 
-    return Projection(NAME, handlers, (TRANSACTIONS,), elsewhere=elsewhere)
+    return Projection(NAME, handlers, (TRANSACTIONS,), elsewhere=elsewhere, inline=True)
