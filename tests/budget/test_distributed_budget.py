@@ -222,7 +222,6 @@ def table(rows: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the distributed sale is over its budget today")
 async def test_a_sale_of_the_demo_mix_stays_within_its_distributed_budget(
     cluster: Cluster,
 ) -> None:

@@ -287,6 +287,8 @@ class EventStore(ABC):
     #: a commit is a publish for the metrics. Elsewhere the outbox relay counts publishes,
     #: and a store without outbox that is no bus (the event store service's archive) none.
     log_is_bus: bool = False
+    #: What `before_commit` registered, in order (an instance's own tuple once it has one).
+    _appliers: tuple[Applier, ...] = ()
     #: Units of work whose `transaction()` block is open (being prepared or committing):
     #: an adapter may commit differently when one is alone (SQLite: without a thread hop).
     units_open: int = 0
@@ -320,7 +322,7 @@ class EventStore(ABC):
         try:
             yield uow
             if uow.operations:
-                for applier in getattr(self, "_appliers", ()):
+                for applier in self._appliers:
                     await applier(uow)
                 await self._commit_unit(uow)
         finally:
@@ -332,11 +334,7 @@ class EventStore(ABC):
         """Run `applier` on every unit of work with operations, after its block and before
         its commit: what it stages commits with the rest (inline projections stage the
         documents of the events appended). Registered once per process, at start-up."""
-        appliers: list[Applier] | None = getattr(self, "_appliers", None)
-        if appliers is None:
-            appliers = []
-            self._appliers = appliers
-        appliers.append(applier)
+        self._appliers = (*self._appliers, applier)
 
     async def _commit_unit(self, uow: UnitOfWork) -> None:
         if uow.operations:
