@@ -21,8 +21,9 @@ or, with `--mode distributed`, the distributed one ({"coordination_distributed":
 Besides sagas/s and latencies, every run reports what each saga costs the deployment
 over the throughput run and until it settles (every consumer done): `messages_per_saga`
 (events and commands published, the audit chain's own records left out),
-`deliveries_per_saga` (handler runs, audit's included), `commits_per_saga` (units of
-work), summed over the /metrics of every process, and `cpu_ms_per_saga` (user + system
+`deliveries_per_saga` (handler runs, audit's included), `broker_deliveries_per_saga`
+(messages RabbitMQ delivered: one per event, one per batch shipped to the audit and the
+archive; 0 embedded), `commits_per_saga` (units of work), summed over the /metrics of every process, and `cpu_ms_per_saga` (user + system
 CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
@@ -188,6 +189,7 @@ async def latencies_at(url: str, store_id: str, products: list[str], rate: float
 COUNTED = {
     "messages": ("magasin_events_published_total", {"outcome": "ok"}),
     "deliveries": ("magasin_events_consumed_total", {"outcome": "handled"}),
+    "broker_deliveries": ("magasin_broker_deliveries_total", {}),
     "commits": ("magasin_store_commits_total", {}),
 }
 """What a saga costs the server, from its own /metrics: (sample name, labels to match)."""

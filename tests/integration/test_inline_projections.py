@@ -78,6 +78,40 @@ async def test_a_unit_of_work_commits_the_inline_documents_with_its_events(
     assert len(commits) == 2  # one each: the events and their document
 
 
+def counting_reads(store: EventStore) -> list[str]:
+    """The keys of the balances `store` reads from now on."""
+    reads: list[str] = []
+    get_document = store.get_document
+
+    async def counted(collection: str, key: str) -> JsonDict | None:
+        if collection == BALANCES:
+            reads.append(key)
+        return await get_document(collection, key)
+
+    store.get_document = counted  # type: ignore[method-assign]
+    return reads
+
+
+async def test_a_unit_reads_a_document_back_only_when_another_process_moved_its_stream(
+    store_factory: MakeStore,
+) -> None:
+    a, b = await store_factory(), await store_factory()  # two processes of one service
+    projection = balances()
+    install(a, [projection])
+    install(b, [projection])
+    reads = counting_reads(a)
+    await a.append("account-a", deposits(1), NO_STREAM)
+    await a.append("account-a", deposits(2), expected_version=1)
+    await a.append("account-a", deposits(4), expected_version=2)
+    assert reads == [], "it read back a document it had just committed"
+
+    await b.append("account-a", deposits(8), expected_version=3)
+    await a.append("account-a", deposits(16), expected_version=4)
+    assert reads == ["account-a"]  # a knew version 3 only: it read the stored one
+    assert await balance(a, "a") == {"balance": 31, "made_by": [1, 2, 3, 4, 5],
+                                     "version": 5}
+
+
 async def test_a_runner_over_events_applied_inline_commits_nothing(
     store_factory: MakeStore,
 ) -> None:

@@ -26,7 +26,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from magasin.eventstore.store import Append, EventStore, UnitOfWork
-from magasin.projections.projection import ABSENT, Projection, ProjectionUnit, copy_doc, project
+from magasin.projections.projection import (
+    ABSENT,
+    DocumentCache,
+    Projection,
+    ProjectionUnit,
+    copy_doc,
+    project,
+)
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
 log = logging.getLogger("magasin.projections")
@@ -63,10 +70,24 @@ class Applied:
 _applied: weakref.WeakKeyDictionary[EventStore, dict[str, Applied]] = (
     weakref.WeakKeyDictionary()
 )
+_installed: weakref.WeakKeyDictionary[EventStore, frozenset[str]] = weakref.WeakKeyDictionary()
+_written: weakref.WeakKeyDictionary[EventStore, DocumentCache] = weakref.WeakKeyDictionary()
+"""The documents this process's inline units committed last, by store."""
+
+WRITTEN_KEPT = 5_000
+"""Documents inline units remember having committed, per store: enough for the sales in
+flight (past it the cache starts over, and a unit reads the document again)."""
 
 
 def applied(store: EventStore, projection: str) -> Applied:
     return _applied.setdefault(store, {}).setdefault(projection, Applied())
+
+
+def installed(store: EventStore, projection: Projection) -> bool:
+    """Whether `projection` is applied inline on `store` in this process (`install`): its
+    runner then only passes what the units of work applied; elsewhere (embedded mode, a
+    tool) it projects like any other."""
+    return projection.inline and projection.name in _installed.get(store, frozenset())
 
 
 class _Lagging(Exception):
@@ -77,10 +98,11 @@ class InlineUnit(ProjectionUnit):
     """The document changes an inline projection makes for one append, read through and
     staged into the unit of work that appends."""
 
-    def __init__(self, uow: UnitOfWork, expected_version: int) -> None:
+    def __init__(self, uow: UnitOfWork, expected_version: int, written: DocumentCache) -> None:
         super().__init__(uow.store)
         self.uow = uow
         self.expected_version = expected_version
+        self.written = written
 
     async def get_document(self, collection: str, key: str) -> JsonDict | None:
         staged: JsonDict | None = self.changes.get((collection, key), ABSENT)
@@ -88,6 +110,13 @@ class InlineUnit(ProjectionUnit):
             return staged
         if self.expected_version == 0:
             return None  # a new stream: no event ever made its document
+        # A document this process committed at the version the append expects is the one
+        # stored: another writer would have appended to the stream (and this unit's expected
+        # version would fail its commit), and a document is a function of its stream's
+        # events alone (a rebuild's swap puts in the same one, or one further behind).
+        known = self.written.docs.get((collection, key))
+        if known is not None and known.get("version") == self.expected_version:
+            return copy_doc(known)
         doc = await self.uow.get_document(collection, key)
         if doc is None or doc.get("version") != self.expected_version:
             raise _Lagging
@@ -112,6 +141,7 @@ async def apply_inline(projections: Sequence[Projection], uow: UnitOfWork) -> No
     if not appends:
         return
     store = uow.store
+    written = _written.setdefault(store, DocumentCache(size=WRITTEN_KEPT))
     for projection in projections:
         handlers = projection.handlers
         for op in appends:
@@ -119,7 +149,7 @@ async def apply_inline(projections: Sequence[Projection], uow: UnitOfWork) -> No
             events = [_recorded(op, i, e) for i, e in enumerate(op.events) if e.type in handlers]
             if not events:
                 continue
-            unit = InlineUnit(uow, op.expected_version)
+            unit = InlineUnit(uow, op.expected_version, written)
             try:
                 await project(projection, events, unit)
             except _Lagging:
@@ -130,6 +160,7 @@ async def apply_inline(projections: Sequence[Projection], uow: UnitOfWork) -> No
                               op.stream_id)
                 continue
             unit.stage(uow)
+            uow.after_commit(functools.partial(written.merge, dict(unit.changes)))
             done = applied(store, projection.name)
             uow.after_commit(functools.partial(done.add, [e.event_id for e in events],
                                                done.epoch))
@@ -141,6 +172,7 @@ def install(store: EventStore, projections: Sequence[Projection]) -> None:
     chosen = [p for p in projections if p.inline]
     if not chosen:
         return
+    _installed[store] = _installed.get(store, frozenset()) | {p.name for p in chosen}
 
     async def applier(uow: UnitOfWork) -> None:
         await apply_inline(chosen, uow)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.eventstore.window import LogWindow
-from magasin.projections.inline import applied
+from magasin.projections.inline import applied, installed
 from magasin.projections.projection import (
     DocumentCache,
     Projection,
@@ -154,7 +154,8 @@ class ProjectionRunner:
         swapped = False
         for tail in self._tails.values():
             name = generation_name(tail.projection.name)
-            if tail.projection.inline and await self.store.get_checkpoint(name) != tail.generation:
+            if (installed(self.store, tail.projection)
+                    and await self.store.get_checkpoint(name) != tail.generation):
                 tail.reload, tail.position, swapped = True, 0, True
         return swapped
 
@@ -173,6 +174,7 @@ class ProjectionRunner:
         poll interval or LAZY_MOVE_MAX_S after the last move (replaying ignored events
         after a crash costs nothing)."""
         projection = tail.projection
+        inline = installed(self.store, projection)
         clock = asyncio.get_running_loop().time
         failures = 0
         position: tuple[int, int] | None = None
@@ -187,7 +189,7 @@ class ProjectionRunner:
                     tail.reload, position = False, None
                 if position is None:
                     cache = DocumentCache(size=20_000)  # only this runner's commits are in it
-                    if projection.inline:
+                    if inline:
                         applied(self.store, projection.name).reloaded()
                     position = await self._position(tail)
                     saved, saved_at = position[0], clock()
@@ -197,7 +199,7 @@ class ProjectionRunner:
                 page = await self._read(after, self._page)
                 if not page:
                     now = clock()
-                    quiet = not projection.inline and now - max(saved_at, read_at) >= self._poll
+                    quiet = not inline and now - max(saved_at, read_at) >= self._poll
                     if after > saved and (quiet or now - saved_at >= LAZY_MOVE_MAX_S):
                         await move_checkpoint(self.store, projection, saved, after, generation)
                         saved, saved_at = after, clock()
@@ -209,7 +211,7 @@ class ProjectionRunner:
                 read_at = clock()
                 end = page[-1].global_position
                 mine = [e for e in page if e.type in projection.handlers]
-                if mine and projection.inline:
+                if mine and inline:
                     done = applied(self.store, projection.name)
                     mine = [e for e in mine if not done.has(e.event_id)]
                     if mine and await self._check_inline(projection, mine, saved, end,
