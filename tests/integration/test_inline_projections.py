@@ -92,13 +92,21 @@ def counting_reads(store: EventStore) -> list[str]:
     return reads
 
 
-async def test_a_unit_reads_a_document_back_only_when_another_process_moved_its_stream(
+async def two_processes(
     store_factory: MakeStore,
-) -> None:
-    a, b = await store_factory(), await store_factory()  # two processes of one service
+) -> tuple[EventStore, EventStore, Projection]:
+    """Two processes of one service on one database, the balances inline in both."""
+    a, b = await store_factory(), await store_factory()
     projection = balances()
     install(a, [projection])
     install(b, [projection])
+    return a, b, projection
+
+
+async def test_a_unit_reads_a_document_back_only_when_another_process_moved_its_stream(
+    store_factory: MakeStore,
+) -> None:
+    a, b, _ = await two_processes(store_factory)
     reads = counting_reads(a)
     await a.append("account-a", deposits(1), NO_STREAM)
     await a.append("account-a", deposits(2), expected_version=1)
@@ -115,10 +123,7 @@ async def test_a_unit_reads_a_document_back_only_when_another_process_moved_its_
 async def test_a_runner_over_events_applied_inline_commits_nothing(
     store_factory: MakeStore,
 ) -> None:
-    a, b = await store_factory(), await store_factory()  # two processes of one service
-    projection = balances()
-    install(a, [projection])
-    install(b, [projection])
+    a, b, projection = await two_processes(store_factory)
     runners = [ProjectionRunner(s, [projection], poll_interval=0.05) for s in (a, b)]
     for runner in runners:
         await runner.start()
