@@ -23,7 +23,8 @@ over the throughput run and until it settles (every consumer done): `messages_pe
 (events and commands published, the audit chain's own records left out),
 `deliveries_per_saga` (handler runs, audit's included), `broker_deliveries_per_saga`
 (messages RabbitMQ delivered: one per event, one per batch shipped to the audit and the
-archive; 0 embedded), `commits_per_saga` (units of work), summed over the /metrics of every process, and `cpu_ms_per_saga` (user + system
+archive; 0 embedded), `commits_per_saga` (units of work), summed over the /metrics of
+every process, and `cpu_ms_per_saga` (user + system
 CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
