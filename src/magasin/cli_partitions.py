@@ -29,7 +29,8 @@ def partitions(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines, one per partition.")] = False,
 ) -> None:
     """Each consumer's partitions: owner (the process consuming it) and depth (events
-    waiting). The partition of a key is stable_hash(key) % MAGASIN_PARTITIONS."""
+    waiting). The partition of a key is stable_hash(key) % MAGASIN_PARTITIONS. A consumer
+    of the whole log (audit, eventstore) also has `log`: the batches the relays shipped it."""
     if distributed and service not in SERVICES:
         raise typer.BadParameter(f"--distributed needs --service, one of {', '.join(SERVICES)}")
     settings = Settings()
@@ -43,12 +44,14 @@ def partitions(
     states = run_command(main())
     if as_json:
         for s in states:
-            typer.echo(json.dumps({"consumer": s.consumer, "partition": s.partition,
+            typer.echo(json.dumps({"consumer": s.consumer,
+                                   "partition": "log" if s.partition is None else s.partition,
                                    "owner": s.owner, "depth": s.depth}))
         return
     table = Table("consumer", "partition", "owner", "depth",
                   title=f"{len({s.consumer for s in states})} consumer(s)")
     for s in states:
-        table.add_row(s.consumer, str(s.partition), s.owner or "[yellow]none[/yellow]",
+        table.add_row(s.consumer, "log" if s.partition is None else str(s.partition),
+                      s.owner or "[yellow]none[/yellow]",
                       "?" if s.depth is None else str(s.depth))
     console.print(table)

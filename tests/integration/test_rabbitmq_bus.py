@@ -597,6 +597,26 @@ async def test_each_partition_shows_its_owner_and_depth(make_bus: MakeBus) -> No
         ("carts", p, bus.member, 0) for p in range(3)]
 
 
+async def test_a_consumer_of_the_whole_log_shows_the_batches_waiting_for_it(
+    make_bus: MakeBus,
+) -> None:
+    bus = await make_bus({"archive": {"ItemAdded": Recorder()}}, whole_log={"archive"},
+                         partitions=2)
+    states = [(s.consumer, s.partition, s.owner, s.depth) for s in await bus.partition_states()]
+    assert states == [("archive", 0, bus.member, 0), ("archive", 1, bus.member, 0),
+                      ("archive", None, "1 process(es), one at a time", 0)]
+    await bus.stop()  # its queue stays; nobody takes what is shipped meanwhile
+    publisher = await make_bus({})
+    await publisher.ship([item_added("a"), item_added("b")])
+    await publisher.ship([item_added("c")])
+
+    async def waiting() -> list[tuple[int | None, str | None, int | None]] | None:
+        found = [(s.partition, s.owner, s.depth) for s in await bus.partition_states()]
+        return found if found[-1][2] == 2 else None
+
+    assert (await eventually(waiting))[-1] == (None, None, 2)  # batches, not events
+
+
 async def test_changing_the_number_of_partitions_after_a_drain_loses_and_reorders_nothing(
     make_bus: MakeBus, consumer_store: SqliteEventStore
 ) -> None:

@@ -132,9 +132,12 @@ class PartitionState:
     """One partition of one consumer: who consumes it and how much waits in it."""
 
     consumer: str
-    partition: int
+    partition: int | None
+    """None: the queue of the batches shipped to a consumer of the whole log (`whole_log`,
+    RabbitMQ), which one process at a time consumes."""
     owner: str | None
-    """The process consuming it (None: nobody holds it right now)."""
+    """The process consuming it (None: nobody holds it right now); for the queue of
+    shipped batches, how many processes wait on it (one at a time consumes)."""
     depth: int | None
     """Events waiting: ready messages of its queue (RabbitMQ), or log events past its
     lane's checkpoint (in-process). None when it could not be read."""
@@ -216,7 +219,8 @@ class EventBus(ABC):
 
     @abstractmethod
     async def partition_states(self) -> list[PartitionState]:
-        """Every partition of every subscribed consumer, by consumer then partition."""
+        """Every partition of every subscribed consumer, by consumer then partition (then,
+        for a consumer of the whole log on RabbitMQ, its queue of shipped batches)."""
 
     @abstractmethod
     async def requeue_dead_letter(self, letter_id: str) -> DeadLetter:

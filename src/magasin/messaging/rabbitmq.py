@@ -679,6 +679,8 @@ class RabbitMQBus(EventBus):
                             break
                     found.append(PartitionState(consumer.name, partition,
                                                 owners.get(partition), depth))
+                if consumer.whole_log:
+                    found.append(await _log_queue_state(connection, consumer))
         return found
 
     @contextlib.asynccontextmanager
@@ -1053,6 +1055,23 @@ class RabbitMQBus(EventBus):
             await self._confirmed([(channel.default_exchange, message, queue)], mandatory=True)
         finally:
             await connection.close()
+
+
+async def _log_queue_state(
+    connection: aio_pika.abc.AbstractConnection, consumer: _Consumer
+) -> PartitionState:
+    """What waits in a consumer's queue of shipped batches, and how many processes consume
+    it (None where it is missing)."""
+    try:
+        channel = await connection.channel()
+        declared = (await channel.declare_queue(consumer.log_queue, passive=True)
+                    ).declaration_result
+        await channel.close()
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return PartitionState(consumer.name, None, None, None)
+    consumers = declared.consumer_count or 0
+    owner = f"{consumers} process(es), one at a time" if consumers else None
+    return PartitionState(consumer.name, None, owner, declared.message_count or 0)
 
 
 def _event_message(
