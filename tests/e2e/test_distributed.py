@@ -715,7 +715,7 @@ async def test_competing_consumers_never_promise_stock_or_charge_twice(
 
 
 @pytest.mark.parametrize("saga_mode", MODES, scope="module")
-@pytest.mark.parametrize("victim", ["inventory", "payment", "store", "transaction"])
+@pytest.mark.parametrize("victim", ["inventory", "payment", "store", "transaction", "eventstore"])
 async def test_a_service_killed_mid_flight_recovers_and_every_saga_ends(
     magasin: Magasin, victim: str
 ) -> None:
@@ -749,6 +749,34 @@ async def test_a_service_killed_mid_flight_recovers_and_every_saga_ends(
 
     outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
     assert outcomes["COMPLETED"] > 0 and outcomes["inventory_unavailable"] > 0, outcomes
+    # Every event a service recorded reaches the archive, whoever was killed: a relay killed
+    # between publishing and shipping leaves its events to the next start, an archive killed
+    # mid-batch gets the batch again (and its event ids are unique: no event twice).
+    sales = [sale["transaction_id"] for sale in [probe, *posted]]
+    try:
+        await eventually(lambda: _archived_all(cluster, sales), timeout=SAGA_TIMEOUT)
+    except TimeoutError:
+        missing = await _not_archived(cluster, sales)
+        pytest.fail(f"{len(missing)} event(s) never archived, e.g. {missing[:5]}\n"
+                    f"{cluster.logs(30)}")
+
+
+async def _not_archived(cluster: Cluster, sales: list[str]) -> list[str]:
+    """The ids of the events of these sales that some service recorded and the archive
+    does not hold."""
+    recorded: set[str] = set()
+    for schema in [f"magasin_{service}" for service in SERVICES]:
+        recorded |= {r["event_id"] for r in await query(
+            cluster, f'SELECT event_id FROM "{schema}".events '
+            "WHERE correlation_id = ANY($1::text[])", sales)}
+    archived = {r["event_id"] for r in await query(
+        cluster, 'SELECT event_id FROM "magasin_eventstore".events '
+        "WHERE correlation_id = ANY($1::text[])", sales)}
+    return sorted(recorded - archived)
+
+
+async def _archived_all(cluster: Cluster, sales: list[str]) -> bool:
+    return not await _not_archived(cluster, sales)
 
 
 async def test_a_refund_after_the_payment_service_restarted_finds_the_charge(
