@@ -44,14 +44,12 @@ def partitions(
     states = run_command(main())
     if as_json:
         for s in states:
-            typer.echo(json.dumps({"consumer": s.consumer,
-                                   "partition": "log" if s.partition is None else s.partition,
+            typer.echo(json.dumps({"consumer": s.consumer, "partition": s.name,
                                    "owner": s.owner, "depth": s.depth}))
         return
     table = Table("consumer", "partition", "owner", "depth",
                   title=f"{len({s.consumer for s in states})} consumer(s)")
     for s in states:
-        table.add_row(s.consumer, "log" if s.partition is None else str(s.partition),
-                      s.owner or "[yellow]none[/yellow]",
+        table.add_row(s.consumer, str(s.name), s.owner or "[yellow]none[/yellow]",
                       "?" if s.depth is None else str(s.depth))
     console.print(table)

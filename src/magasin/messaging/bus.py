@@ -142,6 +142,11 @@ class PartitionState:
     """Events waiting: ready messages of its queue (RabbitMQ), or log events past its
     lane's checkpoint (in-process). None when it could not be read."""
 
+    @property
+    def name(self) -> int | str:
+        """The partition's number, or `log` for a queue of shipped batches."""
+        return "log" if self.partition is None else self.partition
+
 
 class EventBus(ABC):
     """Port of the event bus. Adapters: `InProcessBus` (embedded), `RabbitMQBus`.

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -79,6 +80,8 @@ _MAX_REASON = 2000  # a header must fit in one AMQP frame; reasons are for human
 _REQUEUE_PAUSE = 1.0  # seconds before handing back a message we could not settle
 
 Work = Callable[["_Consumer", AbstractIncomingMessage], Awaitable[None]]
+Copy = Callable[[dict[str, Any], float | None], aio_pika.Message]
+"""Makes the message that sets a failure aside, from its headers and expiration (s)."""
 _LOG_PREFETCH = 32
 """Shipped batches a consumer of the whole log may hold unacked: what one commit takes."""
 _LOG_GATHER = 0.02
@@ -668,15 +671,11 @@ class RabbitMQBus(EventBus):
                         consumer.retry_queue(partition, level)
                         for level in range(1, consumer.retry.levels + 1)
                     ]:
-                        try:
-                            channel = await connection.channel()
-                            declared = await channel.declare_queue(name, passive=True)
-                            depth = (depth or 0) + (declared.declaration_result.message_count
-                                                    or 0)
-                            await channel.close()
-                        except aiormq.exceptions.ChannelNotFoundEntity:
+                        counts = await _queue_counts(connection, name)
+                        if counts is None:
                             depth = None
                             break
+                        depth = (depth or 0) + counts[0]
                     found.append(PartitionState(consumer.name, partition,
                                                 owners.get(partition), depth))
                 if consumer.whole_log:
@@ -865,25 +864,10 @@ class RabbitMQBus(EventBus):
             result = Result(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
         if result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE):
             return True
-        headers: dict[str, Any] = {ORIGINAL_ROUTING_KEY: event.routing_key, ATTEMPTS: 1}
-        if result.outcome is Outcome.FAILED and consumer.retry.attempts > 1:
-            delay = consumer.retry.delay(1)
-            queue = consumer.retry_queue(event_partition(event, self.partitions),
-                                         consumer.retry_level(1))
-            sends = [(self._require(self._default), _event_message(event, headers, delay),
-                      queue)]
-        else:
-            headers.update({REASON: result.reason[:_MAX_REASON], CONSUMER: consumer.name,
-                            DEAD_LETTERED_AT: utcnow().isoformat()})
-            sends = [(self._require(self._dlx), _event_message(event, headers), consumer.name)]
-        try:
-            await self._confirmed(sends, mandatory=True)
-        except Unavailable as exc:
-            log.error("consumer %s could not set a shipped event aside: %s", consumer.name, exc)
-            return False
-        if result.outcome is Outcome.FAILED and consumer.retry.attempts > 1:
-            metrics.retried(consumer.name)
-        return True
+        return await self._set_aside(
+            consumer, {ORIGINAL_ROUTING_KEY: event.routing_key}, partial(_event_message, event),
+            event_partition(event, self.partitions), 1, result.reason,
+            retry=result.outcome is Outcome.FAILED and consumer.retry.attempts > 1)
 
     async def _guarded(
         self, work: Work, consumer: _Consumer, message: AbstractIncomingMessage
@@ -937,50 +921,55 @@ class RabbitMQBus(EventBus):
     async def _retry_later(
         self, consumer: _Consumer, message: AbstractIncomingMessage, failed: int, reason: str
     ) -> None:
-        delay = consumer.retry.delay(failed)
-        headers = _forwarded_headers(message)
-        headers[ATTEMPTS] = failed
-        copy = _copy(message, headers, expiration=delay)
-        queue = consumer.retry_queue(_partition_of_message(message, self.partitions),
-                                     consumer.retry_level(failed))
-        try:
-            await self._confirmed(
-                [(self._require(self._default), copy, queue)],
-                mandatory=True,
-            )
-        except Unavailable as exc:
-            log.error("consumer %s could not schedule a retry: %s", consumer.name, exc)
-            await self._requeue(message)
-            return
-        log.info(
-            "consumer %s retries %s in %.3fs after failed attempt %d: %s",
-            consumer.name, message.message_id, delay, failed, reason,
-        )
-        metrics.retried(consumer.name)
-        await self._ack(message)
+        await self._aside(consumer, message, failed, reason, retry=True)
 
     async def _dead_letter(
         self, consumer: _Consumer, message: AbstractIncomingMessage, reason: str, attempts: int
     ) -> None:
-        headers = _forwarded_headers(message)
-        headers.update(
-            {
-                REASON: reason[:_MAX_REASON],
-                CONSUMER: consumer.name,
-                ATTEMPTS: attempts,
-                DEAD_LETTERED_AT: utcnow().isoformat(),
-            }
-        )
-        try:
-            await self._confirmed(
-                [(self._require(self._dlx), _copy(message, headers), consumer.name)],
-                mandatory=True,
-            )
-        except Unavailable as exc:
-            log.error("consumer %s could not dead-letter a message: %s", consumer.name, exc)
+        await self._aside(consumer, message, attempts, reason, retry=False)
+
+    async def _aside(
+        self, consumer: _Consumer, message: AbstractIncomingMessage, failed: int, reason: str,
+        *, retry: bool,
+    ) -> None:
+        """Set a failed message aside (see `_set_aside`), then ack it; or hand it back to
+        the broker if that could not be done."""
+        if await self._set_aside(
+            consumer, _forwarded_headers(message), partial(_copy, message),
+            _partition_of_message(message, self.partitions), failed, reason, retry=retry,
+        ):
+            await self._ack(message)
+        else:
             await self._requeue(message)
-            return
-        await self._ack(message)
+
+    async def _set_aside(
+        self, consumer: _Consumer, headers: dict[str, Any], copy: Copy, partition: int,
+        failed: int, reason: str, *, retry: bool,
+    ) -> bool:
+        """Send what failed `failed` times to its partition's retry queue (`retry`), whose
+        TTL brings it back after the backoff, or to the consumer's dead letters, with
+        `headers` (its routing key first published) and the bookkeeping; False if the
+        broker did not take it."""
+        headers[ATTEMPTS] = failed
+        if retry:
+            delay = consumer.retry.delay(failed)
+            send = (self._require(self._default), copy(headers, delay),
+                    consumer.retry_queue(partition, consumer.retry_level(failed)))
+        else:
+            headers.update({REASON: reason[:_MAX_REASON], CONSUMER: consumer.name,
+                            DEAD_LETTERED_AT: utcnow().isoformat()})
+            send = (self._require(self._dlx), copy(headers, None), consumer.name)
+        try:
+            await self._confirmed([send], mandatory=True)
+        except Unavailable as exc:
+            log.error("consumer %s could not %s: %s", consumer.name,
+                      "schedule a retry" if retry else "dead-letter a message", exc)
+            return False
+        if retry:
+            log.info("consumer %s retries %s in %.3fs after failed attempt %d: %s",
+                     consumer.name, send[1].message_id, delay, failed, reason)
+            metrics.retried(consumer.name)
+        return True
 
     async def _record(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
         """Keep one message of the consumer's dead-letter queue as a DeadLetter document."""
@@ -1057,25 +1046,34 @@ class RabbitMQBus(EventBus):
             await connection.close()
 
 
+async def _queue_counts(
+    connection: aio_pika.abc.AbstractConnection, queue: str
+) -> tuple[int, int] | None:
+    """(messages ready, consumers) of a queue; None if it is missing."""
+    try:
+        channel = await connection.channel()
+        declared = (await channel.declare_queue(queue, passive=True)).declaration_result
+        await channel.close()
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    return declared.message_count or 0, declared.consumer_count or 0
+
+
 async def _log_queue_state(
     connection: aio_pika.abc.AbstractConnection, consumer: _Consumer
 ) -> PartitionState:
     """What waits in a consumer's queue of shipped batches, and how many processes consume
     it (None where it is missing)."""
-    try:
-        channel = await connection.channel()
-        declared = (await channel.declare_queue(consumer.log_queue, passive=True)
-                    ).declaration_result
-        await channel.close()
-    except aiormq.exceptions.ChannelNotFoundEntity:
+    counts = await _queue_counts(connection, consumer.log_queue)
+    if counts is None:
         return PartitionState(consumer.name, None, None, None)
-    consumers = declared.consumer_count or 0
+    ready, consumers = counts
     owner = f"{consumers} process(es), one at a time" if consumers else None
-    return PartitionState(consumer.name, None, owner, declared.message_count or 0)
+    return PartitionState(consumer.name, None, owner, ready)
 
 
 def _event_message(
-    event: RecordedEvent, extra: HeadersType | None = None, expiration: float | None = None
+    event: RecordedEvent, extra: dict[str, Any] | None = None, expiration: float | None = None
 ) -> aio_pika.Message:
     headers: dict[str, Any] = {KEY_HEADER: key_of(event), **(extra or {})}
     if event.traceparent:
@@ -1132,7 +1130,7 @@ def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
 
 
 def _copy(
-    message: AbstractIncomingMessage, headers: HeadersType, expiration: float | None = None
+    message: AbstractIncomingMessage, headers: dict[str, Any], expiration: float | None = None
 ) -> aio_pika.Message:
     return aio_pika.Message(
         message.body,

@@ -64,21 +64,15 @@ async def _partitions(runtime: Runtime) -> None:
     states = await runtime.bus.partition_states()
     metrics.PARTITION_OWNED.clear()  # an owner that left must not stay at 1
     for state in states:
-        label = _partition_label(state.partition)
+        label = str(state.name)
         if state.depth is not None:
             metrics.PARTITION_DEPTH.labels(state.consumer, label).set(state.depth)
         if state.owner is not None and state.partition is not None:
             metrics.PARTITION_OWNED.labels(state.consumer, label, state.owner).set(1)
     runtime.last_sample["partitions"] = [
-        {"consumer": s.consumer, "partition": "log" if s.partition is None else s.partition,
-         "owner": s.owner, "depth": s.depth}
+        {"consumer": s.consumer, "partition": s.name, "owner": s.owner, "depth": s.depth}
         for s in states
     ]
-
-
-def _partition_label(partition: int | None) -> str:
-    """A partition's number, or `log` for a consumer's queue of shipped batches."""
-    return "log" if partition is None else str(partition)
 
 
 async def _dead_letters(runtime: Runtime) -> None:

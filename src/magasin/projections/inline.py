@@ -24,6 +24,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from magasin.eventstore.store import Append, EventStore, UnitOfWork
 from magasin.projections.projection import (
@@ -67,27 +68,35 @@ class Applied:
         self.ids.clear()
 
 
-_applied: weakref.WeakKeyDictionary[EventStore, dict[str, Applied]] = (
-    weakref.WeakKeyDictionary()
-)
-_installed: weakref.WeakKeyDictionary[EventStore, frozenset[str]] = weakref.WeakKeyDictionary()
-_written: weakref.WeakKeyDictionary[EventStore, DocumentCache] = weakref.WeakKeyDictionary()
-"""The documents this process's inline units committed last, by store."""
-
 WRITTEN_KEPT = 5_000
 """Documents inline units remember having committed, per store: enough for the sales in
 flight (past it the cache starts over, and a unit reads the document again)."""
 
 
+@dataclass
+class _Inline:
+    """What this process knows of the inline projections of one store."""
+
+    names: frozenset[str] = frozenset()
+    """The projections `install` registered."""
+    applied: dict[str, Applied] = field(default_factory=dict)
+    written: DocumentCache = field(default_factory=lambda: DocumentCache(size=WRITTEN_KEPT))
+    """The documents its inline units committed last."""
+
+
+_stores: weakref.WeakKeyDictionary[EventStore, _Inline] = weakref.WeakKeyDictionary()
+
+
 def applied(store: EventStore, projection: str) -> Applied:
-    return _applied.setdefault(store, {}).setdefault(projection, Applied())
+    return _stores.setdefault(store, _Inline()).applied.setdefault(projection, Applied())
 
 
 def installed(store: EventStore, projection: Projection) -> bool:
     """Whether `projection` is applied inline on `store` in this process (`install`): its
     runner then only passes what the units of work applied; elsewhere (embedded mode, a
     tool) it projects like any other."""
-    return projection.inline and projection.name in _installed.get(store, frozenset())
+    known = _stores.get(store)
+    return projection.inline and known is not None and projection.name in known.names
 
 
 class _Lagging(Exception):
@@ -141,7 +150,7 @@ async def apply_inline(projections: Sequence[Projection], uow: UnitOfWork) -> No
     if not appends:
         return
     store = uow.store
-    written = _written.setdefault(store, DocumentCache(size=WRITTEN_KEPT))
+    written = _stores.setdefault(store, _Inline()).written
     for projection in projections:
         handlers = projection.handlers
         for op in appends:
@@ -172,7 +181,8 @@ def install(store: EventStore, projections: Sequence[Projection]) -> None:
     chosen = [p for p in projections if p.inline]
     if not chosen:
         return
-    _installed[store] = _installed.get(store, frozenset()) | {p.name for p in chosen}
+    known = _stores.setdefault(store, _Inline())
+    known.names |= {p.name for p in chosen}
 
     async def applier(uow: UnitOfWork) -> None:
         await apply_inline(chosen, uow)
