@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -178,11 +179,15 @@ async def test_published_events_are_shipped_to_the_whole_log_as_one_message_per_
     outbox_store: EventStore, make_bus: MakeBus, amqp_url: str, amqp_namespace: str
 ) -> None:
     spy = SpyBus(await make_bus(amqp_url))
+    delay = 1.0
     relay = OutboxRelay(outbox_store, spy, batch_size=100, poll_interval=0.05,
-                        ship_delay=0.5)
+                        ship_delay=delay)
     async with Tap(amqp_url, f"{amqp_namespace}.log", "") as tap:
         await relay.start()
         try:
+            # The relay ships at multiples of the delay on the clock: start the commits just
+            # after one, so that all four fall before the next.
+            await asyncio.sleep(delay - time.time() % delay)
             ids: list[str] = []
             for _ in range(4):  # four commits, each published at once on its own
                 ids += await append_carts(outbox_store, carts=1, per_cart=3)
