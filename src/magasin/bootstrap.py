@@ -43,16 +43,19 @@ def embedded_store(settings: Settings) -> EventStore:
     return SqliteEventStore(settings.sqlite_path, synchronous=sync)
 
 
+WITHOUT_OUTBOX = frozenset({"eventstore", "audit"})
+"""The event store service archives the events of the others and the audit keeps its chain
+in documents: they publish nothing, so no outbox (and no relay reading one)."""
+
+
 def distributed_store(settings: Settings, service: str | None = None) -> EventStore:
     """Distributed mode: PostgreSQL, one schema per service (each owns its tables), with an
     outbox that the service's relay publishes to RabbitMQ."""
     from magasin.eventstore.postgres import PostgresEventStore
 
     schema = settings.database_schema or (f"magasin_{service}" if service else "public")
-    # The event store service archives the events of the others and the audit keeps its
-    # chain in documents: they publish nothing, so no outbox (and no relay polling one).
     return PostgresEventStore(settings.database_url, schema=schema,
-                              outbox=service not in ("eventstore", "audit"),
+                              outbox=service not in WITHOUT_OUTBOX,
                               pool_max=settings.pg_pool_max,
                               cluster_processes=settings.pg_cluster_processes)
 

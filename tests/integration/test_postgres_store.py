@@ -12,8 +12,8 @@ import pytest
 from yarl import URL
 
 from magasin.eventstore.postgres import (
-    _CLAIM_OUTBOX,
-    _CLAIM_OUTBOX_LOG,
+    _OUTBOX_BACKLOG,
+    _OUTBOX_UNSHIPPED,
     _READ_ALL,
     _SELECT_EVENTS,
     PostgresEventStore,
@@ -229,30 +229,65 @@ async def test_stores_opened_at_once_on_a_new_schema_all_work(make_store: MakeSt
     assert len(await stores[0].read_all()) == 4
 
 
-async def test_two_relays_claim_disjoint_outbox_batches(make_store: MakeStore) -> None:
-    relay_a = await make_store(outbox=True)
-    relay_b = await make_store(outbox=True)
-    sent = [e for i in range(10) for e in await relay_a.append(f"order-{i}", [ev(n=i)])]
+async def test_one_process_relays_the_outbox_and_another_takes_over_when_it_ends(
+    make_store: MakeStore,
+) -> None:
+    first, second = await make_store(outbox=True), await make_store(outbox=True)
+    sent = [e for i in range(10) for e in await first.append(f"order-{i}", [ev(n=i)])]
 
-    async with relay_a.outbox_batch(4) as first, relay_b.outbox_batch(4) as second:
-        assert ids(first) == ids(sent[:4])
-        assert ids(second) == ids(sent[4:8])
-    async with relay_b.outbox_batch(10) as rest:
-        assert ids(rest) == ids(sent[8:])
+    async with first.outbox_batch(4) as batch, second.outbox_batch(4) as other:
+        assert ids(batch) == ids(sent[:4])
+        assert other == [], "two processes relayed at once"
+    async with first.outbox_batch(4, log=True) as shipped:
+        assert ids(shipped) == ids(sent[:4])
+    async with first.outbox_batch(2) as batch:
+        assert ids(batch) == ids(sent[4:6])
+    with pytest.raises(RuntimeError):
+        async with first.outbox_batch(2) as batch:
+            raise RuntimeError("the broker is down: this batch is not marked")
+    more = [e for i in range(5) for e in await second.append(f"order-{i}", [ev(n=i)])]
 
-    more = [e for i in range(30) for e in await relay_a.append(f"order-{i}", [ev(n=i)])]
-    relayed: list[RecordedEvent] = []
+    await first.close()  # its lease ends with its connection
+    assert await second.outbox_backlog() == 4 + 5
+    assert await second.outbox_backlog(log=True) == 2
+    async with asyncio.timeout(5):
+        while not (batch := await _relayed(second, 100)):
+            await asyncio.sleep(0.1)  # it asks for the lease at most every second
+    assert ids(batch) == ids(sent[6:] + more), "an event was relayed twice or never"
+    async with second.outbox_batch(100, log=True) as shipped:
+        assert ids(shipped) == ids(sent[4:] + more)
+    assert (await second.outbox_backlog(), await second.outbox_backlog(log=True)) == (0, 0)
 
-    async def relay(store: PostgresEventStore) -> None:
-        while True:
-            async with store.outbox_batch(3) as batch:
-                if not batch:
-                    return
-                relayed.extend(batch)
-                await asyncio.sleep(0.005)  # publishing while the claim is held
 
-    await asyncio.gather(relay(relay_a), relay(relay_b))
-    assert sorted(ids(relayed)) == sorted(ids(more)), "an event was relayed twice or never"
+async def _relayed(store: PostgresEventStore, limit: int) -> list[RecordedEvent]:
+    async with store.outbox_batch(limit) as batch:
+        return batch
+
+
+async def test_an_outbox_kept_in_tables_by_an_earlier_version_becomes_its_positions(
+    make_store: MakeStore, pg_database: str, pg_schema: str
+) -> None:
+    store = await make_store(outbox=True)
+    sent = [e for i in range(6) for e in await store.append(f"order-{i}", [ev(n=i)])]
+    await store.close()
+    conn = await asyncpg.connect(pg_database, server_settings={"search_path": pg_schema})
+    try:  # what the earlier version left: 2 published not shipped, 2 not published
+        await conn.execute("DELETE FROM checkpoints WHERE name LIKE 'outbox:%'")
+        await conn.execute("CREATE TABLE outbox (global_position bigint PRIMARY KEY)")
+        await conn.execute("CREATE TABLE outbox_log (global_position bigint PRIMARY KEY)")
+        await conn.executemany("INSERT INTO outbox VALUES ($1)",
+                               [(e.global_position,) for e in sent[4:]])
+        await conn.executemany("INSERT INTO outbox_log VALUES ($1)",
+                               [(e.global_position,) for e in sent[2:4]])
+    finally:
+        await conn.close()
+
+    store = await make_store(outbox=True)
+    assert (await store.outbox_backlog(), await store.outbox_backlog(log=True)) == (2, 2)
+    async with store.outbox_batch(10) as batch:
+        assert ids(batch) == ids(sent[4:])
+    async with store.outbox_batch(10, log=True) as shipped:
+        assert ids(shipped) == ids(sent[2:])
 
 
 async def test_wait_for_events_wakes_up_on_a_commit_in_another_process(
@@ -426,9 +461,8 @@ HOT_STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
         "ORDER BY global_position LIMIT $3", (0, "c", 100)),
     "last_position": ("SELECT coalesce(max(global_position), 0) FROM events", ()),
     "stream_version": ("SELECT version FROM streams WHERE stream_id = $1", ("sale-7",)),
-    "outbox claim": (_CLAIM_OUTBOX, (500,)),
-    "outbox claim, to ship": (_CLAIM_OUTBOX_LOG, (500,)),
-    "outbox delete": ("DELETE FROM outbox WHERE global_position = ANY($1::bigint[])", ([1],)),
+    "outbox backlog": (_OUTBOX_BACKLOG, ()),
+    "outbox backlog, to ship": (_OUTBOX_UNSHIPPED, ()),
     "inbox": ("SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", ("c", "x")),
     "checkpoint, locked": (
         "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE", ("p-1",)),
@@ -515,7 +549,7 @@ async def test_a_new_schema_gets_its_statistics_when_opened(
         stats = await _table_stats(conn, pg_schema)
     finally:
         await conn.close()
-    assert {"events", "streams", "outbox", "inbox", "checkpoints", "documents"} <= set(stats)
+    assert {"events", "streams", "inbox", "checkpoints", "documents"} <= set(stats)
     assert [name for name, row in stats.items() if row["last_analyze"] is None] == []
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
@@ -98,11 +99,11 @@ _READ_LATEST: Final = (
 )
 _APPEND: Final = (
     "SELECT o_outcomes, o_versions, o_positions "
-    "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "FROM magasin_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 _COMMIT: Final = (
     "SELECT o_outcomes, o_versions, o_positions FROM magasin_commit("
-    + ", ".join(f"${i}" for i in range(1, 25)) + ")"
+    + ", ".join(f"${i}" for i in range(1, 24)) + ")"
 )
 _IN_ONE_CALL: Final = (Append, MarkProcessed, SetCheckpoint, PutDocument, DeleteDocument,
                        ExpectVersion)
@@ -115,26 +116,21 @@ _COMMITTERS: Final = 2
 _GROUP_MAX: Final = 256
 
 
-def _claim(stage: str, then: str = "") -> str:
-    """Claims and deletes rows of an outbox stage in one statement: the deleted rows stay
-    locked (other relays skip them) until the transaction ends, and come back if it rolls
-    back (the publish failed). `then` is a CTE that does something more with `claimed`."""
-    return (
-        f"WITH claimed AS (DELETE FROM {stage} WHERE global_position IN ("
-        f"SELECT global_position FROM {stage} ORDER BY global_position LIMIT $1 "
-        f"FOR UPDATE SKIP LOCKED) RETURNING global_position){then} "
-        f"SELECT {', '.join('e.' + c for c in _COLUMNS.split(', '))} "
-        "FROM claimed o JOIN events e ON e.global_position = o.global_position "
-        "ORDER BY o.global_position"
-    )
-
-
-# Published events move on to the log stage in the same statement (a data-modifying CTE
-# runs whether or not the query reads it).
-_CLAIM_OUTBOX: Final = _claim(
-    "outbox", ", shipped AS (INSERT INTO outbox_log (global_position) "
-    "SELECT global_position FROM claimed)")
-_CLAIM_OUTBOX_LOG: Final = _claim("outbox_log")
+_PUBLISHED: Final = "outbox:publish"
+_SHIPPED: Final = "outbox:ship"
+"""The outbox's two positions in the log, as checkpoints (see outbox_batch)."""
+_OUTBOX_BACKLOG: Final = (
+    "SELECT count(*) FROM events WHERE global_position > "
+    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
+)
+_OUTBOX_UNSHIPPED: Final = (
+    "SELECT count(*) FROM events WHERE global_position > "
+    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_SHIPPED}'), 0) "
+    "AND global_position <= "
+    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
+)
+_LEASE_RETRY_S: Final = 1.0
+"""How often a process that does not relay tries to take the lease (see outbox_batch)."""
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
@@ -360,6 +356,16 @@ class PostgresEventStore(EventStore):
         self._holes: dict[int, int | None] = {}
         self._written = 0  # rows written since the last look for stale statistics
         self._analyzer: asyncio.Task[None] | None = None
+        self._listener_lock = asyncio.Lock()
+        """asyncpg runs one operation at a time on a connection: the NOTIFYs and the
+        outbox's lease take turns on the listener."""
+        self._lease: Any = None
+        """The listener connection on which this process holds the outbox's lease."""
+        self._outbox_at = [0, 0]
+        """While the lease is held: the positions published and shipped (see outbox_batch)."""
+        self._lease_tried = -_LEASE_RETRY_S
+        self._outbox_locks = (asyncio.Lock(), asyncio.Lock())
+        self._checkpoints = f"{_quote_ident(schema)}.checkpoints"  # the listener has no search_path
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -629,7 +635,7 @@ class PostgresEventStore(EventStore):
                 [e.event_id for e in events], [e.type for e in events],
                 [e.schema_version for e in events], [e.occurred_at for e in events],
                 [e.correlation_id for e in events], [e.causation_id for e in events],
-                [e.traceparent for e in events], metadata, payloads, self.outbox,
+                [e.traceparent for e in events], metadata, payloads,
                 [c.name for c in checkpoints], [c.position for c in checkpoints],
                 [c.expected for c in checkpoints],
                 [d.collection for d in docs], [d.key for d in docs],
@@ -766,7 +772,6 @@ class PostgresEventStore(EventStore):
             [e.traceparent for e in events],
             metadata,
             payloads,
-            self.outbox,
         )
         results: list[Outcome] = []
         first = placed = 0  # the unit's first event; positions handed out so far
@@ -912,7 +917,8 @@ class PostgresEventStore(EventStore):
     async def _notify(self, payload: str) -> None:
         listener = self._listener
         if listener is not None:  # None: the store is closing
-            await listener.execute("SELECT pg_notify($1, $2)", self._channel, payload)
+            async with self._listener_lock:
+                await listener.execute("SELECT pg_notify($1, $2)", self._channel, payload)
 
     def commit_signal(self) -> asyncio.Event | None:
         return self._wakeup
@@ -1164,59 +1170,106 @@ class PostgresEventStore(EventStore):
     # -- outbox -------------------------------------------------------------------------
 
     async def outbox_backlog(self, *, log: bool = False) -> int:
-        return int(await self._fetchval(
-            "SELECT count(*) FROM outbox_log" if log else "SELECT count(*) FROM outbox"))
+        if not self.outbox:
+            return 0
+        return int(await self._fetchval(_OUTBOX_UNSHIPPED if log else _OUTBOX_BACKLOG))
 
     def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
-        return _PostgresOutboxBatch(self, limit, _CLAIM_OUTBOX_LOG if log else _CLAIM_OUTBOX)
+        return _PostgresOutboxBatch(self, limit, log)
+
+    async def _outbox_positions(self) -> list[int] | None:
+        """The positions published and shipped, if this process holds the outbox's lease
+        (taking it if it can, at most every _LEASE_RETRY_S); None while another holds it."""
+        listener = self._listener
+        if listener is None:
+            raise StorageError("the PostgreSQL event store is not open, or reconnecting")
+        if self._lease is listener:
+            return self._outbox_at
+        if time.monotonic() - self._lease_tried < _LEASE_RETRY_S:
+            return None
+        self._lease_tried = time.monotonic()
+        async with self._listener_lock:
+            with _translated():
+                if not await listener.fetchval("SELECT pg_try_advisory_lock(hashtext($1))",
+                                               f"magasin-outbox:{self.schema}"):
+                    return None
+                # Read once the lease is held: the last holder moved them before it let go.
+                rows = await listener.fetch(
+                    f"SELECT name, position FROM {self._checkpoints} "
+                    "WHERE name = ANY($1::text[])", [_PUBLISHED, _SHIPPED])
+        at = {name: int(position) for name, position in rows}
+        self._lease, self._outbox_at = listener, [at.get(_PUBLISHED, 0), at.get(_SHIPPED, 0)]
+        log.info("this process relays the outbox of schema %s from position %d",
+                 self.schema, self._outbox_at[0])
+        return self._outbox_at
+
+    async def _outbox_move(self, stage: int, position: int) -> None:
+        """Move a stage's position to `position`, under the lease."""
+        listener = self._listener
+        if listener is None or self._lease is not listener:
+            raise Unavailable("this process lost the outbox's lease with its connection: "
+                              "the batch will be relayed again")
+        async with self._listener_lock:
+            with _translated():
+                await listener.execute(
+                    f"INSERT INTO {self._checkpoints} AS c (name, position) VALUES ($1, $2) "
+                    "ON CONFLICT (name) DO UPDATE "
+                    "SET position = greatest(c.position, excluded.position)",
+                    (_PUBLISHED, _SHIPPED)[stage], position)
+        self._outbox_at[stage] = max(self._outbox_at[stage], position)
 
 
 class _PostgresOutboxBatch(AbstractOutboxBatch):
-    """Claims outbox rows with FOR UPDATE SKIP LOCKED, deleting them in the same statement,
-    in a transaction held until the block exits (committed on a clean exit, rolled back
-    otherwise), so relays in any number of processes claim disjoint batches: three
-    statements a batch (BEGIN, claim, COMMIT)."""
+    """A stage's next events after its position in the log, read gap-safe (read_all), by
+    the one process of the schema that holds the outbox's lease; a clean exit moves the
+    position past them. Two statements a batch (the read, the move) and no row an event.
 
-    def __init__(self, store: PostgresEventStore, limit: int, claim: str) -> None:
+    The lease is a session advisory lock on the store's listener connection: the first
+    relay to ask takes it and keeps it until its process ends or loses that connection
+    (the server then lets go of it); the relays of the other processes get nothing, and
+    try again at most every _LEASE_RETRY_S. Within the process, one batch of a stage at a
+    time. The move commits without waiting for the disk (the listener's
+    synchronous_commit is off): a server crash may forget it, and the events go again,
+    duplicates the consumers' inboxes absorb, never a loss.
+    """
+
+    def __init__(self, store: PostgresEventStore, limit: int, log: bool) -> None:
         self._store = store
         self._limit = limit
-        self._claim = claim
-        self._pool: Any = None
-        self._conn: Any = None
-        self._tx: Any = None
+        self._stage = int(log)
+        self._to: int | None = None
 
     async def __aenter__(self) -> list[RecordedEvent]:
-        pool = self._store._live_pool()
-        with _translated():
-            conn = await pool.acquire()
-        tx = conn.transaction()
+        lock = self._store._outbox_locks[self._stage]
+        await lock.acquire()
         try:
-            with _translated():
-                await tx.start()
-                rows = await conn.fetch(self._claim, self._limit)
+            return await self._claim()
         except BaseException:
-            await _finish(pool, conn, tx)
+            lock.release()
             raise
-        self._pool, self._conn, self._tx = pool, conn, tx
-        return [StoredEvent(*r) for r in rows]
+
+    async def _claim(self) -> list[RecordedEvent]:
+        if not self._store.outbox:
+            return []
+        positions = await self._store._outbox_positions()
+        if positions is None:
+            return []  # another process relays
+        published, shipped = positions
+        if self._stage == 0:
+            events = await self._store.read_all(after=published, limit=self._limit)
+        elif published > shipped:  # only what was published is shipped
+            events = [e for e in await self._store.read_all(
+                after=shipped, limit=min(self._limit, published - shipped))
+                if e.global_position <= published]
+        else:
+            events = []
+        if events:
+            self._to = events[-1].global_position
+        return events
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            if exc_type is None:
-                with _translated():
-                    await self._tx.commit()
+            if exc_type is None and self._to is not None:
+                await self._store._outbox_move(self._stage, self._to)
         finally:
-            await _finish(self._pool, self._conn, self._tx)
-
-
-async def _finish(pool: Any, conn: Any, tx: Any) -> None:
-    """Roll back the claim unless it was committed, and give the connection back.
-
-    Errors here are swallowed: they must not hide an exception already propagating, and the
-    pool terminates a connection it finds broken, which ends its transaction anyway.
-    """
-    with suppress(*_DRIVER_ERRORS):
-        if conn.is_in_transaction():
-            await tx.rollback()
-    with suppress(*_DRIVER_ERRORS):
-        await pool.release(conn)
+            self._store._outbox_locks[self._stage].release()

@@ -548,8 +548,9 @@ class EventStore(ABC):
         (`log=False`), then to be shipped with others, as one message, to the consumers of
         the whole log (`log=True`: an archive, an audit). On a clean exit the claimed
         events move on (from the first stage to the second, out of the outbox from the
-        second); on an exception they stay where they were. Several relays may claim
-        batches at once: a row is claimed by one of them at a time.
+        second); on an exception they stay where they were. One batch of a stage is claimed
+        at a time: in the process, a second claim waits for the first to end; across the
+        processes of one store, one of them relays and the others' claims get nothing.
         """
 
     @abstractmethod

@@ -18,7 +18,8 @@ log = logging.getLogger("magasin.messaging.outbox")
 
 
 class OutboxRelay:
-    """Claims a batch of pending outbox rows, publishes it, and only then marks it sent.
+    """Claims a batch of the events the outbox holds, publishes it, and only then marks it
+    sent.
     It looks again when the store signals a commit (or after `poll_interval`), not after
     every batch: a batch shorter than `batch_size` left nothing behind.
 
@@ -28,9 +29,9 @@ class OutboxRelay:
     commit per batch rather than one per event. It also ships what waits there at start,
     every `sweep_interval` (what another process of the service left, dying) and at stop.
 
-    A crash between the publish (or the shipping) and the mark leaves the rows pending, so
+    A crash between the publish (or the shipping) and the mark leaves the events pending, so
     they are published again: consumers see a duplicate (their inbox absorbs it), never a
-    gap. While the bus is unreachable the rows stay pending and the relay retries with
+    gap. While the bus is unreachable the events stay pending and the relay retries with
     capped exponential backoff.
     """
 
@@ -154,8 +155,8 @@ class OutboxRelay:
                     self.store.wait_for_events(after=seen, timeout=self.poll_interval)
                 )
         elif published < self.batch_size:
-            # A short batch took every row there was to claim: nothing to do until the
-            # next commit (rows other relays hold are theirs to publish).
+            # A short batch took every event there was to claim: nothing to do until the
+            # next commit (or, in another process, another relay publishes).
             await self._unless_stopped(_signalled(signal, self.poll_interval))
 
     async def _ship_step(self) -> None:

@@ -56,15 +56,28 @@ CREATE TABLE IF NOT EXISTS documents (
     PRIMARY KEY (collection, key)
 );
 
-CREATE TABLE IF NOT EXISTS outbox (
-    global_position bigint PRIMARY KEY
-);
-
--- The outbox's second stage: events published to their consumers, waiting to be shipped in
--- batches to the consumers of the whole log (the relay moves them here as it publishes).
-CREATE TABLE IF NOT EXISTS outbox_log (
-    global_position bigint PRIMARY KEY
-);
+-- The outbox is two positions in the log, kept as checkpoints: 'outbox:publish', the last
+-- event published to its consumers, and 'outbox:ship', the last one shipped to the
+-- consumers of the whole log. Earlier versions kept a row per waiting event in two tables
+-- (four row writes an event); their rows become the positions, then the tables go.
+DO $$
+BEGIN
+    IF to_regclass('outbox') IS NOT NULL THEN
+        INSERT INTO checkpoints (name, position)
+        SELECT 'outbox:publish', coalesce((SELECT min(global_position) - 1 FROM outbox),
+                                          (SELECT max(global_position) FROM events), 0)
+        ON CONFLICT DO NOTHING;
+        INSERT INTO checkpoints (name, position)
+        SELECT 'outbox:ship', least(
+            coalesce((SELECT min(global_position) - 1 FROM outbox_log),
+                     (SELECT position FROM checkpoints WHERE name = 'outbox:publish')),
+            (SELECT position FROM checkpoints WHERE name = 'outbox:publish'))
+        ON CONFLICT DO NOTHING;
+        DROP TABLE outbox;
+        DROP TABLE IF EXISTS outbox_log;
+    END IF;
+END
+$$;
 
 -- Appends several units in one call (and so, in autocommit, one transaction), each on its
 -- own terms: unit k owns events p_unit_ends[k-1]+1 .. p_unit_ends[k]. Per unit, outcome 0:
@@ -72,6 +85,9 @@ CREATE TABLE IF NOT EXISTS outbox_log (
 -- positions in order; 1: some of its ids are stored already (the caller tells an idempotent
 -- retry from a duplicate); 2: the expected version does not match, o_versions holds the
 -- actual one. Units with outcome 1 or 2 write nothing and leave the others unaffected.
+-- Earlier versions also took a p_outbox.
+DROP FUNCTION IF EXISTS magasin_append(integer[], text[], integer[], text[], text[], integer[],
+    timestamptz[], text[], text[], text[], text[], text[], boolean);
 CREATE OR REPLACE FUNCTION magasin_append(
     p_unit_ends       integer[],
     p_stream_ids      text[],
@@ -85,7 +101,6 @@ CREATE OR REPLACE FUNCTION magasin_append(
     p_traceparents    text[],
     p_metadata        text[],
     p_payloads        text[],
-    p_outbox          boolean,
     OUT o_outcomes    integer[],
     OUT o_versions    integer[],
     OUT o_positions   bigint[]
@@ -156,9 +171,6 @@ BEGIN
                p_traceparents[lo + i - 1], p_metadata[lo + i - 1]::jsonb,
                p_payloads[lo + i - 1]::jsonb
         FROM generate_series(1, n) AS i;
-        IF p_outbox THEN
-            INSERT INTO outbox (global_position) SELECT unnest(v_positions);
-        END IF;
         o_outcomes := o_outcomes || 0;
         o_versions := o_versions || v_version;
         o_positions := o_positions || v_positions;
@@ -176,8 +188,8 @@ $$;
 -- Version checks (p_check_*: each stream must be at that version, 0 for none, before the
 -- appends; with a p_check_before, only its events up to that global position count) come
 -- after the marks: MG004 (DETAIL: index;actual).
--- Earlier versions had no p_checkpoint_expected, then no p_check_*: drop them rather than
--- keep overloads.
+-- Earlier versions had no p_checkpoint_expected, then no p_check_*, then a p_outbox: drop
+-- them rather than keep overloads.
 DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
     text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
     bigint[], text[], text[], text[]);
@@ -187,6 +199,9 @@ DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], intege
 DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
     text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
     bigint[], bigint[], text[], text[], text[], text[], integer[]);
+DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
+    text[], integer[], timestamptz[], text[], text[], text[], text[], text[], boolean, text[],
+    bigint[], bigint[], text[], text[], text[], text[], integer[], bigint[]);
 
 CREATE OR REPLACE FUNCTION magasin_commit(
     p_inbox_consumers     text[],
@@ -203,7 +218,6 @@ CREATE OR REPLACE FUNCTION magasin_commit(
     p_traceparents        text[],
     p_metadata            text[],
     p_payloads            text[],
-    p_outbox              boolean,
     p_checkpoint_names    text[],
     p_checkpoint_positions bigint[],
     p_checkpoint_expected bigint[],
@@ -251,8 +265,8 @@ BEGIN
         INTO o_outcomes, o_versions, o_positions
         FROM magasin_append(p_unit_ends, p_stream_ids, p_expected, p_event_ids, p_types,
                             p_schema_versions, p_occurred_at, p_correlation_ids,
-                            p_causation_ids, p_traceparents, p_metadata, p_payloads,
-                            p_outbox) AS a;
+                            p_causation_ids, p_traceparents, p_metadata,
+                            p_payloads) AS a;
         IF EXISTS (SELECT 1 FROM unnest(o_outcomes) AS o WHERE o <> 0) THEN
             RAISE EXCEPTION 'append refused' USING ERRCODE = 'MG002',
                 DETAIL = array_to_string(o_outcomes, ',') || ';'
