@@ -119,6 +119,8 @@ class Runtime:
         window = bus.window if isinstance(bus, InProcessBus) else LogWindow(store, 2000)
         projections = [p for s in services for p in s.projections]
         self.projections = ProjectionRunner(store, projections, window=window)
+        if relay is not None:  # the relay reads what it publishes through the same window
+            relay.read = window.read
         # The inline ones are applied in the units of work that append their events: their
         # documents commit with them, and the runner only passes those events. Distributed
         # only: embedded, SQLite's group commit made the runners' commits nearly free (they

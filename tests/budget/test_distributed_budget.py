@@ -103,8 +103,9 @@ class Counts:
                     events[f"{service}:{row['type']}"] = row["n"]
                 if service not in WITHOUT_OUTBOX:  # its two positions in the log
                     await conn.execute(f"SET search_path TO {schema}")
-                    pending[f"{service}:outbox"] = await conn.fetchval(_OUTBOX_BACKLOG)
-                    pending[f"{service}:outbox_log"] = await conn.fetchval(_OUTBOX_UNSHIPPED)
+                    pending[f"{service}:outbox"] = await conn.fetchval(_OUTBOX_BACKLOG, None)
+                    pending[f"{service}:outbox_log"] = await conn.fetchval(_OUTBOX_UNSHIPPED, None,
+                                                                         None)
             audit = await conn.fetch(
                 "SELECT collection, count(*) AS n FROM magasin_audit.documents "
                 "WHERE collection IN ('audit.pending', 'audit.entries') GROUP BY collection")

@@ -19,6 +19,7 @@ from magasin.eventstore.postgres import (
     PostgresEventStore,
 )
 from magasin.eventstore.store import ANY, Append, MarkProcessed, PutDocument, SetCheckpoint
+from magasin.eventstore.window import LogWindow
 from magasin.shared.errors import (
     ConfigurationError,
     DuplicateEventError,
@@ -259,6 +260,64 @@ async def test_one_process_relays_the_outbox_and_another_takes_over_when_it_ends
     assert (await second.outbox_backlog(), await second.outbox_backlog(log=True)) == (0, 0)
 
 
+async def test_a_relay_saves_its_position_lazily_and_a_dead_one_s_unsaved_moves_go_again(
+    make_store: MakeStore, pg_database: str, pg_schema: str
+) -> None:
+    first, second = await make_store(outbox=True), await make_store(outbox=True)
+    sent = [e for i in range(6) for e in await first.append(f"order-{i}", [ev(n=i)])]
+    assert ids(await _relayed(first, 2)) == ids(sent[:2])  # the first move is saved
+    assert ids(await _relayed(first, 2)) == ids(sent[2:4])  # this one only in memory
+    assert await first.outbox_backlog() == 2, "the relaying process counts its moves"
+    assert await _saved(pg_database, pg_schema) == {"outbox:publish": sent[1].global_position,
+                                                    "outbox:ship": 0}
+    async with first.outbox_batch(10, log=True) as shipped:
+        assert ids(shipped) == ids(sent[:4])
+    assert await _saved(pg_database, pg_schema) == {"outbox:publish": sent[3].global_position,
+                                                    "outbox:ship": sent[3].global_position}
+
+    assert ids(await _relayed(first, 2)) == ids(sent[4:])  # not saved: then it dies
+    first._listener.terminate()
+    async with asyncio.timeout(5):
+        while not (again := await _relayed(second, 100)):
+            await asyncio.sleep(0.1)
+    assert ids(again) == ids(sent[4:]), "published again: duplicates, never a loss"
+
+
+async def _saved(dsn: str, schema: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        rows = await conn.fetch("SELECT name, position FROM checkpoints "
+                                "WHERE name LIKE 'outbox:%'")
+    finally:
+        await conn.close()
+    return {"outbox:publish": 0, "outbox:ship": 0} | {r["name"]: r["position"] for r in rows}
+
+
+async def test_a_relay_that_reads_through_the_window_publishes_its_process_commits_without_a_read(
+    make_store: MakeStore,
+) -> None:
+    store = await make_store(outbox=True)
+    window = LogWindow(store, 100)
+    reads: list[int] = []
+    read_all = store.read_all
+
+    async def counted(*, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        reads.append(after)
+        return await read_all(after=after, limit=limit)
+
+    store.read_all = counted  # type: ignore[method-assign]
+    sent = [e for i in range(3) for e in await store.append(f"order-{i}", [ev(n=i)])]
+    async with store.outbox_batch(10, read=window.read) as batch:
+        assert ids(batch) == ids(sent)
+    assert len(reads) == 1, "the window's first read"
+    more = [e for i in range(3) for e in await store.append(f"order-{i}", [ev(n=i)])]
+    async with store.outbox_batch(10, read=window.read) as batch:
+        assert ids(batch) == ids(more)
+    async with store.outbox_batch(10, log=True, read=window.read) as shipped:
+        assert ids(shipped) == ids(sent + more)
+    assert len(reads) == 1, "what the process committed came from the window"
+
+
 async def _relayed(store: PostgresEventStore, limit: int) -> list[RecordedEvent]:
     async with store.outbox_batch(limit) as batch:
         return batch
@@ -461,8 +520,8 @@ HOT_STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
         "ORDER BY global_position LIMIT $3", (0, "c", 100)),
     "last_position": ("SELECT coalesce(max(global_position), 0) FROM events", ()),
     "stream_version": ("SELECT version FROM streams WHERE stream_id = $1", ("sale-7",)),
-    "outbox backlog": (_OUTBOX_BACKLOG, ()),
-    "outbox backlog, to ship": (_OUTBOX_UNSHIPPED, ()),
+    "outbox backlog": (_OUTBOX_BACKLOG, (None,)),
+    "outbox backlog, to ship": (_OUTBOX_UNSHIPPED, (None, None)),
     "inbox": ("SELECT true FROM inbox WHERE consumer = $1 AND event_id = $2", ("c", "x")),
     "checkpoint, locked": (
         "SELECT position FROM checkpoints WHERE name = $1 FOR UPDATE", ("p-1",)),

@@ -45,6 +45,7 @@ from magasin.eventstore.store import (
     EventFilter,
     EventStore,
     ExpectVersion,
+    LogReader,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -119,18 +120,22 @@ _GROUP_MAX: Final = 256
 _PUBLISHED: Final = "outbox:publish"
 _SHIPPED: Final = "outbox:ship"
 """The outbox's two positions in the log, as checkpoints (see outbox_batch)."""
+# $1, $2: the positions published and shipped as the relaying process knows them (its last
+# moves may not be saved yet), NULL elsewhere: the saved ones.
 _OUTBOX_BACKLOG: Final = (
-    "SELECT count(*) FROM events WHERE global_position > "
-    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
+    "SELECT count(*) FROM events WHERE global_position > coalesce($1::bigint, "
+    f"(SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
 )
 _OUTBOX_UNSHIPPED: Final = (
-    "SELECT count(*) FROM events WHERE global_position > "
-    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_SHIPPED}'), 0) "
-    "AND global_position <= "
-    f"coalesce((SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
+    "SELECT count(*) FROM events WHERE global_position > coalesce($2::bigint, "
+    f"(SELECT position FROM checkpoints WHERE name = '{_SHIPPED}'), 0) "
+    "AND global_position <= coalesce($1::bigint, "
+    f"(SELECT position FROM checkpoints WHERE name = '{_PUBLISHED}'), 0)"
 )
 _LEASE_RETRY_S: Final = 1.0
 """How often a process that does not relay tries to take the lease (see outbox_batch)."""
+_SAVE_EVERY_S: Final = 1.0
+"""How long a publish may leave the position published unsaved (a shipping saves both)."""
 log = logging.getLogger("magasin.eventstore.postgres")
 _CONNECT_TIMEOUT: Final = 10.0
 _NOTIFY_INTERVAL: Final = 0.005
@@ -364,6 +369,9 @@ class PostgresEventStore(EventStore):
         self._outbox_at = [0, 0]
         """While the lease is held: the positions published and shipped (see outbox_batch)."""
         self._lease_tried = -_LEASE_RETRY_S
+        self._outbox_saved = [0, 0]
+        """The positions last saved (the relay moves them in memory first)."""
+        self._saved_at = -_SAVE_EVERY_S
         self._outbox_locks = (asyncio.Lock(), asyncio.Lock())
         self._checkpoints = f"{_quote_ident(schema)}.checkpoints"  # the listener has no search_path
 
@@ -443,6 +451,9 @@ class PostgresEventStore(EventStore):
     async def close(self) -> None:
         if self._pool is None:
             return
+        if self._lease is not None and self._lease is self._listener:
+            with suppress(MagasinError):  # else the next relay publishes them again
+                await self._outbox_save(self._lease)
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
         self._to_say.clear()
@@ -1172,10 +1183,18 @@ class PostgresEventStore(EventStore):
     async def outbox_backlog(self, *, log: bool = False) -> int:
         if not self.outbox:
             return 0
-        return int(await self._fetchval(_OUTBOX_UNSHIPPED if log else _OUTBOX_BACKLOG))
+        published, shipped = (self._outbox_at if self._lease is not None
+                               and self._lease is self._listener else (None, None))
+        if log:
+            return int(await self._fetchval(_OUTBOX_UNSHIPPED, published, shipped))
+        return int(await self._fetchval(_OUTBOX_BACKLOG, published))
 
-    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
-        return _PostgresOutboxBatch(self, limit, log)
+    async def _read_all(self, after: int, limit: int) -> list[RecordedEvent]:
+        return await self.read_all(after=after, limit=limit)
+
+    def outbox_batch(self, limit: int, *, log: bool = False,
+                     read: LogReader | None = None) -> AbstractOutboxBatch:
+        return _PostgresOutboxBatch(self, limit, log, read)
 
     async def _outbox_positions(self) -> list[int] | None:
         """The positions published and shipped, if this process holds the outbox's lease
@@ -1204,25 +1223,38 @@ class PostgresEventStore(EventStore):
         return self._outbox_at
 
     async def _outbox_move(self, stage: int, position: int) -> None:
-        """Move a stage's position to `position`, under the lease."""
+        """Move a stage's position to `position`, under the lease. A shipping saves both
+        positions; a publish only when the position published went unsaved for
+        _SAVE_EVERY_S (a relay that dies publishes again what it did not save)."""
         listener = self._listener
         if listener is None or self._lease is not listener:
             raise Unavailable("this process lost the outbox's lease with its connection: "
                               "the batch will be relayed again")
+        self._outbox_at[stage] = max(self._outbox_at[stage], position)
+        if stage == 1 or time.monotonic() - self._saved_at >= _SAVE_EVERY_S:
+            await self._outbox_save(listener)
+
+    async def _outbox_save(self, listener: Any) -> None:
+        at = list(self._outbox_at)
+        if at == self._outbox_saved:
+            return
         async with self._listener_lock:
             with _translated():
                 await listener.execute(
-                    f"INSERT INTO {self._checkpoints} AS c (name, position) VALUES ($1, $2) "
-                    "ON CONFLICT (name) DO UPDATE "
+                    f"INSERT INTO {self._checkpoints} AS c (name, position) "
+                    "VALUES ($1, $2), ($3, $4) ON CONFLICT (name) DO UPDATE "
                     "SET position = greatest(c.position, excluded.position)",
-                    (_PUBLISHED, _SHIPPED)[stage], position)
-        self._outbox_at[stage] = max(self._outbox_at[stage], position)
+                    _PUBLISHED, at[0], _SHIPPED, at[1])
+        self._outbox_saved, self._saved_at = at, time.monotonic()
 
 
 class _PostgresOutboxBatch(AbstractOutboxBatch):
     """A stage's next events after its position in the log, read gap-safe (read_all), by
-    the one process of the schema that holds the outbox's lease; a clean exit moves the
-    position past them. Two statements a batch (the read, the move) and no row an event.
+    the one process of the schema that holds the outbox's lease (or through `read`: the
+    window of the log its process's readers share, which holds what it just committed); a
+    clean exit moves the position past them. No row an event, and a statement a batch at
+    most: the read, unless the window answers it. The moves are saved by the shipping,
+    both positions in one statement, or after _SAVE_EVERY_S.
 
     The lease is a session advisory lock on the store's listener connection: the first
     relay to ask takes it and keeps it until its process ends or loses that connection
@@ -1233,10 +1265,12 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
     duplicates the consumers' inboxes absorb, never a loss.
     """
 
-    def __init__(self, store: PostgresEventStore, limit: int, log: bool) -> None:
+    def __init__(self, store: PostgresEventStore, limit: int, log: bool,
+                 read: LogReader | None) -> None:
         self._store = store
         self._limit = limit
         self._stage = int(log)
+        self._read = read or store._read_all
         self._to: int | None = None
 
     async def __aenter__(self) -> list[RecordedEvent]:
@@ -1256,11 +1290,10 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
             return []  # another process relays
         published, shipped = positions
         if self._stage == 0:
-            events = await self._store.read_all(after=published, limit=self._limit)
+            events = await self._read(published, self._limit)
         elif published > shipped:  # only what was published is shipped
-            events = [e for e in await self._store.read_all(
-                after=shipped, limit=min(self._limit, published - shipped))
-                if e.global_position <= published]
+            events = [e for e in await self._read(shipped, min(self._limit, published - shipped))
+                      if e.global_position <= published]
         else:
             events = []
         if events:

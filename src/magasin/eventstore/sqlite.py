@@ -44,6 +44,7 @@ from magasin.eventstore.store import (
     EventFilter,
     EventStore,
     ExpectVersion,
+    LogReader,
     MarkProcessed,
     Operation,
     PutDocument,
@@ -898,8 +899,9 @@ class SqliteEventStore(EventStore):
         rows = await self._read(f"SELECT COUNT(*) FROM {'outbox_log' if log else 'outbox'}")
         return int(rows[0][0])
 
-    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
-        return _SqliteOutboxBatch(self, limit, log)
+    def outbox_batch(self, limit: int, *, log: bool = False,
+                     read: LogReader | None = None) -> AbstractOutboxBatch:
+        return _SqliteOutboxBatch(self, limit, log)  # its outbox is tables: `read` is moot
 
 
 class _SqliteOutboxBatch(AbstractOutboxBatch):

@@ -25,6 +25,8 @@ from magasin.shared.errors import StorageError, Unavailable
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
 _SEEN_KEPT: Final = 50_000
+LogReader = Callable[[int, int], Awaitable[list[RecordedEvent]]]
+"""Reads the log after a position, up to a number of events (read_all, LogWindow.read)."""
 """Streams whose last committed version a store remembers (see seen_version)."""
 ANY: Final = None
 """Expected version that accepts whatever version the stream is at."""
@@ -540,7 +542,8 @@ class EventStore(ABC):
     # -- outbox -------------------------------------------------------------------------
 
     @abstractmethod
-    def outbox_batch(self, limit: int, *, log: bool = False) -> AbstractOutboxBatch:
+    def outbox_batch(self, limit: int, *, log: bool = False,
+                     read: LogReader | None = None) -> AbstractOutboxBatch:
         """Claim up to `limit` events of one stage of the outbox (oldest first) until the
         block exits.
 
@@ -551,6 +554,9 @@ class EventStore(ABC):
         second); on an exception they stay where they were. One batch of a stage is claimed
         at a time: in the process, a second claim waits for the first to end; across the
         processes of one store, one of them relays and the others' claims get nothing.
+        `read(after, limit)` reads the log where the outbox is a position in it
+        (PostgreSQL; default `read_all`): a relay passes the window its process's readers
+        share (eventstore.window).
         """
 
     @abstractmethod

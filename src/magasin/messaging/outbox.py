@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from magasin.eventstore.store import EventStore
+from magasin.eventstore.store import EventStore, LogReader
 from magasin.messaging.bus import EventBus
 from magasin.observability import metrics
 from magasin.shared.errors import Unavailable
@@ -61,6 +61,10 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._published = asyncio.Event()
         """Set by a publish: there is something to ship."""
+        self.read: LogReader | None = None
+        """How the store's outbox reads the log, when it is a position in it: the runtime
+        gives the window of the log the process's projections share (eventstore.window),
+        which holds what the process just committed: a publish then reads nothing."""
 
     async def start(self) -> None:
         if not self._tasks:
@@ -91,7 +95,7 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
-        async with self.store.outbox_batch(self.batch_size) as events:
+        async with self.store.outbox_batch(self.batch_size, read=self.read) as events:
             if events:
                 started = time.perf_counter()
                 kinds = [(e.type, e.metadata) for e in events]
@@ -108,7 +112,7 @@ class OutboxRelay:
     async def ship_once(self) -> int:
         """Ship one batch of published events to the whole log's consumers; returns how
         many (0: none waited)."""
-        async with self.store.outbox_batch(self.batch_size, log=True) as events:
+        async with self.store.outbox_batch(self.batch_size, log=True, read=self.read) as events:
             if events:
                 await self.bus.ship(events)
         return len(events)
