@@ -968,6 +968,8 @@ async def test_a_transaction_process_killed_behind_the_gateway_costs_no_sale(
     second = cluster.spawn("transaction")
     await second.healthy()
     victim = cluster.first("transaction")
+    # One process of the service relays its outbox: the first, which took the lease.
+    await eventually(lambda: _relaying([victim, second], [True, False]))
     store, stock, probe = await stock_up(magasin, "Bascule", {"A": 400, "B": 400})
     answers: list[tuple[str, str, int, str | None]] = []
 
@@ -996,6 +998,7 @@ async def test_a_transaction_process_killed_behind_the_gateway_costs_no_sale(
 
             await asyncio.gather(*(seller() for _ in range(8)))
         outcomes = await assert_books_balance(magasin, store, stock, [probe, *posted])
+        await eventually(lambda: _relaying([second], [True]))  # it took the lease over
     finally:
         cluster.retire(second)
         victim.start()
@@ -1008,6 +1011,14 @@ async def test_a_transaction_process_killed_behind_the_gateway_costs_no_sale(
     for _, _, _, key in failures:  # each failed POST was retried until it was answered
         assert any(a[3] == key and a[2] in (200, 201) for a in answers), key
     assert len({s["transaction_id"] for s in posted}) == len(posted) == 200
+
+
+async def _relaying(processes: list[ServiceProcess], expected: list[bool]) -> bool:
+    """Whether each process's /health says it relays its service's outbox as expected."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        said = [(await client.get(f"{p.url}/health")).json().get("outbox_relaying")
+                for p in processes]
+    return said == expected
 
 
 async def test_every_201_s_location_answers_200_at_once_through_the_gateway(

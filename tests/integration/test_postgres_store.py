@@ -239,6 +239,7 @@ async def test_one_process_relays_the_outbox_and_another_takes_over_when_it_ends
     async with first.outbox_batch(4) as batch, second.outbox_batch(4) as other:
         assert ids(batch) == ids(sent[:4])
         assert other == [], "two processes relayed at once"
+    assert (first.relays_outbox, second.relays_outbox) == (True, False)
     async with first.outbox_batch(4, log=True) as shipped:
         assert ids(shipped) == ids(sent[:4])
     async with first.outbox_batch(2) as batch:
@@ -255,6 +256,7 @@ async def test_one_process_relays_the_outbox_and_another_takes_over_when_it_ends
         while not (batch := await _relayed(second, 100)):
             await asyncio.sleep(0.1)  # it asks for the lease at most every second
     assert ids(batch) == ids(sent[6:] + more), "an event was relayed twice or never"
+    assert second.relays_outbox
     async with second.outbox_batch(100, log=True) as shipped:
         assert ids(shipped) == ids(sent[4:] + more)
     assert (await second.outbox_backlog(), await second.outbox_backlog(log=True)) == (0, 0)

@@ -451,7 +451,7 @@ class PostgresEventStore(EventStore):
     async def close(self) -> None:
         if self._pool is None:
             return
-        if self._lease is not None and self._lease is self._listener:
+        if self.relays_outbox:
             with suppress(MagasinError):  # else the next relay publishes them again
                 await self._outbox_save(self._lease)
         pool, listener, notifier = self._pool, self._listener, self._notifier
@@ -1180,11 +1180,15 @@ class PostgresEventStore(EventStore):
 
     # -- outbox -------------------------------------------------------------------------
 
+    @property
+    def relays_outbox(self) -> bool | None:
+        return (self._lease is not None and self._lease is self._listener) if self.outbox \
+            else None
+
     async def outbox_backlog(self, *, log: bool = False) -> int:
         if not self.outbox:
             return 0
-        published, shipped = (self._outbox_at if self._lease is not None
-                               and self._lease is self._listener else (None, None))
+        published, shipped = self._outbox_at if self.relays_outbox else (None, None)
         if log:
             return int(await self._fetchval(_OUTBOX_UNSHIPPED, published, shipped))
         return int(await self._fetchval(_OUTBOX_BACKLOG, published))
@@ -1260,7 +1264,7 @@ class _PostgresOutboxBatch(AbstractOutboxBatch):
     relay to ask takes it and keeps it until its process ends or loses that connection
     (the server then lets go of it); the relays of the other processes get nothing, and
     try again at most every _LEASE_RETRY_S. Within the process, one batch of a stage at a
-    time. The move commits without waiting for the disk (the listener's
+    time. The save commits without waiting for the disk (the listener's
     synchronous_commit is off): a server crash may forget it, and the events go again,
     duplicates the consumers' inboxes absorb, never a loss.
     """

@@ -283,7 +283,7 @@ class EventStore(ABC):
     AlreadyProcessed (inbox), NotFound, Unavailable (server unreachable), StorageError.
     """
 
-    #: True when appends also enqueue outbox rows for a relay to publish (distributed mode).
+    #: True when an outbox relay publishes what this store appends (distributed mode).
     outbox: bool = False
     #: True when the log itself is the event bus (an InProcessBus tails it: embedded mode), so
     #: a commit is a publish for the metrics. Elsewhere the outbox relay counts publishes,
@@ -558,6 +558,12 @@ class EventStore(ABC):
         (PostgreSQL; default `read_all`): a relay passes the window its process's readers
         share (eventstore.window).
         """
+
+    @property
+    def relays_outbox(self) -> bool | None:
+        """Whether this process is the one that relays the store's outbox (of the processes
+        sharing the store, one at a time does); None without an outbox."""
+        return True if self.outbox else None
 
     @abstractmethod
     async def outbox_backlog(self, *, log: bool = False) -> int:

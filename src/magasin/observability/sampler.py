@@ -58,6 +58,7 @@ async def _outbox(runtime: Runtime) -> None:
     metrics.OUTBOX_BACKLOG.labels(_service_label(runtime), "ship").set(unshipped)
     runtime.last_sample["outbox_backlog"] = backlog
     runtime.last_sample["outbox_unshipped"] = unshipped
+    runtime.last_sample["outbox_relaying"] = runtime.store.relays_outbox
 
 
 async def _partitions(runtime: Runtime) -> None:
