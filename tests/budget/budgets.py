@@ -24,6 +24,9 @@ DISTRIBUTED = {
     "audit records in the business log": 0.0,
     "broker deliveries": 14.0,
     "units of work": 14.0,
-    "PostgreSQL statements": 90.0,
+    # The issue's budget was 90; 20.9 per sale since the outbox became a position in the
+    # log read through the process's window (44.2 before), of which the services' timers
+    # send 2-3 while the 100 sales run (more on a slower machine): kept at 35.
+    "PostgreSQL statements": 35.0,
 }
 """All six services, each its own process, on PostgreSQL and RabbitMQ."""
