@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from yarl import URL
 
+from magasin.eventstore import postgres
 from magasin.eventstore.postgres import (
     _OUTBOX_BACKLOG,
     _OUTBOX_UNSHIPPED,
@@ -459,6 +460,29 @@ async def _greet_and_notify(older: PostgresEventStore, make_store: MakeStore) ->
             await older.wait_for_events(head, timeout)
             assert (older.known_head() or 0) >= theirs.global_position, (
                 f"round {n}: newcomer {i}'s commit never woke the older process")
+
+
+async def test_a_process_stops_notifying_a_peer_that_closed_or_died(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    older, newcomer = await make_store(), await make_store()
+    await eventually_true(lambda: bool(older._peers) and bool(newcomer._peers))
+    await newcomer.close()  # it says goodbye
+    await eventually_true(lambda: not older._peers)
+
+    gone = 2**31 - 1  # a peer that died: no session has this pid
+    older._peers.add(gone)
+    monkeypatch.setattr(postgres, "_PEERS_CHECK_S", 0.0)
+    notified = older._peers_checked
+    await older.append("cart-1", [ev()])  # notified, after a check of who still listens
+    await eventually_true(lambda: older._peers_checked > notified)
+    assert gone not in older._peers
+
+
+async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
 
 
 async def test_a_reader_in_another_process_sees_8_writers_events_once_in_order(

@@ -144,6 +144,11 @@ _NOTIFY_RETRY_MAX_S: Final = 1.0
 _HELLO: Final = "hello"
 """A process's first NOTIFY: the others answer _HERE, so each knows the others exist."""
 _HERE: Final = "here"
+_BYE: Final = "bye"
+"""A process's last NOTIFY, as its store closes: the others stop notifying it."""
+_PEERS_CHECK_S: Final = 30.0
+"""How often a process that notifies its commits checks that its peers still live (one
+that died said no _BYE)."""
 
 # Plans that use the indexes whatever the statistics. Every statement of the store reads
 # by a key or a key prefix (each table's primary or unique key, events_correlation), so an
@@ -348,9 +353,12 @@ class PostgresEventStore(EventStore):
         self._untold = False
         """Whether a commit of this process is not notified yet."""
         self._peers: set[int] = set()
-        """Listener pids of the other processes of this schema seen so far: commits are
-        notified only while there is one (a process alone, the common deployment, has
-        nobody to tell: that was a statement per commit)."""
+        """Listener pids of the other processes of this schema: commits are notified only
+        while there is one (a process alone, the common deployment, has nobody to tell:
+        that was a statement per commit). A peer leaves it when it says _BYE, or when a
+        check finds its session gone (it died): once a CLI command that opened the store
+        had ended, every commit of a service used to be notified for good."""
+        self._peers_checked = time.monotonic()
         self._queue: list[tuple[Append, asyncio.Future[list[RecordedEvent]]]] = []
         self._queued = asyncio.Event()
         self._committers: list[asyncio.Task[None]] = []
@@ -454,6 +462,10 @@ class PostgresEventStore(EventStore):
         if self.relays_outbox:
             with suppress(MagasinError):  # else the next relay publishes them again
                 await self._outbox_save(self._lease)
+        if self._peers and self._listener is not None:
+            with suppress(*_DRIVER_ERRORS, TimeoutError):
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    await self._notify(_BYE)
         pool, listener, notifier = self._pool, self._listener, self._notifier
         self._pool = self._listener = self._notifier = None
         self._to_say.clear()
@@ -874,6 +886,9 @@ class PostgresEventStore(EventStore):
     def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if pid == conn.get_server_pid():
             return  # this process's own NOTIFY: its commits woke the waiters already
+        if payload == _BYE:
+            self._peers.discard(pid)
+            return
         self._peers.add(pid)
         if payload == _HELLO:  # a process starts: it must learn of this one too
             self._greet(_HERE)
@@ -885,12 +900,12 @@ class PostgresEventStore(EventStore):
         """Say the greetings, and tell other processes about commits, at most one NOTIFY of
         commits per interval.
 
-        This task is the only one to use the listener connection once the store is open:
-        asyncpg runs one operation at a time on a connection and refuses a second one
-        meanwhile, so an answer to a greeting sent beside a commit's NOTIFY lost one of the
-        two (a newcomer then never learnt of this process, or missed that commit). What
-        fails is tried again, so no greeting is lost while the connection lives (a new
-        connection greets anew, see _listen_again).
+        The NOTIFYs go through this task, in order, and take turns on the listener
+        connection with the outbox's lease (_listener_lock): asyncpg runs one operation at a
+        time on a connection and refuses a second one meanwhile, so an answer to a greeting
+        sent beside a commit's NOTIFY lost one of the two (a newcomer then never learnt of
+        this process, or missed that commit). What fails is tried again, so no greeting is
+        lost while the connection lives (a new connection greets anew, see _listen_again).
 
         Writers do not NOTIFY in their own transactions: PostgreSQL serialises the commits
         of notifying transactions, which would defeat group commit. And each NOTIFY is a
@@ -904,6 +919,9 @@ class PostgresEventStore(EventStore):
                 while self._to_say:
                     await self._notify(self._to_say[0])
                     self._to_say.pop(0)
+                if (self._untold and self._peers
+                        and time.monotonic() - self._peers_checked >= _PEERS_CHECK_S):
+                    await self._forget_dead_peers()
                 if self._untold and not self._peers:
                     self._untold = False  # nobody else listens on this schema
                 if self._untold:
@@ -924,6 +942,19 @@ class PostgresEventStore(EventStore):
                 continue
             failures = 0
             await asyncio.sleep(_NOTIFY_INTERVAL)
+
+    async def _forget_dead_peers(self) -> None:
+        """Drop the peers whose sessions ended without a _BYE (their processes died)."""
+        listener = self._listener
+        if listener is None:
+            return
+        checked = set(self._peers)
+        async with self._listener_lock:
+            alive = await listener.fetchval(
+                "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity "
+                "WHERE pid = ANY($1::integer[])", list(checked))
+        self._peers -= checked - set(alive)  # not one that greeted meanwhile
+        self._peers_checked = time.monotonic()
 
     async def _notify(self, payload: str) -> None:
         listener = self._listener
