@@ -340,7 +340,9 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         ] = 300,
     ) -> StreamingResponse:
         """Server-Sent Events: every status change of the sale until it is terminal."""
-        if await store.stream_version(sales.stream(transaction_id)) == 0:
+        stream = sales.stream(transaction_id)
+        # A sale this process wrote exists (a stream is never deleted): no query then.
+        if not store.seen_version(stream) and await store.stream_version(stream) == 0:
             raise NotFound(f"no transaction {transaction_id}")
         return StreamingResponse(
             _status_stream(store, feed, transaction_id, max_wait),
@@ -367,9 +369,12 @@ async def _status_stream(
                     "history": [], "status": Status.PENDING.value, "reason": None,
                     "version": 0}
             version = doc["version"]
-            for change in doc["history"][sent:]:
-                data = {"transaction_id": transaction_id, **change, "reason": doc["reason"]}
-                yield b"event: status\ndata: " + orjson.dumps(data) + b"\n\n"
+            # The changes a wake brings go in one chunk: one write, not one per change.
+            if chunk := b"".join(
+                    _sse(b"status", {"transaction_id": transaction_id, **change,
+                                     "reason": doc["reason"]})
+                    for change in doc["history"][sent:]):
+                yield chunk
             sent = len(doc["history"])
             if Status(doc["status"]).terminal:
                 return
