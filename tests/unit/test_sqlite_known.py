@@ -4,6 +4,7 @@ committed since: a second store on the same file (another process, say) is alway
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -137,18 +138,54 @@ async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
 ) -> None:
     assert db._wconn is not None
     threads: list[str] = []
-    db._wconn.set_trace_callback(
-        lambda sql: threads.append(threading.current_thread().name) if sql.startswith(
-            "BEGIN") else None)
+    statements: list[str] = []
+
+    def traced(sql: str) -> None:
+        statements.append(sql.split(" (")[0])
+        if sql.startswith("INSERT INTO events"):
+            threads.append(threading.current_thread().name)
+
+    db._wconn.set_trace_callback(traced)
 
     await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
     assert threads == [threading.current_thread().name]  # no hop to the writer thread
+    # Events alone are one INSERT, a transaction by itself: no BEGIN, no COMMIT.
+    assert statements == ["INSERT INTO events"]
 
     threads.clear()
     await asyncio.gather(*(db.append(f"cart-{i}", [NewEvent("A", {})], NO_STREAM)
                            for i in range(2, 10)))
     assert len(threads) <= 2  # eight commits in one or two transactions, not eight
     assert [await db.stream_version(f"cart-{i}") for i in range(2, 10)] == [1] * 8
+
+
+async def test_an_append_that_another_writer_overtakes_unlocked_is_redone_under_the_lock(
+    db: SqliteEventStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone append runs without BEGIN IMMEDIATE, so another connection may commit
+    between what the writer knows and its INSERT: the positions it took collide, and the
+    append is made again under the write lock, after the other's events."""
+    await db.append("cart-1", [NewEvent("A", {})], NO_STREAM)
+    known = db._known
+    trusted = known.trusted
+
+    def overtaken() -> bool:
+        answer = trusted()  # what the writer knew: head 1, cart-1 at 1
+        monkeypatch.setattr(known, "trusted", trusted)
+        other = sqlite3.connect(db.path, isolation_level=None)
+        other.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, type, schema_version,"
+            " occurred_at, metadata, payload) VALUES ('other-1', 'cart-1', 2, 'X', 1, 0,"
+            " '{}', '{}')")
+        other.close()
+        return answer
+
+    monkeypatch.setattr(known, "trusted", overtaken)
+    with pytest.raises(ConcurrencyError):
+        await db.append("cart-1", [NewEvent("B", {})], 1)  # cart-1 is at 2 now
+    recorded = await db.append("cart-1", [NewEvent("C", {})])
+    assert [(e.type, e.stream_version, e.global_position) for e in recorded] == [("C", 3, 3)]
+    assert [e.type for e in await db.read_stream("cart-1")] == ["A", "X", "C"]
 
 
 CHILD_WRITER = """

@@ -134,6 +134,17 @@ def apply_group(
     return recorded
 
 
+def appends_alone(p: _Plan, *, outbox: bool) -> bool:
+    """True when the plan writes events and nothing else, in one INSERT (ROWS events at
+    most, no outbox rows): that statement is atomic on its own and needs no BEGIN/COMMIT
+    around it, even with the check before it (`_check`, a read), because the INSERT gives
+    every event its position explicitly: a commit of another connection between the check
+    and the INSERT took the next positions, so the INSERT collides with it and changes
+    nothing (Unmergeable: the slow path then answers exactly, under the write lock)."""
+    return (bool(p.appends) and not outbox and not p.marks and not p.plain and not p.movers
+            and not p.documents and sum(len(op.events) for _, op in p.appends) <= ROWS)
+
+
 def single_statement_is_atomic(p: _Plan) -> bool:
     """True when the plan is one statement that writes everything or nothing, so it needs
     no BEGIN/COMMIT around it (a checkpoint moved alone, documents written alone)."""

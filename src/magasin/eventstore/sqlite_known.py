@@ -119,7 +119,7 @@ class KnownState:
             self.forget()  # another connection committed before this write: may be stale
         if _counter(after) != (_counter(before) + commits) & 0xFFFFFFFF:
             self.forget()  # ... or while it ran
-        else:  # what it wrote is current (versions were read under the write lock)
+        else:  # what it wrote is current (its versions held: see sqlite_group.appends_alone)
             if cleared:
                 self.documents.clear()
             if len(self.versions) + len(versions) > MAX_STREAMS:

@@ -323,6 +323,14 @@ class EventStore(ABC):
         self.units_open += 1
         try:
             yield uow
+        except BaseException:
+            self.units_open -= 1
+            raise
+        await self._finish(uow)
+
+    async def _finish(self, uow: UnitOfWork) -> None:
+        """Commit a unit of work whose block ended (one of `units_open`, closed here)."""
+        try:
             if uow.operations:
                 for applier in self._appliers:
                     await applier(uow)
@@ -372,8 +380,10 @@ class EventStore(ABC):
         events: Sequence[NewEvent],
         expected_version: int | None = ANY,
     ) -> list[RecordedEvent]:
-        async with self.transaction() as uow:
-            uow.append(stream_id, events, expected_version)
+        uow = UnitOfWork(self)  # a transaction() block, without the generator around it
+        uow.append(stream_id, events, expected_version)
+        self.units_open += 1
+        await self._finish(uow)
         return uow.recorded
 
     # -- reads --------------------------------------------------------------------------
