@@ -597,6 +597,46 @@ async def test_each_partition_shows_its_owner_and_depth(make_bus: MakeBus) -> No
         ("carts", p, bus.member, 0) for p in range(3)]
 
 
+async def test_a_running_bus_asks_for_its_partitions_on_one_kept_connection(
+    make_bus: MakeBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler asks every few seconds: one handshake with the broker, not one a call;
+    the connection closes with the bus."""
+    bus = await make_bus({"carts": {"ItemAdded": Recorder()}}, partitions=2)
+    opened: list[aio_pika.abc.AbstractConnection] = []
+    connect = aio_pika.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> aio_pika.abc.AbstractConnection:
+        opened.append(await connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(rabbitmq.aio_pika, "connect", counted)
+    for _ in range(3):
+        assert [s.depth for s in await bus.partition_states()] == [0, 0]
+    assert len(opened) == 1 and not opened[0].is_closed
+    await bus.stop()
+    assert opened[0].is_closed
+    assert [s.depth for s in await bus.partition_states()] == [0, 0]  # stopped: its own
+    assert len(opened) == 2 and opened[1].is_closed
+
+
+async def test_a_missing_partition_queue_shows_no_depth_and_the_others_still_show_theirs(
+    make_bus: MakeBus, amqp_url: str
+) -> None:
+    """The broker closes the channel that asked for a missing queue: the queues after it
+    are asked on another."""
+    bus = await make_bus({"carts": {"ItemAdded": Recorder()}}, partitions=3)
+    await bus.stop()  # its queues stay
+    consumer = bus._consumers["carts"]
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(consumer.partition_queue(1))
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}"), routing_key=consumer.partition_queue(2))
+    states = await bus.partition_states()
+    assert [(s.partition, s.depth) for s in states] == [(0, 0), (1, None), (2, 1)]
+
+
 async def test_a_consumer_of_the_whole_log_shows_the_batches_waiting_for_it(
     make_bus: MakeBus,
 ) -> None:

@@ -238,6 +238,8 @@ class RabbitMQBus(EventBus):
         self._balancer: asyncio.Task[None] | None = None
         self._consumers: dict[str, _Consumer] = {}
         self._connection: AbstractRobustConnection | None = None
+        self._probing: aio_pika.abc.AbstractConnection | None = None
+        """The plain connection partition_states asks the broker on while the bus runs."""
         # The robust connection only holds its channels weakly (to restore them after a
         # reconnection); these references keep them alive as long as the bus runs.
         self._channels: list[AbstractChannel] = []
@@ -455,6 +457,10 @@ class RabbitMQBus(EventBus):
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
+        probing, self._probing = self._probing, None
+        if probing is not None:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await probing.close()
         self._default = self._events = self._dlx = self._log = None
         self._channels.clear()
         for consumer in self._consumers.values():
@@ -661,6 +667,7 @@ class RabbitMQBus(EventBus):
         say before any process of the service declared it)."""
         found: list[PartitionState] = []
         async with self._short_channel() as connection:
+            probe = _QueueProbe(connection)
             for consumer in sorted(self._consumers.values(), key=lambda c: c.name):
                 owners = {lease.partition: lease.owner
                           for lease in await leases(self.store, consumer.queue)}
@@ -671,7 +678,7 @@ class RabbitMQBus(EventBus):
                         consumer.retry_queue(partition, level)
                         for level in range(1, consumer.retry.levels + 1)
                     ]:
-                        counts = await _queue_counts(connection, name)
+                        counts = await probe.counts(name)
                         if counts is None:
                             depth = None
                             break
@@ -679,18 +686,32 @@ class RabbitMQBus(EventBus):
                     found.append(PartitionState(consumer.name, partition,
                                                 owners.get(partition), depth))
                 if consumer.whole_log:
-                    found.append(await _log_queue_state(connection, consumer))
+                    found.append(await _log_queue_state(probe, consumer))
         return found
 
     @contextlib.asynccontextmanager
     async def _short_channel(self) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-        try:
-            connection = await aio_pika.connect(self.url, timeout=self.timeout)
-        except _BROKER_ERRORS as exc:
-            raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+        """A plain connection for passive declares (not the robust one, which would declare
+        them again after a reconnection). While the bus runs it is kept from one call to
+        the next (the sampler asks every few seconds: a connection each time was a
+        handshake with the broker each time); a stopped bus opens one for the call."""
+        kept = self._connection is not None and not self._stopping
+        connection = self._probing if kept else None
+        if connection is None or connection.is_closed:
+            try:
+                connection = await aio_pika.connect(self.url, timeout=self.timeout)
+            except _BROKER_ERRORS as exc:
+                raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+            if kept:
+                self._probing = connection
         try:
             yield connection
-        finally:
+        except BaseException:
+            if connection is self._probing:
+                self._probing = None
+            await connection.close()
+            raise
+        if connection is not self._probing:
             await connection.close()
 
     def owned_partitions(self, consumer: str) -> list[int]:
@@ -1046,25 +1067,33 @@ class RabbitMQBus(EventBus):
             await connection.close()
 
 
-async def _queue_counts(
-    connection: aio_pika.abc.AbstractConnection, queue: str
-) -> tuple[int, int] | None:
-    """(messages ready, consumers) of a queue; None if it is missing."""
-    try:
-        channel = await connection.channel()
-        declared = (await channel.declare_queue(queue, passive=True)).declaration_result
-        await channel.close()
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    return declared.message_count or 0, declared.consumer_count or 0
+class _QueueProbe:
+    """Passive declares of queues on one channel of a short-lived connection: (messages
+    ready, consumers) of each, None for a missing one. The broker closes the channel on a
+    missing queue (404), so the next probe opens another; otherwise one channel serves
+    them all (a channel per queue made every sample, every 5 s, four round trips a queue:
+    a service's idle broker traffic)."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self._connection = connection
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def counts(self, queue: str) -> tuple[int, int] | None:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            declared = (await self._channel.declare_queue(queue, passive=True)
+                        ).declaration_result
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._channel = None
+            return None
+        return declared.message_count or 0, declared.consumer_count or 0
 
 
-async def _log_queue_state(
-    connection: aio_pika.abc.AbstractConnection, consumer: _Consumer
-) -> PartitionState:
+async def _log_queue_state(probe: _QueueProbe, consumer: _Consumer) -> PartitionState:
     """What waits in a consumer's queue of shipped batches, and how many processes consume
     it (None where it is missing)."""
-    counts = await _queue_counts(connection, consumer.log_queue)
+    counts = await probe.counts(consumer.log_queue)
     if counts is None:
         return PartitionState(consumer.name, None, None, None)
     ready, consumers = counts
