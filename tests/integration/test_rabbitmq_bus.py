@@ -614,6 +614,9 @@ async def test_a_running_bus_asks_for_its_partitions_on_one_kept_connection(
     for _ in range(3):
         assert [s.depth for s in await bus.partition_states()] == [0, 0]
     assert len(opened) == 1 and not opened[0].is_closed
+    # ... and on one channel, not one more per call (the broker caps a connection's).
+    assert opened[0].transport is not None
+    assert len(opened[0].transport.connection.channels) == 1
     await bus.stop()
     assert opened[0].is_closed
     assert [s.depth for s in await bus.partition_states()] == [0, 0]  # stopped: its own

@@ -440,8 +440,7 @@ class SqliteEventStore(EventStore):
                 return None
             finally:
                 self._commits += conn.total_changes != changes
-            if appends_alone:
-                self._inserted += (e for r in done if isinstance(r, list) for e in r)
+            self._inserted += (e for r in done if isinstance(r, list) for e in r)
             return done
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -238,8 +238,8 @@ class RabbitMQBus(EventBus):
         self._balancer: asyncio.Task[None] | None = None
         self._consumers: dict[str, _Consumer] = {}
         self._connection: AbstractRobustConnection | None = None
-        self._probing: aio_pika.abc.AbstractConnection | None = None
-        """The plain connection partition_states asks the broker on while the bus runs."""
+        self._probe: _QueueProbe | None = None
+        """What partition_states asks the broker with while the bus runs (see _probing)."""
         # The robust connection only holds its channels weakly (to restore them after a
         # reconnection); these references keep them alive as long as the bus runs.
         self._channels: list[AbstractChannel] = []
@@ -457,10 +457,10 @@ class RabbitMQBus(EventBus):
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
-        probing, self._probing = self._probing, None
-        if probing is not None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
             with contextlib.suppress(*_BROKER_ERRORS):
-                await probing.close()
+                await probe.close()
         self._default = self._events = self._dlx = self._log = None
         self._channels.clear()
         for consumer in self._consumers.values():
@@ -666,8 +666,7 @@ class RabbitMQBus(EventBus):
         """Owners from the leases; depths from the broker (None where a queue is missing,
         say before any process of the service declared it)."""
         found: list[PartitionState] = []
-        async with self._short_channel() as connection:
-            probe = _QueueProbe(connection)
+        async with self._probing() as probe:
             for consumer in sorted(self._consumers.values(), key=lambda c: c.name):
                 owners = {lease.partition: lease.owner
                           for lease in await leases(self.store, consumer.queue)}
@@ -690,29 +689,31 @@ class RabbitMQBus(EventBus):
         return found
 
     @contextlib.asynccontextmanager
-    async def _short_channel(self) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-        """A plain connection for passive declares (not the robust one, which would declare
-        them again after a reconnection). While the bus runs it is kept from one call to
-        the next (the sampler asks every few seconds: a connection each time was a
-        handshake with the broker each time); a stopped bus opens one for the call."""
+    async def _probing(self) -> AsyncIterator[_QueueProbe]:
+        """A probe on a plain connection (not the robust one, which would declare the
+        queues again after a reconnection). While the bus runs it is kept, with its
+        connection and channel, from one call to the next (the sampler asks every few
+        seconds: a connection each time was a handshake with the broker each time); a
+        stopped bus opens one for the call."""
         kept = self._connection is not None and not self._stopping
-        connection = self._probing if kept else None
-        if connection is None or connection.is_closed:
+        probe = self._probe if kept else None
+        if probe is None or probe.is_closed:
             try:
                 connection = await aio_pika.connect(self.url, timeout=self.timeout)
             except _BROKER_ERRORS as exc:
                 raise Unavailable(f"RabbitMQ is unreachable: {exc!r}") from exc
+            probe = _QueueProbe(connection)
             if kept:
-                self._probing = connection
+                self._probe = probe
         try:
-            yield connection
+            yield probe
         except BaseException:
-            if connection is self._probing:
-                self._probing = None
-            await connection.close()
+            if probe is self._probe:
+                self._probe = None
+            await probe.close()
             raise
-        if connection is not self._probing:
-            await connection.close()
+        if probe is not self._probe:
+            await probe.close()
 
     def owned_partitions(self, consumer: str) -> list[int]:
         """The partitions of `consumer` this process consumes now."""
@@ -1068,15 +1069,24 @@ class RabbitMQBus(EventBus):
 
 
 class _QueueProbe:
-    """Passive declares of queues on one channel of a short-lived connection: (messages
-    ready, consumers) of each, None for a missing one. The broker closes the channel on a
-    missing queue (404), so the next probe opens another; otherwise one channel serves
-    them all (a channel per queue made every sample, every 5 s, four round trips a queue:
-    a service's idle broker traffic)."""
+    """Passive declares of queues on one channel of its own connection: (messages ready,
+    consumers) of each, None for a missing one. The broker closes the channel on a missing
+    queue (404), so the next probe opens another; otherwise one channel serves them all (a
+    channel per queue made every sample, every 5 s, four round trips a queue: a service's
+    idle broker traffic)."""
 
     def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
         self._connection = connection
         self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._connection.is_closed)
+
+    async def close(self) -> None:
+        """Close its connection, and with it its channel."""
+        self._channel = None
+        await self._connection.close()
 
     async def counts(self, queue: str) -> tuple[int, int] | None:
         if self._channel is None or self._channel.is_closed:
