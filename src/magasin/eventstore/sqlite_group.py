@@ -145,6 +145,30 @@ def appends_alone(p: _Plan, *, outbox: bool) -> bool:
             and not p.documents and sum(len(op.events) for _, op in p.appends) <= ROWS)
 
 
+def append_alone(
+    conn: sqlite3.Connection, op: Append, known: KnownState
+) -> list[RecordedEvent] | None:
+    """A unit of work that is one append, written as one INSERT in autocommit from what the
+    writer knows (the log's head, the stream's version), with no plan of a group around it:
+    a lone writer's append (bench/eventstore.py append_1_writer). None when it cannot be
+    (nothing written): what the writer knows is not trusted, the stream's version is not
+    known, the INSERT collides (another connection committed since, or an event id is
+    stored already), or the expected version looks wrong (it may be stale: the general
+    path answers exactly, under the write lock). Safe for the reasons of `appends_alone`."""
+    head = known.head
+    if head is None or not op.events or len(op.events) > ROWS or not known.trusted():
+        return None
+    versions = _known_versions(known, [(0, op)])
+    if versions is None:
+        return None
+    recorded: list[list[RecordedEvent]] = [[]]
+    try:
+        _insert(conn, [(0, op)], recorded, False, versions, head)
+    except (Unmergeable, ConcurrencyError):
+        return None
+    return recorded[0]
+
+
 def single_statement_is_atomic(p: _Plan) -> bool:
     """True when the plan is one statement that writes everything or nothing, so it needs
     no BEGIN/COMMIT around it (a checkpoint moved alone, documents written alone)."""
