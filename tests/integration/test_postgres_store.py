@@ -530,7 +530,8 @@ LOAD_EVENTS = 50_000
 HOT_STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     # The two statements of magasin_append (sql/postgres.sql) that read a table.
     "append: ids stored?": (
-        "SELECT count(*) FROM events WHERE event_id = ANY ($1::text[])", (["x", "y"],)),
+        "SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ANY ($1::text[]))",
+        (["x", "y"],)),
     "append: move a stream": (
         "UPDATE streams AS s SET version = s.version + $3 WHERE s.stream_id = $1 "
         "AND s.version = $2", ("sale-7", 10, 1)),
