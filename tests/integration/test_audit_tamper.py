@@ -82,6 +82,19 @@ async def test_every_event_is_chained_once_and_verifies(store: EventStore) -> No
     assert {e["event_id"] for e in trail} == {e.event_id for e in events[4:6]}
 
 
+async def test_a_sale_chained_by_two_sequencers_in_turn_keeps_its_whole_trail(
+    store: EventStore,
+) -> None:
+    """A sequencer that did not chain a sale's first entries (after a restart, or another
+    audit process) extends the trail those entries left, not a new one."""
+    await audited(store, 2, drain=False)  # pending: t0's two entries, then t1's two
+    assert await log.Sequencer(store, batch=3).step() == 3  # t0's and t1's first
+    assert await log.Sequencer(store, batch=3).step() == 1  # t1's last, by a newcomer
+    trail = await log.trail(store, "t1")
+    assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+    assert (await log.verify(store))["ok"] is True
+
+
 async def test_entries_appended_while_verify_runs_do_not_look_like_tampering(
     store: EventStore,
 ) -> None:

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from magasin.audit import domain
@@ -178,7 +178,7 @@ class Sequencer:
         if not pending:
             return 0
         sequence, last = int(head["sequence"]), str(head["hash"])
-        trails: dict[str, list[int]] = {}
+        trails = await self._trails_of(entry.get("correlation_id") for _, entry in pending)
         try:
             async with self.store.transaction() as uow:
                 for key, entry in pending:
@@ -188,9 +188,7 @@ class Sequencer:
                     uow.put_document(ENTRIES, entry_key(sequence), linked)
                     uow.delete_document(PENDING, key)
                     if cid := entry.get("correlation_id"):
-                        trail = trails.get(cid)
-                        if trail is None:
-                            trail = trails[cid] = await self._trail(uow, cid)
+                        trail = trails[cid]
                         trail.append(sequence)
                         uow.put_document(TRAILS, cid, {"sequences": list(trail)})
                 uow.set_checkpoint(CHAIN, sequence, expected=int(head["sequence"]))
@@ -206,12 +204,22 @@ class Sequencer:
             self._trails.popitem(last=False)
         return len(pending)
 
-    async def _trail(self, uow: UnitOfWork, cid: str) -> list[int]:
-        known = self._trails.get(cid)
-        if known is not None:
-            return list(known)
-        doc = await uow.get_document(TRAILS, cid) or {"sequences": []}
-        return [int(n) for n in doc["sequences"]]
+    async def _trails_of(self, cids: Iterable[str | None]) -> dict[str, list[int]]:
+        """The trails of these correlation ids as they stand: those this sequencer wrote
+        last from memory, the others in one read (a sale's first entries find none)."""
+        trails: dict[str, list[int]] = {}
+        unknown: list[tuple[str, str]] = []
+        for cid in dict.fromkeys(filter(None, cids)):
+            known = self._trails.get(cid)
+            if known is None:
+                unknown.append((TRAILS, cid))
+            else:
+                trails[cid] = list(known)
+        found = await self.store.get_documents(unknown) if unknown else {}
+        for pair in unknown:
+            doc = found.get(pair) or {"sequences": []}
+            trails[pair[1]] = [int(n) for n in doc["sequences"]]
+        return trails
 
     async def drain(self) -> int:
         """Chain until nothing is pending (for tests and shutdown)."""
