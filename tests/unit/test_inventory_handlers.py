@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore_service import history
 from magasin.inventory.commands import expire_reservations, expiry_loop, restock
 from magasin.inventory.handlers import handlers
@@ -334,6 +335,23 @@ async def test_a_cancellation_before_the_payment_voids_the_reservation(
     assert [r.outcome for r in results] == [Outcome.HANDLED] * 2
     [voided] = await harness.emitted(ReservationVoided)
     assert voided.reason == "transaction_cancelled"
+    assert await harness.emitted(InventoryReserved, InventoryUnavailable) == []
+    assert await stock(harness, "P1") == (5, 0, 5)
+    assert (await reservation(harness, "T1"))["status"] == "VOIDED"
+
+
+async def test_a_cancellation_another_process_handled_first_still_voids_the_reservation(
+    harness: Harness,
+) -> None:
+    """The payment's delivery takes the sale's reservation for missing without reading it
+    (this process never saw it): the voided one another process wrote makes that commit
+    fail, and the retry reads it and reserves nothing."""
+    await stocked(harness, P1=5)
+    assert isinstance(harness.store, SqliteEventStore)
+    async with SqliteEventStore(harness.store.path) as other:
+        await send(Harness(other), "T1", cancelled("T1"))
+    assert [r.outcome for r in await send(harness, "T1", paid("T1", ("P1", 2)))] == [
+        Outcome.HANDLED]
     assert await harness.emitted(InventoryReserved, InventoryUnavailable) == []
     assert await stock(harness, "P1") == (5, 0, 5)
     assert (await reservation(harness, "T1"))["status"] == "VOIDED"

@@ -122,7 +122,11 @@ class Repository(Generic[A]):
     def stream(self, ident: str) -> str:
         return stream_id(self.cls.stream_type, ident)
 
-    async def find(self, uow: UnitOfWork, ident: str) -> A | None:
+    async def find(self, uow: UnitOfWork, ident: str, *, likely_new: bool = False) -> A | None:
+        """The aggregate, None if its stream does not exist. `likely_new`: the caller
+        creates it when it is missing and expects to (a handler of the message that starts
+        it): in a unit of work that may guess (`UnitOfWork.guesses_new`), a stream this
+        process knows nothing of is then taken for missing without a read."""
         key = self.stream(ident)
         cached = uow.identity.get(key)
         if cached is not None:
@@ -131,6 +135,13 @@ class Repository(Generic[A]):
         store = uow.store
         cache = _cache_of(store)
         known = cache.get(key)
+        if (known is None and likely_new and uow.guesses_new
+                and store.known_version(key) is None and store.seen_version(key) is None):
+            # Checked at commit: a save appends the stream expecting none, and a unit that
+            # does not write it checks that it is still at 0 (`trust`). If it exists after
+            # all, the commit fails (ConcurrencyError) and the delivery's retry reads it.
+            uow.trust(key, 0)
+            return None
         every = snapshot_every(store)
         aggregate: A | None = None
         events: list[RecordedEvent] | None = None

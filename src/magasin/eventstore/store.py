@@ -166,6 +166,10 @@ class UnitOfWork:
         """Set by a unit that always commits (a delivery: its inbox mark): a Repository may
         then give it a cached aggregate without reading the stream, checked at commit
         (see `trust`; a read-only unit has no commit to check it)."""
+        self.guesses_new = False
+        """Set by a delivery's first attempt: a Repository may then take a stream its
+        handler expects to create for missing without reading it (`find(likely_new=True)`),
+        checked at commit; the retry after a conflict does not guess."""
         self.trusted: dict[str, tuple[int, int | None]] = {}
         """Streams this unit took at a version without reading them, and the log head this
         process knew then (see `trust`)."""

@@ -82,7 +82,7 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
     ) -> None:
         """Reserve a sale's stock once (choreography: PaymentProcessed; orchestration:
         ReserveStock); publishes InventoryReserved or InventoryUnavailable."""
-        if await readmodel.reservations.find(uow, transaction_id) is not None:
+        if await readmodel.reservations.find(uow, transaction_id, likely_new=True) is not None:
             return  # already reserved, refused, or voided by an earlier cancellation
         reservation = Reservation(transaction_id)
         lines = merge_lines(stock)

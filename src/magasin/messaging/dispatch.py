@@ -94,6 +94,7 @@ async def _deliver(
             try:
                 async with store.transaction(_causation(event, consumer)) as uow:
                     uow.trusts_cache = True  # it commits: the inbox mark
+                    uow.guesses_new = attempt == 1  # a conflict's retry reads instead
                     uow.mark_processed(consumer, event.event_id)
                     await handler(event, uow)
                     if extra is not None:
@@ -132,7 +133,8 @@ async def deliver_batch(
         events = _checked(schemas, events)
         for attempt in range(1, BATCH_CONFLICT_RETRIES + 1):
             try:
-                await _handle_together(store, consumer, handlers, events, extra)
+                await _handle_together(store, consumer, handlers, events, extra,
+                                       guess=attempt == 1)
                 break
             except ConcurrencyError:
                 # Another writer moved an aggregate the batch loaded (a competing consumer,
@@ -186,6 +188,7 @@ async def deliver_concurrently(
         async with slots:
             uow = UnitOfWork(store, _causation(event, consumer))
             uow.trusts_cache = True  # its operations commit with the others' below
+            uow.guesses_new = True  # a conflict sends each to `deliver`: its retry reads
             with tracing.handling(event, consumer), logs.delivering(event, consumer):
                 uow.mark_processed(consumer, event.event_id)
                 await handlers[event.type](event, uow)
@@ -218,9 +221,12 @@ async def _handle_together(
     handlers: Mapping[str, Handler],
     events: Sequence[RecordedEvent],
     extra: Callable[[UnitOfWork], None],
+    *,
+    guess: bool,
 ) -> None:
     async with store.transaction() as uow:
         uow.trusts_cache = True  # it commits: the inbox marks
+        uow.guesses_new = guess
         for event in events:
             with tracing.handling(event, consumer), logs.delivering(event, consumer):
                 uow.causation = _causation(event, consumer)

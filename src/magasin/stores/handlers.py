@@ -22,7 +22,7 @@ async def prepare(
 ) -> None:
     """OrderFulfilled if the store is open, else OrderFulfillmentFailed; once per sale
     (choreography: on InventoryReserved; orchestration: on PrepareOrder)."""
-    if await orders.find(uow, transaction_id) is not None:
+    if await orders.find(uow, transaction_id, likely_new=True) is not None:
         return  # a redelivery, or a second reservation message for the same sale
     order = Order(transaction_id)
     order.prepare(store_id, await stores.find(uow, store_id),
