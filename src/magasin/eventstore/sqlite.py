@@ -302,11 +302,8 @@ class SqliteEventStore(EventStore):
                 # here rather than pay the hop to the writer thread and back (which cost
                 # more than the write itself: bench/eventstore.py append_1_writer).
                 try:
-                    alone = self._append_alone(operations)
-                    if alone is not None:
-                        self._published(alone[-1].global_position, alone)
-                        return alone
-                    outcomes, last, fresh = self._apply_jobs([operations])
+                    outcomes, last, fresh = (self._append_alone(operations)
+                                             or self._apply_jobs([operations]))
                 except sqlite3.Error as exc:
                     raise StorageError(f"sqlite: {exc}") from exc
                 finally:
@@ -363,10 +360,12 @@ class SqliteEventStore(EventStore):
             self._new_events.set()
             self._new_events = asyncio.Event()
 
-    def _append_alone(self, operations: Sequence[Operation]) -> list[RecordedEvent] | None:
-        """A unit of work that is one append, the short way (sqlite_group.append_alone),
-        noting what it leaves behind for the readers; None if it must take the general path
-        (nothing written)."""
+    def _append_alone(
+        self, operations: Sequence[Operation]
+    ) -> tuple[list[list[RecordedEvent] | MagasinError], int, list[RecordedEvent]] | None:
+        """`_apply_jobs([operations])` the short way when the unit is one append
+        (sqlite_group.append_alone), noting what it leaves behind for the readers; None if
+        it must take the general path (nothing written)."""
         if self.outbox or len(operations) != 1 or type(op := operations[0]) is not Append:
             return None
         conn = self._wconn
@@ -379,7 +378,7 @@ class SqliteEventStore(EventStore):
         last = recorded[-1]
         self._known.settle(before, 1, {last.stream_id: last.stream_version}, {},
                            head=last.global_position)
-        return recorded
+        return [recorded], last.global_position, recorded
 
     def _apply_jobs(
         self, jobs: list[Sequence[Operation]]
