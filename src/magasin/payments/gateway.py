@@ -13,11 +13,19 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from magasin.eventstore.store import EventStore
-from magasin.shared.errors import AlreadyProcessed, BusinessRuleViolation, Conflict, Unavailable
+from magasin.shared.errors import (
+    AlreadyProcessed,
+    BusinessRuleViolation,
+    Conflict,
+    StorageError,
+    Unavailable,
+)
 from magasin.shared.ids import hex_id
 
 FAILING_METHOD = "FAIL_CARD"
@@ -78,6 +86,14 @@ class BankGateway(ABC):
         declined, refunded or not), or None when the bank never decided on that key."""
 
 
+@dataclass(slots=True)
+class _KeyLock:
+    """A key's lock and how many callers hold it or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _ChargeRequest:
     amount: int
@@ -132,7 +148,8 @@ class BankSimulator(BankGateway):
         self._refunds: dict[str, _Refund] = {}
         self._refunded: set[str] = set()
         self._ledger = ledger
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, _KeyLock] = {}
+        """One lock per key being decided on (see `_deciding`)."""
 
     @property
     def charges(self) -> list[Charge]:
@@ -154,14 +171,23 @@ class BankSimulator(BankGateway):
         self, idempotency_key: str, amount: int, currency: str, method: str
     ) -> Charge:
         await self._call()
-        async with self._lock:  # check-and-record is atomic for this process's callers
+        async with self._deciding(f"charge:{idempotency_key}"):
             answer = await self._charge(idempotency_key, _ChargeRequest(amount, currency, method))
         await self._answer()
         return answer
 
-    async def _charge(self, idempotency_key: str, request: _ChargeRequest) -> Charge:
+    async def _charge(
+        self, idempotency_key: str, request: _ChargeRequest, *, recall: bool = False
+    ) -> Charge:
+        """The key's charge: the one decided before, else a new decision recorded. A key
+        this instance does not remember is written without reading the books first: the
+        write's claim on the key fails if any client of this bank decided on it before
+        (a retry after a restart, another payment process), and then the books say what
+        was decided. A new key, the common case, costs one write and no read."""
         amount, method = request.amount, request.method
-        known = self._charges.get(idempotency_key) or await self._recall_charge(idempotency_key)
+        known = self._charges.get(idempotency_key)
+        if known is None and recall:
+            known = await self._recall_charge(idempotency_key)
         if known is not None:
             if known[0] != request:
                 raise Conflict(
@@ -177,9 +203,14 @@ class BankSimulator(BankGateway):
                 "approved": charge.approved, "reference": reference, "decline_reason": reason,
             })
         except AlreadyProcessed:
-            # Another client of this bank (a second payment process) decided on this key
-            # first: its answer is the bank's answer.
-            return await self._charge(idempotency_key, request)
+            # Decided on before (by this bank before a restart, or by another client of
+            # it): that answer is the bank's answer. A key is claimed with its answer, in
+            # one commit, so the books hold it now.
+            if recall:
+                raise StorageError(
+                    f"the bank's books claim key {idempotency_key!r} but hold no charge"
+                ) from None
+            return await self._charge(idempotency_key, request, recall=True)
         self._charges[idempotency_key] = (request, charge)
         if charge.approved:
             self._captured[reference] = amount
@@ -187,7 +218,8 @@ class BankSimulator(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         await self._call()
-        async with self._lock:
+        # By charge: two refunds of one charge (whatever their keys) are decided in turn.
+        async with self._deciding(f"refund:{reference}"):
             answer = await self._refund(idempotency_key, reference, amount)
         await self._answer()
         return answer
@@ -253,6 +285,24 @@ class BankSimulator(BankGateway):
         self._refunds[idempotency_key] = refund
         self._refunded.add(reference)
         return refund.reference
+
+    @asynccontextmanager
+    async def _deciding(self, key: str) -> AsyncIterator[None]:
+        """Check-and-record of one key is atomic for this process's callers; other keys'
+        decisions go on meanwhile (a process-wide lock made every charge wait for the
+        books' round trips of all the others). A key's lock is dropped once nobody holds
+        or waits for it."""
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[key]
 
     async def _write(self, collection: str, key: str, body: dict[str, Any]) -> None:
         if self._ledger is None:
