@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from magasin.eventstore.sqlite import SqliteEventStore
-from magasin.eventstore.store import Operation
 from magasin.payments.gateway import BankSimulator
 from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
-from magasin.shared.messages import RecordedEvent
 
 
 def bank(decline_rate: float = 0.0, seed: int | None = None) -> BankSimulator:
@@ -141,22 +138,15 @@ async def test_a_bank_with_a_ledger_is_one_bank_for_every_process_and_restart(
 
 
 class _Books(SqliteEventStore):
-    """A bank's books that count their reads and can hold the writes of chosen keys."""
+    """A bank's books that count their reads."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads = 0
-        self.held: dict[str, asyncio.Event] = {}
 
     async def get_document(self, collection: str, key: str) -> Any:
         self.reads += 1
         return await super().get_document(collection, key)
-
-    async def commit(self, operations: Sequence[Operation]) -> list[RecordedEvent]:
-        for key, gate in self.held.items():
-            if key in repr(operations):
-                await gate.wait()
-        return await super().commit(operations)
 
 
 async def test_a_new_key_is_charged_without_reading_the_books_and_a_known_one_from_them(
@@ -173,19 +163,3 @@ async def test_a_new_key_is_charged_without_reading_the_books_and_a_known_one_fr
             await BankSimulator(latency_s=0, ledger=books).charge("tx-1", 999, "CAD", "VISA")
         assert restarted.captured_total == 2500
 
-
-async def test_a_charge_waiting_on_the_books_holds_up_no_other_key(tmp_path: Path) -> None:
-    async with _Books(tmp_path / "bank.db") as books:
-        simulator = BankSimulator(latency_s=0, ledger=books)
-        books.held["tx-slow"] = gate = asyncio.Event()
-        slow = asyncio.create_task(simulator.charge("tx-slow", 2500, "CAD", "VISA"))
-        await asyncio.sleep(0.01)
-        async with asyncio.timeout(5):
-            fast = await simulator.charge("tx-fast", 1000, "CAD", "VISA")
-        assert fast.approved and not slow.done()
-        again = asyncio.create_task(simulator.charge("tx-slow", 2500, "CAD", "VISA"))
-        await asyncio.sleep(0.01)
-        assert not again.done()  # one key's decisions still go one at a time
-        gate.set()
-        assert await slow == await again
-        assert simulator.captured_total == 3500

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from magasin.eventstore.store import EventStore
@@ -86,14 +84,6 @@ class BankGateway(ABC):
         declined, refunded or not), or None when the bank never decided on that key."""
 
 
-@dataclass(slots=True)
-class _KeyLock:
-    """A key's lock and how many callers hold it or wait for it."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _ChargeRequest:
     amount: int
@@ -148,8 +138,7 @@ class BankSimulator(BankGateway):
         self._refunds: dict[str, _Refund] = {}
         self._refunded: set[str] = set()
         self._ledger = ledger
-        self._locks: dict[str, _KeyLock] = {}
-        """One lock per key being decided on (see `_deciding`)."""
+        self._lock = asyncio.Lock()
 
     @property
     def charges(self) -> list[Charge]:
@@ -171,7 +160,7 @@ class BankSimulator(BankGateway):
         self, idempotency_key: str, amount: int, currency: str, method: str
     ) -> Charge:
         await self._call()
-        async with self._deciding(f"charge:{idempotency_key}"):
+        async with self._lock:  # check-and-record is atomic for this process's callers
             answer = await self._charge(idempotency_key, _ChargeRequest(amount, currency, method))
         await self._answer()
         return answer
@@ -218,8 +207,7 @@ class BankSimulator(BankGateway):
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         await self._call()
-        # By charge: two refunds of one charge (whatever their keys) are decided in turn.
-        async with self._deciding(f"refund:{reference}"):
+        async with self._lock:
             answer = await self._refund(idempotency_key, reference, amount)
         await self._answer()
         return answer
@@ -285,24 +273,6 @@ class BankSimulator(BankGateway):
         self._refunds[idempotency_key] = refund
         self._refunded.add(reference)
         return refund.reference
-
-    @asynccontextmanager
-    async def _deciding(self, key: str) -> AsyncIterator[None]:
-        """Check-and-record of one key is atomic for this process's callers; other keys'
-        decisions go on meanwhile (a process-wide lock made every charge wait for the
-        books' round trips of all the others). A key's lock is dropped once nobody holds
-        or waits for it."""
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = _KeyLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[key]
 
     async def _write(self, collection: str, key: str, body: dict[str, Any]) -> None:
         if self._ledger is None:
