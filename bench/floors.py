@@ -11,7 +11,14 @@ bench/saga.py (which measures the HTTP and broker floors itself; this adds Postg
   round trips (publish+confirm+consume+ack) or bare commits take the time one saga takes,
   next to the budgets of deliveries and units of work per sale (tests/budget/budgets.py),
   and `ratio_vs_broker_ceiling` / `ratio_vs_pg_ceiling` = sagas/s over the rate the bare
-  floor would allow a sale that stayed within those budgets.
+  floor would allow a sale that stayed within those budgets;
+  `work_floor_sagas_per_s` = the rate the three bare floors together would allow for the
+  work this run counted per saga (`messages_per_saga` or `broker_deliveries_per_saga`,
+  whichever is more, as bare broker round trips; `commits_per_saga` as bare commits; one
+  bare HTTP sale), their times added since they share the machine's cores, and
+  `ratio_vs_work_floor` = sagas/s over it: how near the code is to what its drivers alone
+  would cost for the operations it does (the gap a redesign of those operations, not of
+  their count, could close).
 
     python bench/floors.py [--seconds 5]      # the PostgreSQL floor alone
 """
@@ -103,6 +110,20 @@ def ratios(out: dict[str, Any]) -> None:
             run["ratio_vs_pg_ceiling"] = round(rate / (pg / UNITS), 3)
         run["budget_deliveries_per_saga"] = DELIVERIES
         run["budget_units_of_work_per_saga"] = UNITS
+        floor = work_floor(run, http=http, broker=broker, pg=pg)
+        if floor and rate:
+            run["work_floor_sagas_per_s"] = round(floor, 1)
+            run["ratio_vs_work_floor"] = round(rate / floor, 3)
+
+
+def work_floor(run: dict[str, Any], *, http: float | None, broker: float | None,
+               pg: float | None) -> float | None:
+    """Sagas/s the bare floors allow for the operations `run` counted per saga."""
+    if not (http and broker and pg):
+        return None
+    roundtrips = max(run.get("messages_per_saga", 0.0), run.get("broker_deliveries_per_saga", 0.0))
+    seconds = roundtrips / broker + run.get("commits_per_saga", 0.0) / pg + 1 / http
+    return 1 / seconds
 
 
 async def add_floors_and_ratios(out: dict[str, Any], seconds: float) -> None:
