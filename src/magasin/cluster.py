@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from honcho.manager import Manager
@@ -119,9 +119,26 @@ def plan(settings: Settings, host: str, port: int, scale: Mapping[str, int],
 # -- the servers and the database ------------------------------------------------------------
 
 
+def _socket_directory(url: str) -> str | None:
+    """The directory of the server's Unix socket when `url` names one as its host,
+    percent-encoded (`postgresql://user@%2Fvar%2Frun%2Fpostgresql/db`, as libpq and
+    asyncpg read it), else None."""
+    host = unquote(urlsplit(url).netloc.rpartition("@")[2])
+    if host.startswith("/"):
+        return host.rsplit(":", 1)[0] if ":" in host else host
+    return None
+
+
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
+    directory = _socket_directory(url)
     try:
+        if directory is not None:
+            # libpq's name for the socket of the server listening on that port.
+            with socket.socket(socket.AF_UNIX) as unix:
+                unix.settimeout(2)
+                unix.connect(f"{directory}/.s.PGSQL.{parts.port or default_port}")
+            return True
         with socket.create_connection((parts.hostname or "127.0.0.1",
                                        parts.port or default_port), timeout=2):
             return True
@@ -130,7 +147,8 @@ def _reachable(url: str, default_port: int) -> bool:
 
 
 def _local(url: str) -> bool:
-    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return (_socket_directory(url) is not None
+            or urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 def ensure_servers(settings: Settings, say: Any) -> None:

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from magasin.bootstrap import SERVICES
-from magasin.cluster import check_connections, commands, environment, parse_scale, plan
+from magasin.cluster import (
+    check_connections,
+    commands,
+    ensure_servers,
+    environment,
+    parse_scale,
+    plan,
+)
 from magasin.config import Settings
 from magasin.eventstore.connections import ServerLimits, per_cluster, refusal
 from magasin.shared.errors import ConfigurationError
@@ -116,3 +123,26 @@ def test_cluster_up_refuses_a_scale_the_server_cannot_serve(tmp_path: Path) -> N
     assert "leaving 37" in (check_connections(four, 4, busy) or "")
     env = environment(four, {})
     assert env["MAGASIN_PG_CLUSTER_PROCESSES"] == "9"
+
+
+def test_a_database_url_naming_the_server_s_unix_socket_is_reachable(tmp_path: Path) -> None:
+    """libpq and asyncpg take a socket directory, percent-encoded, as the URL's host."""
+    with contextlib.ExitStack() as held:
+        unix = held.enter_context(socket.socket(socket.AF_UNIX))
+        unix.bind(str(tmp_path / ".s.PGSQL.5432"))
+        unix.listen()
+        broker = held.enter_context(socket.socket())
+        broker.bind(("127.0.0.1", 0))
+        broker.listen()
+        directory = str(tmp_path).replace("/", "%2F")
+        settings = Settings(database_url=f"postgresql://postgres@{directory}/magasin",
+                            amqp_url=f"amqp://guest:guest@127.0.0.1:{broker.getsockname()[1]}/")
+        said: list[str] = []
+
+        ensure_servers(settings, said.append)  # reachable: nothing to start, no error
+
+        assert said == []
+        missing = Settings(database_url=f"postgresql://postgres@{directory}:5999/magasin",
+                           amqp_url=settings.amqp_url)
+        with pytest.raises(ConfigurationError, match="PostgreSQL is unreachable"):
+            ensure_servers(missing, said.append)
