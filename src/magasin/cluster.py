@@ -125,7 +125,7 @@ def _socket_directory(url: str) -> str | None:
     asyncpg read it), else None."""
     host = unquote(urlsplit(url).netloc.rpartition("@")[2])
     if host.startswith("/"):
-        return host.rsplit(":", 1)[0] if ":" in host else host
+        return host.rsplit(":", 1)[0]  # without the port, if the URL gives one
     return None
 
 

@@ -165,45 +165,43 @@ class BankSimulator(BankGateway):
         await self._answer()
         return answer
 
-    async def _charge(
-        self, idempotency_key: str, request: _ChargeRequest, *, recall: bool = False
-    ) -> Charge:
-        """The key's charge: the one decided before, else a new decision recorded. A key
-        this instance does not remember is written without reading the books first: the
-        write's claim on the key fails if any client of this bank decided on it before
-        (a retry after a restart, another payment process), and then the books say what
-        was decided. A new key, the common case, costs one write and no read."""
-        amount, method = request.amount, request.method
-        known = self._charges.get(idempotency_key)
-        if known is None and recall:
-            known = await self._recall_charge(idempotency_key)
-        if known is not None:
-            if known[0] != request:
-                raise Conflict(
-                    f"idempotency key {idempotency_key!r} was used for a different charge"
-                )
-            return known[1]
+    async def _charge(self, idempotency_key: str, request: _ChargeRequest) -> Charge:
+        """The key's charge: the one this instance remembers, else a new decision (or the
+        one the books hold, see `_decide`); a different request on the key is a conflict."""
+        known = self._charges.get(idempotency_key) or await self._decide(idempotency_key,
+                                                                         request)
+        if known[0] != request:
+            raise Conflict(f"idempotency key {idempotency_key!r} was used for a different charge")
+        return known[1]
+
+    async def _decide(
+        self, idempotency_key: str, request: _ChargeRequest
+    ) -> tuple[_ChargeRequest, Charge]:
+        """Decide on a key this instance does not remember and record it, without reading
+        the books first: the write's claim on the key fails if any client of this bank
+        decided on it before (a retry after a restart, another payment process), and the
+        books then hold that decision (a key is claimed with its answer, in one commit). A
+        new key, every sale's case, costs one write and no read."""
         reference = f"CH-{hex_id()[:16].upper()}"
-        reason = self._decline_reason(amount, method)
+        reason = self._decline_reason(request.amount, request.method)
         charge = Charge(approved=reason is None, reference=reference, decline_reason=reason)
         try:
             await self._write(CHARGES, idempotency_key, {
-                "amount": amount, "currency": request.currency, "method": method,
-                "approved": charge.approved, "reference": reference, "decline_reason": reason,
+                "amount": request.amount, "currency": request.currency,
+                "method": request.method, "approved": charge.approved,
+                "reference": reference, "decline_reason": reason,
             })
         except AlreadyProcessed:
-            # Decided on before (by this bank before a restart, or by another client of
-            # it): that answer is the bank's answer. A key is claimed with its answer, in
-            # one commit, so the books hold it now.
-            if recall:
+            known = await self._recall_charge(idempotency_key)
+            if known is None:
                 raise StorageError(
                     f"the bank's books claim key {idempotency_key!r} but hold no charge"
                 ) from None
-            return await self._charge(idempotency_key, request, recall=True)
+            return known
         self._charges[idempotency_key] = (request, charge)
         if charge.approved:
-            self._captured[reference] = amount
-        return charge
+            self._captured[reference] = request.amount
+        return request, charge
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
         await self._call()
