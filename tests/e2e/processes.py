@@ -45,20 +45,32 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999
 
 
+_HANDED_OUT: set[int] = set()
+"""The ports free_port gave in this run. A process given one does not listen on it until it
+has started, so the probe alone would find it free for the next caller: two processes of a
+cluster then raced for one port (in a CI run, a payment process and a transaction process
+got the same one; the transaction process died on the bind, the payment process answered
+its health check, and the gateway sent sales to the payment service)."""
+
+
 def free_port() -> int:
-    """A port nobody listens on right now, outside the kernel's ephemeral range: a process
-    killed and started again on it finds it free. (A port from that range, the kernel's
-    pick for port 0, may meanwhile become the source port of any outgoing connection, or
-    another server's `port=0`: the restart would then fail, or a client reach a stranger.)"""
+    """A port nobody listens on right now, outside the kernel's ephemeral range, and not
+    given before in this run (see _HANDED_OUT): a process killed and started again on it
+    finds it free. (A port from that range, the kernel's pick for port 0, may meanwhile
+    become the source port of any outgoing connection, or another server's `port=0`: the
+    restart would then fail, or a client reach a stranger.)"""
     low, _ = _ephemeral_ports()
     while True:
         port = random.randrange(max(1024, low - 12_000), low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue  # taken: another pick
-            return port
+        _HANDED_OUT.add(port)
+        return port
 
 
 class ServiceProcess:
