@@ -19,7 +19,7 @@ from magasin.messaging.bus import EventBus, RetryPolicy
 from magasin.messaging.inprocess import InProcessBus
 from magasin.observability.sampler import sample_forever
 from magasin.service import Service, ServiceContext
-from magasin.shared.events import SCHEMAS
+from magasin.shared.events import CONSUMED, SCHEMAS
 
 if TYPE_CHECKING:
     from magasin.messaging.outbox import OutboxRelay
@@ -148,8 +148,11 @@ class Runtime:
         )
         # A store without outbox (the event store service's archive) has nothing to relay:
         # a relay there would only claim an empty outbox after every commit.
+        # Only the messages some consumer handles go to the broker; the rest reach the
+        # whole log's consumers in the relay's shipped batches (shared.events.CONSUMED).
         relay = (OutboxRelay(store, bus, batch_size=settings.outbox_batch_size,
-                             ship_delay=settings.archive_linger_s)
+                             ship_delay=settings.archive_linger_s,
+                             publishes=None if settings.publish_all else CONSUMED)
                  if store.outbox else None)
         ctx = ServiceContext(store, settings, mode="distributed")
         return cls("distributed", settings, store, bus, [build_service(service, ctx)], relay)

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         "before it ships them, as one message, to the consumers of every event (the audit, "
         "the event store's archive), s.",
     )
+    publish_all: bool = Field(
+        False, description="Distributed: publish every stored event to the events exchange, "
+        "not only the messages some service consumes (`shared.events.CONSUMED`): for "
+        "consumers outside magasin bound to a context's internal events (StockReserved...).",
+    )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API.")
     api_keys: str = Field(

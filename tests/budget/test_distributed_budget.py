@@ -9,6 +9,9 @@ What is counted, and from where:
   service, or `AuditEntryRecorded` events where the chain was in a log), and those in the
   business log: `AuditEntryRecorded` events published on the bus or appended to any log but
   the audit service's own;
+- messages published: events and commands the outbox relays published to the events
+  exchange (`magasin_events_published_total`); a context's internal events are not (see
+  `shared.events.CONSUMED`), they reach the audit and the archive in the shipped batches;
 - broker deliveries: messages the broker delivered to the consumers of every process
   (`magasin_broker_deliveries_total`): one per event to a service's consumers, one per
   shipped batch to the consumers of the whole log (the audit, the archive), and the dead
@@ -256,6 +259,7 @@ async def test_a_sale_of_the_demo_mix_stays_within_its_distributed_budget(
                           + sum(n for k, n in logged.items() if k.endswith(f":{AUDIT}"))) / SALES,
         "audit records in the business log":
             (delta["published"][AUDIT] + audit_elsewhere) / SALES,
+        "messages published": sum(delta["published"].values()) / SALES,
         "broker deliveries": sum(delta["deliveries"].values()) / SALES,
         "units of work": sum(delta["units"].values()) / SALES,
         "PostgreSQL statements": sum(delta["statements"].values()) / SALES,

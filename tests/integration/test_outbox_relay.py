@@ -206,6 +206,39 @@ def _published(spy: SpyBus, n: int) -> bool:
     return sum(spy.batches) == n
 
 
+async def test_a_relay_publishes_only_the_consumed_types_and_ships_every_event(
+    outbox_store: EventStore, make_bus: MakeBus, amqp_url: str, amqp_namespace: str
+) -> None:
+    spy = SpyBus(await make_bus(amqp_url))
+    relay = OutboxRelay(outbox_store, spy, batch_size=100, poll_interval=0.05, ship_delay=0.1,
+                        publishes={"ItemAdded"})
+    async with (Tap(amqp_url, f"{amqp_namespace}.events", "#") as events,
+                Tap(amqp_url, f"{amqp_namespace}.log", "") as log):
+        # A commit with both kinds, then one whose events nobody consumes.
+        mixed = await outbox_store.append("cart-1", [
+            NewEvent("ItemAdded", {"sku": "a", "qty": 1}),
+            NewEvent("ItemPriced", {"sku": "a", "price": 3}),
+            NewEvent("ItemAdded", {"sku": "b", "qty": 1}),
+        ])
+        unconsumed = await outbox_store.append("cart-2", [NewEvent("ItemPriced", {"sku": "c"})])
+        await relay.start()
+        try:
+            received = await events.take(2)
+            async with asyncio.timeout(WAIT):
+                while sum(len(decode_envelopes(m.body)) for m in log.messages) < 4:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # time for anything else to arrive
+        finally:
+            await relay.stop()
+    assert [m.message_id for m in received] == [mixed[0].event_id, mixed[2].event_id]
+    assert len(events.messages) == 2, "an event of a type nobody consumes was published"
+    assert sum(spy.batches) == 2
+    shipped = [e.event_id for m in log.messages for e in decode_envelopes(m.body)]
+    assert shipped == [e.event_id for e in [*mixed, *unconsumed]]
+    assert await pending(outbox_store) == []
+    assert await outbox_store.outbox_backlog(log=True) == 0
+
+
 async def test_what_a_stopped_relay_published_but_did_not_ship_is_shipped_by_the_next(
     outbox_store: EventStore, make_bus: MakeBus, amqp_url: str, amqp_namespace: str
 ) -> None:

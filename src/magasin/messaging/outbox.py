@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from magasin.eventstore.store import EventStore, LogReader
@@ -29,6 +29,11 @@ class OutboxRelay:
     commit per batch rather than one per event. It also ships what waits there at start,
     every `sweep_interval` (what another process of the service left, dying) and at stop.
 
+    With `publishes`, only the events of those types go to the bus's consumers: the others
+    (what a context records for its own aggregates, which no other context handles) are
+    marked sent unpublished, and reach the whole log's consumers in the shipped batches
+    like every event. None publishes every event.
+
     A crash between the publish (or the shipping) and the mark leaves the events pending, so
     they are published again: consumers see a duplicate (their inbox absorbs it), never a
     gap. While the bus is unreachable the events stay pending and the relay retries with
@@ -46,6 +51,7 @@ class OutboxRelay:
         max_backoff: float = 30.0,
         ship_delay: float = 0.2,
         sweep_interval: float = 30.0,
+        publishes: Collection[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -57,6 +63,7 @@ class OutboxRelay:
         self.max_backoff = max_backoff
         self.ship_delay = ship_delay
         self.sweep_interval = sweep_interval
+        self.publishes = None if publishes is None else frozenset(publishes)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._published = asyncio.Event()
@@ -94,13 +101,16 @@ class OutboxRelay:
                         exc)
 
     async def relay_once(self) -> int:
-        """Publish one batch of pending events; returns how many (0: the outbox was empty)."""
+        """Publish one batch of pending events (those of `publishes`; the others are only
+        marked); returns how many it took (0: the outbox was empty)."""
         async with self.store.outbox_batch(self.batch_size, read=self.read) as events:
-            if events:
+            sent = (events if self.publishes is None
+                    else [e for e in events if e.type in self.publishes])
+            if sent:
                 started = time.perf_counter()
-                kinds = [(e.type, e.metadata) for e in events]
+                kinds = [(e.type, e.metadata) for e in sent]
                 try:
-                    await self.bus.publish(events)
+                    await self.bus.publish(sent)
                 except Exception:
                     metrics.published(kinds, "failed")
                     raise
@@ -125,7 +135,7 @@ class OutboxRelay:
         return total
 
     async def drain(self) -> int:
-        """Publish until the outbox is empty; returns how many events were published."""
+        """Publish until the outbox is empty; returns how many events it took."""
         total = 0
         while published := await self.relay_once():
             total += published

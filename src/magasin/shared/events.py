@@ -271,8 +271,9 @@ class ChargeReconciled:
 
 
 # -- internal events: facts an aggregate keeps in its own stream ---------------------------
-# Published like every stored event (the event store and audit services see them), but no
-# other business service subscribes to them.
+# No consumer of a business service handles them (SagaAborted aside: see CONSUMED), so a
+# relay does not publish them; the event store and the audit get them in the shipped
+# batches of the whole log, like every event.
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,3 +541,18 @@ for _event_type in (*ALL_EVENTS, *ALL_COMMANDS):
     # Every process knows every message, commands included: the audit trail and the event
     # store archive the orchestrator's decisions and commands like any other event.
     SCHEMAS.register(_event_type.__name__, _event_type)
+
+CONSUMED: frozenset[str] = frozenset({
+    "TransactionCreated", "TransactionCompleted", "TransactionCancelled", "SagaAborted",
+    "PaymentProcessed", "PaymentFailed", "PaymentRefunded",
+    "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "ReservationExpired",
+    "OrderFulfilled", "OrderFulfillmentFailed",
+    "StoreRegistered", "ProductAdded", "ProductPriceChanged",
+    *(command.__name__ for command in ALL_COMMANDS),
+})
+"""The messages some consumer of a business service handles (its registry has them): in
+distributed mode the outbox relays publish these, and only these, to the broker. The others
+stay in the log of the service that recorded them, which ships them with every event to the
+consumers of the whole log (the audit, the event store's archive); `MAGASIN_PUBLISH_ALL`
+publishes them too, for consumers outside magasin. A handler for another type needs it here
+(tests/unit/test_published_messages.py checks it against every registry)."""
