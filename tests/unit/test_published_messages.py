@@ -32,3 +32,12 @@ def test_the_published_messages_are_exactly_those_some_business_consumer_handles
     assert not unhandled, f"published, but no consumer handles them: {sorted(unhandled)}"
     assert not CONSUMED - SCHEMAS.types
 
+
+
+@pytest.mark.parametrize(("publish_all", "published"), [(False, CONSUMED), (True, None)])
+def test_a_distributed_service_s_relay_publishes_what_the_setting_says(
+    publish_all: bool, published: frozenset[str] | None
+) -> None:
+    runtime = Runtime.distributed(Settings(publish_all=publish_all), "inventory")
+    assert runtime.relay is not None
+    assert runtime.relay.publishes == published
