@@ -118,7 +118,11 @@ class Runtime:
         # the log (embedded, the bus's), so each event is read once, not once per projection.
         window = bus.window if isinstance(bus, InProcessBus) else LogWindow(store, 2000)
         projections = [p for s in services for p in s.projections]
-        self.projections = ProjectionRunner(store, projections, window=window)
+        # Distributed, every commit of a projection is a round trip and a magasin_commit
+        # call: the ones that are not inline gather what comes during a linger into one.
+        self.projections = ProjectionRunner(
+            store, projections, window=window,
+            linger=settings.projection_linger_s if mode == "distributed" else 0.0)
         if relay is not None:  # the relay reads what it publishes through the same window
             relay.read = window.read
         # The inline ones are applied in the units of work that append their events: their

@@ -21,6 +21,7 @@ from magasin.projections import (
     rebuild,
 )
 from magasin.projections import projection as projection_module
+from magasin.projections import runner as runner_module
 from magasin.projections.projection import DocumentCache, fenced, generation_name, project
 from magasin.projections.rebuild import MEMORY_LIMIT
 from magasin.projections.runner import status_of
@@ -91,6 +92,36 @@ async def test_a_runner_commits_each_batch_with_its_checkpoint(store: EventStore
 
     assert await documents(store) == {
         "alice": {"balance": 30, "deposits": 2}, "bob": {"balance": 5, "deposits": 1},
+    }
+
+
+async def test_a_lingering_runner_commits_what_came_meanwhile_in_one_batch(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real = runner_module.commit_batch
+
+    async def counted(store: EventStore, projection: Projection, unit: ProjectionUnit,
+                      after: int, through: int, generation: int) -> None:
+        await real(store, projection, unit, after, through, generation)
+        batches.append(through - after)
+
+    monkeypatch.setattr(runner_module, "commit_batch", counted)
+    projection = accounts()
+    runner = ProjectionRunner(store, [projection], poll_interval=0.05, linger=2.0)
+    await runner.start()
+    try:
+        await deposit(store, "alice", 10)  # the first after a quiet spell: projected at once
+        await until(lambda: caught_up(store, projection))
+        for n in range(1, 6):  # five commits while the runner lingers
+            await deposit(store, "bob", n)
+        await until(lambda: caught_up(store, projection))
+    finally:
+        await runner.stop()
+
+    assert batches == [1, 5]
+    assert await documents(store) == {
+        "alice": {"balance": 10, "deposits": 1}, "bob": {"balance": 15, "deposits": 5},
     }
 
 

@@ -84,7 +84,15 @@ class ProjectionRunner:
     """Runs `projections` over `store`'s log until stopped. They follow `window`, a window
     of the log's tail (the in-process bus shares its own), which reads the log and wakes
     each projection at the commits of the events it handles; without one they read with
-    `read` (store.read_all by default) and wake at every commit."""
+    `read` (store.read_all by default) and wake at every commit.
+
+    With `linger` (seconds), a projection that is not inline waits that long after each
+    batch it commits before it reads again, so that the events of the sales meanwhile go in
+    its next commit: at most one commit per `linger` under load, none added when idle (the
+    first events after a quiet spell are projected at once, and a backlog is read on without
+    waiting), and its documents trail the log by up to `linger` more. The distributed
+    runtime sets it (MAGASIN_PROJECTION_LINGER_S): there every commit is a database round
+    trip and a `magasin_commit` call."""
 
     def __init__(
         self,
@@ -95,7 +103,10 @@ class ProjectionRunner:
         read: Reader | None = None,
         page_size: int = 500,
         poll_interval: float = 0.5,
+        linger: float = 0.0,
     ) -> None:
+        if linger < 0:
+            raise ValueError("linger must be >= 0 seconds")
         names = [p.name for p in projections]
         if len(set(names)) != len(names):
             raise ValueError(f"projection names repeat: {names}")
@@ -106,6 +117,7 @@ class ProjectionRunner:
                               lambda after, limit: store.read_all(after=after, limit=limit))
         self._page = page_size
         self._poll = poll_interval
+        self._linger = linger
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._tails = {p.name: _Tail(p) for p in projections}
@@ -223,6 +235,10 @@ class ProjectionRunner:
                     saved, saved_at = end, clock()
                 position = (end, generation)
                 failures = 0
+                if mine and not inline and self._linger and len(page) < self._page:
+                    # Caught up with a commit: let the next sales' events gather (a full
+                    # page is a backlog, read on at once).
+                    await asyncio.sleep(self._linger)
             except ConcurrencyError:
                 # A swap or another process moved it (committed a batch, or moved it over
                 # events ignored here while this runner's move failed): go on from there.
