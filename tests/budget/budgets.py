@@ -22,7 +22,7 @@ EMBEDDED = {
 DISTRIBUTED = {
     "business events appended": 10.0,
     "audit records in the business log": 0.0,
-    # Only the messages another context's consumer handles (shared.events.CONSUMED): 4.8
+    # Only the messages some service's consumer handles (shared.events.CONSUMED): 4.8
     # per sale; all 9.4 events of a sale were published before.
     "messages published": 6.0,
     "broker deliveries": 14.0,
