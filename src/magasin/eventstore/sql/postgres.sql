@@ -160,9 +160,14 @@ BEGIN
             CONTINUE;
         END IF;
 
-        -- Allocated one by one in array order, so positions grow with stream versions.
-        v_positions := ARRAY(SELECT nextval('events_global_position_seq')
-                             FROM generate_series(1, n));
+        -- Allocated one by one in array order, so positions grow with stream versions. One
+        -- event (most appends) takes an expression, not a query: no executor start-up.
+        IF n = 1 THEN
+            v_positions := ARRAY[nextval('events_global_position_seq')];
+        ELSE
+            v_positions := ARRAY(SELECT nextval('events_global_position_seq')
+                                 FROM generate_series(1, n));
+        END IF;
         INSERT INTO events (global_position, event_id, stream_id, stream_version, type,
                             schema_version, occurred_at, correlation_id, causation_id,
                             traceparent, metadata, payload)
@@ -268,7 +273,7 @@ BEGIN
                             p_schema_versions, p_occurred_at, p_correlation_ids,
                             p_causation_ids, p_traceparents, p_metadata,
                             p_payloads) AS a;
-        IF EXISTS (SELECT 1 FROM unnest(o_outcomes) AS o WHERE o <> 0) THEN
+        IF NOT 0 = ALL (o_outcomes) THEN  -- an expression, not a query over unnest()
             RAISE EXCEPTION 'append refused' USING ERRCODE = 'MG002',
                 DETAIL = array_to_string(o_outcomes, ',') || ';'
                          || array_to_string(o_versions, ',', '');
