@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from magasin.observability import logging as logs
+from magasin.observability.http import RequestObservability
 from magasin.shared.messages import RecordedEvent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -75,7 +76,7 @@ async def test_lines_logged_while_serving_a_request_carry_its_correlation_id() -
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append(logs.context())
 
-    middleware = logs.LogContextMiddleware(app)
+    middleware = RequestObservability(app)
     scope = {"type": "http", "method": "POST", "path": "/api/transactions",
              "headers": [(b"x-correlation-id", b"order-42")]}
     await middleware(scope, None, None)
@@ -97,7 +98,7 @@ async def test_a_request_s_lines_and_answer_carry_its_request_id() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    middleware = logs.LogContextMiddleware(app)
+    middleware = RequestObservability(app)
     for given in (b"gw-7f3a", b"", b"bad id with spaces", b"x" * 300):
         scope = {"type": "http", "method": "GET", "path": "/api/stores",
                  "headers": [(b"x-request-id", given)]}

@@ -16,8 +16,6 @@ from magasin.api.auth import parse_keys, require_api_key
 from magasin.bootstrap import Runtime
 from magasin.console import routes as console
 from magasin.observability import http as observability_http
-from magasin.observability.logging import LogContextMiddleware
-from magasin.observability.tracing import TracingMiddleware
 from magasin.projections.api import router as projections_router
 from magasin.shared.errors import MagasinError
 
@@ -42,8 +40,6 @@ def create_app(runtime: Runtime, keys: frozenset[str]) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     observability_http.install(app)
-    app.add_middleware(LogContextMiddleware)
-    app.add_middleware(TracingMiddleware)  # outermost: request metrics see its trace
     for service in runtime.services:
         if service.router is not None:
             app.include_router(service.router, dependencies=[Depends(require_api_key)])

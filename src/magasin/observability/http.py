@@ -1,4 +1,5 @@
-"""HTTP side of the metrics: the request-metrics middleware and the `/metrics` endpoint."""
+"""HTTP side of observability: the middleware every request passes (span, log context,
+metrics) and the `/metrics` endpoint."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import time
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from magasin.observability import metrics
+from magasin.observability import logging as logs
+from magasin.observability import metrics, tracing
 
 UNMATCHED = "<unmatched>"
 """Route label of requests no route matched: raw paths would make the label unbounded."""
 
 
-class RequestMetrics:
-    """Counts and times each HTTP request by method, route template and status."""
+class RequestObservability:
+    """ASGI middleware: how each HTTP request is observed, in one layer. Its server span
+    (when tracing is on), its log context and `X-Request-Id`, and its metrics (count and
+    duration by method, route template and status, with the trace as exemplar).
+
+    One layer and one wrapper around `send`, not one per concern: every chunk of a
+    followed sale's event stream passes through it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -25,19 +32,26 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500  # what the client gets if the app dies before answering
+        context, request_id = logs.serving(scope)
+        header = (b"x-request-id", request_id.encode("ascii"))
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            # The router stores the matched route in the scope it was given (this one).
-            route = getattr(scope.get("route"), "path", UNMATCHED)
-            metrics.http_request(scope["method"], route, status, time.perf_counter() - started)
+        with tracing.server_span(scope) as span, context:
+            tracing.tag_current_span("http.request.header.x-request-id", (request_id,))
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                # The router stores the matched route in the scope it was given (this one).
+                route = getattr(scope.get("route"), "path", None)
+                tracing.end_server_span(span, scope["method"], route, status)
+                metrics.http_request(scope["method"], route or UNMATCHED, status,
+                                     time.perf_counter() - started)
 
 
 async def scrape(request: Request) -> Response:
@@ -47,7 +61,7 @@ async def scrape(request: Request) -> Response:
 
 
 def install(app: FastAPI) -> None:
-    """Add the request-metrics middleware and `GET /metrics` to `app`."""
-    app.add_middleware(RequestMetrics)
+    """Add the request middleware and `GET /metrics` to `app`."""
+    app.add_middleware(RequestObservability)
     app.add_api_route("/metrics", scrape, methods=["GET"], tags=["health"],
                       response_class=Response)

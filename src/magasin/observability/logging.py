@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from magasin.observability import tracing
 from magasin.shared.ids import hex_id
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import Scope
 
     from magasin.shared.messages import RecordedEvent
 
@@ -106,42 +105,26 @@ def _request_id(value: bytes) -> str | None:
     return None
 
 
-class LogContextMiddleware:
-    """ASGI middleware: log lines written while serving a request carry its method, path,
-    request id and the caller's `X-Correlation-ID` when it sends one.
+def serving(scope: Scope) -> tuple[AbstractContextManager[None], str]:
+    """The log context of serving one HTTP request, and its request id: lines logged while
+    serving it carry its method, path, request id and the caller's `X-Correlation-ID` when
+    it sends one (`magasin.observability.http.RequestObservability` opens it).
 
     The request id is the caller's `X-Request-Id` (the gateway sets one on every request it
     passes), or one made here; it goes back in the answer's `X-Request-Id` and onto the
     request's span (`http.request.header.x-request-id`), so a log line, a trace and the
     gateway's access log of one request can be found from each other."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        fields = {"http_method": scope["method"], "http_path": scope["path"]}
-        request_id = None
-        for key, value in scope.get("headers", ()):
-            if key == b"x-correlation-id":
-                fields["correlation_id"] = value.decode("latin-1")[:200]
-            elif key == b"x-request-id":
-                request_id = _request_id(value)
-        if request_id is None:
-            request_id = hex_id()
-        fields["request_id"] = request_id
-        tracing.tag_current_span("http.request.header.x-request-id", (request_id,))
-        header = (b"x-request-id", request_id.encode("ascii"))
-
-        async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        with _Delivering(fields):
-            await self.app(scope, receive, sending)
+    fields = {"http_method": scope["method"], "http_path": scope["path"]}
+    request_id = None
+    for key, value in scope.get("headers", ()):
+        if key == b"x-correlation-id":
+            fields["correlation_id"] = value.decode("latin-1")[:200]
+        elif key == b"x-request-id":
+            request_id = _request_id(value)
+    if request_id is None:
+        request_id = hex_id()
+    fields["request_id"] = request_id
+    return _Delivering(fields), request_id
 
 
 class JsonFormatter(logging.Formatter):

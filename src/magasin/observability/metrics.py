@@ -232,6 +232,20 @@ STORE_COMMITS = Counter(
 )
 
 
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, kept: prometheus_client checks and locks on every call
+    (1.9 us for four labels, 0.1 us from here), and the choke points below run per event.
+    Their labels are bounded (types, consumers, route templates), and so is this map."""
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def published(
     events: Iterable[tuple[str, Mapping[str, Any]]], outcome: str, seconds: float | None = None
 ) -> None:
@@ -240,24 +254,24 @@ def published(
     for event_type, metadata in events:
         who = publisher_of(metadata)
         services.add(who)
-        EVENTS_PUBLISHED.labels(event_type, who, outcome).inc()
+        _child(EVENTS_PUBLISHED, event_type, who, outcome).inc()
     if seconds is not None:
         for who in services:
-            PUBLISH_DURATION.labels(who).observe(seconds)
+            _child(PUBLISH_DURATION, who).observe(seconds)
 
 
 def consumed(consumer: str, event_type: str, outcome: str, seconds: float) -> None:
     """Count one delivery to `consumer` and how long it took."""
     service = service_of(consumer)
-    EVENTS_CONSUMED.labels(event_type, consumer, service, outcome).inc()
-    HANDLING_DURATION.labels(consumer, service).observe(seconds, _exemplar())
+    _child(EVENTS_CONSUMED, event_type, consumer, service, outcome).inc()
+    _child(HANDLING_DURATION, consumer, service).observe(seconds, _exemplar())
     if outcome == "duplicate":
         INBOX_DUPLICATES.labels(consumer, service).inc()
 
 
 def delivered(consumer: str, kind: str) -> None:
     """Count one message the broker delivered to `consumer`."""
-    BROKER_DELIVERIES.labels(consumer, service_of(consumer), kind).inc()
+    _child(BROKER_DELIVERIES, consumer, service_of(consumer), kind).inc()
 
 
 def retried(consumer: str) -> None:
@@ -275,8 +289,8 @@ def watch_breaker(name: str, state: Callable[[], str]) -> None:
 
 
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_DURATION.labels(method, route).observe(seconds, _exemplar())
+    _child(HTTP_REQUESTS, method, route, str(status)).inc()
+    _child(HTTP_DURATION, method, route).observe(seconds, _exemplar())
 
 
 def exposition(accept: str | None) -> tuple[bytes, str]:

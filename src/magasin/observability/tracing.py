@@ -1,6 +1,6 @@
 """Distributed tracing (OpenTelemetry): one trace per transaction, across services.
 
-Spans: the HTTP request (`ASGI middleware`), each publish to the bus (`publishing`), each
+Spans: the HTTP request (`server_span`), each publish to the bus (`publishing`), each
 handler (`handling`, a child of the span whose traceparent the event carries) and each bank
 call (`TracedBank`). Context travels as W3C `traceparent` in the stored events and in the
 RabbitMQ headers, so it survives retries and restarts.
@@ -26,7 +26,7 @@ from magasin.shared.commands import mode_of
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import Scope
 
     from magasin.shared.messages import RecordedEvent
 
@@ -216,41 +216,32 @@ def tag_current_span(key: str, value: str | Sequence[str]) -> None:
         span.set_attribute(key, value)
 
 
-class TracingMiddleware:
-    """ASGI middleware: a server span per HTTP request, continuing the caller's
-    `traceparent` header when it sends one. Passes straight through when tracing is off."""
+def server_span(scope: Scope) -> AbstractContextManager[Any]:
+    """The server span of an HTTP request, continuing the caller's `traceparent` header when
+    it sends one (`magasin.observability.http.RequestObservability` opens it); a no-op
+    yielding None when tracing is off."""
+    if _tracer is None:
+        return _NOTHING
+    from opentelemetry.trace import SpanKind
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    header = next((v.decode("latin-1") for k, v in scope.get("headers", ())
+                   if k == b"traceparent"), None)
+    method, path = scope["method"], scope["path"]
+    return _tracer.start_as_current_span(
+        f"{method} {path}", context=_parent(header), kind=SpanKind.SERVER,
+        attributes={"http.request.method": method, "url.path": path},
+    )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _tracer is None or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", ())
-                       if k == b"traceparent"), None)
-        method, path = scope["method"], scope["path"]
-        status = 500
+def end_server_span(current: Span | None, method: str, route: str | None, status: int) -> None:
+    """Name the request's span after the route that served it and record the answer."""
+    if current is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
 
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        with _tracer.start_as_current_span(
-            f"{method} {path}", context=_parent(header), kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": path},
-        ) as current:
-            try:
-                await self.app(scope, receive, sending)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    current.update_name(f"{method} {route}")
-                    current.set_attribute("http.route", route)
-                current.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    current.set_status(Status(StatusCode.ERROR))
+    if route:
+        current.update_name(f"{method} {route}")
+        current.set_attribute("http.route", route)
+    current.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        current.set_status(Status(StatusCode.ERROR))
