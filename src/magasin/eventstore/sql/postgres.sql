@@ -238,8 +238,9 @@ CREATE OR REPLACE FUNCTION magasin_commit(
     OUT o_positions       bigint[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    v_actual bigint;
-    v_index  bigint;
+    v_actual   bigint;
+    v_index    bigint;
+    v_appended record;
 BEGIN
     FOR i IN 1 .. coalesce(cardinality(p_inbox_ids), 0) LOOP
         INSERT INTO inbox (consumer, event_id) VALUES (p_inbox_consumers[i], p_inbox_ids[i])
@@ -267,12 +268,14 @@ BEGIN
     o_versions := '{}';
     o_positions := '{}';
     IF coalesce(cardinality(p_unit_ends), 0) > 0 THEN
-        SELECT a.o_outcomes, a.o_versions, a.o_positions
-        INTO o_outcomes, o_versions, o_positions
-        FROM magasin_append(p_unit_ends, p_stream_ids, p_expected, p_event_ids, p_types,
-                            p_schema_versions, p_occurred_at, p_correlation_ids,
-                            p_causation_ids, p_traceparents, p_metadata,
-                            p_payloads) AS a;
+        -- An assignment from a call, not a SELECT ... FROM the function: no executor.
+        v_appended := magasin_append(p_unit_ends, p_stream_ids, p_expected, p_event_ids,
+                                     p_types, p_schema_versions, p_occurred_at,
+                                     p_correlation_ids, p_causation_ids, p_traceparents,
+                                     p_metadata, p_payloads);
+        o_outcomes := v_appended.o_outcomes;
+        o_versions := v_appended.o_versions;
+        o_positions := v_appended.o_positions;
         IF NOT 0 = ALL (o_outcomes) THEN  -- an expression, not a query over unnest()
             RAISE EXCEPTION 'append refused' USING ERRCODE = 'MG002',
                 DETAIL = array_to_string(o_outcomes, ',') || ';'
