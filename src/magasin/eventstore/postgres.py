@@ -649,23 +649,27 @@ class PostgresEventStore(EventStore):
         events = [e for op in appends for e in op.events]
         metadata = [dumps(e.metadata) for e in events]
         payloads = [dumps(e.payload) for e in events]
+        arguments = (
+            [m.consumer for m in marks], [m.event_id for m in marks],
+            list(accumulate(len(op.events) for op in appends)),
+            [op.stream_id for op in appends], [op.expected_version for op in appends],
+            [e.event_id for e in events], [e.type for e in events],
+            [e.schema_version for e in events], [e.occurred_at for e in events],
+            [e.correlation_id for e in events], [e.causation_id for e in events],
+            [e.traceparent for e in events], metadata, payloads,
+            [c.name for c in checkpoints], [c.position for c in checkpoints],
+            [c.expected for c in checkpoints],
+            [d.collection for d in docs], [d.key for d in docs],
+            [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
+            [c.stream_id for c in checks], [c.version for c in checks],
+            [c.before for c in checks],
+        )
         try:
+            # An empty array goes as NULL (the function reads both as none): asyncpg encodes
+            # a NULL for nothing, an empty array with its header and element type, and most
+            # of the 23 are empty in a unit (155 -> 131 us of client CPU a call, measured).
             _, versions, positions = await conn.fetchrow(
-                _COMMIT,
-                [m.consumer for m in marks], [m.event_id for m in marks],
-                list(accumulate(len(op.events) for op in appends)),
-                [op.stream_id for op in appends], [op.expected_version for op in appends],
-                [e.event_id for e in events], [e.type for e in events],
-                [e.schema_version for e in events], [e.occurred_at for e in events],
-                [e.correlation_id for e in events], [e.causation_id for e in events],
-                [e.traceparent for e in events], metadata, payloads,
-                [c.name for c in checkpoints], [c.position for c in checkpoints],
-                [c.expected for c in checkpoints],
-                [d.collection for d in docs], [d.key for d in docs],
-                [dumps(d.body) if isinstance(d, PutDocument) else None for d in docs],
-                [c.stream_id for c in checks], [c.version for c in checks],
-                [c.before for c in checks],
-            )
+                _COMMIT, *(values or None for values in arguments))
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == "MG001":
                 mark = marks[int(exc.detail) - 1]

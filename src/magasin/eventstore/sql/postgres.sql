@@ -193,7 +193,8 @@ $$;
 -- an append (DETAIL: outcomes;versions), MG003 a checkpoint (DETAIL: index;actual).
 -- Version checks (p_check_*: each stream must be at that version, 0 for none, before the
 -- appends; with a p_check_before, only its events up to that global position count) come
--- after the marks: MG004 (DETAIL: index;actual).
+-- after the marks: MG004 (DETAIL: index;actual). A NULL array is an empty one (the client
+-- sends NULL for none: cheaper to encode).
 -- Earlier versions had no p_checkpoint_expected, then no p_check_*, then a p_outbox: drop
 -- them rather than keep overloads.
 DROP FUNCTION IF EXISTS magasin_commit(text[], text[], integer[], text[], integer[], text[],
