@@ -69,9 +69,9 @@ def bind(**fields: str | None) -> Iterator[None]:
         _context.reset(token)
 
 
-class _Delivering:
-    """Context of one delivery; a plain class because it runs for every delivery (a
-    generator-based context manager costs several times more)."""
+class _Bound:
+    """The log context of one delivery or one HTTP request; a plain class because it runs
+    for every one of them (a generator-based context manager costs several times more)."""
 
     __slots__ = ("fields", "token")
 
@@ -92,7 +92,7 @@ def delivering(event: RecordedEvent, consumer: str) -> AbstractContextManager[No
         fields["correlation_id"] = event.correlation_id
     if event.traceparent is not None:
         fields["traceparent"] = event.traceparent
-    return _Delivering(fields)
+    return _Bound(fields)
 
 
 REQUEST_ID_MAX = 200
@@ -124,7 +124,7 @@ def serving(scope: Scope) -> tuple[AbstractContextManager[None], str]:
     if request_id is None:
         request_id = hex_id()
     fields["request_id"] = request_id
-    return _Delivering(fields), request_id
+    return _Bound(fields), request_id
 
 
 class JsonFormatter(logging.Formatter):
