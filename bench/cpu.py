@@ -2,7 +2,9 @@
 "CPU per sale ≤ 15 ms in all processes".
 
 `Usage.start(deployment)` snapshots the CPU time of every `magasin serve` process of the
-deployment (found by the ports `bench/cluster_up.py` reports), of the PostgreSQL backends
+deployment (found by the ports `bench/cluster_up.py` reports), of the other processes under
+`magasin cluster up` (the gateway's nginx master and workers, and the supervisor itself:
+every saga's requests pass the gateway), of the PostgreSQL backends
 serving its database, and of the RabbitMQ broker, and the sagas the transaction service
 finished so far (`magasin_sagas_finished_total`); `per_saga()` returns the differences
 divided by the sagas finished in between. PostgreSQL backends that appeared or ended in
@@ -18,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from cluster_up import Deployment
+from cluster_up import Deployment, descendants
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -54,6 +56,21 @@ def service_pids(deployment: Deployment) -> dict[str, int]:
     return found
 
 
+def other_pids(deployment: Deployment, services: dict[str, int]) -> dict[str, list[int]]:
+    """The deployment's processes that are not services: the gateway (nginx's master and
+    workers) and `magasin cluster up` itself with the helpers honcho forks for each process
+    it supervises."""
+    found: dict[str, list[int]] = {}
+    taken = set(services.values())
+    for pid in descendants(deployment.pid):
+        if pid in taken:
+            continue
+        args = _cmdline(str(pid))
+        gateway = bool(args) and "nginx" in Path(args[0].split()[0]).name
+        found.setdefault("gateway (nginx)" if gateway else "cluster up", []).append(pid)
+    return found
+
+
 def broker_pid() -> int | None:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if any(arg.endswith("beam.smp") for arg in _cmdline(pid)[:1]):
@@ -72,9 +89,11 @@ def _database_url(pid: int) -> str:
 class Usage:
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
-        self.pids = service_pids(deployment)
+        services = service_pids(deployment)
+        self.pids = {name: [pid] for name, pid in services.items()}
+        self.pids |= other_pids(deployment, services)
         self.broker = broker_pid()
-        self.database_url = _database_url(next(iter(self.pids.values())))
+        self.database_url = _database_url(next(iter(services.values())))
         self.before: dict[str, float] = {}
         self.backends: dict[int, float] = {}
         self.sagas_before = 0.0
@@ -88,7 +107,7 @@ class Usage:
         return usage
 
     def _processes(self) -> dict[str, float]:
-        cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        cpu = {name: sum(map(cpu_seconds, pids)) for name, pids in self.pids.items()}
         if self.broker is not None:
             cpu["rabbitmq (shared)"] = cpu_seconds(self.broker)
         return cpu

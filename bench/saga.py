@@ -29,8 +29,11 @@ CPU, from /proc: embedded, the server process; distributed, `magasin cluster up`
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
 
+`--runs n` measures n times and prints the median of each figure (the ratios: the median of
+those measured in each run against its own floors), every run kept under `runs`.
+
     python bench/saga.py [--seconds 10] [--concurrency 64] [--mode embedded|distributed]
-                         [--saga choreography|orchestration]
+                         [--saga choreography|orchestration] [--runs 3]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -382,7 +386,14 @@ async def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=20.0,
                         help="with --saga orchestration: sagas/s (open loop) at which both "
                         "coordinations' latencies are measured, the same load for both")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="measure this many times (each with its floors) and print the "
+                        "medians, with every run under `runs`: this machine is noisy")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.runs > 1 and args.saga == "orchestration":
+        parser.error("--runs measures the choreography alone")
     out: dict[str, Any] = {}
     if args.saga == "orchestration":
         modes = ("choreography", "orchestration")
@@ -403,6 +414,12 @@ async def main() -> None:
                 }
         print(json.dumps(out))
         return
+    runs = [await once(args) for _ in range(args.runs)]
+    print(json.dumps(runs[0] if len(runs) == 1 else {**medians(runs), "runs": runs}))
+
+
+async def once(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "embedded"):
             out["embedded"] = await embedded(
@@ -415,7 +432,23 @@ async def main() -> None:
         out["raw_http_sagas_per_s"] = round(
             await http_floor(Path(tmp), args.seconds / 2, args.concurrency), 1)
     await add_floors_and_ratios(out, args.seconds / 2)
-    print(json.dumps(out))
+    return out
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every number the runs report, under the same keys (a key some run
+    lacks is left out); each run keeps its own floors, so a ratio's median is the median of
+    the ratios measured in the same run, not a ratio of medians."""
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        values = [run[key] for run in runs if key in run]
+        if len(values) < len(runs):
+            continue
+        if isinstance(first, dict):
+            out[key] = medians(values)
+        elif isinstance(first, int | float) and not isinstance(first, bool):
+            out[key] = round(statistics.median(values), 3)
+    return out
 
 
 if __name__ == "__main__":
