@@ -360,10 +360,13 @@ async def _status_stream(
     sent, version = 0, 0
     with feed.follow(transaction_id) as changed:
         while loop.time() < deadline:
-            # The document this process just committed comes with the change; otherwise (the
-            # first read, another process's change) it is read. A sale just created may not
+            # The document this process just committed comes with the change, and at the
+            # start the one of the last change it committed (a sale it just created);
+            # otherwise (another process's change) it is read. A sale just created may not
             # be projected yet: it then has nothing to say.
             doc = changed.take()
+            if doc is None and version == 0:
+                doc = feed.last(transaction_id)  # this process's last change, at the start
             if doc is None or doc["version"] < version:
                 doc = await store.get_document(readmodel.TRANSACTIONS, transaction_id) or {
                     "history": [], "status": Status.PENDING.value, "reason": None,

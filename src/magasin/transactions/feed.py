@@ -4,7 +4,7 @@ hands every change to the clients watching all sales (the live feed)."""
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -13,6 +13,9 @@ LIVE_BUFFER = 2000
 """Changes a live client may fall behind by before it is told to reload."""
 RELOAD: Mapping[str, Any] = {}
 """Put in a watcher's queue (this very object) in place of the changes it dropped."""
+LAST_KEPT = 2048
+"""Sales whose last change this process remembers (`StatusFeed.last`): enough for the sales
+whose streams start right after their creation, the common case."""
 
 
 class Watcher:
@@ -61,15 +64,45 @@ class StatusFeed:
     def __init__(self) -> None:
         self._waiters: defaultdict[str, set[Follower]] = defaultdict(set)
         self._watchers: set[Watcher] = set()
+        self._last: OrderedDict[str, Mapping[str, Any] | int] = OrderedDict()
+        """By sale, the document of its last change this process was told of, or the
+        version that change reached when it came without its document."""
 
-    def changed(self, transaction_id: str, doc: Mapping[str, Any] | None = None) -> None:
+    def changed(
+        self, transaction_id: str, doc: Mapping[str, Any] | None = None, version: int = 0
+    ) -> None:
         """The sale changed: `doc` is its document as committed, when this process has it
-        (the followers then need not read it again)."""
+        (the followers then need not read it again); otherwise `version`, the sale's version
+        after the change, when known (0: unknown)."""
+        self._remember(transaction_id, doc, version)
         for waiter in self._waiters.get(transaction_id, ()):
             waiter.changed(doc)
         if doc is not None:
             for watcher in self._watchers:
                 watcher.offer(doc)
+
+    def _remember(self, tid: str, doc: Mapping[str, Any] | None, version: int) -> None:
+        known = self._last.get(tid, 0)
+        reached = known if isinstance(known, int) else int(known["version"])
+        if doc is not None and doc["version"] > reached:
+            self._last[tid] = doc
+        elif doc is None:
+            # Whatever document was kept is no longer known to be the last: keep the highest
+            # version heard of, so that an older document told later is not taken for it
+            # (this process's own change, told after another process's later one).
+            self._last[tid] = max(reached, version)
+        self._last.move_to_end(tid)
+        if len(self._last) > LAST_KEPT:
+            self._last.popitem(last=False)
+
+    def last(self, transaction_id: str) -> Mapping[str, Any] | None:
+        """The sale's document as of the last change this process was told of, when that
+        change came with it; None: read it. A change another process commits is told
+        without its document, so a document returned here may be one change behind
+        another process's commit that this process has not been told of yet; that change
+        reaches the followers when it is told (register with `follow` first)."""
+        doc = self._last.get(transaction_id)
+        return None if doc is None or isinstance(doc, int) else doc
 
     def followed(self, transaction_id: str) -> bool:
         """Whether a client follows this sale in this process."""

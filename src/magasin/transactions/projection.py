@@ -118,11 +118,9 @@ def projection(feed: StatusFeed | None = None) -> Projection:
     def _wake(unit: ProjectionUnit, tid: str, doc: dict[str, Any]) -> None:
         if feed is None:
             return
-        if not feed.watched and not feed.followed(tid):
-            unit.after_commit(lambda: feed.changed(tid))
-            return
         # The clients get this change as it is now (a later event of the same batch changes
-        # the document in place), and need not read it back.
+        # the document in place), and need not read it back; a client that starts following
+        # the sale later (its stream, right after the sale's creation) starts from it too.
         state = {**doc, "history": list(doc["history"])}
         unit.after_commit(lambda: feed.changed(tid, state))
 
@@ -138,13 +136,17 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         stream is on any of them)."""
         if feed is None:
             return
-        for tid in dict.fromkeys(e.payload["transaction_id"] for e in events
-                                 if e.type in handlers):
+        reached: dict[str, int] = {}
+        for e in events:
+            if e.type in handlers:
+                tid = e.payload["transaction_id"]
+                reached[tid] = max(reached.get(tid, 0), e.stream_version)
+        for tid, version in reached.items():
             if feed.watched:
                 doc = await store.get_document(TRANSACTIONS, tid)
                 if doc is not None:
                     feed.changed(tid, doc)
-            else:
-                feed.changed(tid)
+                    continue
+            feed.changed(tid, version=version)
 
     return Projection(NAME, handlers, (TRANSACTIONS,), elsewhere=elsewhere, inline=True)
