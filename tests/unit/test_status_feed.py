@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from magasin.transactions import feed as feed_module
 from magasin.transactions.feed import StatusFeed
 
@@ -44,7 +46,7 @@ def test_an_older_document_told_after_a_later_change_is_not_taken_for_the_last()
 
 
 def test_a_follower_is_handed_the_change_and_the_feed_forgets_the_oldest_sales(
-    monkeypatch: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(feed_module, "LAST_KEPT", 3)
     feed = StatusFeed()
