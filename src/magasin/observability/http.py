@@ -42,8 +42,7 @@ class RequestObservability:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        with tracing.server_span(scope) as span, context:
-            tracing.tag_current_span("http.request.header.x-request-id", (request_id,))
+        with tracing.server_span(scope, request_id) as span, context:
             try:
                 await self.app(scope, receive, sending)
             finally:

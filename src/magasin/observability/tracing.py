@@ -205,21 +205,11 @@ def span(name: str, attributes: Mapping[str, str | int]) -> AbstractContextManag
     return _tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes)
 
 
-def tag_current_span(key: str, value: str | Sequence[str]) -> None:
-    """Set an attribute on the current span, if tracing is on and a span is current."""
-    if _tracer is None:
-        return
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute(key, value)
-
-
-def server_span(scope: Scope) -> AbstractContextManager[Any]:
+def server_span(scope: Scope, request_id: str) -> AbstractContextManager[Any]:
     """The server span of an HTTP request, continuing the caller's `traceparent` header when
-    it sends one (`magasin.observability.http.RequestObservability` opens it); a no-op
-    yielding None when tracing is off."""
+    it sends one and carrying its request id (`http.request.header.x-request-id`);
+    `magasin.observability.http.RequestObservability` opens it. A no-op yielding None when
+    tracing is off."""
     if _tracer is None:
         return _NOTHING
     from opentelemetry.trace import SpanKind
@@ -229,7 +219,8 @@ def server_span(scope: Scope) -> AbstractContextManager[Any]:
     method, path = scope["method"], scope["path"]
     return _tracer.start_as_current_span(
         f"{method} {path}", context=_parent(header), kind=SpanKind.SERVER,
-        attributes={"http.request.method": method, "url.path": path},
+        attributes={"http.request.method": method, "url.path": path,
+                    "http.request.header.x-request-id": (request_id,)},
     )
 
 
