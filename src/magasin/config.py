@@ -108,14 +108,22 @@ class Settings(BaseSettings):
     reservation_sweep_s: float = Field(
         5.0, gt=0, description="How often expired reservations are looked for, seconds."
     )
+    deadline_order_s: float = Field(
+        120.0, gt=0, description="A choreographed saga whose order (payment, reservation, "
+        "preparation) is not reported prepared after this long is compensated."
+    )
     deadline_payment_s: float = Field(
-        60.0, gt=0, description="A saga waiting this long for its payment is compensated."
+        60.0, gt=0, description="A charge the bank could not take for this long fails "
+        "(bank_unavailable); an orchestrated saga waiting this long for its payment is "
+        "compensated."
     )
     deadline_reservation_s: float = Field(
-        30.0, gt=0, description="A paid saga waiting this long for its stock is compensated."
+        30.0, gt=0, description="An orchestrated paid saga waiting this long for its stock is "
+        "compensated."
     )
     deadline_fulfilment_s: float = Field(
-        30.0, gt=0, description="A reserved saga waiting this long for its order is compensated."
+        30.0, gt=0, description="An orchestrated reserved saga waiting this long for its order "
+        "is compensated."
     )
     deadline_compensation_s: float = Field(
         30.0, gt=0, description="A compensating saga not cancelled after this long has its "

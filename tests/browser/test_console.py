@@ -108,7 +108,7 @@ def test_the_live_sales_fit_a_phone(phone: Console, magasin: Magasin) -> None:
     phone.shot("04-live-sales")
 
 
-def test_a_sale_timeline_shows_every_service_and_replays_back_to_payment(
+def test_a_sale_timeline_shows_every_service_and_replays_the_sale_from_its_creation(
     desk: Console, magasin: Magasin
 ) -> None:
     sale = magasin.sell()
@@ -127,15 +127,18 @@ def test_a_sale_timeline_shows_every_service_and_replays_back_to_payment(
     trace = timeline.get_by_test_id("trace").get_by_role("link")
     expect(trace).to_have_attribute("href", re.compile(r"^http://traces\.invalid/trace/[0-9a-f]{32}$"))
 
+    # The sale's own stream: its creation, then its completion (a choreographed sale learns
+    # its payment and reservation from the store's OrderFulfilled).
     slider = timeline.get_by_test_id("replay-slider")
     expect(timeline.get_by_test_id("replay-status")).to_have_text("COMPLETED")
     slider.focus()
     page.keyboard.press("Home")
     expect(timeline.get_by_test_id("replay-status")).to_have_text("PENDING")
+    expect(timeline.get_by_test_id("replay")).to_contain_text("TransactionCreated")
+    desk.shot("05-timeline-replayed-to-creation")
     page.keyboard.press("ArrowRight")
-    expect(timeline.get_by_test_id("replay-status")).to_have_text("PAYMENT_PROCESSED")
-    expect(timeline.get_by_test_id("replay")).to_contain_text("PaymentRecorded")
-    desk.shot("05-timeline-replayed-to-payment")
+    expect(timeline.get_by_test_id("replay-status")).to_have_text("COMPLETED")
+    expect(timeline.get_by_test_id("replay")).to_contain_text("TransactionCompleted")
 
 
 def test_a_declined_card_shows_its_compensation(desk: Console, magasin: Magasin) -> None:

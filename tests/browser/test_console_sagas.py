@@ -1,5 +1,6 @@
-"""Stuck sagas in the console: a sale the bank does not answer waits at its payment step;
-a plain key sees it with no way to force it, an admin key forces its compensation."""
+"""Stuck sagas in the console: a sale the bank does not answer waits for its order (a
+choreographed sale's one step); a plain key sees it with no way to force it, an admin key
+forces its compensation."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ except ImportError:
 
 @pytest.fixture(scope="module")
 def magasin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Magasin]:
-    # The bank takes a minute to answer and the payment deadline is far: sales wait at their
-    # payment step for as long as the test needs.
+    # The bank takes a minute to answer and the deadlines are far: sales wait for their
+    # order for as long as the test needs.
     with magasin_up(tmp_path_factory.mktemp("sagas"), bank_latency_ms="60000",
-                    deadline_payment_s="600") as running:
+                    deadline_payment_s="600", deadline_order_s="600") as running:
         yield running
 
 
@@ -50,7 +51,7 @@ def test_a_plain_key_sees_a_stuck_saga_but_no_button_to_force_it(
         page = stuck_sagas(tab)
         row = page.locator(f'[data-testid="saga-row"][data-id="{sale}"]')
         expect(row).to_contain_text("PENDING")
-        expect(row).to_contain_text("payment")
+        expect(row).to_contain_text("order")
         expect(page.get_by_test_id("force-compensation")).to_have_count(0)
         expect(page.get_by_test_id("not-admin")).to_be_visible()
         tab.shot("15-stuck-saga-plain-key")

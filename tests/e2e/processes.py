@@ -30,7 +30,8 @@ OPTIONAL_SERVICES = ("audit", "eventstore")
 """Services a test may spawn on top of the four of the saga."""
 CONSUMERS = (
     "store", "inventory", "payment", "transaction", "transaction.catalog",
-    "transaction.notifier", "transaction.orchestrator", "audit", "eventstore",
+    "transaction.notifier", "transaction.orchestrator", "transaction.steps", "audit",
+    "eventstore",
 )
 """Every consumer the four services subscribe (N RabbitMQ partition queues each)."""
 HEALTH_TIMEOUT = 30.0

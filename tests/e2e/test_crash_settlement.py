@@ -43,6 +43,10 @@ def cluster(
         MAGASIN_API_KEYS=API_KEY, MAGASIN_BANK_LATENCY_MS="0",
         MAGASIN_BANK_ANSWER_LATENCY_MS=str(int(ANSWER_S * 1000)),
         MAGASIN_DEADLINE_PAYMENT_S="2", MAGASIN_DEADLINE_SWEEP_S="0.2",
+        # A sale is given up 4 s after its creation if its order is not prepared: long
+        # after the reservations' expiry (1 s), which must decide first when the store is
+        # down, and soon enough for a sale whose payment process was killed.
+        MAGASIN_DEADLINE_ORDER_S="4",
         MAGASIN_RECONCILE_EVERY_S="3600",  # the reconcilers under test are the CLI's
         MAGASIN_RESERVATION_TTL_S="1", MAGASIN_RESERVATION_SWEEP_S="0.1",
         MAGASIN_DEADLINE_FULFILMENT_S="600",  # the reservation's expiry decides first
@@ -103,7 +107,7 @@ async def test_a_charge_stranded_by_a_killed_payment_process_is_reconciled_exact
     payment = cluster.first("payment")
     payment.kill()  # before the answer arrives: nothing of it is committed on our side
     try:
-        async def given_up() -> bool:  # the payment deadline passes while payment is down
+        async def given_up() -> bool:  # the order's deadline passes while payment is down
             r = await magasin.client.get(f"{magasin.url}/api/sagas/{tid}")
             return r.status_code == 200 and r.json()["status"] == "CANCELLING"
 

@@ -790,8 +790,8 @@ async def test_a_refund_after_the_payment_service_restarted_finds_the_charge(
         sale = await magasin.sell(store, [(product, 2)])  # more than the stock
 
         async def charged() -> bool:
-            doc = await magasin.read(f"/api/transactions/{sale['transaction_id']}")
-            return bool(doc["status"] == "PAYMENT_PROCESSED")
+            doc = await magasin.payment(sale["transaction_id"])
+            return bool(doc["status"] == "CAPTURED")
 
         await eventually(charged)
         payment.kill()
@@ -820,7 +820,13 @@ async def test_every_completed_sale_reports_each_step_of_the_saga(magasin: Magas
 
 # -- 3b. stuck sagas: deadlines and forced compensation ----------------------------------
 
-DEFAULT_FULFILMENT_S = Settings.model_fields["deadline_fulfilment_s"].default
+AT_FULFILMENT = {"choreography": ("PENDING", "order"),
+                 "orchestration": ("INVENTORY_RESERVED", "fulfilment")}
+"""A reserved sale waiting for the store, as /api/sagas shows it: a choreographed sale hears
+nothing of its payment and reservation before its order, and has one deadline (`order`);
+an orchestrated one is at its fulfilment step."""
+DEFAULT_S = {"order": Settings.model_fields["deadline_order_s"].default,
+             "fulfilment": Settings.model_fields["deadline_fulfilment_s"].default}
 
 
 @asynccontextmanager
@@ -865,9 +871,12 @@ async def stuck_at_fulfilment(magasin: Magasin, store: str, stock: dict[str, int
     async def reserved() -> bool:
         saga = await magasin.read(f"/api/sagas/{tid}")
         orchestrator = saga.get("orchestrator") or {}
-        return bool(saga["status"] == "INVENTORY_RESERVED" and (
-            saga["mode"] != "orchestration"
-            or orchestrator.get("pending_command") == "PrepareOrder"))
+        held = await magasin.client.get(f"{magasin.url}/api/reservations/{tid}")
+        return bool(
+            held.status_code == 200 and held.json()["status"] == "RESERVED"
+            and saga["status"] == AT_FULFILMENT[saga["mode"]][0]
+            and (saga["mode"] != "orchestration"
+                 or orchestrator.get("pending_command") == "PrepareOrder"))
 
     try:
         await eventually(reserved, timeout=SAGA_TIMEOUT)
@@ -893,7 +902,10 @@ async def test_a_sale_the_store_never_prepares_is_compensated_at_its_deadline(
     magasin: Magasin, saga_mode: str
 ) -> None:
     cluster = magasin.cluster
-    short = {"MAGASIN_DEADLINE_FULFILMENT_S": "1", "MAGASIN_DEADLINE_SWEEP_S": "0.1"}
+    short = {"MAGASIN_DEADLINE_FULFILMENT_S": "1", "MAGASIN_DEADLINE_ORDER_S": "1",
+             "MAGASIN_DEADLINE_SWEEP_S": "0.1"}
+    waiting, step = AT_FULFILMENT[saga_mode]
+    reason = f"deadline:{step}"
     async with restarted(cluster.first("transaction"), **short):
         store, stock, probe = await stock_up(magasin, "Délai", {"A": 10})
         (product,) = stock
@@ -901,18 +913,18 @@ async def test_a_sale_the_store_never_prepares_is_compensated_at_its_deadline(
             sale = await magasin.sell(store, [(product, 3)])
             tid = sale["transaction_id"]
             final = await magasin.final(tid)
-            assert (final["status"], final["reason"]) == ("CANCELLED", "deadline:fulfilment")
+            assert (final["status"], final["reason"]) == ("CANCELLED", reason)
             steps = {h["status"]: datetime.fromisoformat(h["at"]) for h in final["history"]}
-            assert list(steps)[-3:] == ["INVENTORY_RESERVED", "CANCELLING", "CANCELLED"]
-            # Given up at the configured deadline (1 s), well before the default one (30 s).
-            waited = steps["CANCELLING"] - steps["INVENTORY_RESERVED"]
-            assert timedelta(seconds=1) <= waited < timedelta(seconds=DEFAULT_FULFILMENT_S)
+            assert list(steps)[-3:] == [waiting, "CANCELLING", "CANCELLED"]
+            # Given up at the configured deadline (1 s), well before the default one.
+            waited = steps["CANCELLING"] - steps[waiting]
+            assert timedelta(seconds=1) <= waited < timedelta(seconds=DEFAULT_S[step])
         await refused_late(magasin, tid)
 
     outcomes = await assert_books_balance(magasin, store, stock, [probe, sale])
-    assert outcomes == Counter({"declined": 1, "deadline:fulfilment": 1})
+    assert outcomes == Counter({"declined": 1, reason: 1})
     payment = await magasin.payment(tid)
-    assert (payment["status"], payment["reason"]) == ("REFUNDED", "deadline:fulfilment")
+    assert (payment["status"], payment["reason"]) == ("REFUNDED", reason)
     reservation = await magasin.read(f"/api/reservations/{tid}")
     assert reservation["status"] == "RELEASED"
     # Orchestrated, the deadline goes to the orchestrator, which compensates in order.
@@ -930,7 +942,8 @@ async def test_an_admin_forces_the_compensation_of_a_stuck_sale_through_the_gate
         sale = await stuck_at_fulfilment(magasin, store, stock)
         tid = sale["transaction_id"]
         saga = await magasin.ok("GET", f"/api/sagas/{tid}")
-        assert (saga["step"], saga["mode"]) == ("fulfilment", saga_mode)
+        step = AT_FULFILMENT[saga_mode][1]
+        assert (saga["step"], saga["mode"]) == (step, saga_mode)
         if saga_mode == "orchestration":
             assert saga["orchestrator"]["pending_command"] == "PrepareOrder"
 
@@ -938,8 +951,7 @@ async def test_an_admin_forces_the_compensation_of_a_stuck_sale_through_the_gate
         assert (await magasin.client.post(url)).status_code == 403  # not an admin key
         forced = await magasin.client.post(url, headers={"X-API-Key": ADMIN_KEY})
         assert forced.status_code == 202, forced.text
-        assert (forced.json()["reason"], forced.json()["aborted_step"]) == (
-            "forced", "fulfilment")
+        assert (forced.json()["reason"], forced.json()["aborted_step"]) == ("forced", step)
 
         final = await magasin.final(tid)
         assert (final["status"], final["reason"]) == ("CANCELLED", "forced")
@@ -1056,8 +1068,9 @@ async def test_every_201_s_location_answers_200_at_once_through_the_gateway(
 async def test_a_sale_s_status_streams_through_the_gateway_as_it_changes(
     magasin: Magasin, cluster: Cluster
 ) -> None:
-    """The stream shows the payment while the sale provably cannot go further (its
-    inventory service is down), then the rest once the service is back."""
+    """The stream shows the sale pending while it provably cannot go further (paid, its
+    inventory service down), then every step once the service is back: a choreographed
+    sale learns its payment and reservation with its order, and its history lists them."""
     store, stock, _ = await stock_up(magasin, "En direct", {"A": 3})
     (product,) = stock
     inventory = cluster.first("inventory")
@@ -1072,9 +1085,14 @@ async def test_a_sale_s_status_streams_through_the_gateway_as_it_changes(
             async for line in lines:
                 if line.startswith("data:"):
                     seen.append(json.loads(line[5:])["status"])
-                if seen and seen[-1] == "PAYMENT_PROCESSED":
                     break
-            assert seen == ["PENDING", "PAYMENT_PROCESSED"]
+            assert seen == ["PENDING"]
+
+            async def paid() -> bool:
+                return bool((await magasin.payment(sale["transaction_id"]))["status"]
+                            == "CAPTURED")
+
+            await eventually(paid)
             inventory.start()
             await inventory.healthy()
             async for line in lines:

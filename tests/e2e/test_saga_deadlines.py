@@ -22,6 +22,11 @@ from tests.e2e.conftest import test_settings as settings_for
 ADMIN_KEY = "e2e-admin-key"
 AppFactory = Callable[..., Any]
 MODES = ("choreography", "orchestration")
+AT_FULFILMENT = {"choreography": ("PENDING", "order"),
+                 "orchestration": ("INVENTORY_RESERVED", "fulfilment")}
+"""A sale reserved and waiting for the store, as /api/sagas shows it: a choreographed sale
+waits for its order (it hears nothing of its payment and reservation before it), an
+orchestrated one for its fulfilment step."""
 
 
 @pytest.fixture(params=MODES)
@@ -99,7 +104,8 @@ async def test_a_saga_is_indexed_with_its_deadline_by_the_commit_that_creates_th
         store, coffee = await shelf(shop)
         tid = (await shop.sell(store, [(coffee, 1)]))["transaction_id"]
         saga = await shop.ok("GET", f"/api/sagas/{tid}")  # at once: no wait, no retry
-        assert (saga["status"], saga["step"], saga["mode"]) == ("PENDING", "payment", saga_mode)
+        first = "order" if saga_mode == "choreography" else "payment"
+        assert (saga["status"], saga["step"], saga["mode"]) == ("PENDING", first, saga_mode)
         assert saga["due_at"] is not None and saga["created_at"] == saga["step_started_at"]
 
 
@@ -127,15 +133,17 @@ async def test_a_sale_the_bank_cannot_charge_is_cancelled_as_bank_unavailable(
 async def test_a_sale_stuck_at_fulfilment_is_released_refunded_and_cancelled(
     tmp_path: Path, saga_mode: str
 ) -> None:
-    async with running_shop(tmp_path, deadline_fulfilment_s=1.0, saga_mode=saga_mode) as shop:
+    async with running_shop(tmp_path, deadline_fulfilment_s=1.0, deadline_order_s=1.0,
+                            saga_mode=saga_mode) as shop:
         store, coffee = await shelf(shop)
         sale = await shop.sell(store, [(coffee, 3)])
         tid = sale["transaction_id"]
         final = await final_state(shop, tid)
-        assert (final["status"], final["reason"]) == ("CANCELLED", "deadline:fulfilment")
+        reason = f"deadline:{AT_FULFILMENT[saga_mode][1]}"
+        assert (final["status"], final["reason"]) == ("CANCELLED", reason)
         assert [h["status"] for h in final["history"]][-2:] == ["CANCELLING", "CANCELLED"]
         payment = await shop.ok("GET", f"/api/payments/{tid}")
-        assert (payment["status"], payment["reason"]) == ("REFUNDED", "deadline:fulfilment")
+        assert (payment["status"], payment["reason"]) == ("REFUNDED", reason)
         line = await shop.stock(store, coffee)
         assert (line["on_hand"], line["reserved"], line["available"]) == (10, 0, 10)
         reservation = await shop.ok("GET", f"/api/reservations/{tid}")
@@ -157,16 +165,21 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
         declined = (await shop.sell(store, [(coffee, 1)], "FAIL_CARD"))["transaction_id"]
         assert (await final_state(shop, declined))["status"] == "CANCELLED"
 
+        status, step = AT_FULFILMENT[saga_mode]
+
         async def waiting_for_fulfilment() -> list[dict[str, Any]] | None:
             # Orchestrated, the sale and the orchestrator hear InventoryReserved in two
             # consumers: wait for the orchestrator to have asked for the order too.
-            page = await shop.ok("GET", "/api/sagas", params={"state": "INVENTORY_RESERVED"})
+            # Choreographed, the sale hears nothing before its order: its reservation says.
+            page = await shop.ok("GET", "/api/sagas", params={"state": status})
             asked = all((s["orchestrator"] or {}).get("pending_command") == "PrepareOrder"
                         for s in page["items"]) or saga_mode != "orchestration"
-            return page["items"] if page["items"] and asked else None
+            held = await shop.client.get(f"/api/reservations/{tid}")
+            reserved = held.status_code == 200 and held.json()["status"] == "RESERVED"
+            return page["items"] if page["items"] and asked and reserved else None
 
         (saga,) = await eventually(waiting_for_fulfilment)
-        assert (saga["transaction_id"], saga["step"]) == (tid, "fulfilment")
+        assert (saga["transaction_id"], saga["step"]) == (tid, step)
         assert saga["mode"] == saga_mode
         if saga_mode == "orchestration":  # where the orchestrator stands, and on what
             assert saga["orchestrator"] == {
@@ -195,7 +208,7 @@ async def test_stuck_sagas_are_listed_and_an_admin_can_force_their_compensation(
         admin = {"X-API-Key": ADMIN_KEY}
         forced = await shop.client.post(url, headers=admin)
         assert forced.status_code == 202, forced.text
-        assert forced.json()["aborted_step"] == "fulfilment"
+        assert forced.json()["aborted_step"] == step
 
         final = await final_state(shop, tid)
         assert (final["status"], final["reason"]) == ("CANCELLED", "forced")

@@ -73,11 +73,16 @@ async def test_the_log_is_browsed_by_correlation_type_and_aggregate_page_by_page
 
 
 async def test_a_stream_is_read_between_versions(shop: Shop, sold: dict[str, Any]) -> None:
+    # A choreographed sale's stream: its creation, then its completion (which records the
+    # payment and the reservation the order named).
     url = f"/api/streams/transaction-{sold['id']}"
-    middle = await shop.ok("GET", url, params={"from_version": 2, "to_version": 3})
+    assert [e["type"] for e in sold["events"]] == ["TransactionCreated", "TransactionCompleted"]
+    first = await shop.ok("GET", url, params={"to_version": 1})
+    last = await shop.ok("GET", url, params={"from_version": 2, "to_version": 3})
 
-    assert [e["stream_version"] for e in middle["items"]] == [2, 3]
-    assert middle["version"] == sold["final"]["version"] == len(sold["events"])
+    assert [e["stream_version"] for e in first["items"]] == [1]
+    assert [e["stream_version"] for e in last["items"]] == [2]
+    assert last["version"] == sold["final"]["version"] == len(sold["events"])
     assert (await shop.client.get("/api/streams/transaction-nope")).status_code == 404
 
 
@@ -93,10 +98,15 @@ async def test_replay_rebuilds_an_aggregate_at_a_version_or_a_moment_and_caches_
     assert (first["state"]["status"], first["version"], first["cached"]) == ("PENDING", 1, False)
     assert (await shop.ok("POST", url, params={"version": 1}))["cached"] is True
 
-    paid = next(e for e in sold["events"] if e["type"] == "PaymentRecorded")
-    then = await shop.ok("POST", url, params={"asOf": moment(paid)})
-    assert then["state"]["status"] == "PAYMENT_PROCESSED"
-    assert then["version"] == paid["stream_version"]
+    created, completed = sold["events"]
+    then = await shop.ok("POST", url, params={"asOf": moment(created)})
+    assert (then["state"]["status"], then["version"]) == ("PENDING", 1)
+    done = await shop.ok("POST", url, params={"asOf": moment(completed)})
+    assert (done["state"]["payment_id"], done["state"]["reservation_id"]) == (
+        sold["final"]["payment_id"], sold["final"]["reservation_id"])
+    # The payment's own stream says when the money was taken.
+    payment = await shop.ok("POST", f"/api/replay/aggregate/payment-{sold['id']}")
+    assert (payment["state"]["status"], payment["state"]["id"]) == ("CAPTURED", sold["id"])
 
     too_early = await shop.client.post(url, params={"asOf": before(sold["events"][0])})
     assert too_early.status_code == 404
@@ -137,17 +147,17 @@ async def test_state_as_of_shows_the_read_models_before_and_after_the_sale_compl
 async def test_read_routes_answer_as_of_a_moment_from_a_replay(
     shop: Shop, sold: dict[str, Any]
 ) -> None:
-    created = sold["events"][0]
-    reserved = next(e for e in sold["events"] if e["type"] == "ReservationRecorded")
+    created, completed = sold["events"]
 
     response = await shop.client.get(f"/api/transactions/{sold['id']}",
-                                     params={"asOf": moment(reserved)})
+                                     params={"asOf": moment(completed)})
     assert response.status_code == 200
     assert response.headers["X-Magasin-Source"] == "replay"
     view = response.json()
-    assert view["status"] == "INVENTORY_RESERVED"
+    assert view["status"] == "COMPLETED"
     assert [h["status"] for h in view["history"]] == [
-        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED"]
+        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED"]
+    assert view == {**sold["final"], "version": view["version"]}  # as the projection has it
 
     listed = await shop.ok("GET", "/api/transactions", params={"asOf": moment(created)})
     assert [(t["transaction_id"], t["status"]) for t in listed["items"]] == [
@@ -158,6 +168,9 @@ async def test_read_routes_answer_as_of_a_moment_from_a_replay(
                                  params={"asOf": before(created)})
     assert gone.status_code == 404
 
+    # The stock as it was when the inventory reserved the sale's (its own event says when).
+    (reserved,) = (await shop.ok("GET", "/api/events", params={
+        "correlation_id": sold["id"], "type": "InventoryReserved"}))["items"]
     stock = await shop.ok("GET", f"/api/stock/{sold['store']}", params={"asOf": moment(reserved)})
     (line,) = stock["items"]
     assert (line["on_hand"], line["reserved"], line["available"]) == (10, 2, 8)

@@ -273,6 +273,42 @@ async def test_an_event_type_the_consumer_does_not_handle_is_dead_lettered_at_on
         assert letter.attempts == 1
 
 
+def _consumed(consumer: str, event_type: str, outcome: str) -> float:
+    from magasin.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(
+        "magasin_events_consumed_total",
+        {"event_type": event_type, "consumer": consumer, "service": consumer,
+         "outcome": outcome}) or 0.0
+
+
+def closed(reason: str) -> RecordedEvent:
+    return dataclasses.replace(item_added(), type="CartClosed", payload={"reason": reason})
+
+
+async def test_a_type_the_consumer_no_longer_handles_loses_its_binding_at_its_first_message(
+    make_bus: MakeBus,
+) -> None:
+    """An upgrade: a consumer that stopped handling CartClosed still has its queues bound
+    for it. The first CartClosed is acked, not dead-lettered, and its binding removed: the
+    next one never reaches the queue."""
+    before = await make_bus({"carts": {"ItemAdded": Recorder(), "CartClosed": Recorder()}},
+                            partitions=1)
+    await before.stop()
+    got = Recorder()
+    bus = await make_bus({"carts": {"ItemAdded": got}}, partitions=1)
+    unbound = _consumed("carts", "CartClosed", "unbound")
+    await bus.publish([closed("first"), item_added("marker-1")])
+    await got.wait_for(lambda: len(got.calls) == 1)
+    # Counted once its binding is gone (the marker may be handled alongside).
+    await eventually(lambda: _true(_consumed("carts", "CartClosed", "unbound") == unbound + 1))
+    assert await bus.dead_letters("carts") == []
+    await bus.stop()
+    publisher = await make_bus({}, partitions=1)
+    await publisher.publish([closed("second"), item_added("marker-2")])
+    assert await depths(bus) == {"carts": 1}, "CartClosed still reaches the queue"
+
+
 async def _at_least(letters: Awaitable[list[Any]], n: int) -> list[Any] | None:
     found = await letters
     return found if len(found) >= n else None

@@ -31,7 +31,6 @@ from magasin.shared.events import (
     PaymentRecorded,
     PaymentRefunded,
     ProductAdded,
-    ReservationRecorded,
     SagaAborted,
     SaleLine,
     StockLine,
@@ -46,12 +45,16 @@ from magasin.transactions.domain import Status, Transaction
 from tests.unit.conftest import Harness
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-DEADLINES = Deadlines(payment_s=60, reservation_s=30, fulfilment_s=30)
+DEADLINES = Deadlines(payment_s=60, reservation_s=30, fulfilment_s=30, order_s=120)
+ORCHESTRATION = "orchestration"
 
 
 def new_sale(ident: str = "tx-1") -> Transaction:
+    """An orchestrated sale: it has a deadline per step (a choreographed one waits for its
+    order, tests/unit/test_transactions_domain.py)."""
     sale = Transaction.create(ident, store_id="s-1", customer_id="c", currency="CAD",
-                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)])
+                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)],
+                              saga_mode=ORCHESTRATION)
     sale.pending.clear()
     return sale
 
@@ -65,7 +68,8 @@ def recorded(sale: Transaction) -> list[object]:
 
 
 def test_each_step_is_due_once_its_deadline_has_passed_and_not_before() -> None:
-    for step, seconds in (("payment", 60), ("reservation", 30), ("fulfilment", 30)):
+    for step, seconds in (("order", 120), ("payment", 60), ("reservation", 30),
+                          ("fulfilment", 30)):
         assert not DEADLINES.is_due(step, T0, T0 + timedelta(seconds=seconds - 0.001))
         assert DEADLINES.is_due(step, T0, T0 + timedelta(seconds=seconds))
 
@@ -170,9 +174,12 @@ def test_only_a_compensating_sale_has_its_compensation_asked_for_again() -> None
 # -- the index and the loop, with an injected clock -------------------------------------------
 
 
-async def start_sale(harness: Harness, ident: str, deadlines: Deadlines = DEADLINES) -> Transaction:
+async def start_sale(
+    harness: Harness, ident: str, deadlines: Deadlines = DEADLINES, mode: str = "choreography"
+) -> Transaction:
     sale = Transaction.create(ident, store_id="s-1", customer_id="c", currency="CAD",
-                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)])
+                              payment_method="VISA", lines=[SaleLine("p-1", 2, 500)],
+                              saga_mode=mode)
     async with harness.store.transaction(Causation(correlation_id=ident)) as uow:
         await saga_index.save(uow, sale, deadlines)
     return sale
@@ -191,12 +198,23 @@ async def test_the_index_is_in_step_with_the_sale_as_soon_as_it_commits(
     harness: Harness,
 ) -> None:
     # No consumer runs here: the unit of work that saves the sale writes its index.
-    await start_sale(harness, "tx-1")
+    await start_sale(harness, "tx-0")
     (created,) = await harness.store.read_all(after=0, limit=10)
-    doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-0")
     assert doc is not None
     assert (doc["status"], doc["step"], doc["mode"], doc["created_at"]) == (
-        "PENDING", "payment", "choreography", created.occurred_at.isoformat())
+        "PENDING", "order", "choreography", created.occurred_at.isoformat())
+    (entry,) = await harness.store.find_documents(sagas.DEADLINES)
+    assert (entry[1]["step"], due_of(entry[0])) == (
+        "order", created.occurred_at + timedelta(seconds=120))
+    await step(harness, "tx-0", lambda s: s.order_fulfilled("ord-1", "pay-1", "res-1"))
+    doc = await harness.store.get_document(sagas.SAGAS, "tx-0")
+    assert doc is not None and (doc["status"], doc["step"]) == ("COMPLETED", None)
+    assert await harness.store.find_documents(sagas.DEADLINES) == []
+
+    # An orchestrated sale has a deadline per step.
+    await start_sale(harness, "tx-1", mode=ORCHESTRATION)
+    created = (await harness.store.read_all(after=0, limit=10))[-1]
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     assert (entry[1]["step"], due_of(entry[0])) == (
         "payment", created.occurred_at + timedelta(seconds=60))
@@ -225,7 +243,8 @@ async def test_a_step_starts_from_the_index_this_process_wrote_and_reads_one_wri
         return await get_document(uow, collection, key)
 
     monkeypatch.setattr(UnitOfWork, "get_document", counted)
-    await start_sale(harness, "tx-1")  # a new sale has no index document to read
+    # A new sale has no index document to read.
+    await start_sale(harness, "tx-1", mode=ORCHESTRATION)
     await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000))
     assert reads == []  # it starts from the one it committed with the sale's version 1
 
@@ -253,9 +272,9 @@ async def test_a_step_that_does_not_commit_leaves_the_index_as_it_was(harness: H
             await saga_index.save(uow, sale, DEADLINES)
             raise RuntimeError("the step's commit fails")
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
-    assert doc is not None and (doc["status"], doc["step"]) == ("PENDING", "payment")
+    assert doc is not None and (doc["status"], doc["step"]) == ("PENDING", "order")
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
-    assert entry[1]["step"] == "payment"
+    assert entry[1]["step"] == "order"
 
 
 async def test_a_save_that_changes_nothing_writes_nothing(harness: Harness) -> None:
@@ -275,13 +294,13 @@ async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Har
     await start_sale(harness, "tx-2")
     created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
 
-    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=59),
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=119),
                                      DEADLINES) == 0
-    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=61),
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=121),
                                      DEADLINES) == 2
     aborted = await harness.emitted(SagaAborted)
-    assert sorted((a.transaction_id, a.reason) for a in aborted) == [
-        ("tx-1", "deadline:payment"), ("tx-2", "deadline:payment"),
+    assert sorted((a.transaction_id, a.step, a.reason) for a in aborted) == [
+        ("tx-1", "order", "deadline:order"), ("tx-2", "order", "deadline:order"),
     ]
     # The abort saved the sagas with their index: they wait for the compensation now.
     entries = await harness.store.find_documents(sagas.DEADLINES)
@@ -289,54 +308,55 @@ async def test_the_loop_aborts_only_sagas_past_their_steps_deadline(harness: Har
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
     assert doc is not None
     assert (doc["status"], doc["step"], doc["reason"]) == (
-        "CANCELLING", "compensation", "deadline:payment"
+        "CANCELLING", "compensation", "deadline:order"
     )
 
 
 async def test_a_deadline_entry_of_a_saga_that_moved_on_changes_nothing_and_goes(
     harness: Harness,
 ) -> None:
-    policy = Deadlines(payment_s=60, reservation_s=600)
+    policy = Deadlines(order_s=60, compensation_s=600)
     await start_sale(harness, "tx-1", policy)
     (stale,) = await harness.store.find_documents(sagas.DEADLINES)
-    await step(harness, "tx-1", lambda s: s.payment_captured("pay-1", 1000), policy)
-    # An entry read just before the payment landed (another process's sweep, say): the
-    # sale, which waits for its stock now, refuses the abort and the entry is dropped.
+    await step(harness, "tx-1", lambda s: s.inventory_unavailable(), policy)
+    # An entry read just before the shortage landed (another process's sweep, say): the
+    # sale, which waits for its refund now, refuses the abort and the entry is dropped.
     async with harness.store.transaction() as uow:
         uow.put_document(sagas.DEADLINES, stale[0], stale[1])
     later = datetime.now(UTC) + timedelta(seconds=61)
     assert await sagas.abort_overdue(harness.store, later, policy) == 0
     assert await harness.emitted(SagaAborted) == []
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
-    assert entry[1]["step"] == "reservation"
+    assert entry[1]["step"] == "compensation"
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
-    assert doc is not None and (doc["status"], doc["step"]) == ("PAYMENT_PROCESSED", "reservation")
+    assert doc is not None and (doc["status"], doc["step"]) == ("CANCELLING", "compensation")
 
 
 async def test_an_index_left_behind_by_the_old_consumer_is_brought_in_step_by_the_loop(
     harness: Harness,
 ) -> None:
     sale = await start_sale(harness, "tx-1")
-    # Paid, then reserved 5 s later, both stored without their index (as the consumer that
-    # kept it before issue 11 may have left them): the index still says "payment".
+    # Paid, then given up 5 s later (a shortage), both stored without their index (as the
+    # consumer that kept it before issue 11 may have left them): the index says "order".
     created = (await harness.store.read_all(after=0, limit=1))[0].occurred_at
-    paid_at, reserved_at = created + timedelta(seconds=1), created + timedelta(seconds=6)
+    paid_at, failed_at = created + timedelta(seconds=1), created + timedelta(seconds=6)
     await harness.store.append(sagas.sales.stream(sale.id), [
         NewEvent("PaymentRecorded", SCHEMAS.dump(PaymentRecorded(sale.id, "pay-1", 1000)),
                  occurred_at=paid_at),
-        NewEvent("ReservationRecorded", SCHEMAS.dump(ReservationRecorded(sale.id, "res-1")),
-                 occurred_at=reserved_at),
+        NewEvent("CompensationStarted", SCHEMAS.dump(CompensationStarted(
+            sale.id, "inventory_unavailable", needs_refund=True, needs_release=False)),
+                 occurred_at=failed_at),
     ])
-    # The payment's deadline passes: the sale refuses, and the loop re-indexes it.
-    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=60),
+    # The order's deadline passes: the sale refuses, and the loop re-indexes it.
+    assert await sagas.abort_overdue(harness.store, created + timedelta(seconds=120),
                                      DEADLINES) == 0
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
-    # The fulfilment's 30 s run from the reservation, not from the payment before it.
-    assert (entry[1]["step"], due_of(entry[0])) == ("fulfilment",
-                                                    reserved_at + timedelta(seconds=30))
+    # The compensation's 30 s run from its start, not from the payment before it.
+    assert (entry[1]["step"], due_of(entry[0])) == ("compensation",
+                                                    failed_at + timedelta(seconds=30))
     doc = await harness.store.get_document(sagas.SAGAS, "tx-1")
-    assert doc is not None and (doc["status"], doc["version"]) == ("INVENTORY_RESERVED", 3)
-    assert await sagas.abort_overdue(harness.store, reserved_at + timedelta(seconds=30),
+    assert doc is not None and (doc["status"], doc["version"]) == ("CANCELLING", 3)
+    assert await sagas.abort_overdue(harness.store, failed_at + timedelta(seconds=30),
                                      DEADLINES) == 1
 
 
@@ -344,21 +364,17 @@ async def test_several_steps_in_one_save_date_the_deadline_from_the_last_one(
     harness: Harness,
 ) -> None:
     await start_sale(harness, "tx-1")
-
-    def paid_and_reserved(sale: Transaction) -> None:
-        sale.payment_captured("pay-1", 1000)
-        sale.inventory_reserved("res-1")
-
-    await step(harness, "tx-1", paid_and_reserved)
-    reserved = (await harness.store.read_all(after=0, limit=10))[-1]
-    assert reserved.type == "ReservationRecorded"
+    # An operator gives the sale up: SagaAborted, then CompensationStarted, in one save.
+    await step(harness, "tx-1", lambda s: s.abort("forced"))
+    started = (await harness.store.read_all(after=0, limit=10))[-1]
+    assert started.type == "CompensationStarted"
     (entry,) = await harness.store.find_documents(sagas.DEADLINES)
     assert (entry[1]["step"], due_of(entry[0])) == (
-        "fulfilment", reserved.occurred_at + timedelta(seconds=30))
+        "compensation", started.occurred_at + timedelta(seconds=30))
     assert await sagas.abort_overdue(
-        harness.store, reserved.occurred_at + timedelta(seconds=29), DEADLINES) == 0
+        harness.store, started.occurred_at + timedelta(seconds=29), DEADLINES) == 0
     assert await sagas.abort_overdue(
-        harness.store, reserved.occurred_at + timedelta(seconds=30), DEADLINES) == 1
+        harness.store, started.occurred_at + timedelta(seconds=30), DEADLINES) == 1
 
 
 async def test_a_sale_begun_before_the_index_existed_keeps_its_creation_time(

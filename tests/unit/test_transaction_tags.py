@@ -7,13 +7,13 @@ from magasin.config import Settings
 from magasin.eventstore.store import EventStore
 from magasin.messaging.tags import tags_of
 from magasin.service import ServiceContext
-from magasin.shared.events import OrderFulfilled, PaymentProcessed, StockLine
+from magasin.shared.events import InventoryUnavailable, PaymentRefunded
 from magasin.shared.messages import RecordedEvent
 from magasin.transactions import api, readmodel, sagas, tags
 from magasin.transactions.handlers import saga_handlers, sales
 from magasin.transactions.orchestrator.handlers import CONSUMER
 from magasin.transactions.orchestrator.routing import Routing
-from magasin.transactions.service import build
+from magasin.transactions.service import STEPS, build
 from tests.unit.conftest import Harness
 
 HOOK = "https://shop.example/hooks/sales"
@@ -64,15 +64,14 @@ async def test_the_final_event_of_a_sale_with_a_callback_carries_the_notifiers_t
     tid = await sell(harness.store, HOOK)
     handlers = saga_handlers()
     for aggregate, payload in (
-        ("payment", PaymentProcessed("pay-1", tid, 1000, "CAD", "CH-1", "s-1",
-                                     (StockLine("p-1", 2),))),
-        ("order", OrderFulfilled("ord-1", tid, "s-1")),
+        ("reservation", InventoryUnavailable(tid, "s-1", ())),
+        ("payment", PaymentRefunded("pay-1", tid, 1000, "CAD", "inventory_unavailable", "RF")),
     ):
         (event,) = await harness.given(aggregate, tid, payload, correlation_id=tid)
         assert tags_of(event.metadata) == ()
         await harness.deliver("transaction", handlers, event)
     events = await sale_events(harness.store, tid)
-    assert events[-1].type == "TransactionCompleted"
+    assert events[-1].type == "TransactionCancelled"
     assert all(tags_of(e.metadata) == (tags.WEBHOOK,) for e in events)
 
 
@@ -87,7 +86,7 @@ async def test_an_operators_cancellation_of_a_sale_with_a_callback_carries_the_t
 
 async def test_the_orchestrator_and_the_notifier_require_their_tags(harness: Harness) -> None:
     service = build(ServiceContext(harness.store, Settings()))
-    assert service.requires == {CONSUMER: tags.ORCHESTRATED,
+    assert service.requires == {CONSUMER: tags.ORCHESTRATED, STEPS: tags.ORCHESTRATED,
                                 "transaction.notifier": tags.WEBHOOK}
     for close in service.on_stop:
         await close()

@@ -161,12 +161,10 @@ def test_a_fulfilment_failure_needs_both_the_refund_and_the_release() -> None:
 
 def test_an_expired_reservation_compensates_an_unfulfilled_sale() -> None:
     sale = new_sale()
-    sale.payment_captured("pay-1", 4447)
-    sale.inventory_reserved("res-1")
     sale.reservation_expired()  # the inventory still holds the stock: the sale decides
     assert sale.status is Status.CANCELLING
     aborted = [e for e in sale.pending if isinstance(e, SagaAborted)]
-    assert [(a.step, a.reason) for a in aborted] == [("fulfilment", "reservation_expired")]
+    assert [(a.step, a.reason) for a in aborted] == [("order", "reservation_expired")]
     started = [e for e in sale.pending if isinstance(e, CompensationStarted)]
     assert started[0].needs_refund and started[0].needs_release
     sale.payment_refunded(4447)
@@ -224,3 +222,59 @@ def test_a_replayed_sale_has_the_state_it_had() -> None:
     replayed = Transaction.replay("tx-1", sale.pending, len(sale.pending))
     assert replayed.status is Status.CANCELLING
     assert (replayed.payment_id, replayed.total) == ("pay-1", 4447)
+
+
+# -- the choreographed sale waits for its order (seed 6.1.1) -------------------------------
+
+
+def test_a_choreographed_sale_waits_for_its_order_and_an_orchestrated_one_for_each_step() -> None:
+    assert new_sale().step == "order"
+    orchestrated = Transaction.create(
+        "tx-2", store_id="s-1", customer_id="a", currency="CAD", payment_method="VISA",
+        lines=(SaleLine("p-1", 1, 100),), saga_mode="orchestration",
+    )
+    assert orchestrated.step == "payment"
+    orchestrated.payment_captured("pay-1", 100)
+    assert orchestrated.step == "reservation"
+
+
+def test_the_order_completes_the_sale_with_the_payment_and_reservation_it_names() -> None:
+    sale = new_sale()
+    sale.order_fulfilled("ord-1", "pay-1", "res-1")
+    assert types(sale)[1:] == ["TransactionCompleted"]
+    assert (sale.status, sale.payment_id, sale.reservation_id, sale.order_id) == (
+        Status.COMPLETED, "pay-1", "res-1", "ord-1")
+    assert sale.passed == [Status.PENDING, Status.PAYMENT_PROCESSED, Status.INVENTORY_RESERVED,
+                           Status.FULFILLED, Status.COMPLETED]
+
+
+def test_a_sale_given_up_at_its_order_waits_for_the_refund_and_the_release() -> None:
+    sale = new_sale()
+    assert sale.abort("deadline:order", "order")
+    (started,) = [e for e in sale.pending if isinstance(e, CompensationStarted)]
+    assert started.needs_refund and started.needs_release, "it cannot know what happened"
+    sale.payment_refunded(4447)
+    assert sale.status is Status.CANCELLING, "the stock may still be held"
+    sale.inventory_released()
+    assert (sale.status, sale.failure) == (Status.CANCELLED, "deadline:order")
+
+
+def test_an_inventory_holding_nothing_confirms_the_release_of_a_sale_given_up() -> None:
+    voided = new_sale()
+    voided.abort("deadline:order", "order")
+    voided.payment_failed("deadline:order")  # never charged: the payment voided it
+    assert voided.status is Status.CANCELLING
+    voided.nothing_reserved()  # never reserved: the inventory voided the reservation
+    assert voided.status is Status.CANCELLED
+
+    refused = new_sale()
+    refused.abort("deadline:order", "order")
+    refused.payment_refunded(4447)
+    refused.inventory_unavailable()  # refused before the abort reached the inventory
+    assert (refused.status, refused.failure) == (Status.CANCELLED, "deadline:order")
+
+
+def test_a_void_of_nothing_reserved_changes_nothing_for_a_sale_not_given_up() -> None:
+    sale = new_sale()
+    sale.nothing_reserved()
+    assert (sale.status, types(sale)) == (Status.PENDING, ["TransactionCreated"])

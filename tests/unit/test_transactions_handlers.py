@@ -29,6 +29,7 @@ from magasin.transactions.handlers import (
     notifier_handlers,
     saga_handlers,
     sales,
+    step_handlers,
 )
 from magasin.transactions.projection import projection
 from tests.unit.conftest import Harness
@@ -36,10 +37,12 @@ from tests.unit.conftest import Harness
 SAGA = saga_handlers()
 
 
-async def open_sale(harness: Harness, callback: str | None = None) -> str:
+async def open_sale(
+    harness: Harness, callback: str | None = None, saga_mode: str = "choreography"
+) -> str:
     sale = Transaction.create("tx-1", store_id="s-1", customer_id="c", currency="CAD",
                               payment_method="VISA", lines=[SaleLine("p-1", 2, 500)],
-                              callback_url=callback)
+                              callback_url=callback, saga_mode=saga_mode)
     async with harness.store.transaction() as uow:
         sales.save(uow, sale)
     return sale.id
@@ -47,6 +50,12 @@ async def open_sale(harness: Harness, callback: str | None = None) -> str:
 
 def paid(tx: str) -> PaymentProcessed:
     return PaymentProcessed("pay-1", tx, 1000, "CAD", "CH-1", "s-1", (StockLine("p-1", 2),))
+
+
+def fulfilled(tx: str) -> OrderFulfilled:
+    """The store's report as a choreographed chain passes it on: the payment, then the
+    reservation, then the order."""
+    return OrderFulfilled("ord-1", tx, "s-1", payment_id="pay-1", reservation_id="res-1")
 
 
 async def read_model(harness: Harness, tx: str) -> dict[str, Any]:
@@ -61,22 +70,45 @@ async def status(harness: Harness, tx: str) -> str:
     return str((await read_model(harness, tx))["status"])
 
 
-async def test_each_reported_step_moves_the_read_model_and_the_sale_completes(
+async def test_the_order_completes_a_choreographed_sale_with_its_payment_and_reservation(
     harness: Harness,
 ) -> None:
     tx = await open_sale(harness)
-    for aggregate, payload in (
-        ("payment", paid(tx)),
-        ("reservation", InventoryReserved(tx, "res-1", "s-1", (StockLine("p-1", 2),), "2030")),
-        ("order", OrderFulfilled("ord-1", tx, "s-1")),
-    ):
-        (event,) = await harness.given(aggregate, tx, payload, correlation_id=tx)
-        assert (await harness.deliver("transaction", SAGA, event)).outcome is Outcome.HANDLED
+    # The service hears one event of the happy path (seed 6.1.1): the others are not its.
+    assert "PaymentProcessed" not in SAGA and "InventoryReserved" not in SAGA
+    (event,) = await harness.given("order", tx, fulfilled(tx), correlation_id=tx)
+    assert (await harness.deliver("transaction", SAGA, event)).outcome is Outcome.HANDLED
 
     (completed,) = await harness.emitted(TransactionCompleted)
-    assert completed.total == 1000
+    assert (completed.total, completed.payment_id, completed.reservation_id) == (
+        1000, "pay-1", "res-1")
     doc = await read_model(harness, tx)
-    assert doc["status"] == "COMPLETED"
+    assert (doc["status"], doc["payment_id"], doc["reservation_id"], doc["order_id"]) == (
+        "COMPLETED", "pay-1", "res-1", "ord-1")
+    # The history still shows every step of the happy path, all dated by the completion.
+    assert [h["status"] for h in doc["history"]] == [
+        "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
+    ]
+    assert len({h["at"] for h in doc["history"][1:]}) == 1
+
+
+async def test_an_orchestrated_sale_records_each_step_as_it_happens(harness: Harness) -> None:
+    tx = await open_sale(harness, saga_mode="orchestration")
+    steps = step_handlers()
+    for aggregate, payload, expected in (
+        ("payment", paid(tx), "PAYMENT_PROCESSED"),
+        ("reservation", InventoryReserved(tx, "res-1", "s-1", (StockLine("p-1", 2),), "2030"),
+         "INVENTORY_RESERVED"),
+    ):
+        (event,) = await harness.given(aggregate, tx, payload, correlation_id=tx)
+        assert (await harness.deliver("transaction.steps", steps, event)).outcome is (
+            Outcome.HANDLED)
+        assert await status(harness, tx) == expected
+    (event,) = await harness.given("order", tx, OrderFulfilled("ord-1", tx, "s-1"))
+    await harness.deliver("transaction", SAGA, event)
+    doc = await read_model(harness, tx)
+    assert (doc["status"], doc["payment_id"], doc["reservation_id"]) == (
+        "COMPLETED", "pay-1", "res-1")
     assert [h["status"] for h in doc["history"]] == [
         "PENDING", "PAYMENT_PROCESSED", "INVENTORY_RESERVED", "FULFILLED", "COMPLETED",
     ]
@@ -86,16 +118,16 @@ async def test_the_events_a_step_causes_carry_its_correlation_and_causation(
     harness: Harness,
 ) -> None:
     tx = await open_sale(harness)
-    (event,) = await harness.given("payment", tx, paid(tx), correlation_id=tx)
+    (event,) = await harness.given("order", tx, fulfilled(tx), correlation_id=tx)
     await harness.deliver("transaction", SAGA, event)
     recorded = await harness.store.read_stream(sales.stream(tx))
-    assert recorded[-1].type == "PaymentRecorded"
+    assert recorded[-1].type == "TransactionCompleted"
     assert (recorded[-1].correlation_id, recorded[-1].causation_id) == (tx, event.event_id)
 
 
 async def test_a_duplicate_report_has_no_second_effect(harness: Harness) -> None:
     tx = await open_sale(harness)
-    (event,) = await harness.given("payment", tx, paid(tx), correlation_id=tx)
+    (event,) = await harness.given("order", tx, fulfilled(tx), correlation_id=tx)
     await harness.deliver("transaction", SAGA, event)
     again = await harness.deliver("transaction", SAGA, event)
     assert again.outcome is Outcome.DUPLICATE
@@ -104,10 +136,8 @@ async def test_a_duplicate_report_has_no_second_effect(harness: Harness) -> None
 
 async def test_a_shortage_cancels_only_after_the_refund(harness: Harness) -> None:
     tx = await open_sale(harness)
-    for aggregate, payload in (("payment", paid(tx)),
-                               ("reservation", InventoryUnavailable(tx, "s-1", ()))):
-        (event,) = await harness.given(aggregate, tx, payload)
-        await harness.deliver("transaction", SAGA, event)
+    (event,) = await harness.given("reservation", tx, InventoryUnavailable(tx, "s-1", ()))
+    await harness.deliver("transaction", SAGA, event)
     assert await status(harness, tx) == "CANCELLING"
     (refund,) = await harness.given(
         "payment", tx, PaymentRefunded("pay-1", tx, 1000, "CAD", "inventory_unavailable", "RF")
@@ -119,7 +149,7 @@ async def test_a_shortage_cancels_only_after_the_refund(harness: Harness) -> Non
 async def test_a_report_about_an_unknown_sale_fails_so_the_bus_retries(
     harness: Harness,
 ) -> None:
-    (event,) = await harness.given("payment", "nobody", paid("nobody"))
+    (event,) = await harness.given("order", "nobody", fulfilled("nobody"))
     result = await harness.deliver("transaction", SAGA, event)
     assert result.outcome is Outcome.FAILED
     assert "no transaction nobody" in result.reason

@@ -161,14 +161,18 @@ class Reservation(Aggregate):
             )
 
     def reserve(
-        self, reservation_id: str, store_id: str, lines: Iterable[StockLine], expires_at: datetime
+        self, reservation_id: str, store_id: str, lines: Iterable[StockLine], expires_at: datetime,
+        payment_id: str = "",
     ) -> None:
+        """Hold the stock until `expires_at`; `payment_id` (the payment it follows, in a
+        choreographed sale) travels on with InventoryReserved to the store."""
         self._require_new("reserve stock")
         merged = merge_lines(lines)
         if expires_at.tzinfo is None:
             raise InvalidInput("a reservation's expiry must be a UTC-aware time")
         self._record(
-            InventoryReserved(self.id, reservation_id, store_id, merged, expires_at.isoformat())
+            InventoryReserved(self.id, reservation_id, store_id, merged, expires_at.isoformat(),
+                              payment_id)
         )
 
     def refuse(self, store_id: str, missing: Iterable[MissingLine]) -> None:

@@ -78,10 +78,12 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
     ttl = timedelta(seconds=ttl_s)
 
     async def reserve(
-        uow: UnitOfWork, transaction_id: str, store_id: str, stock: Iterable[StockLine]
+        uow: UnitOfWork, transaction_id: str, store_id: str, stock: Iterable[StockLine],
+        payment_id: str = "",
     ) -> None:
-        """Reserve a sale's stock once (choreography: PaymentProcessed; orchestration:
-        ReserveStock); publishes InventoryReserved or InventoryUnavailable."""
+        """Reserve a sale's stock once (choreography: PaymentProcessed, whose payment id
+        InventoryReserved carries on; orchestration: ReserveStock); publishes
+        InventoryReserved or InventoryUnavailable."""
         if await readmodel.reservations.find(uow, transaction_id, likely_new=True) is not None:
             return  # already reserved, refused, or voided by an earlier cancellation
         reservation = Reservation(transaction_id)
@@ -91,14 +93,14 @@ def handlers(ttl_s: float, clock: Clock = utcnow) -> dict[str, Handler]:
         if missing:
             reservation.refuse(store_id, missing)
         else:
-            reservation.reserve(time_ordered_id(), store_id, lines, clock() + ttl)
+            reservation.reserve(time_ordered_id(), store_id, lines, clock() + ttl, payment_id)
         readmodel.save(uow, items.values(), reservation)
 
     async def on_payment_processed(event: RecordedEvent, uow: UnitOfWork) -> None:
         if orchestrated(event):
             return  # the orchestrator sends ReserveStock for this sale
         paid: PaymentProcessed = SCHEMAS.validate(event)
-        await reserve(uow, paid.transaction_id, paid.store_id, paid.lines)
+        await reserve(uow, paid.transaction_id, paid.store_id, paid.lines, paid.payment_id)
 
     async def on_reserve_stock(event: RecordedEvent, uow: UnitOfWork) -> None:
         command: ReserveStock = SCHEMAS.validate(event)

@@ -386,6 +386,28 @@ class RabbitMQBus(EventBus):
         await queue.bind(self._require(self._log), routing_key="")
         return queue, await queue.consume(self._shipped(consumer))
 
+    async def _unbind_type(
+        self, consumer: _Consumer, event_type: str, routing_key: str | None
+    ) -> None:
+        """Remove the bindings of `event_type` from the partition queue that received it by
+        `routing_key` (every form an older start may have bound; unbinding one that is not
+        there is a no-op)."""
+        partition = _routed_as(routing_key, event_type)
+        queue = consumer.queues.get(partition) if partition is not None else None
+        if queue is None or partition is None:
+            return
+        keys = {f"*.{event_type}.{partition}", binding_key(event_type, partition, None)}
+        if consumer.requires is not None:
+            keys.add(binding_key(event_type, partition, consumer.requires))
+        try:
+            for key in sorted(keys):
+                await queue.unbind(self._require(self._events), routing_key=key)
+        except Exception as exc:  # the next such message tries again
+            log.warning("could not unbind %s from %s: %r", event_type, queue.name, exc)
+            return
+        log.info("%s no longer handles %s: its binding to %s is removed",
+                 consumer.name, event_type, queue.name)
+
     async def _bound_before(self, consumer: _Consumer) -> dict[str, Any] | None:
         """How this consumer's queues were bound by the last start that recorded it (None:
         never recorded, or unreadable: then every stale binding is removed, to be sure)."""
@@ -916,6 +938,13 @@ class RabbitMQBus(EventBus):
             await self._ack(message)
             return
         handler = consumer.handlers.get(event.type)
+        if handler is None and _routed_as(message.routing_key, event.type) is not None:
+            # A type this consumer handled in an older version, routed here by the binding
+            # that version left: not meant for it any more. Drop the binding, count it.
+            await self._unbind_type(consumer, event.type, message.routing_key)
+            metrics.consumed(consumer.name, event.type, "unbound", 0.0)
+            await self._ack(message)
+            return
         if handler is None:
             metrics.consumed(consumer.name, event.type, "malformed", 0.0)
             reason = f"unknown event type {event.type!r} for consumer {consumer.name!r}"
@@ -1248,6 +1277,16 @@ def _stale_bindings(
     if isinstance(before, str) and before != consumer.requires:
         stale.append(binding_key(event_type, partition, before))
     return stale
+
+
+def _routed_as(routing_key: str | None, event_type: str) -> int | None:
+    """The partition of a routing key `<aggregate>.<event_type>.<partition>[.<tag>...]`
+    that names `event_type`; None when it names another type (a message whose envelope
+    and routing disagree) or is not of that form."""
+    words = (routing_key or "").split(".")
+    if len(words) < 3 or words[1] != event_type or not words[2].isdigit():
+        return None
+    return int(words[2])
 
 
 def _int_header(headers: HeadersType, name: str, default: int) -> int:

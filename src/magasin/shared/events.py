@@ -116,6 +116,11 @@ class TransactionCompleted:
     total: int
     currency: str
     order_id: str = ""
+    payment_id: str = ""
+    reservation_id: str = ""
+    """The payment and reservation of a choreographed sale, which the transaction service
+    learns only from `OrderFulfilled` (empty when they were recorded before, with
+    `PaymentRecorded` and `ReservationRecorded`, and in older events)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +186,10 @@ class InventoryReserved:
     lines: tuple[StockLine, ...]
     expires_at: str
     """ISO-8601 UTC instant after which the reservation is released."""
+    payment_id: str = ""
+    """The payment the stock was reserved after (choreography), passed on to the store so
+    that `OrderFulfilled` tells the transaction service the whole chain; empty when the
+    orchestrator asked for the reservation, and in older events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +251,11 @@ class OrderFulfilled:
     store_id: str
     lines: tuple[StockLine, ...] = ()
     """What was prepared (for the orders read model; empty in older events)."""
+    payment_id: str = ""
+    reservation_id: str = ""
+    """The payment and the reservation the order was prepared after, as `InventoryReserved`
+    carried them (choreography): the transaction service hears only this event of the happy
+    path and records the chain with the sale's completion. Empty in older events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,7 +560,7 @@ CONSUMED: frozenset[str] = frozenset({
     "TransactionCreated", "TransactionCompleted", "TransactionCancelled", "SagaAborted",
     "PaymentProcessed", "PaymentFailed", "PaymentRefunded",
     "InventoryReserved", "InventoryUnavailable", "InventoryReleased", "ReservationExpired",
-    "OrderFulfilled", "OrderFulfillmentFailed",
+    "ReservationVoided", "OrderFulfilled", "OrderFulfillmentFailed",
     "StoreRegistered", "ProductAdded", "ProductPriceChanged",
     *(command.__name__ for command in ALL_COMMANDS),
 })

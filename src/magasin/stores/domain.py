@@ -216,10 +216,12 @@ class Order(Aggregate):
 
     def prepare(
         self, store_id: str, store: Store | None, order_id: str,
-        lines: Sequence[StockLine] = (),
+        lines: Sequence[StockLine] = (), payment_id: str = "", reservation_id: str = "",
     ) -> None:
         """Prepare the order in `store` (None: no such store). A store that cannot prepare
-        it is a failure recorded as an event, not an error: the saga compensates on it."""
+        it is a failure recorded as an event, not an error: the saga compensates on it.
+        `payment_id` and `reservation_id` (what the order follows) travel on with
+        OrderFulfilled to the transaction service."""
         if self.status is not None:
             raise BusinessRuleViolation(f"the order of transaction {self.id} is already prepared")
         if store is not None and store.id != store_id:
@@ -231,7 +233,8 @@ class Order(Aggregate):
             self._record(OrderFulfillmentFailed(self.id, store_id, STORE_CLOSED, lines=goods))
         else:
             self._record(OrderFulfilled(order_id=order_id, transaction_id=self.id,
-                                        store_id=store_id, lines=goods))
+                                        store_id=store_id, lines=goods, payment_id=payment_id,
+                                        reservation_id=reservation_id))
 
     def apply(self, event: object) -> None:
         match event:

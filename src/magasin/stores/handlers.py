@@ -18,15 +18,18 @@ stores = Repository(Store)
 
 
 async def prepare(
-    uow: UnitOfWork, transaction_id: str, store_id: str, lines: Sequence[StockLine]
+    uow: UnitOfWork, transaction_id: str, store_id: str, lines: Sequence[StockLine],
+    payment_id: str = "", reservation_id: str = "",
 ) -> None:
     """OrderFulfilled if the store is open, else OrderFulfillmentFailed; once per sale
-    (choreography: on InventoryReserved; orchestration: on PrepareOrder)."""
+    (choreography: on InventoryReserved, whose payment and reservation OrderFulfilled
+    carries on; orchestration: on PrepareOrder)."""
     if await orders.find(uow, transaction_id, likely_new=True) is not None:
         return  # a redelivery, or a second reservation message for the same sale
     order = Order(transaction_id)
     order.prepare(store_id, await stores.find(uow, store_id),
-                  order_id=time_ordered_id(), lines=lines)
+                  order_id=time_ordered_id(), lines=lines, payment_id=payment_id,
+                  reservation_id=reservation_id)
     # A new order stream is saved expecting no stream: a concurrent preparation of the
     # same sale makes this commit fail, and the bus's retry then finds the order.
     orders.save(uow, order)
@@ -36,7 +39,8 @@ async def prepare_order(event: RecordedEvent, uow: UnitOfWork) -> None:
     if orchestrated(event):
         return  # the orchestrator sends PrepareOrder for this sale
     reserved: InventoryReserved = SCHEMAS.validate(event)
-    await prepare(uow, reserved.transaction_id, reserved.store_id, reserved.lines)
+    await prepare(uow, reserved.transaction_id, reserved.store_id, reserved.lines,
+                  reserved.payment_id, reserved.reservation_id)
 
 
 async def on_prepare_order(event: RecordedEvent, uow: UnitOfWork) -> None:

@@ -11,16 +11,17 @@ from datetime import datetime, timedelta
 
 from magasin.config import Settings
 from magasin.shared.clock import from_micros, to_micros
-from magasin.transactions.domain import COMPENSATION
+from magasin.transactions.domain import COMPENSATION, ORDER
 
-STEPS = ("payment", "reservation", "fulfilment", COMPENSATION)
+STEPS = (ORDER, "payment", "reservation", "fulfilment", COMPENSATION)
 
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
-    """Seconds each saga step may take before the saga is compensated; for the compensation
-    itself, how long before it is asked for again (exponential backoff, `retry_attempts`
-    times) and then reported stuck."""
+    """Seconds each saga step may take before the saga is compensated (a choreographed sale
+    has one, `order`; an orchestrated one has `payment`, `reservation` and `fulfilment`);
+    for the compensation itself, how long before it is asked for again (exponential
+    backoff, `retry_attempts` times) and then reported stuck."""
 
     payment_s: float = 60.0
     reservation_s: float = 30.0
@@ -29,17 +30,19 @@ class Deadlines:
     retry_multiplier: float = 2.0
     retry_max_delay_s: float = 600.0
     retry_attempts: int = 5
+    order_s: float = 120.0
 
     @classmethod
     def of(cls, settings: Settings) -> Deadlines:
         return cls(
-            settings.deadline_payment_s,
-            settings.deadline_reservation_s,
-            settings.deadline_fulfilment_s,
-            settings.deadline_compensation_s,
-            settings.compensation_retry_multiplier,
-            settings.compensation_retry_max_delay_s,
-            settings.compensation_max_attempts,
+            payment_s=settings.deadline_payment_s,
+            reservation_s=settings.deadline_reservation_s,
+            fulfilment_s=settings.deadline_fulfilment_s,
+            compensation_s=settings.deadline_compensation_s,
+            retry_multiplier=settings.compensation_retry_multiplier,
+            retry_max_delay_s=settings.compensation_retry_max_delay_s,
+            retry_attempts=settings.compensation_max_attempts,
+            order_s=settings.deadline_order_s,
         )
 
     def limit(self, step: str, attempt: int = 0) -> timedelta:
@@ -48,6 +51,7 @@ class Deadlines:
             delay = self.compensation_s * self.retry_multiplier ** attempt
             return timedelta(seconds=min(delay, max(self.retry_max_delay_s, self.compensation_s)))
         seconds = {
+            ORDER: self.order_s,
             "payment": self.payment_s,
             "reservation": self.reservation_s,
             "fulfilment": self.fulfilment_s,

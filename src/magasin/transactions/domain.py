@@ -4,6 +4,14 @@ The saga is choreographed: this aggregate does not command anyone, it records wh
 other services report and decides when the sale is COMPLETED, or CANCELLED once every
 compensation it needs (refund, stock release) is confirmed. It records facts rather than
 walking a strict sequence, so events arriving out of order or twice change nothing wrong.
+
+As in the seed's runtime view (6.1.1), a choreographed sale hears only the end of its happy
+path, `OrderFulfilled`, which carries the payment and the reservation it followed: the
+payment and the reservation are recorded with the completion, and the sale waits for one
+step, `order`, with one deadline (payment, reservation and preparation happen between the
+other services). It hears every failure. An orchestrated sale records each step as its
+orchestrator's replies come (a consumer meant for orchestrated sales only), and has a
+deadline per step.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from magasin.shared.events import (
     TransactionCompleted,
     TransactionCreated,
 )
+
+CHOREOGRAPHY = "choreography"
 
 MAX_LINES = 100
 MAX_QUANTITY = 1000
@@ -61,7 +71,14 @@ STEPS = {
     Status.PAYMENT_PROCESSED: "reservation",
     Status.INVENTORY_RESERVED: "fulfilment",
 }
-"""The step a saga in each waiting status is waiting for (each one has a deadline)."""
+"""The step an orchestrated saga in each waiting status is waiting for (each one has a
+deadline)."""
+
+ORDER = "order"
+"""The one step a choreographed saga waits for before it ends: its order prepared, after its
+payment and its reservation (`OrderFulfilled` reports all three). Given up, it asks for a
+refund and a release, and waits for both to be confirmed (a release of nothing held is
+confirmed by `ReservationVoided` or `InventoryUnavailable`)."""
 
 
 class Transaction(Aggregate):
@@ -76,7 +93,7 @@ class Transaction(Aggregate):
         self.currency = ""
         self.payment_method = ""
         self.callback_url: str | None = None
-        self.saga_mode = "choreography"
+        self.saga_mode = CHOREOGRAPHY
         self.payment_id: str | None = None
         self.reservation_id: str | None = None
         self.order_id: str | None = None
@@ -122,7 +139,7 @@ class Transaction(Aggregate):
         currency: str,
         payment_method: str,
         callback_url: str | None = None,
-        saga_mode: str = "choreography",
+        saga_mode: str = CHOREOGRAPHY,
     ) -> Transaction:
         if not lines:
             raise InvalidInput("a transaction needs at least one line")
@@ -174,14 +191,33 @@ class Transaction(Aggregate):
         self._settle()
 
     def inventory_unavailable(self) -> None:
+        self._nothing_held()
         self._fail("inventory_unavailable", needs_refund=True, needs_release=False)
 
-    def order_fulfilled(self, order_id: str) -> None:
+    def nothing_reserved(self) -> None:
+        """The inventory voided the sale's reservation before any was made (the sale was
+        given up first): a late payment reserves nothing, so no release is owed."""
+        self._nothing_held()
+        self._settle()
+
+    def _nothing_held(self) -> None:
+        """A sale given up without knowing whether its stock was reserved (a choreographed
+        one) waits for a release; the inventory holding nothing for it confirms it too."""
+        if self.failure is not None and self.needs_release and not self.released and (
+            not self.status.terminal
+        ):
+            self._record(ReleaseRecorded(self.id))
+
+    def order_fulfilled(
+        self, order_id: str, payment_id: str = "", reservation_id: str = ""
+    ) -> None:
+        """The store prepared the order, after the payment and the reservation it names
+        (choreography; empty when the orchestrator's replies recorded them)."""
         if self.order_id is None and self.failure is None and not self.status.terminal:
             # Nothing else is awaited once the order is prepared: one event records the
-            # fulfilment and completes the sale (a FulfilmentRecorded came first before
-            # issue 11).
-            self._complete(order_id)
+            # payment, the reservation and the fulfilment and completes the sale (a
+            # FulfilmentRecorded came first before issue 11).
+            self._complete(order_id, payment_id, reservation_id)
         elif self.order_id is None and self.failure is not None and not self.fulfilment_refused:
             # Late: the sale was given up first (its reservation expired, a deadline passed)
             # and its compensation gives the money and the stock back. The transaction is
@@ -221,7 +257,9 @@ class Transaction(Aggregate):
             SagaAborted(self.id, current, reason, self.store_id, self.total, self.currency)
         )
         if release is None:
-            release = current == "fulfilment"
+            # A choreographed sale does not know whether its stock was reserved: it asks,
+            # and the inventory confirms a release or that nothing was held.
+            release = current in ("fulfilment", ORDER)
         self._record(CompensationStarted(self.id, reason, needs_refund=True,
                                          needs_release=release))
         self._settle()
@@ -272,18 +310,25 @@ class Transaction(Aggregate):
         elif self.order_id is not None:
             self._complete(self.order_id)  # an older log's FulfilmentRecorded
 
-    def _complete(self, order_id: str) -> None:
+    def _complete(self, order_id: str, payment_id: str = "", reservation_id: str = "") -> None:
         self._record(TransactionCompleted(
-            self.id, self.store_id, self.customer_id, self.total, self.currency, order_id
+            self.id, self.store_id, self.customer_id, self.total, self.currency, order_id,
+            "" if self.payment_id is not None else payment_id,
+            "" if self.reservation_id is not None else reservation_id,
         ))
 
     # -- state --------------------------------------------------------------------------
 
     @property
     def step(self) -> str | None:
-        """The saga step this sale waits for (`payment`, `reservation`, `fulfilment`), or
-        None once it compensates or ended."""
-        return STEPS.get(self.status)
+        """The saga step this sale waits for (choreographed: `order`; orchestrated:
+        `payment`, `reservation`, `fulfilment`), or None once it compensates or ended."""
+        status = self.status
+        if self.saga_mode == CHOREOGRAPHY and status in STEPS:
+            # Also a sale whose payment or reservation was recorded before the service
+            # stopped hearing them (older logs): what it waits for now is its order.
+            return ORDER
+        return STEPS.get(status)
 
     @property
     def waits_for(self) -> str | None:
@@ -340,6 +385,10 @@ class Transaction(Aggregate):
                 self.completed = True
                 if event.order_id:  # empty in older logs: FulfilmentRecorded said it
                     self.order_id = event.order_id
+                if event.payment_id:  # a choreographed sale learns them with its order
+                    self.payment_id = event.payment_id
+                if event.reservation_id:
+                    self.reservation_id = event.reservation_id
             case TransactionCancelled():
                 self.cancelled = True
             case _:

@@ -52,17 +52,30 @@ def _released(sale: Transaction, e: InventoryReleased) -> None:
 
 
 def saga_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[str, Handler]:
-    """Consumer `transaction`: every saga step reported by the other services."""
+    """Consumer `transaction`: what the other services report that ends a sale, or starts or
+    confirms its compensation. Of the happy path it hears only OrderFulfilled, which names
+    the payment and the reservation before it (seed 6.1.1)."""
     steps: dict[str, Callable[[Transaction, Any], None]] = {
-        "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
         "PaymentFailed": lambda s, e: s.payment_failed(e.reason),
-        "InventoryReserved": lambda s, e: s.inventory_reserved(e.reservation_id),
         "InventoryUnavailable": lambda s, e: s.inventory_unavailable(),
         "InventoryReleased": _released,
+        "ReservationVoided": lambda s, e: s.nothing_reserved(),
         "ReservationExpired": lambda s, e: s.reservation_expired(),
-        "OrderFulfilled": lambda s, e: s.order_fulfilled(e.order_id),
+        "OrderFulfilled": lambda s, e: s.order_fulfilled(
+            e.order_id, e.payment_id, e.reservation_id),
         "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
         "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),
+    }
+    return {name: _saga_step(step, deadlines) for name, step in steps.items()}
+
+
+def step_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[str, Handler]:
+    """Consumer `transaction.steps`, for orchestrated sales only (it requires their routing
+    tag): each step as the orchestrator's replies report it, so that such a sale shows
+    PAYMENT_PROCESSED and INVENTORY_RESERVED as they happen and has a deadline per step."""
+    steps: dict[str, Callable[[Transaction, Any], None]] = {
+        "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
+        "InventoryReserved": lambda s, e: s.inventory_reserved(e.reservation_id),
     }
     return {name: _saga_step(step, deadlines) for name, step in steps.items()}
 

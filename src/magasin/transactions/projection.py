@@ -94,8 +94,11 @@ def projection(feed: StatusFeed | None = None) -> Projection:
         if recorded is not None:
             doc[recorded] = p[recorded]
         elif kind == "TransactionCompleted":
-            if p.get("order_id"):  # empty in older logs: FulfilmentRecorded said it
-                doc["order_id"] = p["order_id"]
+            # Empty in older logs (FulfilmentRecorded said the order) and when recorded
+            # before (an orchestrated sale's PaymentRecorded, ReservationRecorded).
+            for field in ("order_id", "payment_id", "reservation_id"):
+                if p.get(field):
+                    doc[field] = p[field]
             doc["status"] = _COMPLETED
         elif kind == "TransactionCancelled":
             doc["status"] = _CANCELLED

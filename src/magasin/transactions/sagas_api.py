@@ -42,8 +42,9 @@ class Saga(BaseModel):
     store_id: str
     status: Status
     step: str | None
-    """What the saga waits for (`payment`, `reservation`, `fulfilment`, or `compensation`
-    while CANCELLING: its refund and release); None once it ended."""
+    """What the saga waits for (a choreographed one: `order`, its order prepared after its
+    payment and reservation; an orchestrated one: `payment`, `reservation`, `fulfilment`;
+    either: `compensation` while CANCELLING, its refund and release); None once it ended."""
     step_started_at: str
     age_s: float
     """Seconds since the current step (or the last retry of the compensation) started."""

@@ -10,9 +10,16 @@ from magasin.service import Service, ServiceContext
 from magasin.transactions import api, sagas, sagas_api, stats, tags
 from magasin.transactions.deadlines import Deadlines
 from magasin.transactions.feed import StatusFeed
-from magasin.transactions.handlers import catalog_handlers, notifier_handlers, saga_handlers
+from magasin.transactions.handlers import (
+    catalog_handlers,
+    notifier_handlers,
+    saga_handlers,
+    step_handlers,
+)
 from magasin.transactions.orchestrator import handlers as orchestrator
 from magasin.transactions.projection import projection
+
+STEPS = "transaction.steps"
 
 
 def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Service:
@@ -28,12 +35,15 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             # Each saga step saves the sale with its saga index, deadline and metrics (one
             # unit of work): the service hears none of its own events back for them.
             "transaction": saga_handlers(deadlines),
+            # An orchestrated sale's intermediate steps (a choreographed one learns them
+            # from OrderFulfilled: the service hears one event of its happy path).
+            STEPS: step_handlers(deadlines),
             "transaction.catalog": catalog_handlers(),
             "transaction.notifier": notifier_handlers(http),
             orchestrator.CONSUMER: orchestrator.orchestrator_handlers(),
         },
         # Meant for some sales only: the bus never delivers them the others' events.
-        requires={orchestrator.CONSUMER: tags.ORCHESTRATED,
+        requires={orchestrator.CONSUMER: tags.ORCHESTRATED, STEPS: tags.ORCHESTRATED,
                   "transaction.notifier": tags.WEBHOOK},
         router=routes,
         loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s,

@@ -588,7 +588,7 @@ document.addEventListener("alpine:init", () => {
   // 5. Stuck sagas by step and age; force compensation with an admin key.
   Alpine.data("sagas", () => ({
     ...helpers,
-    STEPS: ["payment", "reservation", "fulfilment", "compensation"],
+    STEPS: ["order", "payment", "reservation", "fulfilment", "compensation"],
     olderThan: 5,
     items: [],
     loaded: false,
