@@ -386,15 +386,12 @@ class RabbitMQBus(EventBus):
         await queue.bind(self._require(self._log), routing_key="")
         return queue, await queue.consume(self._shipped(consumer))
 
-    async def _unbind_type(
-        self, consumer: _Consumer, event_type: str, routing_key: str | None
-    ) -> None:
-        """Remove the bindings of `event_type` from the partition queue that received it by
-        `routing_key` (every form an older start may have bound; unbinding one that is not
-        there is a no-op)."""
-        partition = _routed_as(routing_key, event_type)
-        queue = consumer.queues.get(partition) if partition is not None else None
-        if queue is None or partition is None:
+    async def _unbind_type(self, consumer: _Consumer, event_type: str, partition: int) -> None:
+        """Remove the bindings of `event_type` from the consumer's queue of `partition`
+        (every form an older start may have bound; unbinding one that is not there is a
+        no-op)."""
+        queue = consumer.queues.get(partition)
+        if queue is None:
             return
         keys = {f"*.{event_type}.{partition}", binding_key(event_type, partition, None)}
         if consumer.requires is not None:
@@ -938,10 +935,11 @@ class RabbitMQBus(EventBus):
             await self._ack(message)
             return
         handler = consumer.handlers.get(event.type)
-        if handler is None and _routed_as(message.routing_key, event.type) is not None:
+        partition = _routed_as(message.routing_key, event.type) if handler is None else None
+        if partition is not None:
             # A type this consumer handled in an older version, routed here by the binding
             # that version left: not meant for it any more. Drop the binding, count it.
-            await self._unbind_type(consumer, event.type, message.routing_key)
+            await self._unbind_type(consumer, event.type, partition)
             metrics.consumed(consumer.name, event.type, "unbound", 0.0)
             await self._ack(message)
             return

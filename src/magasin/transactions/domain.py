@@ -36,8 +36,7 @@ from magasin.shared.events import (
     TransactionCompleted,
     TransactionCreated,
 )
-
-CHOREOGRAPHY = "choreography"
+from magasin.transactions.orchestrator.routing import Mode
 
 MAX_LINES = 100
 MAX_QUANTITY = 1000
@@ -93,7 +92,7 @@ class Transaction(Aggregate):
         self.currency = ""
         self.payment_method = ""
         self.callback_url: str | None = None
-        self.saga_mode = CHOREOGRAPHY
+        self.saga_mode: str = Mode.CHOREOGRAPHY
         self.payment_id: str | None = None
         self.reservation_id: str | None = None
         self.order_id: str | None = None
@@ -139,7 +138,7 @@ class Transaction(Aggregate):
         currency: str,
         payment_method: str,
         callback_url: str | None = None,
-        saga_mode: str = CHOREOGRAPHY,
+        saga_mode: str = Mode.CHOREOGRAPHY,
     ) -> Transaction:
         if not lines:
             raise InvalidInput("a transaction needs at least one line")
@@ -313,8 +312,7 @@ class Transaction(Aggregate):
     def _complete(self, order_id: str, payment_id: str = "", reservation_id: str = "") -> None:
         self._record(TransactionCompleted(
             self.id, self.store_id, self.customer_id, self.total, self.currency, order_id,
-            "" if self.payment_id is not None else payment_id,
-            "" if self.reservation_id is not None else reservation_id,
+            payment_id, reservation_id,
         ))
 
     # -- state --------------------------------------------------------------------------
@@ -324,7 +322,7 @@ class Transaction(Aggregate):
         """The saga step this sale waits for (choreographed: `order`; orchestrated:
         `payment`, `reservation`, `fulfilment`), or None once it compensates or ended."""
         status = self.status
-        if self.saga_mode == CHOREOGRAPHY and status in STEPS:
+        if self.saga_mode == Mode.CHOREOGRAPHY and status in STEPS:
             # Also a sale whose payment or reservation was recorded before the service
             # stopped hearing them (older logs): what it waits for now is its order.
             return ORDER

@@ -51,6 +51,12 @@ def _released(sale: Transaction, e: InventoryReleased) -> None:
         sale.reservation_expired()
 
 
+def _registry(
+    steps: dict[str, Callable[[Transaction, Any], None]], deadlines: Deadlines
+) -> dict[str, Handler]:
+    return {name: _saga_step(step, deadlines) for name, step in steps.items()}
+
+
 def saga_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[str, Handler]:
     """Consumer `transaction`: what the other services report that ends a sale, or starts or
     confirms its compensation. Of the happy path it hears only OrderFulfilled, which names
@@ -66,7 +72,7 @@ def saga_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[s
         "OrderFulfillmentFailed": lambda s, e: s.fulfillment_failed(e.reason),
         "PaymentRefunded": lambda s, e: s.payment_refunded(e.amount),
     }
-    return {name: _saga_step(step, deadlines) for name, step in steps.items()}
+    return _registry(steps, deadlines)
 
 
 def step_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[str, Handler]:
@@ -77,7 +83,7 @@ def step_handlers(deadlines: Deadlines = saga_index.DEFAULT_DEADLINES) -> dict[s
         "PaymentProcessed": lambda s, e: s.payment_captured(e.payment_id, e.amount),
         "InventoryReserved": lambda s, e: s.inventory_reserved(e.reservation_id),
     }
-    return {name: _saga_step(step, deadlines) for name, step in steps.items()}
+    return _registry(steps, deadlines)
 
 
 # -- catalog replica: prices come from the catalog, which the store service owns ---------
