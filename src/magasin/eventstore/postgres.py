@@ -158,12 +158,19 @@ that died said no _BYE)."""
 # prepared statements, PL/pgSQL's in magasin_append and magasin_commit) is kept for the
 # session's life, however large the table grows. That is how each append came to read the
 # whole log (issue 10: 27,256 sequential scans, 1.5 billion rows read for 69,500 events).
-_SESSION_SETTINGS: Final = {"enable_seqscan": "off"}
+# Generic plans, always: a statement is planned once per session rather than at each of
+# its first five runs and then again whenever PostgreSQL judges a custom plan cheaper,
+# which for the commit function's statements it did at every call (planning was 12% of
+# the backends' CPU in a saga benchmark; a fifth of their CPU a sale went with it).
+_SESSION_SETTINGS: Final = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
 _ANALYZE_CHECK_EVERY: Final = 5000
 """Rows a store writes (events, documents, marks) between two looks for tables whose
 statistics are stale (see _analyze_stale)."""
-# Stale as autovacuum judges by default (50 rows + 10% of the table changed since the last
-# ANALYZE), or never analyzed. Tables of the session's schema only (its search_path).
+# Stale: never analyzed, or changed by more rows (plus 50) than it held when last analyzed.
+# Autovacuum's default is a tenth of that, for plans that follow the statistics; the
+# store's plans do not (above), so its statistics only need the tables' sizes roughly
+# right, and a growing table is analyzed a logarithmic number of times, not at each tenth.
+# Tables of the session's schema only (its search_path).
 _STALE_TABLES: Final = """
 SELECT c.relname
 FROM pg_class c
@@ -171,7 +178,7 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE n.nspname = current_schema() AND c.relkind = 'r'
   AND (coalesce(s.last_analyze, s.last_autoanalyze) IS NULL
-       OR s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0))
+       OR s.n_mod_since_analyze > 50 + greatest(c.reltuples, 0))
 ORDER BY c.relname
 """
 
