@@ -621,7 +621,8 @@ async def _prepare(conn: asyncpg.Connection) -> None:
 
 async def _table_stats(conn: asyncpg.Connection, schema: str) -> dict[str, asyncpg.Record]:
     rows = await conn.fetch(
-        "SELECT s.relname, s.seq_tup_read, s.n_tup_ins, s.last_analyze, c.reltuples "
+        "SELECT s.relname, s.seq_tup_read, s.n_tup_ins, s.n_mod_since_analyze, s.last_analyze, "
+        "c.reltuples "
         "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
         "WHERE s.schemaname = $1", schema)
     return {r["relname"]: r for r in rows}
@@ -637,6 +638,43 @@ async def test_a_new_schema_gets_its_statistics_when_opened(
         await conn.close()
     assert {"events", "streams", "inbox", "checkpoints", "documents"} <= set(stats)
     assert [name for name, row in stats.items() if row["last_analyze"] is None] == []
+
+
+async def _inserted(conn: asyncpg.Connection, schema: str, start: int, count: int) -> None:
+    """`count` events written straight into the table, and the server's statistics sure to
+    count them (a backend reports its changes only when idle, and may wait 10 s to)."""
+    await conn.execute(
+        "INSERT INTO events (global_position, event_id, stream_id, stream_version, type, "
+        "schema_version, occurred_at, metadata, payload) "
+        "SELECT nextval('events_global_position_seq'), 'e-' || i, 's-' || i, 1, 'T', 1, "
+        "now(), '{}', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i",
+        start, start + count - 1)
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with asyncio.timeout(10):
+        while (await _table_stats(conn, schema))["events"]["n_mod_since_analyze"] < count:
+            await asyncio.sleep(0.05)
+
+
+async def test_statistics_follow_a_growing_table_as_it_doubles_and_skip_the_bodies(
+    store: PostgresEventStore, pg_database: str, pg_schema: str
+) -> None:
+    async with store._connection() as session:  # one of the store's own sessions
+        assert await session.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+    conn = await asyncpg.connect(pg_database, server_settings={"search_path": pg_schema})
+    try:
+        await _inserted(conn, pg_schema, 0, 200)
+        assert "events" in await postgres._analyze_stale(conn)  # 200 > 50 + 0
+        await _inserted(conn, pg_schema, 200, 150)
+        assert "events" not in await postgres._analyze_stale(conn)  # 150 <= 50 + 200
+        await _inserted(conn, pg_schema, 350, 200)  # 350 changes since the ANALYZE
+        assert "events" in await postgres._analyze_stale(conn)  # 350 > 50 + 200
+        gathered = {r["attname"] for r in await conn.fetch(
+            "SELECT attname FROM pg_stats WHERE schemaname = $1 AND tablename = 'events'",
+            pg_schema)}
+    finally:
+        await conn.close()
+    assert {"stream_id", "event_id", "global_position"} <= gathered
+    assert gathered.isdisjoint({"payload", "metadata", "traceparent", "causation_id"})
 
 
 async def test_after_a_large_load_on_a_new_schema_every_hot_statement_uses_an_index(

@@ -59,12 +59,25 @@ CREATE TABLE IF NOT EXISTS documents (
 -- No statement filters, joins or sorts on these columns: ANALYZE gathers no statistics on
 -- them. Its cost on a young schema, re-analyzed at each 10% of growth, was mostly sorting
 -- and detoasting the JSON bodies (8% of the backends' CPU in a 10-s saga benchmark).
-ALTER TABLE events ALTER COLUMN payload SET STATISTICS 0,
-                   ALTER COLUMN metadata SET STATISTICS 0,
-                   ALTER COLUMN traceparent SET STATISTICS 0,
-                   ALTER COLUMN causation_id SET STATISTICS 0;
-ALTER TABLE stream_snapshots ALTER COLUMN state SET STATISTICS 0;
-ALTER TABLE documents ALTER COLUMN body SET STATISTICS 0;
+-- Altered only where still needed: an ALTER TABLE at every open would lock the tables
+-- (against a running ANALYZE) and make every session re-plan.
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN
+        SELECT a.attrelid::regclass AS tab, a.attname AS col
+        FROM pg_attribute a
+        JOIN (VALUES ('events', 'payload'), ('events', 'metadata'), ('events', 'traceparent'),
+                     ('events', 'causation_id'), ('stream_snapshots', 'state'),
+                     ('documents', 'body')) AS w(tab, col)
+          ON a.attrelid = to_regclass(w.tab) AND a.attname = w.col
+        WHERE a.attstattarget <> 0
+    LOOP
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET STATISTICS 0', c.tab, c.col);
+    END LOOP;
+END
+$$;
 
 -- The outbox is two positions in the log, kept as checkpoints: 'outbox:publish', the last
 -- event published to its consumers, and 'outbox:ship', the last one shipped to the
