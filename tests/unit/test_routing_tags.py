@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from magasin.messaging.tags import binding_key, carries, check_tag, routing_key, tag, tags_of
+from magasin.messaging.tags import (
+    Routed,
+    binding_key,
+    carries,
+    check_tag,
+    routed,
+    routing_key,
+    tag,
+    tags_of,
+)
 
 
 def test_an_events_tags_are_its_baggage_entries_sorted() -> None:
@@ -44,3 +53,16 @@ def test_the_routing_key_puts_the_tags_after_the_partition() -> None:
     assert routing_key("cart.ItemAdded", 2, ("a=1", "b=2")) == "cart.ItemAdded.2.a=1.b=2"
     assert binding_key("ItemAdded", 2, None) == "*.ItemAdded.2.#"
     assert binding_key("ItemAdded", 2, "b=2") == "*.ItemAdded.2.#.b=2.#"
+
+
+def test_a_routing_key_is_read_back_as_what_built_it() -> None:
+    key = routing_key("transaction.TransactionCreated", 3, (tag("saga_mode", "orchestration"),))
+    route = routed(key)
+    assert route == Routed("transaction", "TransactionCreated", 3)
+    assert route.event_key == "transaction.TransactionCreated"
+    assert routed(routing_key("sale.OrderFulfilled", 0, ())) == Routed("sale", "OrderFulfilled", 0)
+
+
+@pytest.mark.parametrize("key", [None, "", "payment", "dead.letters", "sale.Created.x"])
+def test_a_key_not_built_as_a_routing_key_names_no_route(key: str | None) -> None:
+    assert routed(key) is None

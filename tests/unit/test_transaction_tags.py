@@ -13,7 +13,7 @@ from magasin.transactions import api, readmodel, sagas, tags
 from magasin.transactions.handlers import saga_handlers, sales
 from magasin.transactions.orchestrator.handlers import CONSUMER
 from magasin.transactions.orchestrator.routing import Routing
-from magasin.transactions.service import STEPS, build
+from magasin.transactions.service import STEP_CONSUMER, build
 from tests.unit.conftest import Harness
 
 HOOK = "https://shop.example/hooks/sales"
@@ -86,7 +86,7 @@ async def test_an_operators_cancellation_of_a_sale_with_a_callback_carries_the_t
 
 async def test_the_orchestrator_and_the_notifier_require_their_tags(harness: Harness) -> None:
     service = build(ServiceContext(harness.store, Settings()))
-    assert service.requires == {CONSUMER: tags.ORCHESTRATED, STEPS: tags.ORCHESTRATED,
+    assert service.requires == {CONSUMER: tags.ORCHESTRATED, STEP_CONSUMER: tags.ORCHESTRATED,
                                 "transaction.notifier": tags.WEBHOOK}
     for close in service.on_stop:
         await close()

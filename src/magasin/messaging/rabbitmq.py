@@ -44,7 +44,15 @@ from magasin.messaging.partitioning import (
     key_of,
     stable_hash,
 )
-from magasin.messaging.tags import binding_key, carries, check_tag, routing_key, tags_of
+from magasin.messaging.tags import (
+    binding_key,
+    carries,
+    check_tag,
+    routed,
+    routing_key,
+    tags_of,
+    untagged_binding_key,
+)
 from magasin.observability import metrics, tracing
 from magasin.shared.clock import utcnow
 from magasin.shared.errors import (
@@ -393,7 +401,8 @@ class RabbitMQBus(EventBus):
         queue = consumer.queues.get(partition)
         if queue is None:
             return
-        keys = {f"*.{event_type}.{partition}", binding_key(event_type, partition, None)}
+        keys = {untagged_binding_key(event_type, partition),
+                binding_key(event_type, partition, None)}
         if consumer.requires is not None:
             keys.add(binding_key(event_type, partition, consumer.requires))
         try:
@@ -935,11 +944,12 @@ class RabbitMQBus(EventBus):
             await self._ack(message)
             return
         handler = consumer.handlers.get(event.type)
-        partition = _routed_as(message.routing_key, event.type) if handler is None else None
-        if partition is not None:
+        route = routed(message.routing_key) if handler is None else None
+        if route is not None and route.event_type == event.type:
             # A type this consumer handled in an older version, routed here by the binding
-            # that version left: not meant for it any more. Drop the binding, count it.
-            await self._unbind_type(consumer, event.type, partition)
+            # that version left: not meant for it any more. Drop the binding, count it. (A
+            # routing key naming another type than the envelope is dead-lettered below.)
+            await self._unbind_type(consumer, event.type, route.partition)
             metrics.consumed(consumer.name, event.type, "unbound", 0.0)
             await self._ack(message)
             return
@@ -1170,16 +1180,16 @@ def _message_key(message: AbstractIncomingMessage) -> str:
 def _partition_of_message(message: AbstractIncomingMessage, partitions: int) -> int:
     """The partition a message was routed to (its routing key's third word, when the events
     exchange routed it), else its key's."""
-    words = (message.routing_key or "").split(".")
-    if message.exchange and len(words) >= 3 and words[2].isdigit():
-        return int(words[2]) % partitions
+    route = routed(message.routing_key)
+    if message.exchange and route is not None:
+        return route.partition % partitions
     return stable_hash(_message_key(message)) % partitions
 
 
 def _event_routing_key(routing_key: str) -> str:
     """`<aggregate>.<EventType>` of a partitioned routing key (`....<partition>[.<tag>...]`)."""
-    words = routing_key.split(".")
-    return ".".join(words[:2]) if len(words) >= 3 and words[2].isdigit() else routing_key
+    route = routed(routing_key)
+    return routing_key if route is None else route.event_key
 
 
 def _forwarded_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -1266,7 +1276,7 @@ def _stale_bindings(
     there is a no-op (RabbitMQ >= 3.2)."""
     if bound == _binding_scheme(consumer):
         return []
-    stale = [f"*.{event_type}.{partition}"]
+    stale = [untagged_binding_key(event_type, partition)]
     if consumer.requires is not None or consumer.whole_log:
         stale.append(binding_key(event_type, partition, None))
     if consumer.whole_log and consumer.requires is not None:  # it gets its events shipped
@@ -1275,16 +1285,6 @@ def _stale_bindings(
     if isinstance(before, str) and before != consumer.requires:
         stale.append(binding_key(event_type, partition, before))
     return stale
-
-
-def _routed_as(routing_key: str | None, event_type: str) -> int | None:
-    """The partition of a routing key `<aggregate>.<event_type>.<partition>[.<tag>...]`
-    that names `event_type`; None when it names another type (a message whose envelope
-    and routing disagree) or is not of that form."""
-    words = (routing_key or "").split(".")
-    if len(words) < 3 or words[1] != event_type or not words[2].isdigit():
-        return None
-    return int(words[2])
 
 
 def _int_header(headers: HeadersType, name: str, default: int) -> int:

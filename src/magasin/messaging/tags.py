@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 BAGGAGE = "baggage"
 """The metadata entry the tags come from."""
@@ -65,6 +65,33 @@ def carries(metadata: Mapping[str, Any], required: str | None) -> bool:
 def routing_key(event_key: str, partition: int, tags: tuple[str, ...]) -> str:
     """`<aggregate>.<EventType>.<partition>`, then the tags, the broker's routing key."""
     return ".".join((event_key, str(partition), *tags))
+
+
+class Routed(NamedTuple):
+    """What a routing key built by `routing_key` says."""
+
+    aggregate: str
+    event_type: str
+    partition: int
+
+    @property
+    def event_key(self) -> str:
+        """`<aggregate>.<EventType>`, the key the event was published under."""
+        return f"{self.aggregate}.{self.event_type}"
+
+
+def routed(key: str | None) -> Routed | None:
+    """The aggregate, event type and partition of a routing key built by `routing_key`;
+    None for any other (a key the dead-letter or retry path set, say)."""
+    words = (key or "").split(".")
+    if len(words) < 3 or not words[2].isdigit():
+        return None
+    return Routed(words[0], words[1], int(words[2]))
+
+
+def untagged_binding_key(event_type: str, partition: int) -> str:
+    """How partition queues were bound before routing tags: tagged keys do not match it."""
+    return f"*.{event_type}.{partition}"
 
 
 def binding_key(event_type: str, partition: int, required: str | None) -> str:

@@ -19,7 +19,8 @@ from magasin.transactions.handlers import (
 from magasin.transactions.orchestrator import handlers as orchestrator
 from magasin.transactions.projection import projection
 
-STEPS = "transaction.steps"
+STEP_CONSUMER = "transaction.steps"
+"""Consumer of an orchestrated sale's intermediate steps (see `step_handlers`)."""
 
 
 def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Service:
@@ -37,13 +38,13 @@ def build(ctx: ServiceContext, client: httpx.AsyncClient | None = None) -> Servi
             "transaction": saga_handlers(deadlines),
             # An orchestrated sale's intermediate steps (a choreographed one learns them
             # from OrderFulfilled: the service hears one event of its happy path).
-            STEPS: step_handlers(deadlines),
+            STEP_CONSUMER: step_handlers(deadlines),
             "transaction.catalog": catalog_handlers(),
             "transaction.notifier": notifier_handlers(http),
             orchestrator.CONSUMER: orchestrator.orchestrator_handlers(),
         },
         # Meant for some sales only: the bus never delivers them the others' events.
-        requires={orchestrator.CONSUMER: tags.ORCHESTRATED, STEPS: tags.ORCHESTRATED,
+        requires={orchestrator.CONSUMER: tags.ORCHESTRATED, STEP_CONSUMER: tags.ORCHESTRATED,
                   "transaction.notifier": tags.WEBHOOK},
         router=routes,
         loops=(sagas.deadline_loop(ctx.store, ctx.settings.deadline_sweep_s,
