@@ -24,7 +24,8 @@ over the throughput run and until it settles (every consumer done): `messages_pe
 `deliveries_per_saga` (handler runs, audit's included), `broker_deliveries_per_saga`
 (messages RabbitMQ delivered: one per event, one per batch shipped to the audit and the
 archive; 0 embedded), `commits_per_saga` (units of work), summed over the /metrics of
-every process, and `cpu_ms_per_saga` (user + system
+every process, `gc_ms_per_saga` and `gc_pauses_over_10ms` (the cyclic garbage collector's
+pauses, every process's `magasin_gc_pause_seconds`), and `cpu_ms_per_saga` (user + system
 CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
@@ -196,6 +197,9 @@ COUNTED = {
     "deliveries": ("magasin_events_consumed_total", {"outcome": "handled"}),
     "broker_deliveries": ("magasin_broker_deliveries_total", {}),
     "commits": ("magasin_store_commits_total", {}),
+    "gc_pause_s": ("magasin_gc_pause_seconds_sum", {}),
+    "gc_pauses": ("magasin_gc_pause_seconds_count", {}),
+    "gc_pauses_within_10ms": ("magasin_gc_pause_seconds_bucket", {"le": "0.01"}),
 }
 """What a saga costs the server, from its own /metrics: (sample name, labels to match)."""
 
@@ -265,8 +269,11 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
     if meter is not None and before is not None:
         sagas = rate * (time.perf_counter() - started)
         after = await settled(meter)
-        for what in COUNTED:
-            result[f"{what}_per_saga"] = round((after[what] - before[what]) / sagas, 2)
+        moved = {what: after[what] - before[what] for what in COUNTED}
+        for what in ("messages", "deliveries", "broker_deliveries", "commits"):
+            result[f"{what}_per_saga"] = round(moved[what] / sagas, 2)
+        result["gc_ms_per_saga"] = round(moved["gc_pause_s"] * 1000 / sagas, 3)
+        result["gc_pauses_over_10ms"] = moved["gc_pauses"] - moved["gc_pauses_within_10ms"]
         result["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
     at = latency_rate or max(rate / 2, 1)
     result.update(await latencies_at(url, store_id, products, at, seconds))

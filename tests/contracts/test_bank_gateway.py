@@ -15,6 +15,7 @@ from magasin.eventstore.store import EventStore
 from magasin.payments.breaker import CircuitBreaker
 from magasin.payments.gateway import BankGateway, BankRecord, BankSimulator
 from magasin.payments.traced import TracedBank
+from magasin.shared.errors import BusinessRuleViolation
 from tests.conftest import _drop_schema
 
 
@@ -122,3 +123,20 @@ async def test_two_clients_racing_one_key_get_one_decision(bank: Bank) -> None:
     assert refunds[0] == refunds[1]
     found = await other.lookup("tx-1")
     assert found is not None and found.refund_reference == refunds[0]
+
+
+async def test_a_charge_is_refunded_once_whichever_client_and_key_refund_it(bank: Bank) -> None:
+    first = bank.gateway
+    second = bank.reopen() if bank.reopen is not None else first
+    charge = await first.charge("tx-1", 1000, "CAD", "VISA")
+    assert await second.charge("tx-1", 1000, "CAD", "VISA") == charge  # known to both
+    await first.refund("tx-1:refund", charge.reference, 1000)
+    with pytest.raises(BusinessRuleViolation, match="already refunded"):
+        await second.refund("tx-1:reconciled", charge.reference, 1000)
+
+    other = await first.charge("tx-2", 2000, "CAD", "VISA")
+    outcomes = await asyncio.gather(
+        first.refund("tx-2:a", other.reference, 2000),
+        second.refund("tx-2:b", other.reference, 2000), return_exceptions=True)
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == [
+        "BusinessRuleViolation", "str"]

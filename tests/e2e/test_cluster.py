@@ -167,6 +167,14 @@ def test_what_every_service_answers_comes_back_merged(
     assert not missing
 
 
+def test_each_service_reports_its_garbage_collector_s_pauses(cluster_up: Running) -> None:
+    for service in ("transaction", "payment", "inventory", "store", "audit", "eventstore"):
+        text = httpx.get(f"{cluster_up.url}/metrics/{service}", timeout=30).text
+        young = [line for line in text.splitlines()
+                 if line.startswith('magasin_gc_pause_seconds_count{generation="0"}')]
+        assert young and float(young[0].rsplit(" ", 1)[1]) > 0, service
+
+
 def test_ctrl_c_stops_every_process_it_started(cluster_up: Running) -> None:
     started = descendants(cluster_up.popen.pid)
     assert len(started) >= 7  # six services and nginx, at least

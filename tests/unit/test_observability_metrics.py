@@ -3,6 +3,7 @@ and the sampler's backlogs."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,25 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_the_collector_s_pauses_are_timed_by_generation_once_asked() -> None:
+    def collected(generation: str) -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "magasin_gc_pause_seconds_count", {"generation": generation}) or 0.0
+
+    before = collected("1")
+    gc.collect(1)
+    assert collected("1") == before  # not timed until a serving process asks
+    metrics.time_collections()
+    metrics.time_collections()  # asked twice: each collection still observed once
+    try:
+        gc.collect(1)
+        assert collected("1") == before + 1
+        assert metrics.REGISTRY.get_sample_value(
+            "magasin_gc_pause_seconds_sum", {"generation": "1"}) > 0
+    finally:
+        gc.callbacks.remove(metrics._time_collection)
 
 
 def breaker_state(name: str) -> float | None:

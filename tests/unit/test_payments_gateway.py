@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.payments import gateway
 from magasin.payments.gateway import BankSimulator
 from magasin.shared.errors import BusinessRuleViolation, Conflict, Unavailable
 
@@ -162,4 +163,36 @@ async def test_a_new_key_is_charged_without_reading_the_books_and_a_known_one_fr
         with pytest.raises(Conflict):
             await BankSimulator(latency_s=0, ledger=books).charge("tx-1", 999, "CAD", "VISA")
         assert restarted.captured_total == 2500
+
+
+
+async def test_a_bank_with_books_keeps_only_its_latest_charges_in_memory_and_reads_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway, "KEPT_IN_MEMORY", 2)
+    async with _Books(tmp_path / "bank.db") as books:
+        bank = BankSimulator(latency_s=0, ledger=books)
+        first = await bank.charge("tx-1", 1000, "CAD", "VISA")
+        await bank.refund("tx-1:refund", first.reference, 1000)
+        for n in (2, 3, 4):
+            await bank.charge(f"tx-{n}", 1000 * n, "CAD", "VISA")
+        assert [c.reference for c in bank.charges] == [
+            c.reference for c in [await bank.lookup("tx-3"), await bank.lookup("tx-4")]
+            if c is not None]
+
+        reads = books.reads
+        assert await bank.charge("tx-1", 1000, "CAD", "VISA") == first  # from the books
+        assert books.reads > reads
+        with pytest.raises(BusinessRuleViolation, match="already refunded"):
+            await bank.refund("tx-1:again", first.reference, 1000)
+        with pytest.raises(Conflict):
+            await bank.charge("tx-2", 1, "CAD", "VISA")
+
+
+async def test_a_bank_without_books_forgets_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "KEPT_IN_MEMORY", 2)
+    bank = BankSimulator(latency_s=0)
+    charges = [await bank.charge(f"tx-{n}", 100, "CAD", "VISA") for n in range(5)]
+    assert bank.charges == charges
+    assert await bank.charge("tx-0", 100, "CAD", "VISA") == charges[0]
 

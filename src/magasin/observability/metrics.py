@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -185,6 +187,17 @@ AUDIT_ALERTS = Counter(
     registry=REGISTRY,
 )
 
+# --- process --------------------------------------------------------------------------------
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+GC_PAUSE = Histogram(
+    "magasin_gc_pause_seconds",
+    "Collections of Python's cyclic garbage collector, by the oldest generation collected "
+    "(0, 1, 2): every task of the process waits while one runs.",
+    ["generation"],
+    buckets=GC_PAUSE_BUCKETS,
+    registry=REGISTRY,
+)
+
 # --- helpers for the choke points -------------------------------------------------------------
 
 BREAKER_STATES: Mapping[str, int] = {"closed": 0, "open": 1, "half_open": 2}
@@ -286,6 +299,24 @@ def watch_breaker(name: str, state: Callable[[], str]) -> None:
     """Read a circuit breaker's state at each scrape (it turns half-open by the clock, with
     no call to tell us)."""
     CIRCUIT_BREAKER_STATE.labels(name).set_function(lambda: BREAKER_STATES.get(state(), -1))
+
+
+_collection_started: list[float] = [0.0]
+
+
+def _time_collection(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _collection_started[0] = time.perf_counter()
+    else:
+        _child(GC_PAUSE, str(info["generation"])).observe(
+            time.perf_counter() - _collection_started[0])
+
+
+def time_collections() -> None:
+    """Time every collection of the cyclic garbage collector from now on (once per
+    process; the runtime's serving processes call it)."""
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)
 
 
 def http_request(method: str, route: str, status: int, seconds: float) -> None:

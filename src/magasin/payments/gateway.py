@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from magasin.eventstore.store import EventStore
 from magasin.shared.errors import (
@@ -30,6 +31,16 @@ FAILING_METHOD = "FAIL_CARD"
 LIMIT_CENTS = 1_000_000
 """The bank declines any charge over 10000.00 (amounts are in cents)."""
 CHARGES, REFUNDS, CAPTURED = "bank.charges", "bank.refunds", "bank.captured"
+REFUNDED = "bank.refunded"
+"""The books' claim on a charge's one refund (by charge reference)."""
+KEPT_IN_MEMORY = 10_000
+"""Charges, captured amounts and refunds a bank with books remembers in memory, the most
+recent ones: every path reads the books for the others. (It remembered all of them: three
+objects a sale that a long-running payment process never let go, and that its garbage
+collector walked again at every full collection.)"""
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +143,19 @@ class BankSimulator(BankGateway):
         self.decline_rate = decline_rate
         self.reachable = True
         self._rng = random.Random(seed)
-        self._charges: dict[str, tuple[_ChargeRequest, Charge]] = {}
-        self._captured: dict[str, int] = {}
+        self._charges: OrderedDict[str, tuple[_ChargeRequest, Charge]] = OrderedDict()
+        self._captured: OrderedDict[str, int] = OrderedDict()
         """Approved charges still holding money: bank reference -> amount."""
-        self._refunds: dict[str, _Refund] = {}
+        self._refunds: OrderedDict[str, _Refund] = OrderedDict()
         self._refunded: set[str] = set()
+        """References of `_captured` refunded."""
         self._ledger = ledger
         self._lock = asyncio.Lock()
 
     @property
     def charges(self) -> list[Charge]:
-        """Every distinct charge the bank decided on (approved or not), in order."""
+        """Every distinct charge the bank decided on (approved or not), in order; with books,
+        the KEPT_IN_MEMORY most recent ones."""
         return [charge for _, charge in self._charges.values()]
 
     @property
@@ -198,9 +211,9 @@ class BankSimulator(BankGateway):
                     f"the bank's books claim key {idempotency_key!r} but hold no charge"
                 ) from None
             return known
-        self._charges[idempotency_key] = (request, charge)
+        self._keep(self._charges, idempotency_key, (request, charge))
         if charge.approved:
-            self._captured[reference] = request.amount
+            self._hold(reference, request.amount)
         return request, charge
 
     async def refund(self, idempotency_key: str, reference: str, amount: int) -> str:
@@ -247,10 +260,13 @@ class BankSimulator(BankGateway):
                 )
             return known.reference
         captured = self._captured.get(reference)
-        if captured is None and self._ledger is not None:
+        if self._ledger is not None:
+            # The books, not memory, say whether it was refunded: another process sharing
+            # them may have refunded it (under another key), or this one before a restart.
             doc = await self._ledger.get_document(CAPTURED, reference)
+            captured = None if doc is None else int(doc["amount"])
             if doc is not None:
-                captured = self._captured[reference] = int(doc["amount"])
+                self._hold(reference, int(doc["amount"]))
                 if doc.get("refunded"):
                     self._refunded.add(reference)
         if captured is None:
@@ -268,7 +284,7 @@ class BankSimulator(BankGateway):
             })
         except AlreadyProcessed:
             return await self._refund(idempotency_key, reference, amount)  # refunded elsewhere
-        self._refunds[idempotency_key] = refund
+        self._keep(self._refunds, idempotency_key, refund)
         self._refunded.add(reference)
         return refund.reference
 
@@ -283,6 +299,9 @@ class BankSimulator(BankGateway):
             if collection == CHARGES and body["approved"]:
                 uow.put_document(CAPTURED, body["reference"], {"amount": body["amount"]})
             elif collection == REFUNDS:
+                # One refund a charge: two processes refunding it at once under two keys
+                # both read it unrefunded; the second fails here.
+                uow.mark_processed(REFUNDED, body["charge_reference"])
                 uow.put_document(CAPTURED, body["charge_reference"], {
                     "amount": self._captured[body["charge_reference"]], "refunded": True,
                     "refund_reference": body["reference"],
@@ -296,19 +315,33 @@ class BankSimulator(BankGateway):
             _ChargeRequest(doc["amount"], doc["currency"], doc["method"]),
             Charge(doc["approved"], doc["reference"], doc["decline_reason"]),
         )
-        self._charges[key] = known
+        self._keep(self._charges, key, known)
         if doc["approved"]:
-            self._captured[doc["reference"]] = doc["amount"]
+            self._hold(doc["reference"], doc["amount"])
         return known
 
     async def _recall_refund(self, key: str) -> _Refund | None:
         doc = await self._ledger.get_document(REFUNDS, key) if self._ledger else None
         if doc is None:
             return None
-        refund = self._refunds[key] = _Refund(
-            doc["reference"], doc["charge_reference"], doc["amount"]
-        )
+        refund = _Refund(doc["reference"], doc["charge_reference"], doc["amount"])
+        self._keep(self._refunds, key, refund)
         return refund
+
+    def _keep(self, memory: OrderedDict[K, V], key: K, value: V) -> K | None:
+        """Remember `value`; with books, forget the oldest beyond KEPT_IN_MEMORY and return
+        its key (without books, memory is all this bank has: it forgets nothing)."""
+        memory[key] = value
+        memory.move_to_end(key)
+        if self._ledger is not None and len(memory) > KEPT_IN_MEMORY:
+            return memory.popitem(last=False)[0]
+        return None
+
+    def _hold(self, reference: str, amount: int) -> None:
+        """Remember a captured charge (and forget whether the one it pushes out was
+        refunded: the books say, next time)."""
+        if (forgotten := self._keep(self._captured, reference, amount)) is not None:
+            self._refunded.discard(forgotten)
 
     async def _call(self) -> None:
         if self.latency_s > 0:
