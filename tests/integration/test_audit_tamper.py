@@ -1,5 +1,7 @@
 """The audit chain on each event store adapter: events delivered to the audit consumer are
-chained once each, and tampering with a stored entry is caught and located by verify."""
+chained once each (by two audit processes at once too), entries an earlier version staged
+are chained by the sequencer, and tampering with a stored entry is caught and located by
+verify."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 from magasin.audit import domain, log
 from magasin.eventstore.store import EventStore
-from magasin.messaging.dispatch import Outcome, deliver
+from magasin.messaging.dispatch import Outcome, deliver, deliver_batch
 from magasin.shared.events import SCHEMAS, PaymentFailed, TransactionCreated
 from magasin.shared.messages import NewEvent, RecordedEvent
 
@@ -49,14 +51,10 @@ def tamper(store_factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -
     return on_postgres
 
 
-async def audited(store: EventStore, count: int, drain: bool = True) -> list[RecordedEvent]:
-    """`count` sales, each created and its payment failed, delivered to the audit consumer
-    (twice: the redelivery changes nothing) and chained."""
-    sequencer = log.Sequencer(store, batch=3)
-    alerts: list[str] = []
-    consumer = log.handlers(sequencer.wake, lambda kind, _: alerts.append(kind))
+async def sales(store: EventStore, count: int, first: int = 0) -> list[RecordedEvent]:
+    """`count` sales, each created and its payment failed: two events a sale."""
     events: list[RecordedEvent] = []
-    for n in range(count):
+    for n in range(first, first + count):
         tid = f"t{n}"
         created = TransactionCreated(tid, "s1", "alice", (), 1000, "CAD", "VISA")
         failed = PaymentFailed(f"p{n}", tid, 1000, "CAD", "declined")
@@ -64,13 +62,34 @@ async def audited(store: EventStore, count: int, drain: bool = True) -> list[Rec
             NewEvent(type(p).__name__, SCHEMAS.dump(p), correlation_id=tid)
             for p in (created, failed)
         ])
+    return events
+
+
+def chainer(store: EventStore, alerts: list[str] | None = None) -> dict[str, Any]:
+    """An audit process's consumer on `store`: its handlers, its seal registered."""
+    chaining = log.Chainer()
+    store.before_commit(chaining.seal)
+    return chaining.handlers(lambda kind, _: alerts.append(kind) if alerts is not None else None)
+
+
+async def audited(store: EventStore, count: int) -> list[RecordedEvent]:
+    """`count` sales delivered to the audit consumer (twice: the redelivery changes
+    nothing) and chained."""
+    alerts: list[str] = []
+    consumer = chainer(store, alerts)
+    events = await sales(store, count)
     for event in events + events:
         result = await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type], event)
         assert result.outcome in (Outcome.HANDLED, Outcome.DUPLICATE)
-    if drain:
-        await sequencer.drain()
     assert alerts == ["payment_failed"] * count
     return events
+
+
+async def staged(store: EventStore, events: list[RecordedEvent]) -> None:
+    """Stage entries as versions before 2026-12-07 did, for the sequencer to chain."""
+    async with store.transaction() as uow:
+        for n, event in enumerate(events):
+            uow.put_document(log.PENDING, f"{n:06d}", log.entry_of(event))
 
 
 async def test_every_event_is_chained_once_and_verifies(store: EventStore) -> None:
@@ -82,12 +101,63 @@ async def test_every_event_is_chained_once_and_verifies(store: EventStore) -> No
     assert {e["event_id"] for e in trail} == {e.event_id for e in events[4:6]}
 
 
+async def test_two_audit_processes_at_once_chain_each_entry_exactly_once(
+    store: EventStore,
+) -> None:
+    """Batches of one sale's events and the next go to two consumers at once, as the
+    broker shares them out; a batch that lost the race on the chain's head is delivered
+    again, then event by event, as the bus does, until each event took effect."""
+    events = await sales(store, 12)
+    first, second = chainer(store), chainer(store)
+
+    async def consume(handlers: dict[str, Any], batches: list[list[RecordedEvent]]) -> None:
+        for batch in batches:
+            if await deliver_batch(store, SCHEMAS, log.CONSUMER, handlers, batch,
+                                   lambda uow: None):
+                continue
+            for event in batch:
+                while (await deliver(store, SCHEMAS, log.CONSUMER, handlers[event.type],
+                                     event)).outcome not in (Outcome.HANDLED, Outcome.DUPLICATE):
+                    await asyncio.sleep(0.001)
+
+    batches = [events[n:n + 3] for n in range(0, len(events), 3)]
+    await asyncio.gather(consume(first, batches[0::2]), consume(second, batches[1::2]))
+    assert await log.verify(store) == {"ok": True, "checked": 24, "head": 24, "problems": []}
+    chained_ids = [entry["event_id"] async for page in log.entries(store) for _, entry in page]
+    assert sorted(chained_ids) == sorted(e.event_id for e in events)
+    for n in range(12):
+        trail = await log.trail(store, f"t{n}")
+        assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+
+
+async def test_entries_an_earlier_version_staged_are_chained_with_the_consumer_s(
+    store: EventStore,
+) -> None:
+    """After an upgrade: t0 was staged whole and t1's creation, before; the consumer chains
+    what comes next, the sequencer what was staged, and each sale keeps its whole trail."""
+    events = await sales(store, 3)
+    await staged(store, events[:3])
+    consumer = chainer(store)
+    for event in events[3:]:
+        result = await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type], event)
+        assert result.outcome is Outcome.HANDLED
+    assert await log.Sequencer(store).drain() == 3
+    later = await sales(store, 1, first=3)
+    for event in later:
+        assert (await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type],
+                              event)).outcome is Outcome.HANDLED
+    assert await log.verify(store) == {"ok": True, "checked": 8, "head": 8, "problems": []}
+    for n in range(4):
+        trail = await log.trail(store, f"t{n}")
+        assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+
+
 async def test_a_sale_chained_by_two_sequencers_in_turn_keeps_its_whole_trail(
     store: EventStore,
 ) -> None:
     """A sequencer that did not chain a sale's first entries (after a restart, or another
     audit process) extends the trail those entries left, not a new one."""
-    await audited(store, 2, drain=False)  # pending: t0's two entries, then t1's two
+    await staged(store, await sales(store, 2))  # pending: t0's two entries, then t1's two
     assert await log.Sequencer(store, batch=3).step() == 3  # t0's and t1's first
     assert await log.Sequencer(store, batch=3).step() == 1  # t1's last, by a newcomer
     trail = await log.trail(store, "t1")
@@ -138,7 +208,8 @@ async def test_deleting_the_last_entries_is_caught_too(store: EventStore, tamper
 
 
 async def test_two_sequencers_at_once_chain_each_entry_exactly_once(store: EventStore) -> None:
-    events = await audited(store, 10, drain=False)
+    events = await sales(store, 10)
+    await staged(store, events)
     first, second = log.Sequencer(store, batch=4), log.Sequencer(store, batch=4)
     loops = [asyncio.create_task(s.run()) for s in (first, second)]
 
@@ -163,9 +234,7 @@ async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_p
     store: EventStore,
 ) -> None:
     sales = 150
-    sequencer = log.Sequencer(store, batch=2, poll=0.01)
-    consumer = log.handlers(sequencer.wake, lambda kind, _: None)
-    chaining = asyncio.create_task(sequencer.run())
+    consumer = chainer(store)
     reports: list[dict[str, Any]] = []
     done = asyncio.Event()
 
@@ -184,7 +253,7 @@ async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_p
     async def verify_until_done() -> None:
         while not done.is_set():
             reports.append(await log.verify(store))
-            await asyncio.sleep(0)  # let the sales and the sequencer go on (SQLite is sync)
+            await asyncio.sleep(0)  # let the sales and their chaining go on (SQLite is sync)
 
     async def chained() -> bool:
         return (await log.length(store)) == 2 * sales
@@ -198,8 +267,6 @@ async def test_verifying_over_and_over_while_sales_are_chained_never_reports_a_p
     finally:
         done.set()
         await asyncio.gather(*verifiers)
-        chaining.cancel()
-        await asyncio.gather(chaining, return_exceptions=True)
     assert [r for r in reports if r["problems"]] == []
     assert len({r["head"] for r in reports}) > 10
     final = await log.verify(store)

@@ -98,7 +98,7 @@ def test_the_audit_and_event_store_processes_handle_the_orchestrator_s_messages(
     probe = (
         "import json; from magasin.audit import log; "
         "from magasin.eventstore_service import archive; "
-        "print(json.dumps([sorted(log.handlers(lambda: None, lambda k, e: None)), "
+        "print(json.dumps([sorted(log.Chainer().handlers(lambda k, e: None)), "
         "sorted(archive.handlers())]))"
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,

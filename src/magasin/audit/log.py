@@ -7,12 +7,13 @@ zero-padded sequence number), with the head (sequence and hash of the last entry
 `audit.head`, committed with them. No business consumer, projection or `read_all` ever
 sees an entry, and the audit publishes nothing.
 
-Distributed, in two steps, so that the chain is strictly sequential without making
-concurrent handlers fight over it: the consumer (which the RabbitMQ bus runs concurrently)
-only stages each event as a pending document, idempotently through the inbox; one
-sequencer loop then chains the pending entries, moving the checkpoint `audit:chain` from
-the head's sequence (a conditional write). Two sequencers (two audit processes) conflict on
-it and the loser starts over from the new head: an entry is chained exactly once.
+Distributed, the audit consumer (`Chainer`) chains each event in the unit of work of the
+batch it came in, with the batch's inbox marks, moving the checkpoint `audit:chain` from
+the head's sequence (a conditional write): two audit processes conflict on it and the loser
+delivers its batch again from the new head, so an entry is chained exactly once. Before
+2026-12-07 the consumer staged each event as a pending document and a sequencer loop
+chained them (five row writes an event more, and a commit of its own); the `Sequencer`
+still chains whatever an earlier version left staged.
 
 Embedded, every event is in this process's log already: a projection chains them in log
 order, a batch per commit with its checkpoint, and no event is staged or delivered.
@@ -24,8 +25,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from magasin.audit import domain
@@ -41,6 +44,7 @@ LOG = "audit-log"
 ENTRIES = "audit.entries"
 """The chained entries, one document each, keyed by `entry_key(sequence)`."""
 PENDING = "audit.pending"
+"""Entries staged by versions before 2026-12-07, which the Sequencer chains."""
 HEAD = "audit.head"
 TRAILS = "audit.trails"
 """One document per correlation id: the sequence numbers of its entries."""
@@ -77,23 +81,6 @@ def entry_of(event: RecordedEvent) -> dict[str, Any]:
     }
 
 
-def handlers(
-    wake: Callable[[], None], alert: Callable[[str, RecordedEvent], None]
-) -> dict[str, Handler]:
-    """The audit consumer's registry: every published event type, all staged alike."""
-
-    async def stage(event: RecordedEvent, uow: UnitOfWork) -> None:
-        # Keys in occurrence order, so that the sequencer chains in roughly that order.
-        key = f"{event.occurred_at.isoformat()}|{event.event_id}"
-        uow.put_document(PENDING, key, entry_of(event))
-        uow.after_commit(wake)
-        kind = domain.ALERTS.get(event.type)
-        if kind is not None:
-            uow.after_commit(lambda: alert(kind, event))
-
-    return dict.fromkeys(sorted(SCHEMAS.types), stage)
-
-
 def projection(alert: Alert) -> Projection:
     """Embedded: the chain as a projection of the log, every event in log order."""
 
@@ -115,7 +102,8 @@ def projection(alert: Alert) -> Projection:
 
 
 class Sequencer:
-    """Appends pending entries to the chain, in key order, a batch per commit.
+    """Appends pending entries (staged by versions before 2026-12-07) to the chain, in key
+    order, a batch per commit.
 
     Between its own commits it trusts what it wrote last (the head, and the trails it
     touched) rather than reading them again: the conditional checkpoint fails its commit
@@ -227,6 +215,101 @@ class Sequencer:
         while moved := await self.step():
             total += moved
         return total
+
+
+class Chainer:
+    """Distributed: chains each event in the audit consumer's own unit of work, with the
+    inbox marks of the batch it came in, so an event costs the chain one entry (and its
+    trail) and nothing is staged.
+
+    The head is taken once per unit of work (from memory: what this chainer's last commit
+    left; else read), every entry of the unit is linked after it, and the unit moves the
+    checkpoint `audit:chain` from the head's sequence to its last (`seal`, registered with
+    `EventStore.before_commit`). A unit that another chainer (another audit process) or the
+    sequencer overtook fails at commit: the consumer delivers the batch again, and this
+    chainer reads the head afresh. An entry is chained exactly once: its inbox mark and its
+    entry are one commit."""
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] | None = None
+        """The head as this chainer's last commit left it (None: read it)."""
+        self._trails: OrderedDict[str, list[int]] = OrderedDict()
+        """Trails this chainer wrote since it last read the head, most recent last."""
+        self._units: weakref.WeakKeyDictionary[UnitOfWork, _Unit] = (
+            weakref.WeakKeyDictionary())
+
+    def handlers(self, alert: Alert) -> dict[str, Handler]:
+        """The audit consumer's registry: every published event type, all chained alike."""
+
+        async def link(event: RecordedEvent, uow: UnitOfWork) -> None:
+            unit = self._units.get(uow) or await self._begin(uow)
+            unit.sequence += 1
+            linked = domain.chain(entry_of(event), unit.sequence, unit.last)
+            unit.last = linked["hash"]
+            uow.put_document(ENTRIES, entry_key(unit.sequence), linked)
+            if cid := event.correlation_id:
+                unit.added.setdefault(cid, []).append(unit.sequence)
+            kind = domain.ALERTS.get(event.type)
+            if kind is not None:
+                uow.after_commit(lambda: alert(kind, event))
+
+        return dict.fromkeys(sorted(SCHEMAS.types), link)
+
+    async def seal(self, uow: UnitOfWork) -> None:
+        """Before a unit that chained entries commits: its head, and the checkpoint moved
+        from the head it started from (EventStore.before_commit)."""
+        unit = self._units.pop(uow, None)
+        if unit is None or unit.sequence == unit.start:
+            return
+        # Each correlation's trail as it stands, then this unit's entries: from memory, the
+        # others in one read (a sale's first entries find none).
+        unknown = [(TRAILS, cid) for cid in unit.added if cid not in self._trails]
+        found = await uow.store.get_documents(unknown) if unknown else {}
+        for cid, added in unit.added.items():
+            known = self._trails.get(cid)
+            if known is None:
+                doc = found.get((TRAILS, cid))
+                known = [int(n) for n in doc["sequences"]] if doc else []
+            unit.trails[cid] = trail = [*known, *added]
+            uow.put_document(TRAILS, cid, {"sequences": trail})
+        uow.set_checkpoint(CHAIN, unit.sequence, expected=unit.start)
+        uow.put_document(HEAD, LOG, {"sequence": unit.sequence, "hash": unit.last})
+        uow.after_commit(lambda: self._committed(unit))
+        uow.after_failure(self._forget)
+
+    async def _begin(self, uow: UnitOfWork) -> _Unit:
+        head = self._head
+        if head is None:
+            self._trails.clear()
+            head = await uow.store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                               "hash": domain.GENESIS}
+        sequence = int(head["sequence"])
+        unit = self._units[uow] = _Unit(sequence, sequence, str(head["hash"]))
+        return unit
+
+    def _committed(self, unit: _Unit) -> None:
+        self._head = {"sequence": unit.sequence, "hash": unit.last}
+        for cid, trail in unit.trails.items():
+            self._trails[cid] = trail
+            self._trails.move_to_end(cid)
+        while len(self._trails) > TRAILS_KEPT:
+            self._trails.popitem(last=False)
+
+    def _forget(self) -> None:
+        self._head = None  # overtaken, or not known to be written
+
+
+@dataclass
+class _Unit:
+    """What one unit of work chains: from the head at `start` to `sequence`."""
+
+    start: int
+    sequence: int
+    last: str
+    added: dict[str, list[int]] = field(default_factory=dict)
+    """By correlation id, the sequences of the entries this unit chained."""
+    trails: dict[str, list[int]] = field(default_factory=dict)
+    """By correlation id, the whole trail this unit writes (set by `seal`)."""
 
 
 # -- reads ------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Builds the audit service: embedded, a projection chaining the log's events; distributed,
-a consumer of every published event and its sequencer loop. The routes in both."""
+a consumer of every published event that chains it, and the sequencer loop that chains what
+an earlier version staged. The routes in both."""
 
 from __future__ import annotations
 
 import logging
 
 from magasin.audit import api
-from magasin.audit.log import CONSUMER, Sequencer, handlers, projection
+from magasin.audit.log import CONSUMER, Chainer, Sequencer, projection
 from magasin.service import Service, ServiceContext
 from magasin.shared.messages import RecordedEvent
 
@@ -30,11 +31,12 @@ def build(ctx: ServiceContext) -> Service:
         # Every event is in this process's log: chain it there, no delivery, no staging.
         return Service(name="audit", consumers={}, router=api.router(ctx.store),
                        projections=(projection(alert),))
-    sequencer = Sequencer(ctx.store)
+    chainer = Chainer()
+    ctx.store.before_commit(chainer.seal)
     return Service(
         name="audit",
-        consumers={CONSUMER: handlers(sequencer.wake, alert)},
+        consumers={CONSUMER: chainer.handlers(alert)},
         whole_log=frozenset({CONSUMER}),
         router=api.router(ctx.store),
-        loops=(sequencer.run,),
+        loops=(Sequencer(ctx.store).run,),
     )
