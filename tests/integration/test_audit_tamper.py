@@ -85,6 +85,15 @@ async def audited(store: EventStore, count: int) -> list[RecordedEvent]:
     return events
 
 
+async def whole(store: EventStore, count: int) -> None:
+    """The chain verifies, holding the entries of `count` sales, each sale's trail whole."""
+    assert await log.verify(store) == {
+        "ok": True, "checked": 2 * count, "head": 2 * count, "problems": []}
+    for n in range(count):
+        trail = await log.trail(store, f"t{n}")
+        assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+
+
 async def staged(store: EventStore, events: list[RecordedEvent]) -> None:
     """Stage entries as versions before 2026-12-07 did, for the sequencer to chain."""
     async with store.transaction() as uow:
@@ -122,12 +131,9 @@ async def test_two_audit_processes_at_once_chain_each_entry_exactly_once(
 
     batches = [events[n:n + 3] for n in range(0, len(events), 3)]
     await asyncio.gather(consume(first, batches[0::2]), consume(second, batches[1::2]))
-    assert await log.verify(store) == {"ok": True, "checked": 24, "head": 24, "problems": []}
+    await whole(store, 12)
     chained_ids = [entry["event_id"] async for page in log.entries(store) for _, entry in page]
     assert sorted(chained_ids) == sorted(e.event_id for e in events)
-    for n in range(12):
-        trail = await log.trail(store, f"t{n}")
-        assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
 
 
 async def test_entries_an_earlier_version_staged_are_chained_with_the_consumer_s(
@@ -146,10 +152,7 @@ async def test_entries_an_earlier_version_staged_are_chained_with_the_consumer_s
     for event in later:
         assert (await deliver(store, SCHEMAS, log.CONSUMER, consumer[event.type],
                               event)).outcome is Outcome.HANDLED
-    assert await log.verify(store) == {"ok": True, "checked": 8, "head": 8, "problems": []}
-    for n in range(4):
-        trail = await log.trail(store, f"t{n}")
-        assert [e["event_type"] for e in trail] == ["TransactionCreated", "PaymentFailed"]
+    await whole(store, 4)
 
 
 async def test_a_sale_chained_by_two_sequencers_in_turn_keeps_its_whole_trail(
