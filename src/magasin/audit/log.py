@@ -22,7 +22,6 @@ order, a batch per commit with its checkpoint, and no event is staged or deliver
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import weakref
@@ -101,39 +100,74 @@ def projection(alert: Alert) -> Projection:
                       (ENTRIES, HEAD, TRAILS))
 
 
+class _Memory:
+    """What a chainer trusts between its own commits instead of reading it again: the head
+    its last commit left, and the trails it wrote since it last read the head. The
+    conditional checkpoint fails its commit if another chainer moved the chain meanwhile;
+    it then forgets, and reads everything afresh."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] | None = None
+        self.trails: OrderedDict[str, list[int]] = OrderedDict()
+        """Most recent last."""
+
+    async def head_of(self, store: EventStore) -> dict[str, Any]:
+        if self.head is None:
+            self.trails.clear()
+            return await store.get_document(HEAD, LOG) or {"sequence": 0,
+                                                          "hash": domain.GENESIS}
+        return self.head
+
+    async def trails_of(self, store: EventStore,
+                        cids: Iterable[str | None]) -> dict[str, list[int]]:
+        """The trails of these correlation ids as they stand: those written last from
+        memory, the others in one read (a sale's first entries find none)."""
+        trails: dict[str, list[int]] = {}
+        unknown: list[tuple[str, str]] = []
+        for cid in dict.fromkeys(filter(None, cids)):
+            known = self.trails.get(cid)
+            if known is None:
+                unknown.append((TRAILS, cid))
+            else:
+                trails[cid] = list(known)
+        found = await store.get_documents(unknown) if unknown else {}
+        for pair in unknown:
+            doc = found.get(pair) or {"sequences": []}
+            trails[pair[1]] = [int(n) for n in doc["sequences"]]
+        return trails
+
+    def committed(self, sequence: int, last: str, trails: dict[str, list[int]]) -> None:
+        self.head = {"sequence": sequence, "hash": last}
+        for cid, trail in trails.items():
+            self.trails[cid] = trail
+            self.trails.move_to_end(cid)
+        while len(self.trails) > TRAILS_KEPT:
+            self.trails.popitem(last=False)
+
+    def forget(self) -> None:
+        self.head = None  # moved by another chainer, or not known to be written
+
+
 class Sequencer:
     """Appends pending entries (staged by versions before 2026-12-07) to the chain, in key
-    order, a batch per commit.
-
-    Between its own commits it trusts what it wrote last (the head, and the trails it
-    touched) rather than reading them again: the conditional checkpoint fails its commit
-    if another sequencer moved the chain meanwhile, and it then reads everything afresh.
-    """
+    order, a batch per commit, trusting its `_Memory` between its own commits."""
 
     def __init__(self, store: EventStore, batch: int = 500, poll: float = 1.0) -> None:
         self.store = store
         self.batch = batch
         self.poll = poll
-        self._wakeup = asyncio.Event()
-        self._head: dict[str, Any] | None = None
-        """The head as this sequencer's last commit left it (None: read it)."""
-        self._trails: OrderedDict[str, list[int]] = OrderedDict()
-        """Trails this sequencer wrote since it last read the head, most recent last."""
-
-    def wake(self) -> None:
-        self._wakeup.set()
+        self._memory = _Memory()
 
     async def run(self) -> None:
         conflicts = 0
         while True:
-            self._wakeup.clear()
             try:
                 if await self.step() >= self.batch:
                     conflicts = 0
                     continue  # more may be pending; a short batch took all there was
                 conflicts = 0
             except ConcurrencyError:
-                # Another sequencer chained first: start over from its head, after a little
+                # Another chainer went first: start over from its head, after a little
                 # jitter. Conflicts that never end mean the head and the checkpoint
                 # audit:chain disagree (rows changed by hand): say so, and keep trying at
                 # the poll pace.
@@ -145,11 +179,7 @@ class Sequencer:
                           "GET /api/audit/verify tells where", CHAIN)
             except Exception:
                 log.exception("audit sequencer step failed; retrying")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-            # that arrives as the wakeup fires, and the loop would then never stop.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll):
-                    await self._wakeup.wait()
+            await asyncio.sleep(self.poll)
 
     async def step(self) -> int:
         """Chain one batch of pending entries; returns how many (0: none was pending)."""
@@ -157,16 +187,13 @@ class Sequencer:
         # this head was read then fails this one's commit (the checkpoint moved), while
         # read the other way round, a head read after that chaining let entries read
         # pending before it be chained a second time.
-        head = self._head
-        if head is None:
-            self._trails.clear()
-            head = await self.store.get_document(HEAD, LOG) or {"sequence": 0,
-                                                                "hash": domain.GENESIS}
+        head = await self._memory.head_of(self.store)
         pending = await self.store.find_documents(PENDING, limit=self.batch)
         if not pending:
             return 0
         sequence, last = int(head["sequence"]), str(head["hash"])
-        trails = await self._trails_of(entry.get("correlation_id") for _, entry in pending)
+        trails = await self._memory.trails_of(
+            self.store, (entry.get("correlation_id") for _, entry in pending))
         try:
             async with self.store.transaction() as uow:
                 for key, entry in pending:
@@ -182,32 +209,10 @@ class Sequencer:
                 uow.set_checkpoint(CHAIN, sequence, expected=int(head["sequence"]))
                 uow.put_document(HEAD, LOG, {"sequence": sequence, "hash": last})
         except BaseException:
-            self._head = None  # moved by another sequencer, or not known to be written
+            self._memory.forget()
             raise
-        self._head = {"sequence": sequence, "hash": last}
-        for cid, trail in trails.items():
-            self._trails[cid] = trail
-            self._trails.move_to_end(cid)
-        while len(self._trails) > TRAILS_KEPT:
-            self._trails.popitem(last=False)
+        self._memory.committed(sequence, last, trails)
         return len(pending)
-
-    async def _trails_of(self, cids: Iterable[str | None]) -> dict[str, list[int]]:
-        """The trails of these correlation ids as they stand: those this sequencer wrote
-        last from memory, the others in one read (a sale's first entries find none)."""
-        trails: dict[str, list[int]] = {}
-        unknown: list[tuple[str, str]] = []
-        for cid in dict.fromkeys(filter(None, cids)):
-            known = self._trails.get(cid)
-            if known is None:
-                unknown.append((TRAILS, cid))
-            else:
-                trails[cid] = list(known)
-        found = await self.store.get_documents(unknown) if unknown else {}
-        for pair in unknown:
-            doc = found.get(pair) or {"sequences": []}
-            trails[pair[1]] = [int(n) for n in doc["sequences"]]
-        return trails
 
     async def drain(self) -> int:
         """Chain until nothing is pending (for tests and shutdown)."""
@@ -222,19 +227,15 @@ class Chainer:
     inbox marks of the batch it came in, so an event costs the chain one entry (and its
     trail) and nothing is staged.
 
-    The head is taken once per unit of work (from memory: what this chainer's last commit
-    left; else read), every entry of the unit is linked after it, and the unit moves the
-    checkpoint `audit:chain` from the head's sequence to its last (`seal`, registered with
-    `EventStore.before_commit`). A unit that another chainer (another audit process) or the
-    sequencer overtook fails at commit: the consumer delivers the batch again, and this
-    chainer reads the head afresh. An entry is chained exactly once: its inbox mark and its
-    entry are one commit."""
+    The head is taken once per unit of work (from its `_Memory`, else read), every entry of
+    the unit is linked after it, and the unit moves the checkpoint `audit:chain` from the
+    head's sequence to its last (`seal`, registered with `EventStore.before_commit`). A
+    unit that another chainer (another audit process) or the sequencer overtook fails at
+    commit: the consumer delivers the batch again, and this chainer reads the head afresh.
+    An entry is chained exactly once: its inbox mark and its entry are one commit."""
 
     def __init__(self) -> None:
-        self._head: dict[str, Any] | None = None
-        """The head as this chainer's last commit left it (None: read it)."""
-        self._trails: OrderedDict[str, list[int]] = OrderedDict()
-        """Trails this chainer wrote since it last read the head, most recent last."""
+        self._memory = _Memory()
         self._units: weakref.WeakKeyDictionary[UnitOfWork, _Unit] = (
             weakref.WeakKeyDictionary())
 
@@ -256,47 +257,26 @@ class Chainer:
         return dict.fromkeys(sorted(SCHEMAS.types), link)
 
     async def seal(self, uow: UnitOfWork) -> None:
-        """Before a unit that chained entries commits: its head, and the checkpoint moved
-        from the head it started from (EventStore.before_commit)."""
+        """Before a unit that chained entries commits: each correlation's trail as it
+        stands followed by the unit's entries, the head, and the checkpoint moved from the
+        head it started from (EventStore.before_commit)."""
         unit = self._units.pop(uow, None)
         if unit is None or unit.sequence == unit.start:
             return
-        # Each correlation's trail as it stands, then this unit's entries: from memory, the
-        # others in one read (a sale's first entries find none).
-        unknown = [(TRAILS, cid) for cid in unit.added if cid not in self._trails]
-        found = await uow.store.get_documents(unknown) if unknown else {}
+        trails = await self._memory.trails_of(uow.store, unit.added)
         for cid, added in unit.added.items():
-            known = self._trails.get(cid)
-            if known is None:
-                doc = found.get((TRAILS, cid))
-                known = [int(n) for n in doc["sequences"]] if doc else []
-            unit.trails[cid] = trail = [*known, *added]
-            uow.put_document(TRAILS, cid, {"sequences": trail})
+            trails[cid] += added
+            uow.put_document(TRAILS, cid, {"sequences": trails[cid]})
         uow.set_checkpoint(CHAIN, unit.sequence, expected=unit.start)
         uow.put_document(HEAD, LOG, {"sequence": unit.sequence, "hash": unit.last})
-        uow.after_commit(lambda: self._committed(unit))
-        uow.after_failure(self._forget)
+        uow.after_commit(lambda: self._memory.committed(unit.sequence, unit.last, trails))
+        uow.after_failure(self._memory.forget)
 
     async def _begin(self, uow: UnitOfWork) -> _Unit:
-        head = self._head
-        if head is None:
-            self._trails.clear()
-            head = await uow.store.get_document(HEAD, LOG) or {"sequence": 0,
-                                                               "hash": domain.GENESIS}
+        head = await self._memory.head_of(uow.store)
         sequence = int(head["sequence"])
         unit = self._units[uow] = _Unit(sequence, sequence, str(head["hash"]))
         return unit
-
-    def _committed(self, unit: _Unit) -> None:
-        self._head = {"sequence": unit.sequence, "hash": unit.last}
-        for cid, trail in unit.trails.items():
-            self._trails[cid] = trail
-            self._trails.move_to_end(cid)
-        while len(self._trails) > TRAILS_KEPT:
-            self._trails.popitem(last=False)
-
-    def _forget(self) -> None:
-        self._head = None  # overtaken, or not known to be written
 
 
 @dataclass
@@ -308,8 +288,6 @@ class _Unit:
     last: str
     added: dict[str, list[int]] = field(default_factory=dict)
     """By correlation id, the sequences of the entries this unit chained."""
-    trails: dict[str, list[int]] = field(default_factory=dict)
-    """By correlation id, the whole trail this unit writes (set by `seal`)."""
 
 
 # -- reads ------------------------------------------------------------------------------
