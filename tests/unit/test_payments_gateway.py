@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,37 @@ async def test_a_bank_with_a_ledger_is_one_bank_for_every_process_and_restart(
 
 
 class _Books(SqliteEventStore):
-    """A bank's books that count their reads."""
+    """A bank's books that count their reads, and may let something happen before one."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads = 0
+        self.before_read: Callable[[str], Awaitable[None]] | None = None
 
     async def get_document(self, collection: str, key: str) -> Any:
         self.reads += 1
+        if self.before_read is not None:
+            await self.before_read(collection)
         return await super().get_document(collection, key)
+
+
+async def test_a_refund_made_meanwhile_by_another_client_with_the_same_key_is_the_answer(
+    tmp_path: Path,
+) -> None:
+    async with _Books(tmp_path / "bank.db") as books:
+        one, other = (BankSimulator(latency_s=0, ledger=books) for _ in range(2))
+        charge = await one.charge("tx-1", 2500, "CAD", "VISA")
+        refunds: list[str] = []
+
+        async def other_refunds_first(collection: str) -> None:
+            # `one` found no refund under the key, and reads the charge next.
+            if collection == gateway.CAPTURED and books.before_read is not None:
+                books.before_read = None
+                refunds.append(await other.refund("tx-1:refund", charge.reference, 2500))
+
+        books.before_read = other_refunds_first
+        refunds.append(await one.refund("tx-1:refund", charge.reference, 2500))
+        assert refunds[0] == refunds[1]
 
 
 async def test_a_new_key_is_charged_without_reading_the_books_and_a_known_one_from_them(

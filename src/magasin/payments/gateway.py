@@ -269,6 +269,10 @@ class BankSimulator(BankGateway):
                 self._hold(reference, int(doc["amount"]))
                 if doc.get("refunded"):
                     self._refunded.add(reference)
+                    if await self._recall_refund(idempotency_key) is not None:
+                        # This key's refund, committed by another client since this one
+                        # looked for it: the same answer, not a refusal.
+                        return await self._refund(idempotency_key, reference, amount)
         if captured is None:
             raise BusinessRuleViolation(f"no captured charge {reference!r} to refund")
         if reference in self._refunded:
