@@ -53,10 +53,11 @@ class Settings(BaseSettings):
         "consumers outside magasin bound to a context's internal events (StockReserved...).",
     )
     projection_linger_s: float = Field(
-        0.1, ge=0, description="Distributed: how long a projection that is not inline (the "
-        "inventory's stock levels, the store's catalog) waits after committing a batch "
-        "before it reads the next, so that one commit takes the events of the sales "
-        "meanwhile; its documents trail the log by up to that much more, s.",
+        0.1, ge=0, description="How long a projection that is not inline waits after "
+        "committing a batch before it reads the next, so that one commit takes the events of "
+        "the sales meanwhile; its documents trail the log by up to that much more, s. "
+        "Distributed, every such projection (the inventory's stock levels, the store's "
+        "catalog...); embedded, the audit chain only.",
     )
     http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API.")

@@ -33,19 +33,21 @@ ACCOUNTS = "bank.accounts"
 TIMEOUT = 20.0
 
 
-def accounts(fail_on: int | None = None) -> Projection:
+def accounts(fail_on: int | None = None, collection: str = ACCOUNTS,
+             background: bool = False) -> Projection:
     """Balance per account, and how many deposits made it: a double count shows."""
 
     async def deposited(event: RecordedEvent, unit: ProjectionUnit) -> None:
         if event.payload["amount"] == fail_on:
             raise RuntimeError("this deposit cannot be projected")
         account = event.payload["account"]
-        doc = await unit.get_document(ACCOUNTS, account) or {"balance": 0, "deposits": 0}
+        doc = await unit.get_document(collection, account) or {"balance": 0, "deposits": 0}
         doc["balance"] += event.payload["amount"]
         doc["deposits"] += 1
-        unit.put_document(ACCOUNTS, account, doc)
+        unit.put_document(collection, account, doc)
 
-    return Projection("bank.accounts", {"Deposited": deposited}, (ACCOUNTS,))
+    return Projection(collection, {"Deposited": deposited}, (collection,),
+                      background=background)
 
 
 async def deposit(store: EventStore, account: str, *amounts: int, ago: float = 0) -> None:
@@ -95,18 +97,24 @@ async def test_a_runner_commits_each_batch_with_its_checkpoint(store: EventStore
     }
 
 
-async def test_a_lingering_runner_commits_what_came_meanwhile_in_one_batch(
-    store: EventStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batches: list[int] = []
+def count_batches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The events each projection's runner commits in each of its batches, by name."""
+    batches: dict[str, list[int]] = {}
     real = runner_module.commit_batch
 
     async def counted(store: EventStore, projection: Projection, unit: ProjectionUnit,
                       after: int, through: int, generation: int) -> None:
         await real(store, projection, unit, after, through, generation)
-        batches.append(through - after)
+        batches.setdefault(projection.name, []).append(through - after)
 
     monkeypatch.setattr(runner_module, "commit_batch", counted)
+    return batches
+
+
+async def test_a_lingering_runner_commits_what_came_meanwhile_in_one_batch(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = count_batches(monkeypatch)
     projection = accounts()
     runner = ProjectionRunner(store, [projection], poll_interval=0.05, linger=2.0)
     await runner.start()
@@ -119,10 +127,31 @@ async def test_a_lingering_runner_commits_what_came_meanwhile_in_one_batch(
     finally:
         await runner.stop()
 
-    assert batches == [1, 5]
+    assert batches == {ACCOUNTS: [1, 5]}
     assert await documents(store) == {
         "alice": {"balance": 10, "deposits": 1}, "bob": {"balance": 15, "deposits": 5},
     }
+
+
+async def test_without_foreground_linger_only_a_background_projection_lingers(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embedded: a client reads the sales' and the stock's documents right after a sale,
+    nobody the audit chain's."""
+    batches = count_batches(monkeypatch)
+    read_at_once, background = accounts(), accounts(collection="ledger", background=True)
+    runner = ProjectionRunner(store, [read_at_once, background], poll_interval=0.05,
+                              linger=60.0, foreground_linger=False)
+    await runner.start()
+    try:
+        for n in range(1, 4):
+            await deposit(store, "bob", n)
+            await until(lambda: caught_up(store, read_at_once))
+    finally:
+        await runner.stop()
+
+    assert batches == {ACCOUNTS: [1, 1, 1], "ledger": [1]}  # lingering on the 2 others
+    assert await documents(store) == {"bob": {"balance": 6, "deposits": 3}}
 
 
 async def test_a_failing_event_leaves_documents_and_checkpoint_as_they_were(

@@ -97,7 +97,7 @@ def projection(alert: Alert) -> Projection:
             unit.after_commit(lambda: alert(kind, event))
 
     return Projection(PROJECTION, dict.fromkeys(sorted(SCHEMAS.types), link),
-                      (ENTRIES, HEAD, TRAILS))
+                      (ENTRIES, HEAD, TRAILS), background=True)
 
 
 class _Memory:

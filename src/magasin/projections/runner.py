@@ -90,9 +90,9 @@ class ProjectionRunner:
     batch it commits before it reads again, so that the events of the sales meanwhile go in
     its next commit: at most one commit per `linger` under load, none added when idle (the
     first events after a quiet spell are projected at once, and a backlog is read on without
-    waiting), and its documents trail the log by up to `linger` more. The distributed
-    runtime sets it (MAGASIN_PROJECTION_LINGER_S): there every commit is a database round
-    trip and a `magasin_commit` call."""
+    waiting), and its documents trail the log by up to `linger` more. The runtime sets it
+    (MAGASIN_PROJECTION_LINGER_S). With `foreground_linger` False (embedded, where a client
+    reads the other read models right after a sale), only the `background` ones linger."""
 
     def __init__(
         self,
@@ -104,6 +104,7 @@ class ProjectionRunner:
         page_size: int = 500,
         poll_interval: float = 0.5,
         linger: float = 0.0,
+        foreground_linger: bool = True,
     ) -> None:
         if linger < 0:
             raise ValueError("linger must be >= 0 seconds")
@@ -118,6 +119,7 @@ class ProjectionRunner:
         self._page = page_size
         self._poll = poll_interval
         self._linger = linger
+        self._foreground_linger = foreground_linger
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._tails = {p.name: _Tail(p) for p in projections}
@@ -187,6 +189,8 @@ class ProjectionRunner:
         after a crash costs nothing)."""
         projection = tail.projection
         inline = installed(self.store, projection)
+        lingers = self._linger > 0 and not inline and (
+            self._foreground_linger or projection.background)
         clock = asyncio.get_running_loop().time
         failures = 0
         position: tuple[int, int] | None = None
@@ -235,7 +239,7 @@ class ProjectionRunner:
                     saved, saved_at = end, clock()
                 position = (end, generation)
                 failures = 0
-                if mine and not inline and self._linger and len(page) < self._page:
+                if mine and lingers and len(page) < self._page:
                     # Caught up with a commit: let the next sales' events gather (a full
                     # page is a backlog, read on at once).
                     await asyncio.sleep(self._linger)
