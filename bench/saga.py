@@ -189,7 +189,8 @@ async def latencies_at(url: str, store_id: str, products: list[str], rate: float
     def pct(q: float) -> float:
         return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
-    return {"p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+    return {"p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
+            "sagas": len(values)}
 
 
 COUNTED = {
@@ -276,8 +277,19 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
         result["gc_pauses_over_10ms"] = moved["gc_pauses"] - moved["gc_pauses_within_10ms"]
         result["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
     at = latency_rate or max(rate / 2, 1)
-    result.update(await latencies_at(url, store_id, products, at, seconds))
+    before = await counters(meter) if meter is not None else None
+    latencies = await latencies_at(url, store_id, products, at, seconds)
+    result.update({k: v for k, v in latencies.items() if k != "sagas"})
     result["latency_rate_per_s"] = round(at, 1)
+    if meter is not None and before is not None:
+        # The same work at that rate, open loop: batches are smaller there, so a sale costs
+        # more than at the maximum (each wake, unit of work and HTTP chunk for fewer sales).
+        after = await settled(meter)
+        sagas = latencies["sagas"]
+        result["cpu_ms_per_saga_at_latency_rate"] = round(
+            cpu_used(before, after) * 1000 / sagas, 2)
+        result["commits_per_saga_at_latency_rate"] = round(
+            (after["commits"] - before["commits"]) / sagas, 2)
     return result
 
 
