@@ -260,6 +260,17 @@ async def settled(meter: Meter) -> dict[str, float]:
         last = now
 
 
+def costs(before: dict[str, float], after: dict[str, float], sagas: float) -> dict[str, float]:
+    """What each of `sagas` cost the deployment between two readings of its counters."""
+    moved = {what: after[what] - before[what] for what in COUNTED}
+    out = {f"{what}_per_saga": round(moved[what] / sagas, 2)
+           for what in ("messages", "deliveries", "broker_deliveries", "commits")}
+    out["gc_ms_per_saga"] = round(moved["gc_pause_s"] * 1000 / sagas, 3)
+    out["gc_pauses_over_10ms"] = moved["gc_pauses"] - moved["gc_pauses_within_10ms"]
+    out["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
+    return out
+
+
 async def measure(url: str, store_id: str, products: list[str], seconds: float,
                   concurrency: int, meter: Meter | None = None,
                   latency_rate: float | None = None) -> dict[str, float]:
@@ -269,13 +280,7 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
     result = {"sagas_per_s": round(rate, 1)}
     if meter is not None and before is not None:
         sagas = rate * (time.perf_counter() - started)
-        after = await settled(meter)
-        moved = {what: after[what] - before[what] for what in COUNTED}
-        for what in ("messages", "deliveries", "broker_deliveries", "commits"):
-            result[f"{what}_per_saga"] = round(moved[what] / sagas, 2)
-        result["gc_ms_per_saga"] = round(moved["gc_pause_s"] * 1000 / sagas, 3)
-        result["gc_pauses_over_10ms"] = moved["gc_pauses"] - moved["gc_pauses_within_10ms"]
-        result["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
+        result.update(costs(before, await settled(meter), sagas))
     at = latency_rate or max(rate / 2, 1)
     before = await counters(meter) if meter is not None else None
     latencies = await latencies_at(url, store_id, products, at, seconds)
@@ -284,12 +289,9 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
     if meter is not None and before is not None:
         # The same work at that rate, open loop: batches are smaller there, so a sale costs
         # more than at the maximum (each wake, unit of work and HTTP chunk for fewer sales).
-        after = await settled(meter)
-        sagas = latencies["sagas"]
-        result["cpu_ms_per_saga_at_latency_rate"] = round(
-            cpu_used(before, after) * 1000 / sagas, 2)
-        result["commits_per_saga_at_latency_rate"] = round(
-            (after["commits"] - before["commits"]) / sagas, 2)
+        there = costs(before, await settled(meter), latencies["sagas"])
+        result["cpu_ms_per_saga_at_latency_rate"] = there["cpu_ms_per_saga"]
+        result["commits_per_saga_at_latency_rate"] = there["commits_per_saga"]
     return result
 
 

@@ -259,8 +259,9 @@ class BankSimulator(BankGateway):
                     f"idempotency key {idempotency_key!r} was used for a different refund"
                 )
             return known.reference
-        captured = self._captured.get(reference)
-        if self._ledger is not None:
+        if self._ledger is None:
+            captured = self._captured.get(reference)
+        else:
             # The books, not memory, say whether it was refunded: another process sharing
             # them may have refunded it (under another key), or this one before a restart.
             doc = await self._ledger.get_document(CAPTURED, reference)
