@@ -528,7 +528,7 @@ async def test_the_same_idempotency_key_records_one_sale(
     assert (first.status_code, again.status_code) == (201, 200)
     tid = first.json()["transaction_id"]
     assert again.json()["transaction_id"] == tid
-    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Location"] == first.headers["Location"] == f"/api/transactions/{tid}"
     final = await shop.final(tid)
     assert final["status"] == "COMPLETED"
     replay = await shop.client.post("/api/transactions", json=body, headers=key)

@@ -33,6 +33,7 @@ from magasin.transactions.projection import new_document
 
 sales = Repository(Transaction)
 IDEMPOTENCY = "transaction.idempotency_keys"
+PATH = "/api/transactions"
 SSE_HEARTBEAT_S = 15.0
 
 
@@ -129,7 +130,7 @@ async def create(
     (through the inbox table, whose (consumer, id) pairs are unique), so two requests
     with one key create one sale; the second gets it back, unless its body differs.
     """
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     if key and (replay := await _replay(store, key, fingerprint)) is not None:
         return replay, False
     ident = time_ordered_id()
@@ -209,9 +210,10 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
     store = ctx.store
     routing = Routing.from_settings(ctx.settings.saga_mode, ctx.settings.saga_orchestrate)
     deadlines = Deadlines.of(ctx.settings)
-    api = APIRouter(prefix="/api/transactions", tags=["transactions"])
+    # Full paths, no prefix: the service includes the sagas' router in this one (see service.py).
+    api = APIRouter(tags=["transactions"])
 
-    @api.post("", status_code=201, response_model=TransactionView,
+    @api.post(PATH, status_code=201, response_model=TransactionView,
               responses={200: {"description": "Replay of an Idempotency-Key."},
                          409: {"description": "Idempotency-Key reused for another request."}})
     async def create_transaction(
@@ -224,10 +226,10 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         """Record a sale; the saga then runs asynchronously (follow it at `.../events`)."""
         view, created = await create(store, body, idempotency_key, routing, deadlines)
         response.status_code = 201 if created else 200
-        response.headers["Location"] = f"{api.prefix}/{view['transaction_id']}"
+        response.headers["Location"] = f"{PATH}/{view['transaction_id']}"
         return view
 
-    @api.get("", response_model=Page[TransactionView])
+    @api.get(PATH, response_model=Page[TransactionView])
     async def list_transactions(
         limit: Limit = 50,
         cursor: Cursor = None,
@@ -259,7 +261,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         return {"items": items, "next_cursor": next_cursor}
 
     @api.get(
-        "/live",
+        f"{PATH}/live",
         response_class=StreamingResponse,
         openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}}, "description":
@@ -292,7 +294,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
             media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
-    @api.get("/stats", response_model=SagaStats)
+    @api.get(f"{PATH}/stats", response_model=SagaStats)
     async def saga_stats(
         window: Annotated[int, Query(
             ge=10, le=stats.RETENTION_S, description="Seconds back from now.")] = 300,
@@ -305,7 +307,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
             raise BusinessRuleViolation("at most 720 buckets: choose a larger bucket")
         return await stats.rolling(store, window, bucket, store_id)
 
-    @api.get("/{transaction_id}", response_model=TransactionView)
+    @api.get(PATH + "/{transaction_id}", response_model=TransactionView)
     async def get_transaction(
         transaction_id: str,
         response: Response,
@@ -327,7 +329,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         return doc
 
     @api.get(
-        "/{transaction_id}/events",
+        PATH + "/{transaction_id}/events",
         response_class=StreamingResponse,
         openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}},
