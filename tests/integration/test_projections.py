@@ -24,7 +24,7 @@ from magasin.projections import projection as projection_module
 from magasin.projections import runner as runner_module
 from magasin.projections.projection import DocumentCache, fenced, generation_name, project
 from magasin.projections.rebuild import MEMORY_LIMIT
-from magasin.projections.runner import status_of
+from magasin.projections.runner import fresh, status_of
 from magasin.shared.clock import utcnow
 from magasin.shared.messages import JsonDict, NewEvent, RecordedEvent
 
@@ -152,6 +152,35 @@ async def test_without_foreground_linger_only_a_background_projection_lingers(
 
     assert batches == {ACCOUNTS: [1, 1, 1], "ledger": [1]}  # lingering on the 2 others
     assert await documents(store) == {"bob": {"balance": 6, "deposits": 3}}
+
+
+async def test_a_request_hurries_a_lingering_projection_up_to_the_head(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fresh`: a client reading the stock a sale it saw end has moved waits for the
+    runner to project what was committed before it asked (in one batch), not for the
+    linger to end."""
+    batches = count_batches(monkeypatch)
+    projection = accounts(background=True)
+    runner = ProjectionRunner(store, [projection], poll_interval=0.05, linger=60.0,
+                              foreground_linger=False)
+    assert await fresh(store, projection.name)  # no runner of it here yet: nothing to wait
+    await runner.start()
+    try:
+        await deposit(store, "bob", 1)  # projected at once; the runner lingers from here
+        await until(lambda: caught_up(store, projection))
+        await deposit(store, "bob", 2)
+        await deposit(store, "alice", 5)
+        assert await documents(store) == {"bob": {"balance": 1, "deposits": 1}}
+
+        assert await fresh(store, projection.name, timeout=5.0)
+
+        assert await documents(store) == {
+            "alice": {"balance": 5, "deposits": 1}, "bob": {"balance": 3, "deposits": 2},
+        }
+        assert batches == {ACCOUNTS: [1, 2]}
+    finally:
+        await runner.stop()
 
 
 async def test_a_failing_event_leaves_documents_and_checkpoint_as_they_were(

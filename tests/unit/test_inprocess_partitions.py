@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import pytest
+
 from magasin.eventstore.sqlite import SqliteEventStore
+from magasin.messaging import inprocess
 from magasin.messaging.inprocess import InProcessBus
+from magasin.shared.messages import NewEvent
 from tests.contracts.test_event_bus import (
     SCHEMAS,
     KeyedLog,
@@ -57,3 +62,41 @@ async def test_a_consumer_from_before_lanes_resumes_from_its_checkpoint(tmp_path
     finally:
         await bus.stop()
         await store.close()
+
+
+async def test_a_lane_moves_over_the_events_it_ignores_once_the_log_is_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not at every poll while the log keeps moving: that was a commit of its own per lane
+    and poll, for a replay of ignored events after a crash that costs nothing."""
+    store = SqliteEventStore(tmp_path / "bus.db")
+    await store.open()
+    moves: list[int] = []
+    real = InProcessBus._save_checkpoint
+
+    async def counted(bus: InProcessBus, lane: inprocess._Lane, position: int) -> None:
+        moves.append(position)
+        await real(bus, lane, position)
+
+    monkeypatch.setattr(InProcessBus, "_save_checkpoint", counted)
+    bus = InProcessBus(store, SCHEMAS, poll_interval=0.1, partitions=1)
+    bus.subscribe("carts", {"ItemAdded": KeyedLog()})
+    await bus.start()
+    try:
+        await eventually(lambda: store.get_document("bus.lanes", "carts"))
+        ends = time.monotonic() + 0.6  # six polls of events the consumer ignores
+        while time.monotonic() < ends:
+            await store.append(f"cart-{len(moves)}-{time.monotonic_ns()}",
+                               [NewEvent("CartClosed", {"reason": "idle"})])
+            await asyncio.sleep(0.02)
+        assert moves == []
+        head = await store.last_position()
+        await eventually(lambda: _at(bus, head))  # quiet: it moves, once
+        assert moves == [head]
+    finally:
+        await bus.stop()
+        await store.close()
+
+
+async def _at(bus: InProcessBus, position: int) -> bool:
+    return await bus.lane_positions("carts") == [position]

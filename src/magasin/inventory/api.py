@@ -13,6 +13,7 @@ from magasin.inventory import readmodel
 from magasin.inventory.commands import restock
 from magasin.inventory.domain import Reservation
 from magasin.inventory.projection import RESERVATION_EVENTS, reservation_applied
+from magasin.projections import fresh
 from magasin.projections.current import current
 from magasin.service import ServiceContext
 from magasin.shared.errors import NotFound
@@ -84,6 +85,7 @@ def router(ctx: ServiceContext) -> APIRouter:
             next_cursor = cursor_of(readmodel.STOCK, None if page["next_cursor"] is None
                                     else f"{store_id}:{page['next_cursor']}")
         else:
+            await fresh(store, readmodel.STOCK)  # the lines as the sales seen ended left them
             docs, next_cursor = await page_of(
                 store, readmodel.STOCK, {"store_id": store_id}, cursor, limit
             )
@@ -94,6 +96,7 @@ def router(ctx: ServiceContext) -> APIRouter:
     @api.get("/api/stock/{store_id}/{product_id}", response_model=StockLineOut)
     async def get_stock(store_id: Id, product_id: Id) -> StockLineOut:
         """One product's stock in one store (zero if it was never stocked there)."""
+        await fresh(store, readmodel.STOCK)  # the stock projection lingers between commits
         doc = await store.get_document(readmodel.STOCK, f"{store_id}:{product_id}")
         if doc is None:
             await known_store(store_id)

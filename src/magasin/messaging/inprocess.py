@@ -10,7 +10,8 @@ nothing handled twice. When N changes, the new lanes start from the slowest old 
 the others handled already comes again and the inbox skips it, so no key's events reorder.
 A lane skips the events its consumer does not handle: other types, and, for a consumer that
 requires a routing tag (`tags`), the events without it (no handler run, no inbox mark; the
-checkpoint moves over them lazily, once the log is quiet, with no commit of its own before).
+checkpoint moves over them lazily, once the log is quiet or LAZY_MOVE_MAX_S after, with no
+commit of its own before).
 
 A failing event becomes a retry document (also committed with the checkpoint) that a
 separate loop replays with backoff, so the events behind it keep flowing (a retried event
@@ -50,6 +51,10 @@ from magasin.shared.errors import MagasinError
 from magasin.shared.messages import EventSchemas, NewEvent, RecordedEvent
 
 RETRIES = "bus.retries"
+LAZY_MOVE_MAX_S = 5.0
+"""Longest a lane leaves its checkpoint behind events it ignores while the log keeps
+moving (once quiet for a poll, it moves at once): moved at every poll, it cost a sale
+a quarter of a commit at moderate rates, for a replay after a crash that costs nothing."""
 LANES = "bus.lanes"
 """One document per consumer: the number of lanes its checkpoints are for."""
 log = logging.getLogger("magasin.messaging.inprocess")
@@ -125,7 +130,8 @@ class InProcessBus(EventBus):
         self._subs: dict[str, _Subscription] = {}
         self._ignored: dict[str, tuple[int, float]] = {}
         """By lane checkpoint: (position, since when) the checkpoint may move to over
-        events the lane ignores; it does once the log is quiet (see `_tail`)."""
+        events the lane ignores; it does once the log is quiet, or LAZY_MOVE_MAX_S later
+        (see `_tail`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -280,18 +286,23 @@ class InProcessBus(EventBus):
         after: int | None = None
         while after is None:
             after = await self._guard(self.store.get_checkpoint(lane.checkpoint), None)
+        seen_at = time.monotonic()  # when a read last found events
         while not self._stopping:
             page = await self._guard(self._window.read(after, self._page), [])
             if not page:
                 ignored = self._ignored.get(lane.checkpoint)
-                if ignored is not None and time.monotonic() - ignored[1] >= self._poll:
-                    # Quiet for a while: move the checkpoint over the ignored events now
-                    # (lazily: replaying ignored events after a crash costs nothing).
+                now = time.monotonic()
+                if ignored is not None and (now - seen_at >= self._poll
+                                            or now - ignored[1] >= LAZY_MOVE_MAX_S):
+                    # The log quiet for a poll, or the checkpoint that far behind: move it
+                    # over the ignored events now (lazily: replaying ignored events after
+                    # a crash costs nothing).
                     await self._guard(self._save_checkpoint(lane, ignored[0]), None)
                     self._ignored.pop(lane.checkpoint, None)
                 # Woken by a commit of an event this lane handles, not by every commit.
                 await self._window.wait(after, self._poll, sub.handlers, lane.owns)
                 continue
+            seen_at = time.monotonic()
             sub.busy.add(me)
             try:
                 after = await self._handle_page(lane, page, after)

@@ -10,7 +10,7 @@ each projection is.
 from magasin.projections.lag import ProjectionLag, lags
 from magasin.projections.projection import Projection, ProjectionHandler, ProjectionUnit
 from magasin.projections.rebuild import RebuildReport, rebuild
-from magasin.projections.runner import ProjectionRunner, catch_up
+from magasin.projections.runner import ProjectionRunner, catch_up, fresh
 
 __all__ = [
     "Projection",
@@ -20,6 +20,7 @@ __all__ = [
     "ProjectionUnit",
     "RebuildReport",
     "catch_up",
+    "fresh",
     "lags",
     "rebuild",
     "rebuild_throughput",

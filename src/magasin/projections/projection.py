@@ -96,10 +96,10 @@ class Projection:
     reflects as `version`, and its handlers change nothing for an event at or below it.
     The runner still tails the log, to apply what was appended without it."""
     background: bool = False
-    """No request and no sale waits on its documents (the audit chain): its runner may let
-    the events of many sales gather into each of its commits in every mode (see
-    ProjectionRunner's `linger`), where the read models a client reads right after a sale
-    linger only distributed."""
+    """No sale waits on its documents (the audit chain, the stock lines): its runner may
+    let the events of many sales gather into each of its commits in every mode (see
+    ProjectionRunner's `linger`), where the other read models linger only distributed. A
+    request that must show what was committed before it calls `runner.fresh` first."""
 
     def __post_init__(self) -> None:
         if not self.handlers:

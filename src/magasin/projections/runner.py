@@ -14,7 +14,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from magasin.eventstore.store import EventStore, UnitOfWork
 from magasin.eventstore.window import LogWindow
@@ -40,6 +40,10 @@ moving: it moves once the log is quiet for a poll, or after this. An inline proj
 checkpoint, behind events applied inline, moves only after this: its every sale would
 otherwise cost a commit of its own again (the log goes quiet between sales)."""
 
+FRESH_TIMEOUT_S = 2.0
+"""Longest a request waits in `fresh` for a projection to reach the head before it reads
+what is there."""
+
 ELSEWHERE_READ_LIMIT = 5_000
 """Positions past its failed batch a runner reads to tell `Projection.elsewhere` what
 another process projected; further behind (a restart), it tells nothing."""
@@ -57,6 +61,36 @@ def running(store: EventStore) -> dict[str, Projection]:
 def status_of(store: EventStore, name: str) -> str | None:
     tail = _running.get(store, {}).get(name)
     return None if tail is None else tail.status
+
+
+async def fresh(store: EventStore, name: str, timeout: float = FRESH_TIMEOUT_S) -> bool:
+    """Wait until this process's runner of projection `name` has projected the log up to
+    its head as of now, hurrying it out of a linger: a request that must show what was
+    committed before it came (a client reading the stock a sale it saw end moved) calls it
+    before reading the projection's documents. True at once when no runner of it runs in
+    this process (nothing to wait for here); False when it has not within `timeout` s (a
+    stalled or paused projection): the caller then reads what there is."""
+    tail = _running.get(store, {}).get(name)
+    if tail is None:
+        return True
+    head = store.known_head()
+    if head is None:
+        head = await store.last_position()
+    if tail.position >= head:
+        return True
+    tail.readers += 1
+    try:
+        async with asyncio.timeout(timeout):
+            while tail.position < head:
+                tail.moved.clear()
+                tail.hurry.set()
+                tail.wake()  # it may wait for an event it handles, past events it ignores
+                await tail.moved.wait()
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        tail.readers -= 1
 
 
 def position_of(store: EventStore, name: str) -> int:
@@ -78,6 +112,14 @@ class _Tail:
     """The generation of the documents it projected into (see generation_name)."""
     reload: bool = False
     """Set when a rebuild swapped the documents in under it: go on from the checkpoint."""
+    readers: int = 0
+    """Requests waiting in `fresh` for it to reach the head: it does not linger meanwhile."""
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by `fresh`: ends a linger."""
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set each time `position` is brought up to date."""
+    wake: Callable[[], None] = lambda: None
+    """Wakes it when it waits for the commit of an event it handles (the runner's window)."""
 
 
 class ProjectionRunner:
@@ -128,6 +170,8 @@ class ProjectionRunner:
         self._stopping = False
         _running.setdefault(self.store, {}).update(self._tails)
         for tail in self._tails.values():
+            if self._window is not None:
+                tail.wake = self._window.wake_all
             self._tasks.append(
                 asyncio.create_task(self._run(tail), name=f"projection:{tail.projection.name}")
             )
@@ -212,6 +256,7 @@ class ProjectionRunner:
                     tail.generation = position[1]
                 after, generation = position
                 tail.position = after
+                tail.moved.set()
                 page = await self._read(after, self._page)
                 if not page:
                     now = clock()
@@ -239,10 +284,13 @@ class ProjectionRunner:
                     saved, saved_at = end, clock()
                 position = (end, generation)
                 failures = 0
-                if mine and lingers and len(page) < self._page:
+                if mine and lingers and len(page) < self._page and not tail.readers:
                     # Caught up with a commit: let the next sales' events gather (a full
-                    # page is a backlog, read on at once).
-                    await asyncio.sleep(self._linger)
+                    # page is a backlog, read on at once), unless a request hurries it.
+                    tail.hurry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._linger):
+                            await tail.hurry.wait()
             except ConcurrencyError:
                 # A swap or another process moved it (committed a batch, or moved it over
                 # events ignored here while this runner's move failed): go on from there.
