@@ -88,7 +88,14 @@ _stores: weakref.WeakKeyDictionary[EventStore, _Inline] = weakref.WeakKeyDiction
 
 
 def applied(store: EventStore, projection: str) -> Applied:
-    return _stores.setdefault(store, _Inline()).applied.setdefault(projection, Applied())
+    # Not setdefault with fresh defaults: each call built two objects, on every inline unit.
+    known = _stores.get(store)
+    if known is None:
+        known = _stores.setdefault(store, _Inline())
+    found = known.applied.get(projection)
+    if found is None:
+        found = known.applied.setdefault(projection, Applied())
+    return found
 
 
 def installed(store: EventStore, projection: Projection) -> bool:
