@@ -270,7 +270,12 @@ class InProcessBus(EventBus):
         found: list[PartitionState] = []
         for consumer in sorted(self._subs):
             for lane, position in enumerate(await self.lane_positions(consumer)):
-                found.append(PartitionState(consumer, lane, owner, max(0, head - position)))
+                # Events a lane passed as ignored wait for nothing, even while its stored
+                # checkpoint has not moved over them yet (LAZY_MOVE_MAX_S).
+                passed = self._ignored.get(self._subs[consumer].lane_checkpoint(
+                    lane, self.partitions))
+                done = position if passed is None else max(position, passed[0])
+                found.append(PartitionState(consumer, lane, owner, max(0, head - done)))
         return found
 
     async def lane_positions(self, consumer: str) -> list[int]:
