@@ -10,10 +10,10 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, status
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from magasin.api.auth import STREAM_TOKEN_ALLOWED
+from magasin.api.sse import EventStream
 from magasin.messaging import deadletters
 from magasin.messaging.bus import DeadLetter, DeadLetterStatus, EventBus
 from magasin.messaging.deadletters import reason_kind
@@ -146,7 +146,7 @@ def router(bus: EventBus) -> APIRouter:
 
     @api.get(
         "/live",
-        response_class=StreamingResponse,
+        response_class=EventStream,
         openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}}, "description":
                          "A `letters` event with the whole listing (as `GET` answers it) "
@@ -161,7 +161,7 @@ def router(bus: EventBus) -> APIRouter:
         max_wait: Annotated[
             float, Query(alias="timeout", gt=0, le=86400, description="Seconds.")
         ] = 3600,
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """Server-Sent Events: the listing, again whenever a letter is recorded, requeued,
         archived or, once requeued, handled by its consumer."""
         chosen = status_filter(False, status_)
@@ -169,10 +169,7 @@ def router(bus: EventBus) -> APIRouter:
         async def read() -> list[DeadLetterSummary]:
             return await listing(consumer, type, reason, chosen, limit)
 
-        return StreamingResponse(
-            _live(read, max_wait), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStream(_live(read, max_wait))
 
     @api.post("/requeue", status_code=status.HTTP_202_ACCEPTED)
     async def requeue_consumer_dead_letters(

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import StreamingResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from magasin.api.auth import STREAM_TOKEN_ALLOWED
 from magasin.api.paging import Cursor, Limit, Order, Page, cursor_of, key_of, page_of
+from magasin.api.sse import EventStream
 from magasin.eventstore.repository import Repository
 from magasin.eventstore.store import Causation, EventStore
 from magasin.eventstore_service import history
@@ -88,7 +88,6 @@ class TransactionView(BaseModel):
 
 
 VIEW_FIELDS = tuple(TransactionView.model_fields)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class SagaBucket(BaseModel):
@@ -262,7 +261,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
 
     @api.get(
         f"{PATH}/live",
-        response_class=StreamingResponse,
+        response_class=EventStream,
         openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}}, "description":
                          "`sale` events (a sale's document, at each change), `gone` when a "
@@ -279,7 +278,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         max_wait: Annotated[
             float, Query(alias="timeout", gt=0, le=86400, description="Seconds.")
         ] = 3600,
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """Server-Sent Events: every change of every sale matching the filters, as it is
         committed; sales are sent whole (as `GET /api/transactions/{id}` answers)."""
         where: dict[str, str | int | bool] = {}
@@ -289,9 +288,8 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
             where["customer_id"] = customer_id
         if status:
             where["status"] = status.value
-        return StreamingResponse(
+        return EventStream(
             _live_stream(store, feed, where, recent, max_wait),
-            media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
     @api.get(f"{PATH}/stats", response_model=SagaStats)
@@ -330,7 +328,7 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
 
     @api.get(
         PATH + "/{transaction_id}/events",
-        response_class=StreamingResponse,
+        response_class=EventStream,
         openapi_extra=STREAM_TOKEN_ALLOWED,
         responses={200: {"content": {"text/event-stream": {}},
                          "description": "One `status` event per change, until terminal."}},
@@ -340,15 +338,14 @@ def router(ctx: ServiceContext, feed: StatusFeed) -> APIRouter:
         max_wait: Annotated[
             float, Query(alias="timeout", gt=0, le=3600, description="Seconds.")
         ] = 300,
-    ) -> StreamingResponse:
+    ) -> EventStream:
         """Server-Sent Events: every status change of the sale until it is terminal."""
         stream = sales.stream(transaction_id)
         # A sale this process wrote exists (a stream is never deleted): no query then.
         if not store.seen_version(stream) and await store.stream_version(stream) == 0:
             raise NotFound(f"no transaction {transaction_id}")
-        return StreamingResponse(
+        return EventStream(
             _status_stream(store, feed, transaction_id, max_wait),
-            media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
     return api
