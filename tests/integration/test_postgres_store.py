@@ -703,8 +703,16 @@ async def test_after_a_large_load_on_a_new_schema_every_hot_statement_uses_an_in
     events = stats["events"]
     # Each append checking its ids by a sequential scan read the whole log each time.
     assert events["seq_tup_read"] < LOAD_EVENTS, dict(events)
-    # Statistics followed the load: the planner knows the log is large.
-    assert events["reltuples"] >= LOAD_EVENTS / 2, dict(events)
+    # Statistics followed the load: the planner knows the log is large. What the store
+    # promises (_STALE_TABLES, _ANALYZE_CHECK_EVERY): a table is analyzed again once it has
+    # changed by more rows than it held, looked at every 5,000 rows written, through
+    # counters each backend flushes up to a second late. So the last ANALYZE may have seen
+    # under half the load: a fresh-clone CI run saw it at 20,480 rows of 50,000 (the
+    # counters then said 16,000), and no write came after to look again. Not analyzed
+    # again means the last look, at most 5,000 rows before the end, saw at most as many
+    # changes as rows: (50,000 - 5,000 - a second's lag) / 2, a third of the load at this
+    # machine's rate. A quarter leaves room; never analyzed, it would be 0 or -1.
+    assert events["reltuples"] >= LOAD_EVENTS / 4, dict(events)
 
 
 async def test_a_store_refuses_to_open_for_a_cluster_the_server_cannot_serve(
