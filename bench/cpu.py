@@ -15,6 +15,9 @@ uses it on this machine, so its share is an upper bound.
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,55 @@ def broker_pid() -> int | None:
         if any(arg.endswith("beam.smp") for arg in _cmdline(pid)[:1]):
             return int(pid)
     return None
+
+
+def busy_seconds() -> float:
+    """CPU seconds the machine's cores have been busy since boot (/proc/stat's first line:
+    user, nice, system, irq, softirq and steal; not idle or iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / TICKS
+
+
+OTHER_LOAD_WARNING = 0.25
+"""Cores of other work during a phase above which a benchmark warns that its figures are low."""
+
+
+class OtherLoad:
+    """The CPU the rest of the machine used while a phase of a benchmark ran, in cores: the
+    busy time of every core less this process's (the load generator), the measured
+    processes' (`pids`, asked at both ends: one that started meanwhile counts from zero)
+    and the RabbitMQ broker's. Near 0 on a quiet machine; well above, the phase shared the
+    two cores with something else (a package being installed, another benchmark), and its
+    throughput and latencies are worse for it than the code's: the first runs of the
+    sixteenth session, with `apt-get` still running, measured half the throughput of the
+    runs after it."""
+
+    def __init__(self, pids: Callable[[], Awaitable[list[int]]]) -> None:
+        self._pids = pids
+        self._broker = broker_pid()
+        self._at = (0.0, 0.0, 0.0)
+        self._measured: dict[int, float] = {}
+
+    async def _readings(self) -> dict[int, float]:
+        pids = await self._pids() + ([self._broker] if self._broker is not None else [])
+        return {pid: cpu_seconds(pid) for pid in pids}
+
+    async def start(self) -> OtherLoad:
+        self._measured = await self._readings()
+        self._at = (time.perf_counter(), busy_seconds(), time.process_time())
+        return self
+
+    async def cores(self, phase: str) -> float:
+        """The other work's cores since `start`; warns on stderr, naming `phase`, above
+        OTHER_LOAD_WARNING."""
+        wall, busy, own = time.perf_counter(), busy_seconds(), time.process_time()
+        measured = sum(t - self._measured.get(pid, 0.0)
+                       for pid, t in (await self._readings()).items())
+        other = ((busy - self._at[1]) - (own - self._at[2]) - measured) / (wall - self._at[0])
+        if other > OTHER_LOAD_WARNING:
+            print(f"bench: other work used {other:.2f} cores during {phase}: its figures are "
+                  "lower than the code's", file=sys.stderr)
+        return round(max(other, 0.0), 2)
 
 
 def _database_url(pid: int) -> str:

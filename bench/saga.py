@@ -29,6 +29,10 @@ pauses, every process's `magasin_gc_pause_seconds`), and `cpu_ms_per_saga` (user
 CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
+`other_cpu_cores` (throughput run), `other_cpu_cores_at_latency_rate` and
+`other_cpu_cores_during_http_floor` are the cores the rest of the machine used meanwhile
+(bench/cpu.py OtherLoad): near 0 on a quiet machine; a run well above it (stderr warns)
+shared the two cores with other work, and its figures are lower than the code's.
 
 `--runs n` measures n times and prints the median of each figure (the ratios: the median of
 those measured in each run against its own floors), every run kept under `runs`.
@@ -60,7 +64,7 @@ import aio_pika
 import aiohttp
 import httpx
 from cluster_up import cluster_up
-from cpu import Usage
+from cpu import OtherLoad, Usage
 from floors import add_floors_and_ratios
 
 KEY = "bench-key"
@@ -275,17 +279,23 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
                   concurrency: int, meter: Meter | None = None,
                   latency_rate: float | None = None) -> dict[str, float]:
     before = await counters(meter) if meter is not None else None
+    load = await OtherLoad(meter.pids).start() if meter is not None else None
     started = time.perf_counter()
     rate = await max_rate(url, store_id, products, seconds, concurrency)
     result = {"sagas_per_s": round(rate, 1)}
+    if load is not None:
+        result["other_cpu_cores"] = await load.cores("the throughput run")
     if meter is not None and before is not None:
         sagas = rate * (time.perf_counter() - started)
         result.update(costs(before, await settled(meter), sagas))
     at = latency_rate or max(rate / 2, 1)
     before = await counters(meter) if meter is not None else None
+    load = await OtherLoad(meter.pids).start() if meter is not None else None
     latencies = await latencies_at(url, store_id, products, at, seconds)
     result.update({k: v for k, v in latencies.items() if k != "sagas"})
     result["latency_rate_per_s"] = round(at, 1)
+    if load is not None:
+        result["other_cpu_cores_at_latency_rate"] = await load.cores("the latency run")
     if meter is not None and before is not None:
         # The same work at that rate, open loop: batches are smaller there, so a sale costs
         # more than at the maximum (each wake, unit of work and HTTP chunk for fewer sales).
@@ -322,8 +332,9 @@ async def embedded(
                              Meter([url], pids) if costs else None, latency_rate)
 
 
-async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
-    """Sagas/s of the same client against an app that only answers (bench/http_floor.py)."""
+async def http_floor(tmp: Path, seconds: float, concurrency: int) -> tuple[float, float]:
+    """Sagas/s of the same client against an app that only answers (bench/http_floor.py),
+    and the cores other work used meanwhile (cpu.OtherLoad)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     script = str(Path(__file__).with_name("http_floor.py"))
@@ -339,7 +350,12 @@ async def http_floor(tmp: Path, seconds: float, concurrency: int) -> float:
                         writer.close()
                         break
                     await asyncio.sleep(0.1)
-            return await max_rate(url, "s", ["p"], seconds, concurrency)
+            async def server() -> list[int]:
+                return [proc.pid]
+
+            load = await OtherLoad(server).start()
+            rate = await max_rate(url, "s", ["p"], seconds, concurrency)
+            return rate, await load.cores("the HTTP floor")
         finally:
             proc.send_signal(signal.SIGINT)
             await proc.wait()
@@ -450,8 +466,9 @@ async def once(args: argparse.Namespace) -> dict[str, Any]:
                 Path(tmp), args.seconds, args.concurrency, args.products, costs=True)
     out["raw_broker_roundtrip_per_s"] = round(await raw_broker_roundtrip(args.seconds / 2))
     with tempfile.TemporaryDirectory() as tmp:
-        out["raw_http_sagas_per_s"] = round(
-            await http_floor(Path(tmp), args.seconds / 2, args.concurrency), 1)
+        rate, other = await http_floor(Path(tmp), args.seconds / 2, args.concurrency)
+        out["raw_http_sagas_per_s"] = round(rate, 1)
+        out["other_cpu_cores_during_http_floor"] = other
     await add_floors_and_ratios(out, args.seconds / 2)
     return out
 
