@@ -25,7 +25,9 @@ over the throughput run and until it settles (every consumer done): `messages_pe
 (messages RabbitMQ delivered: one per event, one per batch shipped to the audit and the
 archive; 0 embedded), `commits_per_saga` (units of work), summed over the /metrics of
 every process, `gc_ms_per_saga` and `gc_pauses_over_10ms` (the cyclic garbage collector's
-pauses, every process's `magasin_gc_pause_seconds`), and `cpu_ms_per_saga` (user + system
+pauses, every process's `magasin_gc_pause_seconds`), `loop_lag_over_10ms_share` (the share of the
+event loops' lag samples, `magasin_event_loop_lag_seconds`, over 10 ms: how often a ready
+task waited that long for its loop; also at the latency rate), and `cpu_ms_per_saga` (user + system
 CPU, from /proc: embedded, the server process; distributed, `magasin cluster up` and
 every process under it, gateway included, and the PostgreSQL backends of the deployment's
 database; the shared RabbitMQ broker is not counted).
@@ -205,6 +207,8 @@ COUNTED = {
     "gc_pause_s": ("magasin_gc_pause_seconds_sum", {}),
     "gc_pauses": ("magasin_gc_pause_seconds_count", {}),
     "gc_pauses_within_10ms": ("magasin_gc_pause_seconds_bucket", {"le": "0.01"}),
+    "loop_lags": ("magasin_event_loop_lag_seconds_count", {}),
+    "loop_lags_within_10ms": ("magasin_event_loop_lag_seconds_bucket", {"le": "0.01"}),
 }
 """What a saga costs the server, from its own /metrics: (sample name, labels to match)."""
 
@@ -272,6 +276,9 @@ def costs(before: dict[str, float], after: dict[str, float], sagas: float) -> di
     out["gc_ms_per_saga"] = round(moved["gc_pause_s"] * 1000 / sagas, 3)
     out["gc_pauses_over_10ms"] = moved["gc_pauses"] - moved["gc_pauses_within_10ms"]
     out["cpu_ms_per_saga"] = round(cpu_used(before, after) * 1000 / sagas, 2)
+    if moved["loop_lags"]:
+        out["loop_lag_over_10ms_share"] = round(
+            1 - moved["loop_lags_within_10ms"] / moved["loop_lags"], 3)
     return out
 
 
@@ -302,6 +309,8 @@ async def measure(url: str, store_id: str, products: list[str], seconds: float,
         there = costs(before, await settled(meter), latencies["sagas"])
         result["cpu_ms_per_saga_at_latency_rate"] = there["cpu_ms_per_saga"]
         result["commits_per_saga_at_latency_rate"] = there["commits_per_saga"]
+        if "loop_lag_over_10ms_share" in there:
+            result["loop_lag_over_10ms_share_at_latency_rate"] = there["loop_lag_over_10ms_share"]
     return result
 
 

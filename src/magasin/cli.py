@@ -235,11 +235,17 @@ def _serve(runtime: Runtime, keys: frozenset[str], settings: Settings,
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
+        lag = None
         if server.started:
             _tune_collector()
             await ready()
             runtime.starting = False
-        await serving
+            lag = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
+        try:
+            await serving
+        finally:
+            if lag is not None:
+                lag.cancel()
 
     try:
         _run(main())

@@ -3,7 +3,9 @@ and the sampler's backlogs."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +55,26 @@ def test_the_collector_s_pauses_are_timed_by_generation_once_asked() -> None:
             "magasin_gc_pause_seconds_sum", {"generation": "1"}) > 0
     finally:
         gc.callbacks.remove(metrics._time_collection)
+
+
+async def test_a_loop_blocked_by_a_synchronous_call_shows_as_loop_lag() -> None:
+    def lags(over: str) -> float:
+        """Samples later than `over` seconds (a bucket counts those at or below its bound)."""
+        def sample(name: str, labels: dict[str, str]) -> float:
+            return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+        return (sample("magasin_event_loop_lag_seconds_count", {})
+                - sample("magasin_event_loop_lag_seconds_bucket", {"le": over}))
+
+    watcher = asyncio.create_task(metrics.watch_loop_lag(every=0.01))
+    try:
+        await asyncio.sleep(0.05)  # a few samples of an idle loop: none that late
+        before = lags("0.1")
+        time.sleep(0.2)  # noqa: ASYNC251 - the blocking call under test
+        await asyncio.sleep(0.05)
+        assert lags("0.1") >= before + 1
+    finally:
+        watcher.cancel()
 
 
 def breaker_state(name: str) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -198,6 +199,16 @@ GC_PAUSE = Histogram(
     registry=REGISTRY,
 )
 
+LOOP_LAG = Histogram(
+    "magasin_event_loop_lag_seconds",
+    "How late the event loop ran a timer of the serving process, sampled every "
+    "LOOP_LAG_EVERY_S: how long any ready task waited for the loop then (busy with other "
+    "tasks, or blocked).",
+    buckets=GC_PAUSE_BUCKETS,
+    registry=REGISTRY,
+)
+LOOP_LAG_EVERY_S = 0.1
+
 # --- helpers for the choke points -------------------------------------------------------------
 
 BREAKER_STATES: Mapping[str, int] = {"closed": 0, "open": 1, "half_open": 2}
@@ -317,6 +328,18 @@ def time_collections() -> None:
     process; the runtime's serving processes call it)."""
     if _time_collection not in gc.callbacks:
         gc.callbacks.append(_time_collection)
+
+
+async def watch_loop_lag(every: float = LOOP_LAG_EVERY_S) -> None:
+    """Until cancelled: sleep `every`, and observe in magasin_event_loop_lag_seconds how
+    much later than due the loop woke this task. Ten wakes a second cost the loop ~0.1 ms;
+    a saturated loop (the sales' tail latency when the process runs near a core's worth of
+    work) or one blocked by a long synchronous call shows as lags of milliseconds and more."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        LOOP_LAG.observe(max(loop.time() - due, 0.0))
 
 
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
