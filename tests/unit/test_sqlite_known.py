@@ -7,11 +7,14 @@ import asyncio
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from magasin.eventstore import sqlite
 from magasin.eventstore.sqlite import SqliteEventStore
 from magasin.eventstore.store import NO_STREAM
 from magasin.eventstore.window import LogWindow
@@ -131,6 +134,47 @@ async def test_the_log_window_takes_this_process_commits_without_reading_them(
     await db.append("cart-1", [NewEvent("D", {})], 3)
     assert [e.type for e in await window.read(3, 10)] == ["X", "D"]
     assert read
+
+
+async def test_commits_leave_the_loop_for_the_writer_thread_while_the_disk_is_slow(
+    db: SqliteEventStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert db._wconn is not None
+    threads: list[str] = []
+    db._wconn.set_trace_callback(lambda sql: threads.append(threading.current_thread().name)
+                                 if sql.startswith("INSERT INTO events") else None)
+    loop_thread = threading.current_thread().name
+    monkeypatch.setattr(sqlite, "LOOP_COMMIT_RETRY_EVERY", 10_000)
+
+    async def burst(first: int) -> set[str]:
+        """Eight concurrent commits (a group, a lone one or two): the threads that ran them."""
+        threads.clear()
+        await asyncio.gather(*(db.append(f"cart-{i}", [NewEvent("A", {})], NO_STREAM)
+                               for i in range(first, first + 8)))
+        return set(threads)
+
+    assert await burst(0) == {loop_thread}  # a fast disk: the groups commit on the loop
+
+    slow = sqlite.LOOP_COMMIT_MAX_S * 2
+    apply_jobs = db._apply_jobs
+
+    def slow_disk(jobs: Any) -> Any:
+        time.sleep(slow)
+        return apply_jobs(jobs)
+
+    monkeypatch.setattr(db, "_apply_jobs", slow_disk)
+    monkeypatch.setattr(db, "_append_alone", lambda operations: None)
+    for first in range(100, 400, 100):
+        await db.append(f"cart-{first}", [NewEvent("A", {})], NO_STREAM)
+        await burst(first + 1)
+    assert loop_thread not in await burst(500)  # the loop's commits took too long
+
+    monkeypatch.setattr(db, "_apply_jobs", apply_jobs)  # the disk is fast again
+    assert loop_thread not in await burst(550)  # the store does not know it yet
+    monkeypatch.setattr(sqlite, "LOOP_COMMIT_RETRY_EVERY", 4)
+    for first in range(600, 900, 100):
+        await burst(first)
+    assert await burst(1000) == {loop_thread}  # a retry on the loop found it so
 
 
 async def test_a_lone_commit_runs_on_the_loop_and_a_burst_is_still_grouped(
