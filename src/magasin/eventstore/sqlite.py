@@ -149,7 +149,7 @@ LOOP_COMMIT_MAX_S = 0.005
 """Longest a commit may hold the event loop, on average (CPython's GIL switch interval: a
 commit on the writer thread can make the loop's tasks wait as long at each statement)."""
 LOOP_COMMIT_RETRY_EVERY = 200
-"""While the commits go to the writer thread, one commit in this many tries the loop again."""
+"""While the commits go to the writer thread, one group in this many tries the loop again."""
 
 
 def _event(row: Any) -> RecordedEvent:
@@ -202,7 +202,7 @@ class SqliteEventStore(EventStore):
         """Events the writer inserted in its current call (not those a retry got back)."""
         self._loop_commit_s = 0.0
         """How long a commit held the event loop, a moving average (see _loop_may_commit)."""
-        self._commits_asked = 0
+        self._groups_asked = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -308,7 +308,7 @@ class SqliteEventStore(EventStore):
             # group (group commit), with one fsync.
             if _others_ready():
                 await asyncio.sleep(0)
-            if (self._alone() and self._loop_may_commit()
+            if (self._alone() and self._loop_commit_s <= LOOP_COMMIT_MAX_S
                     and self._wlock.acquire(blocking=False)):
                 # Nobody else is preparing a commit and the writer is idle: nothing to
                 # group this one with, nothing for the loop to do meanwhile, so commit
@@ -326,18 +326,20 @@ class SqliteEventStore(EventStore):
         return await future
 
     def _loop_may_commit(self) -> bool:
-        """Whether the next commit runs on the event loop's thread. There it stops every
-        task for as long as it takes, fsync included. On the writer thread the loop runs
-        meanwhile, but the thread takes the GIL back after each statement, and a busy
-        loop keeps it for up to a switch interval each time. At 222 sales/s (half the
-        embedded maximum on this machine) the payment step, which waits for two commits,
-        took 8-22 ms (p50) with the groups on the thread and 1.7-2.1 on the loop, in 3
-        alternations; the sales' p99 fell 101-178 -> 64-123 ms. So: the loop while its
-        commits take less than LOOP_COMMIT_MAX_S on average; the thread on a disk slower
-        than that, the loop tried again every LOOP_COMMIT_RETRY_EVERY commits."""
-        self._commits_asked += 1
+        """Whether the committer's next group runs on the event loop's thread (a lone
+        commit does when the first condition below holds; slower, it queues here). There
+        it stops every task for as long as it takes, fsync included. On the writer
+        thread the loop runs meanwhile, but the thread takes the GIL back after each
+        statement, and a busy loop keeps it for up to a switch interval each time. At 222
+        sales/s (half the embedded maximum on this machine) the payment step, which waits
+        for two commits, took 8-22 ms (p50) with the groups on the thread and 1.7-2.1 on
+        the loop, in 3 alternations; the sales' p99 fell 101-178 -> 64-123 ms. So: the
+        loop while its commits take less than LOOP_COMMIT_MAX_S on average; the thread on
+        a disk slower than that, the loop tried again every LOOP_COMMIT_RETRY_EVERY
+        groups."""
+        self._groups_asked += 1
         return (self._loop_commit_s <= LOOP_COMMIT_MAX_S
-                or self._commits_asked % LOOP_COMMIT_RETRY_EVERY == 0)
+                or self._groups_asked % LOOP_COMMIT_RETRY_EVERY == 0)
 
     def _on_loop(self, commit: Callable[[], T]) -> T:
         """`commit()` on the event loop's thread, the write lock (taken by the caller)
